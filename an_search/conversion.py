@@ -1,0 +1,138 @@
+"""The one-call API: build or take a timm model, place AN at chosen sites, report the cost.
+
+    >>> result = an_search.convert("resnet50", placement="paper")
+    >>> result.cost_before.params, result.cost_after.params
+    (25557032, 25755420)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .cost import CostReport, count_cost
+from .models import create_model, model_input_size
+from .rewrite import Recipe, SiteReport, apply_an, find_sites, select_sites
+
+__all__ = ["ConvertResult", "convert"]
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` returns.
+
+    Attributes:
+        model: the converted model (the original timm module tree, changed in place).
+        recipe: everything needed to rebuild it (see ``an_search.load``).
+        report: every normalization site found, with its roles.
+        selected: site name -> K for the sites that became AN.
+        cost_before: params and MACs of the unconverted model (None when ``cost=False``).
+        cost_after: the same for the converted model.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    report: SiteReport
+    selected: dict[str, int]
+    cost_before: CostReport | None = None
+    cost_after: CostReport | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def convert(
+    model: str | nn.Module,
+    *,
+    placement: str = "paper",
+    k: int | Sequence[int] | None = None,
+    head: str = "default",
+    pool: str = "meanstd",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    roles: Sequence[str] | None = None,
+    stages: Sequence[int] | None = None,
+    norm_types: Sequence[str] | None = None,
+    init: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    no_weight_decay: bool = False,
+    cost: bool = True,
+) -> ConvertResult:
+    """Convert a timm model (by name or instance) to use Attentive Normalization.
+
+    Args:
+        model: a timm model name (``resnet50``, ``resnet50.a1_in1k``) or a built model.
+        placement: preset choosing the sites (``paper``, ``all``, ``last-in-block``,
+            ``after-3x3``, ``after-depthwise``, ``none``).
+        k: mixture components: one int, one per stage, or None for the preset's K.
+        head: attention head registry name.
+        pool: pooled statistic feeding the head (``meanstd``, ``avg``, ``avgmax``).
+        include: glob (or ``re:`` regex) patterns of site names to add after the filters.
+        exclude: patterns of site names to remove; they have the last word.
+        roles: keep only sites with one of these roles.
+        stages: keep only sites in these stages.
+        norm_types: keep only sites of these norm classes.
+        init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint was loaded.
+        num_classes: classifier size when building by name.
+        in_chans: input channels when building by name.
+        img_size: input size for the cost count (and for models built with one).
+        checkpoint: local weights file loaded before converting.
+        no_weight_decay: name the AN mixture parameters in ``model.no_weight_decay()``.
+        cost: count params and MACs before and after (fvcore).
+
+    Returns:
+        A ``ConvertResult``; the model is changed in place.
+    """
+    name: str | None
+    if isinstance(model, str):
+        name = model
+        net = create_model(
+            model,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            checkpoint=checkpoint,
+        )
+    else:
+        net = model
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        name = cfg.get("architecture")
+    if init is None:
+        init = "preserve" if checkpoint is not None else "paper"
+    input_size = model_input_size(net, img_size)
+    report = find_sites(net)
+    selected = select_sites(
+        report,
+        placement,
+        roles=roles,
+        stages=stages,
+        norm_types=norm_types,
+        include=include,
+        exclude=exclude,
+        k=k,
+    )
+    before = count_cost(net, input_size) if cost else None
+    apply_an(net, selected, head=head, pool=pool, init=init, no_weight_decay=no_weight_decay)
+    after = count_cost(net, input_size) if cost else None
+    recipe = Recipe.from_selection(
+        model=name,
+        model_kwargs=_model_kwargs(num_classes, in_chans, img_size),
+        selected=selected,
+        head=head,
+        pool=pool,
+        init=init,
+        no_weight_decay=no_weight_decay,
+    )
+    return ConvertResult(net, recipe, report, selected, before, after, input_size)
+
+
+def _model_kwargs(
+    num_classes: int | None, in_chans: int | None, img_size: int | None
+) -> dict[str, int]:
+    kw = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+    return {k: v for k, v in kw.items() if v is not None}

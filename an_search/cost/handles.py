@@ -1,0 +1,138 @@
+"""Per-op MAC handles for Attentive Normalization's own ops, and the counting conventions.
+
+Unit: MACs. fvcore's ``FlopCountAnalysis`` counts one multiply-add as one "flop"; we keep that
+unit and call it what it is. Everything outside AN modules is counted exactly as stock fvcore
+counts it: its default handles (convolution, linear/addmm/matmul/bmm/einsum as MACs; eval-mode
+``batch_norm`` 2 per element with affine, 1 without; ``group_norm``/``layer_norm`` 5 per element
+with affine, 4 without; ``adaptive_avg_pool2d`` 1 per input element; upsampling as fvcore says),
+and zero for every other op. The default handles apply inside AN modules too (the inner norm, the
+head's linear layers and norms, the (B, K) @ (K, C) mixing matmuls).
+
+Stock fvcore has no handle for elementwise and reduction ops, so AN's statistics, gate and
+per-channel affine would cost nothing and an AN model would look cheaper than the BN model.
+Inside an AN module's scope (its own ``forward``, inner norm, pool and head, but not its
+``act``/``drop`` children, which hold the replaced norm's activation and stay stock) these
+extra ops count, N being the number of elements of the tensor named:
+
+========================================  =======================================================
+op                                        MACs
+========================================  =======================================================
+elementwise (add, sub, mul, div, rsqrt,   N(output), in-place forms too; broadcasting counts the
+clamp, relu, sigmoid, hardsigmoid,        output; a 0-dim output (traced shape arithmetic such
+softmax, ...)                             as ``n / (n - 1)``) counts 0
+``addcmul``, ``addcdiv``                  2 N(output) (a multiply and an add)
+reduction (mean, sum, amax, max, ...)     N(input)
+``var``, ``std``, ``var_mean``            2 N(input)
+``rms_norm``                              4 N(input), 5 with affine (fvcore's layer_norm rule)
+``_Moments`` (mean, var per channel)      3 N(input): sum, square, sum (its (B, C) finishing
+                                          ops and the rare two-pass redo are not counted)
+``_ChannelAffine`` (x * a + t, fused)     2 N(output): what fvcore counts for the eval-mode affine
+                                          batch_norm kernel it runs, and for ``mul`` + ``add``
+view_as, expand_as, fill_, zero_          0 (data movement)
+========================================  =======================================================
+
+``_Moments`` and ``_ChannelAffine`` are the autograd Functions of ``an_search.layers._fused``; the
+tracer sees them as single ``prim::PythonOp`` nodes. A fused op counts as the plain ops it
+replaces, so fusing never makes AN look cheaper. Per site, AN therefore costs about
+5 N(feature map) plus small (B, C) and (B, K) terms, against 2 N for the eval-mode affine BN it
+replaces. Outside AN scopes these extra ops count 0 and are reported in ``unsupported_ops``
+exactly as stock fvcore reports them, so a model without AN gets the stock fvcore figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import prod
+from typing import Any
+
+__all__ = ["OP_MACS", "Handle", "extra_handles", "per_element", "rms_norm_macs"]
+
+Handle = Callable[[list[Any], list[Any]], int]
+
+_ELEMENTWISE = (
+    "add",
+    "sub",
+    "rsub",
+    "mul",
+    "div",
+    "neg",
+    "abs",
+    "reciprocal",
+    "rsqrt",
+    "sqrt",
+    "pow",
+    "square",
+    "exp",
+    "log",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "where",
+    "relu",
+    "relu6",
+    "hardtanh",
+    "hardsigmoid",
+    "hardswish",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "tanh",
+    "softmax",
+    "log_softmax",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+)
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "any", "all", "adaptive_max_pool2d")
+_FREE = ("view_as", "expand_as", "reshape_as", "fill_", "zero_")
+
+
+def _aten(name: str, *, inplace: bool = True) -> tuple[str, ...]:
+    return (f"aten::{name}", f"aten::{name}_") if inplace else (f"aten::{name}",)
+
+
+#: MACs of AN's own ops: aten/PythonOp name -> (tensor counted: "in" or "out", MACs per element).
+OP_MACS: dict[str, tuple[str, int]] = {
+    **{op: ("out", 1) for name in _ELEMENTWISE for op in _aten(name)},
+    **{op: ("out", 2) for name in ("addcmul", "addcdiv") for op in _aten(name)},
+    **{op: ("in", 1) for name in _REDUCTIONS for op in _aten(name, inplace=False)},
+    "aten::linalg_vector_norm": ("in", 2),  # square, sum (a 2-norm: the sqrt is per row)
+    **{f"aten::{name}": ("in", 3) for name in ("var", "std", "var_mean", "std_mean")},
+    **{f"aten::{name}": ("out", 0) for name in _FREE},
+    "prim::PythonOp._Moments": ("in", 3),
+    "prim::PythonOp._ChannelAffine": ("out", 2),
+}
+
+
+def _numel(value: Any) -> int:
+    """Elements of a traced tensor value; 0 for non-tensors and 0-dim (shape arithmetic)."""
+    if not value.isCompleteTensor():
+        return 0
+    sizes = value.type().sizes()
+    return prod(sizes) if sizes else 0
+
+
+def per_element(tensor: str, macs: int) -> Handle:
+    """A handle counting ``macs`` per element of the first input (``"in"``) or output."""
+
+    def _handle(inputs: list[Any], outputs: list[Any]) -> int:
+        return macs * _numel(inputs[0] if tensor == "in" else outputs[0])
+
+    return _handle
+
+
+def rms_norm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::rms_norm(x, shape, weight, eps)``: 4 per element, 5 with a weight."""
+    return (5 if inputs[2].isCompleteTensor() else 4) * _numel(inputs[0])
+
+
+def extra_handles() -> dict[str, Handle]:
+    """The pure (unscoped) handles for AN's own ops, keyed by traced op name."""
+    handles = {op: per_element(tensor, macs) for op, (tensor, macs) in OP_MACS.items()}
+    handles["aten::rms_norm"] = rms_norm_macs
+    return handles

@@ -1,0 +1,308 @@
+"""Attentive Normalization (AN): a norm whose affine transform is an attention-weighted mixture.
+
+Paper: Xilai Li, Wei Sun, Tianfu Wu, "Attentive Normalization", ECCV 2020, arXiv 1908.01259.
+
+    x_hat = norm(x)                                  # affine-free base norm (.norm)
+    lam   = head(pool(x))                            # (B, K), from the RAW input x (.attn)
+    y     = (lam @ Gamma)[b, c] * x_hat + (lam @ Beta)[b, c]     # Gamma, Beta: (K, C)
+
+AN is a composite that holds its base norm as a child and never subclasses it, so SyncBatchNorm
+converters rebuild only the inner norm and keep the mixture (DESIGN.md 5). The K mixtures are
+never materialised: the (B, C) scale/shift are computed first and applied in one pass.
+
+Fast path (BatchNorm and GroupNorm bases on CPU, DESIGN.md 13): one pass of per-(sample,
+channel) moments (mean and variance from ``sum(x)`` and ``sum(x^2)``, see ``_fused.py``) gives
+the attention statistic AND the normalisation statistics (batch or group mean/variance, by the
+law of total variance); everything is folded into a per-sample scale
+``a = gamma * rsqrt(var + eps)`` and shift ``beta - a * mean`` applied by one multiply-add pass.
+Running statistics follow ``nn.BatchNorm`` (momentum, momentum None = cumulative average,
+unbiased running variance, ``num_batches_tracked``).
+The reference path (``fused = False``, other bases, non-CPU devices where cuDNN/var_mean are
+fast, an inner ``SyncBatchNorm`` whose batch statistics must be all-reduced across ranks, or a
+single value per channel in training) calls the inner norm module, then the one-pass affine.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import register_notrace_module
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from an_search.errors import InvalidKError, UnknownNameError
+
+from ._fused import GradLink, channel_affine, moments, spatial_view
+from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
+from .heads import constant_output, create_head
+from .pooling import create_pool
+
+__all__ = ["AttentionWeights", "AttentiveNorm"]
+
+INITS = ("paper", "preserve")
+
+
+class AttentionWeights(nn.Module):
+    """Mixture weights of AN: raw input x -> pooled statistic (B, C) -> head -> (B, K)."""
+
+    def __init__(self, channels: int, k: int, head: str, pool: str, channels_last: bool) -> None:
+        super().__init__()
+        self.pool = create_pool(pool, channels_last)
+        self.head = create_head(head, channels, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(x))  # (B, K)
+
+
+def _module(layer: nn.Module | type[nn.Module] | None) -> nn.Module:
+    if layer is None:
+        return nn.Identity()
+    return layer if isinstance(layer, nn.Module) else layer()
+
+
+@register_notrace_module
+class AttentiveNorm(nn.Module):
+    """Attentive Normalization over one of the base norms of :data:`~.bases.BASES`.
+
+    Args:
+        num_features: channels C.
+        k: number of mixture components K (>= 1).
+        base: base norm name (``batchnorm``, ``groupnorm``, ``layernorm2d``, ``layernorm``, ...).
+        head: attention head name (:data:`~.heads.HEADS`).
+        pool: pooled statistic name (:data:`~.pooling.POOLS`).
+        eps: the base norm's epsilon.
+        momentum: BatchNorm running-stat momentum; None = cumulative moving average.
+        num_groups: GroupNorm groups.
+        layout: ``channels_first`` (B, C, *) or ``channels_last`` (B, *, C); None = the base's.
+        act_layer: activation applied after the norm (module or class), e.g. from BatchNormAct2d.
+        drop_layer: dropout-like layer applied before the activation (module or class).
+        init: ``paper`` (Gamma ~ N(1, 0.1), Beta ~ N(0, 0.1)) or ``preserve`` (at construction
+            the layer computes exactly the affine-free base norm, i.e. weight 1, bias 0).
+        track_running_stats: BatchNorm bases keep running statistics.
+        frozen: BatchNorm base with fixed running statistics (FrozenBatchNorm2d).
+
+    Raises:
+        InvalidKError: ``k < 1``.
+        UnknownNameError: unknown base, head, pool, layout or init.
+    """
+
+    fused: bool = True  # set False on an instance to force the reference path
+
+    def __init__(
+        self,
+        num_features: int,
+        k: int,
+        base: str = "batchnorm",
+        head: str = "default",
+        pool: str = "meanstd",
+        eps: float | None = 1e-5,
+        momentum: float | None = 0.1,
+        num_groups: int = 32,
+        layout: str | None = None,
+        act_layer: nn.Module | type[nn.Module] | None = None,
+        drop_layer: nn.Module | type[nn.Module] | None = None,
+        init: str = "paper",
+        track_running_stats: bool = True,
+        frozen: bool = False,
+        _source: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise InvalidKError(f"K must be >= 1, got {k}; pick a positive number of mixtures")
+        if init not in INITS:
+            raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
+        self.base = resolve_base(base, layout)
+        self.channels_last = self.base in CHANNELS_LAST_BASES
+        self.num_features, self.k = num_features, k
+        self.head_name, self.pool_name = head, pool
+        self.norm = create_base_norm(
+            self.base, num_features, eps, momentum, num_groups, track_running_stats, frozen, _source
+        )
+        self._frozen = isinstance(self.norm, FrozenBatchNorm2d)  # running statistics only
+        self.attn = AttentionWeights(num_features, k, head, pool, self.channels_last)
+        self.weight = nn.Parameter(torch.empty(k, num_features))  # Gamma (K, C)
+        self.bias = nn.Parameter(torch.empty(k, num_features))  # Beta (K, C)
+        self.drop = _module(drop_layer)
+        self.act = _module(act_layer)
+        self.reset_parameters()
+        if init == "preserve":
+            self.init_preserve()
+
+    @property
+    def layout(self) -> str:
+        """``channels_last`` or ``channels_first``."""
+        return "channels_last" if self.channels_last else "channels_first"
+
+    def reset_parameters(self) -> None:
+        """Paper init of the mixture: Gamma ~ N(1, 0.1), Beta ~ N(0, 0.1)."""
+        nn.init.normal_(self.weight, 1.0, 0.1)
+        nn.init.normal_(self.bias, 0.0, 0.1)
+
+    @torch.no_grad()
+    def init_preserve(
+        self,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        noise: float = 0.1,
+    ) -> None:
+        """Make the layer compute ``norm(x) * weight + bias`` exactly, in train and eval mode.
+
+        The head's last linear layer is zeroed, so the mixture weights are a constant ``lam0``
+        (its gradient is not zero, so the head still learns). Then ``Gamma_k = w / S + e_k``,
+        ``Beta_k = b / S + f_k`` with ``S = sum(lam0)`` and noise ``e, f`` (std
+        ``noise * |w| / S``) projected so that ``sum_k lam0_k e_k = 0``: the K mixtures differ
+        (their gradients differ) while ``lam0 @ Gamma = w`` and ``lam0 @ Beta = b``.
+
+        Args:
+            weight: (C,) affine weight of the norm being replaced; None = ones.
+            bias: (C,) affine bias; None = zeros.
+            noise: relative size of the symmetry-breaking noise.
+        """
+        last = self.attn.head.last_linear()
+        last.weight.zero_()
+        lam0 = constant_output(self.attn.head, self.num_features).to(self.weight.dtype)  # (K,)
+        s = lam0.sum()
+        w = torch.ones_like(self.weight[0]) if weight is None else weight.detach().to(self.weight)
+        b = torch.zeros_like(self.bias[0]) if bias is None else bias.detach().to(self.bias)
+        scale = noise * w.abs() / s  # (C,)
+        mix = []
+        for target in (w, b):
+            e = torch.randn_like(self.weight) * scale  # (K, C)
+            e -= lam0[:, None] * (lam0 @ e)[None, :] / (lam0 @ lam0)  # lam0 @ e == 0
+            mix.append(target[None, :] / s + e)
+        self.weight.copy_(mix[0])
+        self.bias.copy_(mix[1])
+
+    @classmethod
+    def from_norm(
+        cls,
+        norm: nn.Module,
+        k: int,
+        head: str = "default",
+        pool: str = "meanstd",
+        init: str = "paper",
+    ) -> AttentiveNorm:
+        """Build the AN that replaces ``norm`` (any class of :func:`~.bases.is_supported_norm`).
+
+        Copies eps, momentum, groups, running statistics, device/dtype and train/eval mode, and
+        keeps the drop + activation of timm's ``*Act`` norms. ``init="preserve"`` makes the new
+        layer compute exactly ``norm``'s function (train and eval) at construction.
+
+        Raises:
+            UnknownNameError: unsupported norm class, or unknown head/pool/init.
+            InvalidKError: ``k < 1``.
+        """
+        spec = describe_norm(norm)
+        an = cls(
+            spec.channels,
+            k,
+            base=spec.base,
+            head=head,
+            pool=pool,
+            eps=spec.eps,
+            momentum=spec.momentum,
+            num_groups=spec.num_groups,
+            act_layer=spec.act,
+            drop_layer=spec.drop,
+            init="paper" if init == "preserve" else init,
+            track_running_stats=spec.track_running_stats,
+            frozen=spec.frozen,
+            _source=type(norm),
+        )
+        tensors = [*norm.parameters(recurse=False), *norm.buffers(recurse=False)]
+        ref = next((t for t in tensors if t.is_floating_point()), None)
+        if ref is not None:
+            an.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                src, dst = getattr(norm, name, None), getattr(an.norm, name, None)
+                if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                    dst.copy_(src)
+        if init == "preserve":
+            an.init_preserve(spec.weight, spec.bias)
+        return an.train(norm.training)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_fuse(x):
+            y = self._forward_fused(x)
+        else:
+            y = self._forward_reference(x)
+        return self.act(self.drop(y))
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        if not self.fused or x.device.type != "cpu":
+            return False
+        if self.base not in ("batchnorm", "batchnorm1d", "batchnorm3d"):
+            return self.base == "groupnorm"
+        if isinstance(self.norm, nn.SyncBatchNorm):
+            return False  # batch statistics must be all-reduced: let SyncBatchNorm do it
+        if self.training and x.numel() // x.shape[1] <= 1:
+            return False  # the inner BatchNorm raises its usual error
+        return True
+
+    def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.attn.head(stat)  # (B, K)
+        weight, bias = self.weight, self.bias
+        if weight.dtype != lam.dtype:
+            weight, bias = weight.to(lam.dtype), bias.to(lam.dtype)
+        return lam @ weight, lam @ bias  # (B, C) each
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self._mixture(self.attn.pool(x))  # (B, C) each
+        x_hat = self.norm(x)
+        if self.channels_last:  # (B, *, C)
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+            return torch.addcmul(beta.view(shape), x_hat, gamma.view(shape)).to(x.dtype)
+        return channel_affine(spatial_view(x_hat, False), gamma, beta).view_as(x)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        x3 = spatial_view(x, False)  # (B, C, n)
+        link = GradLink() if x.requires_grad and torch.is_grad_enabled() else None
+        m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance
+        gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
+        if self.base == "groupnorm":
+            mean, var = self._group_stats(m, v)  # (B, C) each
+        else:
+            mean, var = self._batch_stats(m, v, x3.shape[2])  # (C,) each
+        scale = gamma * torch.rsqrt(var + self.norm.eps)  # (B, C)
+        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
+        return channel_affine(x3, scale, shift, link).view_as(x)
+
+    def _group_stats(self, m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm statistics from per-channel ones (law of total variance), as (B, C)."""
+        b, c = m.shape
+        shape = (b, self.norm.num_groups, c // self.norm.num_groups)
+        var_m, mean = torch.var_mean(m.view(shape), 2, correction=0, keepdim=True)  # (B, G, 1)
+        var = v.view(shape).mean(2, keepdim=True).add_(var_m)
+        return mean.expand(shape).reshape(b, c), var.expand(shape).reshape(b, c)
+
+    def _batch_stats(
+        self, m: torch.Tensor, v: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchNorm statistics (C,): running ones, or batch ones from per-sample ones."""
+        bn = self.norm
+        if not self.training and bn.running_mean is not None or self._frozen:
+            return bn.running_mean, bn.running_var
+        var_m, mean = torch.var_mean(m, 0, correction=0)  # (C,) small: Welford is fine here
+        var = v.mean(0).add_(var_m)  # law of total variance: biased batch variance
+        if self.training and bn.track_running_stats:
+            self._update_running_stats(mean, var, m.shape[0] * n)
+        return mean, var
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """As nn.BatchNorm: momentum or cumulative average, unbiased variance, counter."""
+        bn = self.norm
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_(var.to(bn.running_var.dtype) * (count / (count - 1)), factor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, k={self.k}, base={self.base}, head={self.head_name}, "
+            f"pool={self.pool_name}"
+        )

@@ -1,0 +1,141 @@
+"""Save and load converted models: ``model.safetensors`` + ``recipe.json`` in one directory.
+
+Writes are atomic per file: each file is written under a temporary name in the target directory
+and moved into place with ``os.replace``; on any error the temporaries (and a directory this call
+created) are removed, so nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from an_search.errors import OutputDirError, RecipeError
+
+from .recipe import Recipe, build_from_recipe
+
+__all__ = ["RECIPE_FILE", "WEIGHTS_FILE", "load", "save"]
+
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.json"
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost ancestor of ``path`` (or itself) that does not exist yet."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _check_matches(model: nn.Module, recipe: Recipe) -> None:
+    from an_search.layers import AttentiveNorm
+
+    for site in recipe.sites:
+        try:
+            module = model.get_submodule(site.name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, AttentiveNorm) or module.k != site.k:
+            raise RecipeError(
+                f"recipe site {site.name!r} (K={site.k}) is not an AttentiveNorm with that K in "
+                "the model: save the model together with the recipe that converted it"
+            )
+
+
+def _write_temp(
+    directory: Path, final: str, write: Callable[[str], object], temps: list[str]
+) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final}.", suffix=".tmp")
+    os.close(fd)
+    temps.append(tmp)
+    write(tmp)
+
+
+def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:
+    """Write ``model.safetensors`` and ``recipe.json`` into ``directory`` (created if needed).
+
+    Args:
+        model: A model converted as ``recipe`` says.
+        recipe: Its recipe.
+        directory: Output directory; existing files of the same names are replaced.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        OutputDirError: the directory cannot be created or written.
+        RecipeError: the recipe does not describe the model.
+    """
+    from safetensors.torch import save_model
+
+    _check_matches(model, recipe)
+    out = Path(directory)
+    created = _first_missing(out)
+    temps: list[str] = []
+    done = False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_temp(out, WEIGHTS_FILE, lambda p: save_model(model, p), temps)
+        _write_temp(out, RECIPE_FILE, lambda p: Path(p).write_text(recipe.to_json()), temps)
+        for tmp, final in zip(temps, (WEIGHTS_FILE, RECIPE_FILE), strict=True):
+            os.replace(tmp, out / final)
+        done = True
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot write to {str(out)!r} ({exc.strerror or exc}): choose a writable directory"
+        ) from None
+    finally:
+        if not done:
+            for tmp in temps:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+    return out
+
+
+def load(directory: str | os.PathLike[str]) -> tuple[nn.Module, Recipe]:
+    """Rebuild a saved model: create it by name, apply the recipe, load the weights strictly.
+
+    Returns:
+        (model in eval mode, recipe).
+
+    Raises:
+        RecipeError: missing or corrupt files, or weights that do not fit the recipe.
+        UnknownModelError: the recipe names a model timm does not know.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(directory)
+    recipe_path, weights_path = path / RECIPE_FILE, path / WEIGHTS_FILE
+    for p in (recipe_path, weights_path):
+        if not p.is_file():
+            raise RecipeError(
+                f"{str(p)!r} does not exist: pass a directory written by an_search save/an-convert"
+            )
+    try:
+        text = recipe_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(
+            f"cannot read {str(recipe_path)!r} ({exc}): re-export the model"
+        ) from None
+    recipe = Recipe.from_json(text)
+    model = build_from_recipe(recipe)
+    try:
+        load_model(model, weights_path, strict=True)
+    except Exception as exc:  # safetensors raises its own error type, or RuntimeError on mismatch
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise RecipeError(
+            f"weights in {str(weights_path)!r} do not load into the recipe's model ({first}): "
+            "re-export the model with its recipe"
+        ) from None
+    return model.eval(), recipe

@@ -1,0 +1,132 @@
+"""Settings of one search: :class:`SearchConfig`, and the objectives a study can optimise."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from an_search.errors import BudgetError, UnknownNameError
+from an_search.train import TrainConfig
+
+__all__ = ["OBJECTIVES", "PRUNERS", "SearchConfig", "parse_objectives"]
+
+#: Objective name -> (metric name shown by Optuna/optuna-dashboard, direction).
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "top1": ("top1", "maximize"),
+    "macs": ("gmacs", "minimize"),
+    "params": ("mparams", "minimize"),
+    "latency": ("latency_ms", "minimize"),
+}
+#: "auto": Hyperband for one objective, none for several (Optuna cannot prune those).
+PRUNERS = ("auto", "hyperband", "none")
+
+
+@dataclass
+class SearchConfig:
+    """Everything one ``run_search`` call needs.
+
+    Attributes:
+        model: timm model name.
+        data: dataset path or None for the embedded Animal-MNIST (``an_search.train.resolve_data``).
+        space: shipped space name or YAML path (``an_search.search.load_space``).
+        output_dir: run directory (default SQLite file, reports); None: ``an-runs/<study_name>``.
+        storage: Optuna URL, journal file (.log/.journal) or SQLite file; None:
+            ``$OPTUNA_STORAGE``, else ``<output_dir>/study.db``.
+        study_name: None: ``<model>-<space name>``.
+        n_trials: trials this call runs (Optuna's meaning: a resumed study gets this many more;
+            enqueued baselines count); None with ``timeout``: until the timeout.
+        timeout: seconds after which no new trial starts.
+        objectives: ``top1`` alone (Hyperband pruning), or ``top1`` plus any of ``macs``,
+            ``params``, ``latency`` (NSGA-II, no pruning). A "top1,macs" string is accepted.
+        max_params: budget in parameters, checked on the converted model before training.
+        max_macs: budget in MACs (multiply-adds) at ``cost_img_size``, checked the same way.
+        max_latency_ms: budget for the median batch-1 forward pass at ``cost_img_size``.
+        seed: sampler seed; every trial's model init and training also use ``train.seed``.
+        train: proxy-training settings (epochs, batches per epoch, image size...).
+        checkpoint: local weights file every trial starts from (None: random init).
+        cost_img_size: input side for MACs and latency; None: ``train.img_size``.
+        pruner: ``auto``, ``hyperband`` or ``none``.
+        hyperband_min_resource: epochs before the first pruning decision.
+        hyperband_reduction_factor: Hyperband's eta (keep 1/eta of the trials at each rung).
+        population_size: NSGA-II generation size (several objectives).
+        latency_runs: timed forward passes per trial (after 2 warm-up passes).
+    """
+
+    model: str
+    data: str | os.PathLike[str] | None = None
+    space: str | os.PathLike[str] = "default"
+    output_dir: str | os.PathLike[str] | None = None
+    storage: str | os.PathLike[str] | None = None
+    study_name: str | None = None
+    n_trials: int | None = 20
+    timeout: float | None = None
+    objectives: Sequence[str] | str = ("top1",)
+    max_params: int | None = None
+    max_macs: int | None = None
+    max_latency_ms: float | None = None
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | os.PathLike[str] | None = None
+    cost_img_size: int | None = None
+    pruner: str = "auto"
+    hyperband_min_resource: int = 1
+    hyperband_reduction_factor: int = 3
+    population_size: int = 20
+    latency_runs: int = 5
+
+    def resolved_study_name(self, space_name: str) -> str:
+        """The study name: the given one, else ``<model>-<space name>`` (file-name safe)."""
+        return self.study_name or re.sub(r"[^\w.-]+", "_", f"{self.model}-{space_name}")
+
+    def run_dir(self, space_name: str) -> Path:
+        """The run directory: ``output_dir``, else ``an-runs/<study name>``."""
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path("an-runs") / self.resolved_study_name(space_name)
+
+    def budgets(self) -> dict[str, float]:
+        """Budget name (``params``, ``macs``, ``latency_ms``) -> limit, for the ones set.
+
+        Raises:
+            BudgetError: a budget that is not a positive number.
+        """
+        limits = {
+            "params": self.max_params,
+            "macs": self.max_macs,
+            "latency_ms": self.max_latency_ms,
+        }
+        out = {}
+        for name, limit in limits.items():
+            if limit is None:
+                continue
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+                raise BudgetError(f"max_{name} must be a positive number: {limit!r}")
+            out[name] = float(limit)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy (paths as strings), stored on the study."""
+        data = asdict(self)
+        return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
+
+
+def parse_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate objective names: ``top1`` first, then distinct cost objectives.
+
+    Raises:
+        UnknownNameError: an unknown or repeated name, or a list not starting with top1.
+    """
+    names = objectives.split(",") if isinstance(objectives, str) else list(objectives)
+    names = [n.strip() for n in names if n.strip()]
+    for name in names:
+        if name not in OBJECTIVES:
+            raise UnknownNameError(f"unknown objective (known: {', '.join(OBJECTIVES)}): {name!r}")
+    if not names or names[0] != "top1" or "top1" in names[1:]:
+        raise UnknownNameError(f"objectives must start with top1, once: {','.join(names)!r}")
+    if len(set(names)) != len(names):
+        raise UnknownNameError(f"objectives must not repeat a name: {','.join(names)!r}")
+    return tuple(names)

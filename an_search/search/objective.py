@@ -1,0 +1,214 @@
+"""One trial: sample a configuration, build it, check the budget, reuse a duplicate, or train.
+
+The order matters: the cost is measured on the converted model before any training; an
+over-budget trial ends COMPLETE with top-1 0 and a violated constraint (``trial.set_constraint``,
+so ``best_trial``, TPE and NSGA-II treat it as infeasible) after zero training steps; a
+configuration that builds the same model as a finished trial reuses that trial's result.
+
+User attributes of a trial (what reports read):
+    baseline (``bn``/``paper``, enqueued trials only), worker, config (``convert()`` arguments),
+    config_key, recipe (``Recipe.to_dict()``), n_sites, params, macs, cost_input_size, latency_ms,
+    infeasible (violated budgets), duplicate_of, history (per epoch: top1, top5, train_loss, ...),
+    top1, top5 (COMPLETE only), steps, train_s, wall_s, prune_reason, fail_reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from an_search.errors import (
+    InvalidKError,
+    NonFiniteLossError,
+    NoSitesSelectedError,
+    RecipeError,
+    UnknownNameError,
+)
+from an_search.rewrite import SiteReport
+from an_search.train import DataSpec, proxy_train
+
+from .build import Built, build_model, cost_input_size
+from .config import SearchConfig
+from .sampling import BASELINES, config_key, sample_recipe
+from .space import SearchSpace
+from .storage import record_worker
+
+__all__ = ["TRIAL_ERRORS", "Objective"]
+
+#: Errors that fail one trial (recorded as ``fail_reason``) without stopping the study: a
+#: configuration the converter refuses, or one too large for the GPU.
+TRIAL_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidKError,
+    NoSitesSelectedError,
+    UnknownNameError,
+    RecipeError,
+    torch.cuda.OutOfMemoryError,
+)
+_SCALE = {"macs": 1e-9, "params": 1e-6, "latency": 1.0}  # objective values: GMACs, M, ms
+_COST_KEY = {"macs": "macs", "params": "params", "latency": "latency_ms"}
+_WAIT_POLL_S = 2.0
+
+
+class Objective:
+    """The callable ``study.optimize`` runs (one instance per search).
+
+    Args:
+        cfg: the search settings.
+        objectives: validated objective names (``top1`` first).
+        space: the validated space.
+        report: the unconverted model's sites.
+        data: the resolved dataset.
+    """
+
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        objectives: tuple[str, ...],
+        space: SearchSpace,
+        report: SiteReport,
+        data: DataSpec,
+    ) -> None:
+        self.cfg, self.objectives, self.space = cfg, objectives, space
+        self.report, self.data = report, data
+        self.budgets = cfg.budgets()
+
+    def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
+        start = time.perf_counter()
+        record_worker(trial)
+        baseline = trial.user_attrs.get("baseline")
+        config = (
+            dict(BASELINES[baseline]) if baseline else sample_recipe(trial, self.space, self.report)
+        )
+        trial.set_user_attr("config", config)
+        try:
+            built = self.build(config)
+        except TRIAL_ERRORS as exc:  # this configuration only: the study goes on
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
+        recipe = built.recipe.to_dict()
+        key = config_key(recipe)
+        for name, value in {**built.cost, "recipe": recipe, "config_key": key}.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("n_sites", len(recipe["sites"]))
+        trial.set_user_attr("cost_input_size", list(cost_input_size(self.cfg, self.data)))
+
+        over = self._set_constraints(trial, built.cost)
+        if over:
+            trial.set_user_attr("infeasible", over)
+            return self._finish(trial, start, 0.0, built.cost, steps=0)
+        earlier = self._finished_twin(trial, key)
+        if earlier is not None:
+            return self._reuse(trial, start, earlier, built.cost)
+        return self._train(trial, start, built, baseline is not None)
+
+    def build(self, config: dict[str, Any]) -> Built:
+        """Build the model ``config`` describes and measure it (see :func:`build_model`)."""
+        return build_model(self.cfg, self.data, config)
+
+    def _values(self, top1: float, cost: dict[str, float]) -> float | list[float]:
+        if len(self.objectives) == 1:
+            return top1
+        return [top1] + [cost[_COST_KEY[o]] * _SCALE[o] for o in self.objectives[1:]]
+
+    def _set_constraints(self, trial: optuna.trial.Trial, cost: dict[str, float]) -> list[str]:
+        """One constraint per budget: cost / limit - 1 (> 0 = over). Returns the budgets broken."""
+        over = []
+        for name, limit in self.budgets.items():
+            excess = cost[name] / limit - 1.0
+            trial.set_constraint(f"max_{name}", excess)
+            if excess > 0:
+                over.append(name)
+        return over
+
+    def _finish(
+        self,
+        trial: optuna.trial.Trial,
+        start: float,
+        score: float,
+        cost: dict[str, float],
+        **attrs: Any,
+    ) -> float | list[float]:
+        """Record ``attrs`` and the wall time; return the objective values for top-1 ``score``."""
+        for name, value in attrs.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("wall_s", time.perf_counter() - start)
+        return self._values(score, cost)
+
+    def _finished_twin(
+        self, trial: optuna.trial.Trial, key: str
+    ) -> optuna.trial.FrozenTrial | None:
+        """The earliest finished trial that trained the same model (waits for a running one)."""
+        study = trial.study
+        while True:
+            twins = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.number < trial.number
+                and t.user_attrs.get("config_key") == key
+                and "infeasible" not in t.user_attrs
+                and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            ]
+            finished = [t for t in twins if t.state != TrialState.RUNNING]
+            if finished:
+                return min(finished, key=lambda t: t.number)
+            if not twins:
+                return None
+            time.sleep(_WAIT_POLL_S)  # another worker is training it: wait for its result
+
+    def _reuse(
+        self,
+        trial: optuna.trial.Trial,
+        start: float,
+        earlier: optuna.trial.FrozenTrial,
+        cost: dict[str, float],
+    ) -> float | list[float]:
+        origin = earlier.user_attrs.get("duplicate_of", earlier.number)
+        trial.set_user_attr("duplicate_of", origin)
+        history = earlier.user_attrs.get("history", [])
+        if len(self.objectives) == 1:  # TPE ranks a pruned twin by its last reported epoch
+            for record in history:
+                trial.report(record["top1"], record["epoch"])
+        if earlier.state == TrialState.PRUNED:
+            reason = f"same model as trial {origin}, which was pruned"
+            self._finish(trial, start, 0.0, cost, history=history, steps=0, prune_reason=reason)
+            raise optuna.TrialPruned(reason)
+        top1 = earlier.user_attrs.get("top1", earlier.values[0])
+        return self._finish(trial, start, top1, cost, history=history, top1=top1, steps=0)
+
+    def _train(
+        self, trial: optuna.trial.Trial, start: float, built: Built, is_baseline: bool
+    ) -> float | list[float]:
+        single = len(self.objectives) == 1
+        epochs = self.cfg.train.epochs
+        history: list[float] = []
+        pruned: list[str] = []
+
+        def on_epoch(epoch: int, top1: float, top5: float) -> bool:
+            history.append(top1)
+            if not single:  # Optuna cannot prune (or take reports of) multi-objective trials
+                return False
+            trial.report(top1, epoch)
+            if epoch >= epochs:  # the full result costs nothing more to keep
+                return False
+            # Baselines are asked too, so their values enter Hyperband's rungs, but never
+            # pruned: every report compares against them.
+            if not trial.should_prune() or is_baseline:
+                return False
+            pruned.append(f"hyperband at epoch {epoch}/{epochs}: top1 {top1:.2f} below its rung")
+            return True
+
+        try:
+            result = proxy_train(built.model, self.data, self.cfg.train, on_epoch=on_epoch)
+        except NonFiniteLossError as exc:
+            self._finish(trial, start, 0.0, built.cost, history=exc.history, prune_reason=str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        attrs = {"history": result.history, "steps": result.steps, "train_s": result.wall_s}
+        if pruned:
+            self._finish(trial, start, 0.0, built.cost, prune_reason=pruned[0], **attrs)
+            raise optuna.TrialPruned(pruned[0])
+        attrs.update(top1=result.top1, top5=result.top5)
+        return self._finish(trial, start, result.top1, built.cost, **attrs)

@@ -1,0 +1,229 @@
+"""Report data of a study: one row per trial, the Pareto front, CSV/JSON/PNG files, exports.
+
+Rows are plain dicts (the CLI renders them with rich, ``--json`` dumps them). Columns:
+number, state, baseline, configuration (one line), params, gmacs, latency_ms, top1 (final
+validation top-1 % of a COMPLETE feasible trial, else None), last_top1 (last epoch reached, also
+for pruned trials), epochs, delta_bn / delta_paper (top1 minus the baseline's), infeasible,
+over_budget, duplicate_of, reason (why pruned or failed), n_sites, steps, wall_s, config_key,
+config. Every file is written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from an_search.rewrite import RECIPE_FILE, Recipe
+
+from ._files import atomic_write, make_dir
+
+__all__ = [
+    "dashboard_command",
+    "export_top",
+    "pareto_front",
+    "study_table",
+    "write_csv",
+    "write_json",
+    "write_report",
+]
+
+_CSV_COLUMNS = (
+    "number", "state", "baseline", "configuration", "params", "gmacs", "latency_ms", "top1",
+    "last_top1", "epochs", "delta_bn", "delta_paper", "infeasible", "over_budget",
+    "duplicate_of", "reason", "n_sites", "steps", "wall_s", "config_key",
+)  # fmt: skip
+
+
+def study_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial, in trial order (columns in the module docstring)."""
+    trials = study.get_trials(deepcopy=False)
+    rows = [_row(t) for t in trials]
+    for name in ("bn", "paper"):
+        ref = _baseline_top1(rows, name)
+        for row in rows:
+            top1 = row["top1"]
+            row[f"delta_{name}"] = None if top1 is None or ref is None else top1 - ref
+    return rows
+
+
+def pareto_front(rows: list[dict[str, Any]], *, cost: str = "gmacs") -> list[dict[str, Any]]:
+    """Rows no other row beats on both top-1 (higher) and ``cost`` (lower), by cost ascending.
+
+    Only COMPLETE, feasible, non-duplicate trials with a top-1 take part.
+    """
+    pts = [
+        r
+        for r in rows
+        if r["top1"] is not None and r.get(cost) is not None and r["duplicate_of"] is None
+    ]
+
+    def beaten(r: dict[str, Any]) -> bool:
+        return any(
+            o["top1"] >= r["top1"]
+            and o[cost] <= r[cost]
+            and (o["top1"] > r["top1"] or o[cost] < r[cost])
+            for o in pts
+        )
+
+    return sorted((r for r in pts if not beaten(r)), key=lambda r: (r[cost], -r["top1"]))
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write the table columns of ``rows`` as CSV (atomic)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row.get(k)) for k in _CSV_COLUMNS})
+    return atomic_write(Path(path), buf.getvalue())
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented JSON (atomic)."""
+    return atomic_write(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``trials.csv``, ``report.json``, ``pareto.png`` and ``history.png`` into ``out_dir``.
+
+    Returns:
+        File kind (csv, json, pareto, history) -> path.
+
+    Raises:
+        OutputDirError: the directory cannot be created or written.
+    """
+    from .plots import plot_history, plot_pareto
+
+    out = make_dir(Path(out_dir))
+    rows = study_table(study)
+    front = pareto_front(rows)
+    summary = {
+        "study": study.study_name,
+        "model": study.user_attrs.get("model"),
+        "objectives": study.user_attrs.get("objectives"),
+        "metric_names": study.metric_names,
+        "baselines": {r["baseline"]: r for r in rows if r["baseline"] and r["top1"] is not None},
+        "states": _count_states(rows),
+        "pareto": [r["number"] for r in front],
+        "trials": rows,
+    }
+    return {
+        "csv": write_csv(rows, out / "trials.csv"),
+        "json": write_json(summary, out / "report.json"),
+        "pareto": plot_pareto(rows, front, out / "pareto.png", title=study.study_name),
+        "history": plot_history(rows, out / "history.png", title=study.study_name),
+    }
+
+
+def dashboard_command(storage_url: str) -> str:
+    """The shell command that opens the study in optuna-dashboard."""
+    return f"optuna-dashboard {shlex.quote(storage_url)}"
+
+
+def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write the ``n`` best configurations as recipes: ``out_dir/rank{i}_trial{n}/recipe.json``.
+
+    Ranked by top-1 (several objectives: Pareto-optimal trials first); only COMPLETE, feasible
+    trials whose model has AN, one per distinct model. Each file is an an-convert recipe
+    (``an_search.rewrite.Recipe``): ``an_search.rewrite.build_from_recipe`` rebuilds the model.
+
+    Returns:
+        The directories written, best first.
+    """
+    rows = [r for r in study_table(study) if r["top1"] is not None and r["n_sites"]]
+    pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
+    rows.sort(key=lambda r: (r["number"] not in pareto, -r["top1"], r["gmacs"], r["number"]))
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    written, seen = [], set()
+    for row in rows:
+        if len(written) >= n:
+            break
+        if row["config_key"] in seen:
+            continue
+        seen.add(row["config_key"])
+        recipe = Recipe.from_dict(trials[row["number"]].user_attrs["recipe"])
+        target = make_dir(Path(out_dir) / f"rank{len(written) + 1}_trial{row['number']}")
+        atomic_write(target / RECIPE_FILE, recipe.to_json())
+        written.append(target)
+    return written
+
+
+def _row(t: FrozenTrial) -> dict[str, Any]:
+    a = t.user_attrs
+    history = a.get("history") or []
+    over = a.get("infeasible") or []
+    complete = t.state == TrialState.COMPLETE and not over
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "baseline": a.get("baseline"),
+        "configuration": _describe(t),
+        "params": a.get("params"),
+        "gmacs": a["macs"] / 1e9 if a.get("macs") is not None else None,
+        "latency_ms": a.get("latency_ms"),
+        "top1": t.values[0] if complete and t.values else None,
+        "last_top1": history[-1]["top1"] if history else None,
+        "epochs": len(history),
+        "infeasible": bool(over),
+        "over_budget": over,
+        "duplicate_of": a.get("duplicate_of"),
+        "reason": a.get("prune_reason") or a.get("fail_reason"),
+        "n_sites": a.get("n_sites"),
+        "steps": a.get("steps"),
+        "wall_s": a.get("wall_s"),
+        "config_key": a.get("config_key"),
+        "config": a.get("config"),
+    }
+
+
+def _describe(t: FrozenTrial) -> str:
+    """One line: baseline name, or placement / per-stage roles, K, head, pool."""
+    baseline = t.user_attrs.get("baseline")
+    if baseline is not None:
+        return {"bn": "BN baseline (unconverted)", "paper": "paper placement"}.get(
+            baseline, baseline
+        )
+    config = t.user_attrs.get("config")
+    if not config:
+        return "?"  # the trial stopped before it chose a configuration
+    roles = [
+        t.params[f"stage{i}_role"] for i in range(len(t.params)) if f"stage{i}_role" in t.params
+    ]
+    if not config.get("include") and config.get("placement") == "none":
+        return "no AN (" + ("per-stage " + "/".join(roles) if roles else "none") + ")"
+    where = "per-stage " + "/".join(roles) if roles else str(config.get("placement"))
+    k = config.get("k")
+    k_text = "paper" if k is None else (",".join(map(str, k)) if isinstance(k, list) else str(k))
+    parts = [where, f"K={k_text}", config.get("head", "default"), config.get("pool", "meanstd")]
+    if config.get("norm_types"):
+        parts.append("base=" + ",".join(config["norm_types"]))
+    return " ".join(parts)
+
+
+def _baseline_top1(rows: list[dict[str, Any]], name: str) -> float | None:
+    done = [r for r in rows if r["baseline"] == name and r["top1"] is not None]
+    return done[-1]["top1"] if done else None
+
+
+def _count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        state = "INFEASIBLE" if r["infeasible"] else r["state"]
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value

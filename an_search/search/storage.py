@@ -1,0 +1,173 @@
+"""Optuna storages: resolve what the user typed, open it, and fail trials a dead worker left.
+
+Which storage (DESIGN point 9):
+
+- nothing given: ``$OPTUNA_STORAGE`` if set, else a SQLite file ``study.db`` in the run directory
+  (one worker: SQLite never has several writers);
+- a path ending ``.log`` or ``.journal``: Optuna's ``JournalStorage(JournalFileBackend(path))``,
+  for several worker processes on one machine;
+- a path ending ``.db``, ``.sqlite`` or ``.sqlite3``: that SQLite file;
+- any Optuna storage URL (``sqlite:///``, ``postgresql://``, ``mysql://``): ``RDBStorage``. Server
+  databases get Optuna's heartbeat (``heartbeat_interval``, ``grace_period``), so a worker that
+  dies on another machine has its trial marked FAIL by the next worker that starts a trial.
+
+Stale trials (the rule): every trial records its worker (host, pid, process start time) when it
+starts. When a search starts, a RUNNING trial of the study is marked FAIL (user attribute
+``fail_reason``) if its worker ran on this host and that process no longer exists, or, on SQLite
+(one writer by design), if it recorded no worker at all. RUNNING trials of live processes and of
+other hosts are left alone: on a server database the heartbeat fails them. Finished trials are
+never touched, so a killed search loses nothing but the trial it was running.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from an_search.errors import StorageError
+
+__all__ = [
+    "DEFAULT_DB_NAME",
+    "fail_dead_worker_trials",
+    "open_storage",
+    "record_worker",
+    "resolve_storage_url",
+]
+
+DEFAULT_DB_NAME = "study.db"
+_JOURNAL_SUFFIXES = (".log", ".journal")
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+_WORKER_KEY = "worker"
+#: Heartbeat for server databases: beat every 30 s, a trial silent for 120 s is stale.
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_GRACE_S = 120
+
+
+def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | Path) -> str:
+    """Return the storage the user means, as a URL or a journal file path.
+
+    Args:
+        storage: URL, journal/SQLite path, or None (``$OPTUNA_STORAGE``, else the run directory's
+            ``study.db``).
+        run_dir: the run directory holding the default SQLite file.
+
+    Returns:
+        ``sqlite:///ABSOLUTE`` for SQLite files, the URL as given for other URLs, an absolute path
+        for journal files.
+    """
+    text = str(storage) if storage is not None else os.environ.get("OPTUNA_STORAGE") or None
+    if text is None:
+        return f"sqlite:///{(Path(run_dir) / DEFAULT_DB_NAME).resolve()}"
+    if "://" in text:
+        return text
+    path = Path(text).expanduser()
+    if path.suffix in _JOURNAL_SUFFIXES:
+        return str(path.resolve())
+    if path.suffix in _SQLITE_SUFFIXES:
+        return f"sqlite:///{path.resolve()}"
+    raise StorageError(
+        "storage must be an Optuna URL (sqlite:///, postgresql://...), a journal file (.log, "
+        f".journal) or a SQLite file (.db): {text!r}"
+    )
+
+
+def open_storage(url: str) -> BaseStorage:
+    """Open a storage resolved by :func:`resolve_storage_url`.
+
+    Raises:
+        StorageError: the file, directory, server or driver is unusable (one line, with the fix).
+    """
+    try:
+        if "://" not in url:
+            return JournalStorage(JournalFileBackend(url))
+        if url.startswith("sqlite"):
+            return RDBStorage(url)
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S
+            )
+    except ImportError as exc:
+        raise StorageError(
+            f"storage {url!r} needs a database driver that is not installed "
+            f"(pip install 'an-search[postgres]' for PostgreSQL): {_first_line(exc)}"
+        ) from None
+    except Exception as exc:  # sqlalchemy, OSError, corrupt files: all mean "cannot open"
+        raise StorageError(
+            f"storage {url!r} cannot be opened (check the path, its directory, the server and "
+            f"the credentials): {_first_line(exc)}"
+        ) from None
+
+
+def record_worker(trial: optuna.trial.Trial) -> None:
+    """Record this process as the worker of ``trial`` (read by :func:`fail_dead_worker_trials`)."""
+    trial.set_user_attr(_WORKER_KEY, _this_worker())
+
+
+def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker died (the rule in the module docstring).
+
+    Returns:
+        The numbers of the trials marked FAIL.
+    """
+    sqlite = isinstance(_rdb(study), RDBStorage) and _rdb(study).url.startswith("sqlite")
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(_WORKER_KEY)
+        if worker is None and sqlite:
+            reason = "the search that ran it stopped before the trial recorded its worker"
+        elif worker is not None and _is_dead(worker):
+            reason = f"its worker process {worker['pid']} on {worker['host']} is gone (killed)"
+        else:
+            continue
+        # Optuna has no public call to annotate another process's trial: use its storage API.
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        failed.append(trial.number)
+    return failed
+
+
+def _rdb(study: optuna.Study) -> BaseStorage:
+    storage = study._storage
+    return getattr(storage, "_backend", storage)  # _CachedStorage wraps RDBStorage
+
+
+def _this_worker() -> dict[str, object]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid apart); None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 counted from the state, after "comm)"
+
+
+def _is_dead(worker: dict[str, object]) -> bool:
+    if worker.get("host") != socket.gethostname():
+        return False
+    pid = int(worker["pid"])  # type: ignore[call-overload]
+    if worker.get("start") is not None:
+        return _start_time(pid) != worker["start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

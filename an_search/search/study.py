@@ -1,0 +1,251 @@
+"""The study: create or resume it, enqueue the baselines, run the trials.
+
+    >>> study = run_search(SearchConfig("resnet18", n_trials=20))
+
+Sampler and pruner: one objective uses TPE (seeded, group-decomposed for the conditional
+parameters; budgets reach it as trial constraints) with Hyperband pruning on the per-epoch
+validation top-1; several objectives use NSGA-II and no pruner (Optuna cannot prune
+multi-objective studies), with a message saying so. A resumed study reseeds the sampler with
+``seed + number of trials so far``, so it does not replay the first run's proposals.
+
+Baselines: the unconverted model (``baseline=bn``) and the paper's placement (``baseline=paper``)
+are enqueued once per study, ahead of any sampled trial; one is enqueued again only when no trial
+of it is waiting, running or finished (e.g. it was killed). They are trained in full, never pruned.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from an_search.errors import BudgetError, StorageError, UnknownNameError
+from an_search.rewrite import find_sites
+from an_search.train import resolve_data
+
+from ._files import make_dir
+from .build import build_model
+from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
+from .objective import TRIAL_ERRORS, Objective
+from .sampling import BASELINES, check_space
+from .space import SearchSpace, load_space
+from .storage import (
+    DEFAULT_DB_NAME,
+    fail_dead_worker_trials,
+    open_storage,
+    resolve_storage_url,
+)
+
+__all__ = [
+    "NO_PRUNING_MESSAGE",
+    "create_or_load_study",
+    "open_study",
+    "quiet_optuna",
+    "run_search",
+]
+
+NO_PRUNING_MESSAGE = (
+    "pruning is off: Optuna cannot prune multi-objective studies, so NSGA-II trains every "
+    "trial to the end (use --objectives top1 with budgets to prune)"
+)
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def create_or_load_study(
+    cfg: SearchConfig, *, space: SearchSpace | None = None
+) -> tuple[optuna.Study, str | None]:
+    """Open the storage, create or resume the study, fail dead workers' trials, enqueue baselines.
+
+    Args:
+        cfg: the search settings.
+        space: the loaded space (None: ``load_space(cfg.space)``).
+
+    Returns:
+        The study and a message for the user (why pruning is off), or None.
+
+    Raises:
+        StorageError: the storage cannot be opened, or holds this study name for another model
+            or other objectives.
+        SpaceError, UnknownNameError: a bad space, objective or pruner name.
+    """
+    objectives = parse_objectives(cfg.objectives)
+    space = space or load_space(cfg.space)
+    name = cfg.resolved_study_name(space.name)
+    run_dir = cfg.run_dir(space.name)
+    url = resolve_storage_url(cfg.storage, run_dir)
+    if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}":  # the default: create it
+        make_dir(run_dir)
+    directions = [OBJECTIVES[o][1] for o in objectives]
+    study = optuna.create_study(
+        storage=open_storage(url), study_name=name, load_if_exists=True, directions=directions
+    )
+    _check_same_search(study, cfg, objectives)
+    n_before = len(study.get_trials(deepcopy=False))
+    study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
+    if n_before == 0:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVES[o][0] for o in objectives])
+        study.set_user_attr("model", cfg.model)
+        study.set_user_attr("objectives", list(objectives))
+        study.set_user_attr(
+            "space", {"name": space.name, "source": space.source, "text": space.text}
+        )
+        study.set_user_attr("config", cfg.to_dict())
+    fail_dead_worker_trials(study)
+    _enqueue_baselines(study)
+    return study, message
+
+
+def run_search(
+    cfg: SearchConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    on_message: Callable[[str], None] | None = None,
+) -> optuna.Study:
+    """Run (or resume) a search and return its study.
+
+    Everything that can be checked before training is: the space against the model's sites, the
+    data, and the budgets against the unconverted model (AN only adds cost, so a budget the
+    unconverted model breaks cannot be met).
+
+    Args:
+        cfg: the search settings.
+        callbacks: passed to ``study.optimize`` (progress bars, ``MaxTrialsCallback``...).
+        on_message: receives one-line notices (e.g. why pruning is off); the library never prints.
+
+    Raises:
+        BudgetError: a budget below the unconverted model's cost (before any training).
+        StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError: bad input.
+    """
+    space = load_space(cfg.space)
+    data = resolve_data(None if cfg.data is None else str(cfg.data))
+    objectives = parse_objectives(cfg.objectives)
+    unconverted = build_model(cfg, data, BASELINES["bn"])
+    _check_budgets(cfg, unconverted.cost)
+    report = find_sites(unconverted.model)
+    check_space(space, report)
+    objective = Objective(cfg, objectives, space, report, data)
+    with quiet_optuna():
+        study, message = create_or_load_study(cfg, space=space)
+        if message and on_message is not None:
+            on_message(message)
+        study.optimize(
+            objective,
+            n_trials=cfg.n_trials,
+            timeout=cfg.timeout,
+            callbacks=list(callbacks),
+            catch=TRIAL_ERRORS,
+        )
+    return study
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's own log lines (it prints every trial to stderr) for the block.
+
+    The library never prints: trial outcomes reach the caller through ``callbacks`` and the
+    trials' attributes. Optuna's verbosity is put back afterwards.
+    """
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
+    """Load an existing study for reports: a storage URL/file, or a run directory.
+
+    Args:
+        storage: URL, journal or SQLite file, or a run directory holding ``study.db``.
+        study_name: needed only when the storage holds several studies.
+
+    Raises:
+        StorageError: nothing to open, no such study, or several studies and no name.
+    """
+    path = Path(storage)
+    if "://" not in str(storage) and path.is_dir():
+        if not (path / DEFAULT_DB_NAME).is_file():
+            raise StorageError(f"run directory holds no {DEFAULT_DB_NAME}: {path}")
+        storage = path / DEFAULT_DB_NAME
+    url = resolve_storage_url(storage, ".")
+    if "://" not in url or url.startswith("sqlite:///"):
+        file = Path(url.removeprefix("sqlite:///"))
+        if not file.is_file():
+            raise StorageError(f"storage file must exist to read a study: {file}")
+    backend = open_storage(url)
+    names = optuna.get_all_study_names(backend)
+    if study_name is None:
+        if len(names) != 1:
+            raise StorageError(
+                f"storage holds {len(names)} studies, so a study name is needed: {', '.join(names)}"
+            )
+        study_name = names[0]
+    if study_name not in names:
+        raise StorageError(
+            f"no study of that name in the storage ({', '.join(names)}): {study_name!r}"
+        )
+    return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def _check_same_search(study: optuna.Study, cfg: SearchConfig, objectives: tuple[str, ...]) -> None:
+    """A resumed study must be the same model and objectives (else its trials do not compare)."""
+    attrs = study.user_attrs
+    if "model" not in attrs:
+        return
+    if attrs["model"] != cfg.model or tuple(attrs["objectives"]) != objectives:
+        raise StorageError(
+            f"study {study.study_name!r} searches {attrs['model']} for "
+            f"{','.join(attrs['objectives'])}; resume it with the same model and objectives or "
+            f"use another study name: {cfg.model} for {','.join(objectives)}"
+        )
+
+
+def _sampler_pruner(
+    cfg: SearchConfig, objectives: tuple[str, ...], seed: int
+) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner, str | None]:
+    if cfg.pruner not in PRUNERS:
+        raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {cfg.pruner!r}")
+    nop = optuna.pruners.NopPruner()
+    if len(objectives) > 1:
+        sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
+        return sampler, nop, NO_PRUNING_MESSAGE if cfg.pruner != "none" else None
+    with warnings.catch_warnings():  # group=True is marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, group=True)
+    if cfg.pruner == "none":
+        return sampler, nop, None
+    pruner = optuna.pruners.HyperbandPruner(
+        min_resource=cfg.hyperband_min_resource,
+        max_resource=cfg.train.epochs,
+        reduction_factor=cfg.hyperband_reduction_factor,
+    )
+    return sampler, pruner, None
+
+
+def _enqueue_baselines(study: optuna.Study) -> None:
+    alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=alive)}
+    for name in BASELINES:
+        if name not in have:
+            study.enqueue_trial({}, user_attrs={"baseline": name})
+
+
+def _check_budgets(cfg: SearchConfig, cost: dict[str, float]) -> None:
+    for name, limit in cfg.budgets().items():
+        if cost[name] > limit:
+            raise BudgetError(
+                f"max_{name} is below the unconverted {cfg.model}'s {_fmt(cost[name])} (AN only "
+                f"adds cost, so no configuration can meet it): max_{name}={_fmt(limit)}"
+            )
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"

@@ -1,0 +1,122 @@
+"""Settings and results of a training run: `TrainConfig` and `TrainResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from an_search.errors import TrainConfigError
+
+__all__ = ["TrainConfig", "TrainResult"]
+
+
+@dataclass
+class TrainConfig:
+    """Proxy-training settings; the defaults suit a ResNet-18 on the embedded Animal-MNIST.
+
+    Attributes:
+        epochs: passes over the (possibly truncated) training set.
+        batches_per_epoch: cap on updates per epoch (None = the whole training set).
+        img_size: square input side in pixels.
+        batch_size: images per update and process.
+        lr: peak learning rate for a global batch of 256; the rate used is
+            lr * batch_size * world_size / 256 (linear scaling rule), 0.1 at the defaults.
+        opt: timm optimizer name (`timm.optim.list_optimizers()`).
+        momentum: SGD momentum (ignored by optimizers without one).
+        weight_decay: L2 decay; timm's optimizer factory exempts biases and norm parameters.
+        sched: timm scheduler name; stepped every update, cosine to `min_lr`.
+        warmup_epochs: linear warmup length in epochs, fractions allowed.
+        warmup_lr: learning rate at the first update.
+        min_lr: learning rate at the end of the schedule.
+        label_smoothing: cross-entropy label smoothing.
+        scale: area range of the random-resized crop (light: the images are tiny).
+        hflip: horizontal flip probability.
+        train_fraction: stratified, seeded share of the training split, in (0, 1].
+        val_fraction: stratified, seeded share of the validation split, in (0, 1].
+        seed: seeds the subset, the shuffles, augmentation and dropout.
+        device: "cpu", "cuda" or "cuda:N".
+        amp: bfloat16 autocast, on CUDA only.
+        channels_last: NHWC memory format, on CUDA only.
+        workers: DataLoader worker processes (0 = load in this process; enough for tiny images).
+        threads: torch intra-op threads while training (None = leave as is); restored after.
+        ema_decay: keep a ModelEmaV3 of the weights with this decay and validate it too
+            (history gets "ema_top1"); None = off.
+        checkpoint_dir: write last.pth there after every epoch (None = no checkpoints).
+        resume: continue from checkpoint_dir/last.pth when it exists.
+    """
+
+    epochs: int = 2
+    batches_per_epoch: int | None = None
+    img_size: int = 32
+    batch_size: int = 64
+    lr: float = 0.4
+    opt: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    sched: str = "cosine"
+    warmup_epochs: float = 0.2
+    warmup_lr: float = 1e-4
+    min_lr: float = 0.0
+    label_smoothing: float = 0.1
+    scale: tuple[float, float] = (0.7, 1.0)
+    hflip: float = 0.5
+    train_fraction: float = 1.0
+    val_fraction: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    channels_last: bool = True
+    workers: int = 0
+    threads: int | None = None
+    ema_decay: float | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Raise TrainConfigError naming the first setting out of range."""
+        checks = [
+            (self.epochs >= 1, "epochs", "at least 1"),
+            (
+                self.batches_per_epoch is None or self.batches_per_epoch >= 1,
+                "batches_per_epoch",
+                "None or at least 1",
+            ),
+            (self.img_size >= 8, "img_size", "at least 8"),
+            (self.batch_size >= 2, "batch_size", "at least 2 (BatchNorm needs 2 images)"),
+            (self.lr > 0, "lr", "positive"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)"),
+            (0.0 < self.train_fraction <= 1.0, "train_fraction", "in (0, 1]"),
+            (0.0 < self.val_fraction <= 1.0, "val_fraction", "in (0, 1]"),
+            (self.warmup_epochs >= 0, "warmup_epochs", "0 or more"),
+            (self.workers >= 0, "workers", "0 or more"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)"),
+            (not self.resume or self.checkpoint_dir, "resume", "used with a checkpoint_dir"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise TrainConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise TrainConfigError(f"device {self.device!r} but CUDA is not available; use 'cpu'")
+
+
+@dataclass
+class TrainResult:
+    """What a proxy run measured.
+
+    Attributes:
+        top1: validation top-1 accuracy (%) after the last epoch run.
+        top5: validation top-5 accuracy (%) after it.
+        history: one dict per finished epoch: epoch (1-based), top1, top5, train_loss, lr,
+            wall_s (that epoch's seconds, validation included), and ema_top1 with EMA on.
+        steps: optimizer updates done in total (resumed ones included).
+        wall_s: seconds this call took.
+        stopped_early: why training ended before `epochs`, or None.
+    """
+
+    top1: float
+    top5: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    wall_s: float = 0.0
+    stopped_early: str | None = None

@@ -1,0 +1,84 @@
+"""Whole-model throughput: resnet50 vs AN-resnet50 (paper placement) vs seresnet50.
+
+Training step (forward + backward + SGD step) and inference, measured side by side in one run
+(interleaved repeats, medians), optionally with torch.compile, on CPU or a GPU.
+
+    python bench/models.py --batch 8 --img-size 224 --repeats 5
+    python bench/models.py --compile --device cuda --batch 64
+
+Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import timm
+import torch
+
+from an_search import convert
+from bench._timing import interleaved
+
+
+def _models(num_classes: int) -> dict[str, torch.nn.Module]:
+    base = timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
+    an = convert(copy.deepcopy(base), placement="paper", cost=False).model
+    se = timm.create_model("seresnet50", pretrained=False, num_classes=num_classes)
+    return {"resnet50": base, "an-resnet50": an, "seresnet50": se}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    models = {k: m.to(dev) for k, m in _models(1000).items()}
+    variants: dict[str, torch.nn.Module] = dict(models)
+    if args.compile:
+        variants.update({f"{k}+compile": torch.compile(m) for k, m in models.items()})
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
+
+    def train_step(name: str) -> None:
+        m = variants[name]
+        m.train()
+        opts[name].zero_grad(set_to_none=True)
+        loss_fn(m(x), y).backward()
+        opts[name].step()
+
+    def infer(name: str) -> None:
+        m = variants[name]
+        m.eval()
+        with torch.inference_mode():
+            m(x)
+
+    print(f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads}")
+    for mode, fn in (("train step", train_step), ("inference", infer)):
+        t = interleaved(
+            {k: (lambda k=k: fn(k)) for k in variants},
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=dev,
+        )
+        suffixes = ["", "+compile"] if args.compile else [""]
+        for suf in suffixes:
+            base, an, se = (t[f"{n}{suf}"] for n in ("resnet50", "an-resnet50", "seresnet50"))
+            print(
+                f"{mode:10s}{suf:9s} resnet50 {base * 1e3:8.1f} ms  an-resnet50 {an * 1e3:8.1f} ms"
+                f"  seresnet50 {se * 1e3:8.1f} ms  | AN/BN {an / base:.3f}x  AN/SE {an / se:.3f}x"
+                f"  | {args.batch / an:.1f} img/s"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Terminal front-ends (typer + rich) over the ``an_search`` library."""

@@ -1,0 +1,97 @@
+"""What every command shares: consoles, error rendering, list parsing, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+
+
+def stdout() -> Console:
+    """Console for results (tables)."""
+    return Console(soft_wrap=False)
+
+
+def stderr() -> Console:
+    """Console for diagnostics and progress."""
+    return Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr; return the Exit to raise."""
+    stderr().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code=code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one-line messages and exit code 2 (tracebacks with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug")) or os.environ.get("AN_SEARCH_DEBUG") == "1"
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            raise fail("interrupted; completed work is kept (re-run the command to resume)", 130)
+        except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
+            if debug:
+                raise
+            from an_search.errors import ANSearchError
+
+            if isinstance(e, ANSearchError):
+                raise fail(str(e)) from None
+            first = (str(e).splitlines() or [""])[0]
+            raise fail(
+                f"internal error {type(e).__name__}: {first} (re-run with --debug for the traceback)",
+                1,
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """``"a,b, c"`` -> ``["a", "b", "c"]``; None stays None."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_k(value: str | None) -> int | list[int] | None:
+    """``"10"`` -> 10, ``"10,10,20,20"`` -> [10, 10, 20, 20]."""
+    if value is None:
+        return None
+    from an_search.errors import InvalidKError
+
+    parts = split_list(value) or []
+    try:
+        ks = [int(p) for p in parts]
+    except ValueError:
+        raise InvalidKError(
+            f"--k {value!r} is not a number or a comma list of numbers: use e.g. --k 10 or "
+            "--k 10,10,20,20"
+        ) from None
+    if not ks:
+        raise InvalidKError("--k is empty: use e.g. --k 10 or --k 10,10,20,20")
+    return ks[0] if len(ks) == 1 else ks
+
+
+def print_json(data: Any) -> None:
+    """Write JSON to stdout (no rich markup)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,209 @@
+"""``an-convert MODEL``: put Attentive Normalization into a timm model, report cost, save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from ._common import Debug, JsonOut, handle_errors, parse_k, print_json, split_list, stderr, stdout
+
+if TYPE_CHECKING:
+    from an_search.conversion import ConvertResult
+    from an_search.rewrite import SiteReport
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+@handle_errors
+def convert(
+    model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet50 or resnet50.a1_in1k")],
+    placement: Annotated[
+        str, typer.Option(help="paper, all, last-in-block, after-3x3, after-depthwise, none")
+    ] = "paper",
+    k: Annotated[Optional[str], typer.Option("--k", help="K: one number or one per stage")] = None,
+    head: Annotated[str, typer.Option(help="attention head (registry name)")] = "default",
+    pool: Annotated[str, typer.Option(help="pooled statistic: meanstd, avg, avgmax")] = "meanstd",
+    include: Annotated[
+        Optional[list[str]], typer.Option(help="add sites: glob, or re:REGEX (repeatable)")
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]], typer.Option(help="remove sites: glob, or re:REGEX (repeatable)")
+    ] = None,
+    roles: Annotated[Optional[str], typer.Option(help="keep sites with these roles (a,b)")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="keep sites in these stages (0,1)")] = None,
+    norm_types: Annotated[Optional[str], typer.Option(help="keep these norm classes")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="local weights: .safetensors or .pth (weights_only)")
+    ] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="classifier size")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="input size for cost and model")] = None,
+    init: Annotated[
+        Optional[str], typer.Option(help="paper or preserve (default: preserve with weights)")
+    ] = None,
+    no_weight_decay: Annotated[
+        bool, typer.Option("--no-weight-decay", help="exclude AN mixtures from weight decay")
+    ] = False,
+    list_sites: Annotated[
+        bool, typer.Option("--list-sites", help="list every site and its roles; change nothing")
+    ] = False,
+    output: Annotated[
+        Optional[Path], typer.Option(help="write model.safetensors + recipe.json here")
+    ] = None,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Convert MODEL to Attentive Normalization and report params and MACs before/after."""
+    from an_search.conversion import convert as run_convert
+    from an_search.errors import InvalidKError
+    from an_search.models import create_model
+    from an_search.rewrite import find_sites, save
+
+    if list_sites:
+        net = create_model(model, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint)
+        report = find_sites(net)
+        if json_out:
+            print_json({"model": model, **_report_json(report, {})})
+        else:
+            _print_sites(model, report)
+        return
+    stage_ids = split_list(stages)
+    try:
+        stage_list = [int(s) for s in stage_ids] if stage_ids is not None else None
+    except ValueError:
+        raise InvalidKError(f"--stages {stages!r} must be comma-separated integers") from None
+    with stderr().status(f"converting {model}...") if not json_out else _null():
+        result = run_convert(
+            model,
+            placement=placement,
+            k=parse_k(k),
+            head=head,
+            pool=pool,
+            include=include or (),
+            exclude=exclude or (),
+            roles=split_list(roles),
+            stages=stage_list,
+            norm_types=split_list(norm_types),
+            init=init,
+            num_classes=num_classes,
+            img_size=img_size,
+            checkpoint=checkpoint,
+            no_weight_decay=no_weight_decay,
+        )
+        if output is not None:
+            save(result.model, result.recipe, output)
+    if json_out:
+        print_json(_result_json(model, result, output))
+    else:
+        _print_result(model, result, output)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _site_row(site: Any, k: int | None) -> dict[str, Any]:
+    return {
+        "name": site.name,
+        "type": site.norm_type,
+        "channels": site.channels,
+        "stage": site.stage,
+        "k": k,
+        "roles": list(site.roles),
+    }
+
+
+def _report_json(report: SiteReport, selected: dict[str, int]) -> dict[str, Any]:
+    return {
+        "traced": report.traced,
+        "fallback_reason": report.fallback_reason,
+        "num_stages": report.num_stages,
+        "sites": [_site_row(s, selected.get(s.name)) for s in report.sites],
+    }
+
+
+def _result_json(model: str, result: ConvertResult, output: Path | None) -> dict[str, Any]:
+    sel = result.selected
+    before, after = result.cost_before, result.cost_after
+    assert before is not None and after is not None
+    return {
+        "model": model,
+        "input_size": list(result.input_size),
+        "traced": result.report.traced,
+        "fallback_reason": result.report.fallback_reason,
+        "sites": [_site_row(s, sel[s.name]) for s in result.report.sites if s.name in sel],
+        "params_before": before.params,
+        "params_after": after.params,
+        "macs_before": before.macs,
+        "macs_after": after.macs,
+        "macs_unit": "multiply-adds (fvcore counts one multiply-add as one flop)",
+        "unsupported_ops": after.unsupported_ops,
+        "output": str(output) if output else None,
+    }
+
+
+def _print_sites(model: str, report: SiteReport) -> None:
+    from rich.table import Table
+
+    if not report.traced:
+        stderr().print(f"[yellow]note:[/] not traced ({report.fallback_reason}); roles are partial")
+    table = Table(title=f"{model}: {len(report.sites)} normalization sites")
+    for col in ("site", "type", "C", "stage", "roles"):
+        table.add_column(col)
+    for s in report.sites:
+        stage = "-" if s.stage is None else str(s.stage)
+        table.add_row(s.name, s.norm_type, str(s.channels), stage, ", ".join(s.roles))
+    stdout().print(table)
+
+
+def _print_result(model: str, result: ConvertResult, output: Path | None) -> None:
+    from rich.table import Table
+
+    before, after = result.cost_before, result.cost_after
+    assert before is not None and after is not None
+    if not result.report.traced:
+        stderr().print(f"[yellow]note:[/] not traced ({result.report.fallback_reason})")
+    by_name = {s.name: s for s in result.report.sites}
+    table = Table(title=f"{model}: AN at {len(result.selected)} of {len(by_name)} sites")
+    for col in ("site", "type", "C", "stage", "K", "roles"):
+        table.add_column(col)
+    for name, k in result.selected.items():
+        s = by_name[name]
+        stage = "-" if s.stage is None else str(s.stage)
+        table.add_row(name, s.norm_type, str(s.channels), stage, str(k), ", ".join(s.roles))
+    out = stdout()
+    out.print(table)
+    totals = Table(title=f"cost at input {tuple(result.input_size)} (MACs = multiply-adds)")
+    for col in ("", "before", "after", "delta"):
+        totals.add_column(col, justify="right")
+    dp, dm = after.params - before.params, after.macs - before.macs
+    totals.add_row(
+        "params", f"{before.params:,}", f"{after.params:,}", f"{dp:+,} ({dp / before.params:+.2%})"
+    )
+    totals.add_row(
+        "GMACs",
+        f"{before.macs / 1e9:.4f}",
+        f"{after.macs / 1e9:.4f}",
+        f"{dm / 1e9:+.4f} ({dm / max(before.macs, 1):+.2%})",
+    )
+    out.print(totals)
+    if after.unsupported_ops:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(after.unsupported_ops.items()))
+        stderr().print(f"[dim]ops fvcore could not count (not in totals): {ops}[/]")
+    if output is not None:
+        stderr().print(f"saved to {output}/ (model.safetensors, recipe.json)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""an-convert end to end through typer's CliRunner: figures, JSON, saving, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.convert import app
+
+RUNNER = CliRunner()
+ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    res = RUNNER.invoke(app, list(args), env=ENV)
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_resnet50_paper_figures() -> None:
+    code, out, err = run("resnet50", "--placement", "paper", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["sites"]) == 16
+    assert all(s["name"].endswith(".bn2") for s in data["sites"])
+    per_stage = {}
+    for s in data["sites"]:
+        per_stage.setdefault(s["stage"], set()).add(s["k"])
+    assert [per_stage[i] for i in sorted(per_stage)] == [{10}, {10}, {20}, {20}]
+    assert data["params_before"] == 25_557_032
+    assert data["params_after"] == 25_755_420
+    assert data["macs_after"] > data["macs_before"] > 4.0e9
+
+
+def test_table_output_has_totals() -> None:
+    code, out, err = run("resnet18", "--img-size", "64")
+    assert code == 0, err
+    assert "params" in out and "GMACs" in out and "layer1.0.bn1" in out
+
+
+def test_list_sites_lists_all_and_converts_nothing(tmp_path: Path) -> None:
+    code, out, err = run("resnet18", "--list-sites", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    names = [s["name"] for s in data["sites"]]
+    model = __import__("timm").create_model("resnet18", pretrained=False)
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sorted(names) == sorted(bns)
+    assert all(s["k"] is None for s in data["sites"])
+
+
+def test_output_then_reload_identical(tmp_path: Path) -> None:
+    import an_search
+
+    out_dir = tmp_path / "conv"
+    code, _, err = run("resnet18", "--img-size", "64", "--num-classes", "7", "--output", str(out_dir))
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors", "recipe.json"]
+    m1, _ = an_search.load(out_dir)
+    m2, _ = an_search.load(out_dir)
+    m1.eval()
+    m2.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(m1(x), m2(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["resnet5O"], "resnet50"),
+        (["resnet18", "--k", "10,20"], "stage"),
+        (["resnet18", "--k", "0"], "K"),
+        (["resnet18", "--placement", "none", "--include", "nothing.*"], "--list-sites"),
+        (["resnet18", "--placement", "bogus"], "paper"),
+        (["resnet18", "--checkpoint", "/nonexistent/w.safetensors"], "does not exist"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
+    code, out, err = run(*args, "--img-size", "32")
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:")
+    assert "Traceback" not in err
+    assert needle in lines[0]
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, _, err = run("resnet18", "--checkpoint", str(bad), "--img-size", "32")
+    assert code == 2 and "cannot be read" in err and "Traceback" not in err
+
+    other = __import__("timm").create_model("resnet34", pretrained=False)
+    wrong = tmp_path / "resnet34.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
+    code, _, err = run("resnet18", "--checkpoint", str(wrong), "--img-size", "32")
+    assert code == 2 and "does not match" in err
+
+
+def test_checkpoint_loaded_and_preserved(tmp_path: Path) -> None:
+    """A converted model with loaded weights keeps the original's eval outputs (init preserve)."""
+    import timm
+    from safetensors.torch import save_file
+
+    import an_search
+
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    out_dir = tmp_path / "out"
+    code, _, err = run(
+        "resnet18", "--checkpoint", str(ckpt), "--num-classes", "5", "--output", str(out_dir),
+        "--img-size", "32",
+    )
+    assert code == 0, err
+    model, recipe = an_search.load(out_dir)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unwritable_output_leaves_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run("resnet18", "--img-size", "32", "--output", str(blocker / "sub"))
+    assert code == 2 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "sys.argv = ['an-convert', '--help']\n"
+        "from cli.convert import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Convert MODEL" in res.stdout
+    assert res.stdout.strip().endswith("NOTORCH")

@@ -1,0 +1,117 @@
+"""count_cost on models without AN: the stock fvcore figures, unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+from an_search.cost import UNIT, count_cost
+
+INPUT = (3, 32, 32)
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def report(resnet18: torch.nn.Module):
+    return count_cost(resnet18, INPUT, batch_size=BATCH)
+
+
+def test_macs_equal_stock_fvcore(resnet18: torch.nn.Module, report) -> None:
+    stock = FlopCountAnalysis(resnet18.eval(), torch.randn(BATCH, *INPUT))
+    stock.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert report.macs == stock.total()
+    assert report.by_operator == dict(stock.by_operator())
+    assert report.unsupported_ops == dict(stock.unsupported_ops())
+    assert report.by_module == {}
+    assert report.an_macs == 0
+
+
+def test_params_are_all_parameters(resnet18: torch.nn.Module, report) -> None:
+    assert report.params == sum(p.numel() for p in resnet18.parameters())
+
+
+def test_report_records_input_and_unit(report) -> None:
+    assert report.input_shape == (BATCH, *INPUT)
+    assert report.unit == UNIT
+    assert "MAC" in report.unit
+
+
+def test_conv_macs_follow_formula(resnet18: torch.nn.Module, report) -> None:
+    # Each conv: batch * out_h * out_w * out_channels * in_channels/groups * kh * kw.
+    expected = 0
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str):
+        def _record(module, inputs, output) -> None:
+            sizes[name] = tuple(output.shape[-2:])
+
+        return _record
+
+    convs = {n: m for n, m in resnet18.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
+    with torch.no_grad():
+        resnet18.eval()(torch.randn(1, *INPUT))
+    for h in handles:
+        h.remove()
+    for name, conv in convs.items():
+        h, w = sizes[name]
+        expected += BATCH * h * w * conv.weight.numel()
+    assert report.by_operator["conv"] == expected
+
+
+def test_flop_counter_agrees_on_matmul_like_ops(report) -> None:
+    fvcore_matmul = sum(
+        n for op, n in report.by_operator.items() if op in {"conv", "linear", "addmm", "matmul"}
+    )
+    assert report.flop_counter_macs == pytest.approx(fvcore_matmul, rel=0.01)
+    assert report.flop_counter_macs < report.macs  # no norms, pooling or elementwise ops
+
+
+def test_batch_scales_linearly(resnet18: torch.nn.Module, report) -> None:
+    single = count_cost(resnet18, INPUT, batch_size=1)
+    assert single.macs * BATCH == report.macs
+    assert single.params == report.params
+
+
+def test_modes_restored() -> None:
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    model.train()
+    model.layer1.eval()  # a mixed-mode model must come back mixed
+    count_cost(model, (3, 32, 32))
+    assert model.training
+    assert not model.layer1.training
+    assert all(not m.training for m in model.layer1.modules())
+    assert model.layer2.training
+
+
+def test_running_stats_untouched() -> None:
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_cost(model, (3, 32, 32))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow  # one resnet50 trace at 224x224: 2 s idle, over 10 s on a busy machine
+def test_resnet50_reference_figures() -> None:
+    model = timm.create_model("resnet50", pretrained=False)
+    report = count_cost(model)
+    assert report.params == 25_557_032
+    assert report.macs == pytest.approx(4.1e9, rel=0.01)
+    assert report.macs == 4_111_512_576  # stock fvcore at 224x224
+
+
+def test_global_rng_untouched(resnet18: torch.nn.Module) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    count_cost(resnet18, INPUT)
+    assert torch.equal(torch.rand(3), expected)

@@ -1,0 +1,238 @@
+"""Contract test of AttentiveNorm, parametrized over every attention head x base norm.
+
+References are written here from AN_PAPER.md, independently of the library: the pooled
+statistic uses ``torch.var`` (unbiased), the base norms are written out with mean/var, and the
+mixture is an einsum over K.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from an_search.errors import InvalidKError, UnknownNameError
+from an_search.layers import BASES, HEADS, AttentiveNorm, an_param_delta
+
+C, K, G = 8, 4, 4
+EPS = 1e-5
+SHAPES = {  # input shape per base: channels_first (B, C, *) or channels_last (B, *, C)
+    "batchnorm": (4, C, 5, 5),
+    "batchnorm1d": (4, C, 7),
+    "batchnorm3d": (4, C, 3, 3, 2),
+    "groupnorm": (4, C, 5, 5),
+    "layernorm": (4, 3, 5, C),
+    "layernorm2d": (4, C, 5, 5),
+    "rmsnorm": (4, 6, C),
+    "rmsnorm2d": (4, C, 5, 5),
+}
+CHANNELS_LAST = {"layernorm", "rmsnorm"}
+# The norm each base replaces, with its own affine (for the parameter delta).
+ORIGINAL = {
+    "batchnorm": lambda: nn.BatchNorm2d(C),
+    "batchnorm1d": lambda: nn.BatchNorm1d(C),
+    "batchnorm3d": lambda: nn.BatchNorm3d(C),
+    "groupnorm": lambda: nn.GroupNorm(G, C),
+    "layernorm": lambda: nn.LayerNorm(C),
+    "layernorm2d": lambda: __import__("timm").layers.LayerNorm2d(C),
+    "rmsnorm": lambda: nn.RMSNorm(C, eps=EPS),
+    "rmsnorm2d": lambda: __import__("timm").layers.RmsNorm2d(C, eps=EPS),
+}
+# Learnable parameters added per head (AN_PAPER.md table), and by the mixture: 2KC.
+HEAD_PARAMS = {
+    "default": lambda c, k: k * c + 2 * k,
+    "linear-sigmoid": lambda c, k: k * c + k,
+    "linear-hsigmoid": lambda c, k: k * c + k,
+    "bn-sigmoid": lambda c, k: k * c + 2 * k,
+    "bn-softmax": lambda c, k: k * c + 2 * k,
+    "gn-hsigmoid": lambda c, k: k * c + 2 * k,
+    "mlp": lambda c, k: 2 * k * c + 2 * k + 2 * k * k + k,
+    "mlp-bn": lambda c, k: 2 * k * c + 4 * k + 2 * k * k + 2 * k,
+}
+
+
+def _make(base: str, head: str, **kw) -> AttentiveNorm:
+    eps = 1e-6 if base.startswith("layernorm") else EPS
+    return AttentiveNorm(C, K, base=base, head=head, num_groups=G, eps=eps, **kw)
+
+
+def _input(base: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(SHAPES[base], dtype=dtype) * 1.5 + 0.3).requires_grad_()
+
+
+def _x_hat(base: str, x: torch.Tensor, an: AttentiveNorm, training: bool) -> torch.Tensor:
+    """Affine-free base norm, written out."""
+    if base.startswith("batchnorm"):
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if training:
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        else:
+            mean, var = an.norm.running_mean, an.norm.running_var
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + EPS)
+    if base == "groupnorm":
+        xg = x.reshape(x.shape[0], G, -1)
+        xg = (xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, False, keepdim=True) + EPS)
+        return xg.view_as(x)
+    dim = -1 if base in CHANNELS_LAST else 1
+    if base.startswith("rmsnorm"):
+        return x / torch.sqrt((x * x).mean(dim, keepdim=True) + EPS)
+    mean, var = x.mean(dim, keepdim=True), x.var(dim, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6)
+
+
+def _statistic(base: str, x: torch.Tensor) -> torch.Tensor:
+    """Paper statistic mean / sqrt(var_unbiased + 1e-3) over all axes but batch and channel."""
+    dims = tuple(range(1, x.dim() - 1)) if base in CHANNELS_LAST else tuple(range(2, x.dim()))
+    return x.mean(dims) / torch.sqrt(x.var(dims, unbiased=True) + 1e-3)
+
+
+def _paper_default_head(an: AttentiveNorm, s: torch.Tensor, training: bool) -> torch.Tensor:
+    """logits = W s; BN over the K logits (affine, running stats); hsigmoid = relu6(z+3)/6."""
+    head = an.attn.head
+    logits = s @ head.fc.weight.T  # (B, K)
+    if training:
+        mean, var = logits.mean(0), logits.var(0, unbiased=False)
+    else:
+        mean, var = head.norm.running_mean, head.norm.running_var
+    z = (logits - mean) / torch.sqrt(var + 1e-5) * head.norm.weight + head.norm.bias
+    return F.relu6(z + 3.0) / 6.0
+
+
+def _reference(base: str, head: str, an: AttentiveNorm, x: torch.Tensor, training: bool):
+    s = _statistic(base, x)
+    if head == "default":
+        lam = _paper_default_head(an, s, training)
+    else:  # the head's own formula is tested in test_heads.py; here the wiring around it
+        lam = copy.deepcopy(an.attn.head).train(training)(s)
+    gamma = torch.einsum("bk,kc->bc", lam, an.weight)
+    beta = torch.einsum("bk,kc->bc", lam, an.bias)
+    if base in CHANNELS_LAST:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (C,)
+    else:
+        shape = (x.shape[0], C) + (1,) * (x.dim() - 2)
+    return gamma.view(shape) * _x_hat(base, x, an, training) + beta.view(shape)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("head", sorted(HEADS))
+class TestAttentiveNormContract:
+    def test_output_shape(self, base: str, head: str) -> None:
+        an = _make(base, head)
+        x = _input(base)
+        for training in (True, False):
+            y = an.train(training)(x)
+            assert y.shape == x.shape and bool(torch.isfinite(y).all())
+        assert an.weight.shape == an.bias.shape == (K, C)
+        assert an.attn(x).shape == (x.shape[0], K)
+
+    @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+    def test_matches_paper_formula(self, base: str, head: str, training: bool) -> None:
+        an = _make(base, head).double()
+        with torch.no_grad():  # non-trivial running statistics for eval mode
+            for m in an.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        x = _input(base, torch.double)
+        expected = _reference(base, head, an, x, training)
+        torch.testing.assert_close(an.train(training)(x), expected)
+
+    def test_param_delta(self, base: str, head: str) -> None:
+        norm = ORIGINAL[base]()
+        an = AttentiveNorm.from_norm(norm, K, head=head)
+        measured = sum(p.numel() for p in an.parameters()) - sum(
+            p.numel() for p in norm.parameters()
+        )
+        norm_affine = C if base.startswith("rmsnorm") else 2 * C
+        expected = 2 * K * C + HEAD_PARAMS[head](C, K) - norm_affine
+        if head == "default" and base.startswith("batchnorm"):
+            assert expected == 3 * K * C + 2 * K - 2 * C  # AN_PAPER.md
+        assert measured == expected == an_param_delta(norm, K, head)
+
+    def test_preserve_init_matches_original_norm(self, base: str, head: str) -> None:
+        norm = ORIGINAL[base]()
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.normal_(0.5, 0.3)
+            if hasattr(norm, "running_var"):
+                norm.running_mean.uniform_(-0.5, 0.5)
+                norm.running_var.uniform_(0.5, 2.0)
+        x = _input(base)
+        for training in (False, True):
+            ref = copy.deepcopy(norm).train(training)
+            an = AttentiveNorm.from_norm(ref, K, head=head, init="preserve")
+            expected = copy.deepcopy(ref)(x)
+            torch.testing.assert_close(an(x), expected, atol=2e-5, rtol=1e-4)
+            for name in ("running_mean", "running_var"):
+                if hasattr(norm, name):  # one train step moved both the same way
+                    ref(x)
+                    torch.testing.assert_close(getattr(an.norm, name), getattr(ref, name))
+                    break
+
+    def test_training_step_learns(self, base: str, head: str) -> None:
+        an = _make(base, head, init="preserve").train()
+        x, target = _input(base).detach(), torch.randn(SHAPES[base])
+        before = {n: p.detach().clone() for n, p in an.named_parameters()}
+        opt = torch.optim.SGD(an.parameters(), lr=0.05)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = F.mse_loss(an(x), target)
+            loss.backward()
+            if not losses:  # preserve init: the zeroed last head layer still gets a gradient
+                assert an.attn.head.last_linear().weight.grad.abs().sum() > 0
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        for name in ("weight", "bias", "attn.head." + _last_linear_name(an)):
+            assert not torch.equal(before[name], dict(an.named_parameters())[name]), name
+
+    def test_fused_equals_reference_path(self, base: str, head: str) -> None:
+        an_fused = _make(base, head).double()
+        an_ref = copy.deepcopy(an_fused)
+        an_ref.fused = False
+        x1, x2 = _input(base, torch.double), None
+        x2 = x1.detach().clone().requires_grad_()
+        for step in range(3):
+            training = step < 2
+            y1, y2 = an_fused.train(training)(x1), an_ref.train(training)(x2)
+            torch.testing.assert_close(y1, y2)
+            g = torch.randn_like(y1)
+            y1.backward(g)
+            y2.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad)
+        for (name, p1), p2 in zip(an_fused.named_parameters(), an_ref.parameters(), strict=True):
+            torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+        for b1, b2 in zip(an_fused.buffers(), an_ref.buffers(), strict=True):
+            torch.testing.assert_close(b1, b2)
+
+
+def _last_linear_name(an: AttentiveNorm) -> str:
+    last = an.attn.head.last_linear()
+    name = next(n for n, m in an.attn.head.named_modules() if m is last)
+    return f"{name}.weight"
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(InvalidKError):
+        AttentiveNorm(C, 0)
+    for kwargs, match in [
+        ({"base": "instancenorm"}, "batchnorm"),
+        ({"head": "attention"}, "default"),
+        ({"pool": "median"}, "meanstd"),
+        ({"init": "zeros"}, "preserve"),
+        ({"layout": "nhwc"}, "channels_last"),
+        ({"base": "batchnorm", "layout": "channels_last"}, "channels_first"),
+    ]:
+        with pytest.raises(UnknownNameError, match=match):
+            AttentiveNorm(C, K, **kwargs)
+
+
+def test_layout_selects_layernorm_variant() -> None:
+    assert AttentiveNorm(C, K, base="layernorm", layout="channels_first").base == "layernorm2d"
+    assert AttentiveNorm(C, K, base="rmsnorm2d", layout="channels_last").base == "rmsnorm"
+    assert AttentiveNorm(C, K, base="layernorm").layout == "channels_last"

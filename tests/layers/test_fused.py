@@ -1,0 +1,154 @@
+"""The fused BatchNorm/GroupNorm fast path against a straightforward unfused reference.
+
+The reference is written here: the inner ``nn.BatchNorm`` module (exact running-stat
+semantics) or ``F.group_norm`` for x_hat, ``torch.var`` for the statistic, an einsum for the
+mixture.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from an_search.layers import AttentiveNorm
+from an_search.layers._fused import moments
+
+C, K = 6, 3
+
+
+def _unfused(ref: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
+    """F.batch_norm / F.group_norm + einsum, using ``ref``'s own modules and parameters."""
+    dims = tuple(range(2, x.dim()))
+    s = x.mean(dims) / torch.sqrt(x.var(dims, unbiased=True) + 1e-3)
+    lam = ref.attn.head(s)  # (B, K)
+    if ref.base == "groupnorm":
+        x_hat = F.group_norm(x, ref.norm.num_groups, None, None, ref.norm.eps)
+    else:
+        x_hat = ref.norm(x)  # nn.BatchNorm*d(affine=False): running stats, momentum, counter
+    gamma = torch.einsum("bk,kc->bc", lam, ref.weight)
+    beta = torch.einsum("bk,kc->bc", lam, ref.bias)
+    shape = x.shape[:2] + (1,) * (x.dim() - 2)
+    return gamma.view(shape) * x_hat + beta.view(shape)
+
+
+def _run_pair(an: AttentiveNorm, x: torch.Tensor, modes: list[bool]) -> AttentiveNorm:
+    """Run fused ``an`` and the unfused reference on a copy through ``modes``; compare all."""
+    ref = copy.deepcopy(an)
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    for training in modes:
+        an.train(training)
+        ref.train(training)
+        y, y_ref = an(x), _unfused(ref, x_ref)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+    if x.requires_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, msg=name)
+    return ref
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize(
+    "base,shape",
+    [("batchnorm", (5, C, 4, 3)), ("batchnorm1d", (5, C, 7)), ("batchnorm3d", (3, C, 2, 3, 2))],
+)
+def test_batchnorm_fused_matches_unfused(base: str, shape: tuple, momentum: float | None) -> None:
+    an = AttentiveNorm(C, K, base=base, momentum=momentum).double()
+    x = (torch.randn(shape, dtype=torch.double) * 2 + 1).requires_grad_()
+    ref = _run_pair(an, x, [True, True, True, False])
+    assert int(an.norm.num_batches_tracked) == int(ref.norm.num_batches_tracked) == 3
+
+
+def test_groupnorm_fused_matches_unfused() -> None:
+    an = AttentiveNorm(C, K, base="groupnorm", head="gn-hsigmoid", num_groups=3).double()
+    _run_pair(an, (torch.randn(4, C, 5, 5, dtype=torch.double) + 2).requires_grad_(), [True, False])
+
+
+def test_running_stats_match_batchnorm2d_in_float32() -> None:
+    an = AttentiveNorm(C, K).train()
+    bn = nn.BatchNorm2d(C, affine=False).train()
+    for _ in range(4):
+        x = torch.randn(8, C, 6, 6) * 3 + 2
+        an(x)
+        bn(x)
+    torch.testing.assert_close(an.norm.running_mean, bn.running_mean)
+    torch.testing.assert_close(an.norm.running_var, bn.running_var)
+    assert int(an.norm.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("base", ["batchnorm", "groupnorm"])
+def test_gradcheck_fused(base: str, training: bool) -> None:
+    an = AttentiveNorm(4, K, base=base, num_groups=2, head="linear-hsigmoid").double()
+    an.train(training)
+    x = torch.randn(3, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(an, (x,))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.5, 30.0, 1000.0])
+def test_float32_moments_stay_accurate_for_any_offset(offset: float) -> None:
+    """One-pass E[x^2] - E[x]^2 cancels for |mean| >> std; those rows are redone two-pass."""
+    x = torch.randn(4, C, 300)
+    x[:2] += offset  # half the rows well conditioned, half not
+    mean, var = moments(x)
+    torch.testing.assert_close(mean.double(), x.double().mean(2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(var.double(), x.double().var(2, unbiased=False), rtol=3e-6, atol=0)
+
+
+def test_float32_large_offset_matches_double_reference() -> None:
+    an = AttentiveNorm(C, K).train()
+    ref = copy.deepcopy(an).double()
+    x = torch.randn(8, C, 7, 7) + 30.0
+    torch.testing.assert_close(an(x).double(), _unfused(ref, x.double()), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_memory_format_matches_contiguous() -> None:
+    an = AttentiveNorm(C, K).double()
+    x = torch.randn(4, C, 5, 5, dtype=torch.double)
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    _run_pair(an, x_cl, [True, False])
+
+
+def test_input_without_grad_still_trains_parameters() -> None:
+    an = AttentiveNorm(C, K).double()
+    _run_pair(an, torch.randn(4, C, 5, 5, dtype=torch.double), [True])
+    assert an.weight.grad is not None and an.attn.head.fc.weight.grad is not None
+
+
+def test_grad_of_input_only() -> None:
+    an = AttentiveNorm(C, K).double()
+    ref = copy.deepcopy(an)
+    x = torch.randn(4, C, 5, 5, dtype=torch.double, requires_grad=True)
+    (gx,) = torch.autograd.grad(an(x).square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(_unfused(ref, x).square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_without_running_stats_eval_uses_batch_statistics() -> None:
+    an = AttentiveNorm(C, K, track_running_stats=False).double().eval()
+    x = torch.randn(4, C, 5, 5, dtype=torch.double)
+    assert an.norm.running_mean is None
+    _run_pair(an, x.requires_grad_(), [False, True])
+
+
+def test_bfloat16_input_keeps_dtype() -> None:
+    an = AttentiveNorm(C, K).eval()
+    x = torch.randn(4, C, 5, 5)
+    y16 = an(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), an(x), atol=0.05, rtol=0.05)
+
+
+def test_single_value_per_channel_in_training_raises_like_batchnorm() -> None:
+    an = AttentiveNorm(C, K, base="batchnorm1d", head="linear-sigmoid").train()
+    with pytest.raises(ValueError, match="more than 1 value"):
+        an(torch.randn(1, C))

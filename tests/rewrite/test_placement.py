@@ -1,0 +1,167 @@
+"""Placement presets, selection precedence, patterns and K validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from an_search.errors import InvalidKError, NoSitesSelectedError, UnknownNameError
+from an_search.rewrite import find_sites, select_sites
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return find_sites(timm.create_model("resnet50", pretrained=False))
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return find_sites(timm.create_model("resnet18", pretrained=False))
+
+
+def test_paper_resnet50(r50) -> None:
+    chosen = select_sites(r50, "paper")
+    blocks = [(1, 3), (2, 4), (3, 6), (4, 3)]
+    expected = {f"layer{i}.{j}.bn2": (10 if i <= 2 else 20) for i, n in blocks for j in range(n)}
+    assert chosen == expected and len(chosen) == 16
+    assert list(chosen) == list(expected)  # execution order
+
+
+def test_paper_resnet18_basic_blocks(r18) -> None:
+    chosen = select_sites(r18, "paper")
+    assert chosen == {
+        f"layer{i}.{j}.bn1": (10 if i <= 2 else 20) for i in (1, 2, 3, 4) for j in (0, 1)
+    }
+
+
+def test_paper_mobilenetv2() -> None:
+    report = find_sites(timm.create_model("mobilenetv2_100", pretrained=False))
+    chosen = select_sites(report, "paper")
+    dw = [s.name for s in report.sites if "after-depthwise" in s.roles]
+    assert list(chosen) == dw and len(chosen) == 17
+    stage_k = {s.stage: chosen[s.name] for s in report.sites if s.name in chosen}
+    assert [stage_k[i] for i in range(7)] == [5, 5, 5, 5, 10, 10, 10]
+    assert select_sites(report, "after-depthwise") == chosen
+
+
+def test_paper_densenet121_norm2() -> None:
+    report = find_sites(timm.create_model("densenet121", pretrained=False))
+    chosen = select_sites(report, "paper")
+    layers = [6, 12, 24, 16]
+    assert len(chosen) == sum(layers)
+    assert all(name.endswith(".norm2") for name in chosen)
+    assert chosen["features.denseblock2.denselayer12.norm2"] == 10
+    assert chosen["features.denseblock3.denselayer1.norm2"] == 20
+
+
+def test_paper_vit_first_norm_per_block() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3)
+    assert select_sites(find_sites(vit), "paper") == {f"blocks.{i}.norm1": 10 for i in range(3)}
+
+
+def test_other_presets(r50) -> None:
+    last = select_sites(r50, "last-in-block", k=4)
+    assert len(last) == 16 and all(n.endswith(".bn3") for n in last)
+    assert set(last.values()) == {4}
+    assert len(select_sites(r50, "all")) == 53
+    assert set(select_sites(r50, "after-3x3")) == set(select_sites(r50, "paper"))
+    with pytest.raises(NoSitesSelectedError, match="--list-sites"):
+        select_sites(r50, "none")
+    assert select_sites(r50, "none", include=["bn1"]) == {"bn1": 10}  # stem: stage 0's K
+
+
+def test_precedence_filters_then_include_then_exclude(r50) -> None:
+    chosen = select_sites(r50, "all", roles=["after-1x1"], stages=[3], norm_types=["BatchNorm2d"])
+    assert set(chosen) == {f"layer4.{j}.bn{b}" for j in range(3) for b in (1, 3)} | {
+        "layer4.0.downsample.1"
+    }
+    chosen = select_sites(
+        r50, "paper", stages=[0], include=["layer4.*.bn3"], exclude=["layer1.1.*", "layer4.2.*"]
+    )
+    assert set(chosen) == {"layer1.0.bn2", "layer1.2.bn2", "layer4.0.bn3", "layer4.1.bn3"}
+    # exclude has the last word even over include
+    assert "bn1" not in select_sites(r50, "paper", include=["bn1"], exclude=["bn1"])
+    # a base kind works as a norm type
+    assert len(select_sites(r50, "all", norm_types=["batchnorm"])) == 53
+
+
+def test_glob_vs_regex(r50) -> None:
+    glob = select_sites(r50, "none", include=["layer[12].0.bn?"])
+    assert set(glob) == {f"layer{i}.0.bn{b}" for i in (1, 2) for b in (1, 2, 3)}
+    regex = select_sites(r50, "none", include=[r"re:layer[12]\.0\.bn[13]"])
+    assert set(regex) == {f"layer{i}.0.bn{b}" for i in (1, 2) for b in (1, 3)}
+    # "." is literal in globs and a wildcard in regexes; both match whole names
+    assert select_sites(r50, "none", include=["re:layer1.0.bn2"]) == {"layer1.0.bn2": 10}
+    with pytest.raises(NoSitesSelectedError):
+        select_sites(r50, "none", include=["layer1.0.bn"])  # glob: no partial match
+    with pytest.raises(NoSitesSelectedError, match="not a valid regex"):
+        select_sites(r50, "paper", exclude=["re:layer(1"])
+
+
+def test_k_forms_and_errors(r50) -> None:
+    assert set(select_sites(r50, "paper", k=3).values()) == {3}
+    per_stage = select_sites(r50, "paper", k=[1, 2, 3, 4])
+    assert per_stage["layer1.0.bn2"] == 1 and per_stage["layer4.2.bn2"] == 4
+    with pytest.raises(InvalidKError, match=r"3 values .* 4 stages .*layer1"):
+        select_sites(r50, "paper", k=[10, 10, 20])
+    for bad in (0, -1, [10, 0, 20, 20], 2.5, True):
+        with pytest.raises(InvalidKError):
+            select_sites(r50, "paper", k=bad)
+
+
+def test_unknown_names(r50) -> None:
+    with pytest.raises(UnknownNameError, match="paper"):
+        select_sites(r50, "everywhere")
+    with pytest.raises(UnknownNameError, match="after-3x3"):
+        select_sites(r50, "all", roles=["after-5x5"])
+    with pytest.raises(UnknownNameError, match="4 stages"):
+        select_sites(r50, "all", stages=[4])
+    with pytest.raises(UnknownNameError, match="BatchNorm2d"):
+        select_sites(r50, "all", norm_types=["LayerNorm"])
+    with pytest.raises(NoSitesSelectedError, match="'paper'.*--list-sites"):
+        select_sites(r50, "paper", exclude=["*"])
+
+
+class _WithUnsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.BatchNorm2d(4))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_unsupported_norms_are_listed_never_selected() -> None:
+    report = find_sites(_WithUnsupported())
+    assert [s.name for s in report.unsupported] == ["blocks.0.1"]
+    assert report.by_name()["blocks.0.1"].base == "unsupported"
+    # paper would pick the InstanceNorm (after a 3x3 conv) if it were supported
+    assert select_sites(report, "paper") == {"blocks.0.2": 10}
+    assert select_sites(report, "all", include=["*"]) == {"blocks.0.2": 10}
+    with pytest.raises(NoSitesSelectedError, match="unsupported"):
+        select_sites(report, "none", include=["blocks.0.1"])
+
+
+def test_default_k_rule_formula(r50) -> None:
+    for n in range(1, 8):
+        small = math.ceil(n / 2)
+        assert [10] * small + [20] * (n - small) == _default_for(n)
+
+
+def _default_for(n: int) -> list[int]:
+    from an_search.rewrite import SiteReport, default_k
+
+    return default_k(SiteReport(sites=[], traced=True, num_stages=n, model_class="ResNet"))
+
+
+def test_paper_regnet_after_grouped_3x3() -> None:
+    report = find_sites(timm.create_model("regnetx_002", pretrained=False))
+    chosen = select_sites(report, "paper")
+    assert len(chosen) == 13 and all(n.endswith(".conv2.bn") for n in chosen)
+    assert chosen["s2.b1.conv2.bn"] == 10 and chosen["s3.b1.conv2.bn"] == 20

@@ -1,0 +1,90 @@
+"""A search process killed with SIGKILL in the middle of a trial, then resumed.
+
+The first process runs the search on a SQLite file; once trial 0 (the BN baseline) is complete
+and trial 1 (the paper baseline) is running in its worker, the test kills it with SIGKILL. A
+second search on the same storage must keep trial 0 as it was, end trial 1 FAIL (its worker is
+gone), and enqueue the paper baseline again, since no trial of it finished.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from an_search.search import SearchConfig, run_search
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+from an_search.search import SearchConfig, run_search
+from an_search.train import TrainConfig
+train = TrainConfig(**{train!r})
+run_search(SearchConfig("resnet10t", output_dir=sys.argv[1], study_name="killed", n_trials=3,
+                        train=train))
+"""
+
+
+def _wait_for_kill_point(study: optuna.Study, child: subprocess.Popen, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert child.poll() is None, child.stderr.read() if child.stderr else ""
+        trials = study.get_trials(deepcopy=False)
+        if (
+            len(trials) >= 2
+            and trials[0].state == TrialState.COMPLETE
+            and trials[1].state == TrialState.RUNNING
+            and "worker" in trials[1].user_attrs
+        ):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"trial 1 never ran within {limit_s} s")
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_train) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(train=asdict(tiny_train())), str(run_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        db = run_dir / "study.db"
+        deadline = time.monotonic() + 120
+        while not db.exists() and time.monotonic() < deadline:
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            time.sleep(0.2)
+        study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+        _wait_for_kill_point(study, child, 120)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    before = study.get_trials()
+    assert before[1].state == TrialState.RUNNING  # what a killed process leaves behind
+
+    cfg = SearchConfig(
+        "resnet10t", output_dir=run_dir, study_name="killed", n_trials=1, train=tiny_train()
+    )
+    after = run_search(cfg).get_trials()
+    assert (after[0].state, after[0].values) == (TrialState.COMPLETE, before[0].values)
+    assert after[0].user_attrs == before[0].user_attrs
+    assert after[1].state == TrialState.FAIL
+    assert str(child.pid) in after[1].user_attrs["fail_reason"]
+    assert after[2].user_attrs["baseline"] == "paper" and after[2].state == TrialState.COMPLETE
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    assert [t.number for t in after] == [0, 1, 2]

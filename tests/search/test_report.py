@@ -1,0 +1,142 @@
+"""Report data on a hand-made study: rows, deltas, Pareto front, files, recipe export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from an_search.layers import AttentiveNorm
+from an_search.rewrite import Recipe, build_from_recipe
+from an_search.search import (
+    dashboard_command,
+    export_top,
+    pareto_front,
+    study_table,
+    write_report,
+)
+
+KW = {"num_classes": 10}
+
+
+def _recipe(sites: dict[str, int]) -> dict:
+    return Recipe.from_selection(model="resnet10t", selected=sites, model_kwargs=KW).to_dict()
+
+
+def _trial(number_attrs: dict, state: TrialState = TrialState.COMPLETE, value=None, **kw):
+    return create_trial(state=state, value=value, user_attrs=number_attrs, **kw)
+
+
+@pytest.fixture(scope="module")
+def study() -> optuna.Study:
+    s = optuna.create_study(direction="maximize", study_name="handmade")
+    s.set_user_attr("model", "resnet10t")
+    paper = _recipe({"layer1.0.bn1": 10, "layer2.0.bn1": 10})
+    best = _recipe({"layer3.0.bn1": 4})
+    worse = _recipe({"layer4.0.bn2": 6})
+    common = {"params": 5_000_000, "latency_ms": 3.0, "wall_s": 1.0, "steps": 18}
+
+    def hist(*top1: float) -> list[dict]:
+        return [{"epoch": i + 1, "top1": v} for i, v in enumerate(top1)]
+
+    rows = [
+        ({"baseline": "bn", "macs": 22.5e6, "recipe": _recipe({}), "n_sites": 0}, 50.0),
+        ({"baseline": "paper", "macs": 22.6e6, "recipe": paper, "n_sites": 2}, 52.0),
+        ({"macs": 22.7e6, "recipe": best, "n_sites": 1, "config_key": "b"}, 55.0),
+        ({"macs": 22.8e6, "recipe": worse, "n_sites": 1, "config_key": "w"}, 51.0),
+    ]
+    for attrs, value in rows:
+        attrs = {**common, **attrs, "history": hist(value - 2, value)}
+        s.add_trial(_trial(attrs, value=value, system_attrs={"constraints:max_params": -0.1}))
+    s.add_trial(
+        _trial(
+            {**common, "macs": 22.7e6, "history": hist(30.0), "prune_reason": "hyperband"},
+            TrialState.PRUNED,
+            intermediate_values={1: 30.0},
+        )
+    )
+    over = {**common, "macs": 30e6, "infeasible": ["params"], "steps": 0, "n_sites": 5}
+    s.add_trial(_trial(over, value=0.0, system_attrs={"constraints:max_params": 0.2}))
+    dup = {**common, "macs": 22.7e6, "recipe": best, "n_sites": 1, "config_key": "b"}
+    s.add_trial(_trial({**dup, "duplicate_of": 2, "steps": 0}, value=55.0))
+    s.add_trial(_trial({"fail_reason": "worker gone"}, TrialState.FAIL))
+    return s
+
+
+def test_rows_states_and_deltas(study: optuna.Study) -> None:
+    rows = study_table(study)
+    assert [r["number"] for r in rows] == list(range(8))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4 + [
+        "PRUNED",
+        "COMPLETE",
+        "COMPLETE",
+        "FAIL",
+    ]
+    by = {r["number"]: r for r in rows}
+    assert by[0]["configuration"].startswith("BN baseline")
+    assert by[2]["delta_bn"] == pytest.approx(5.0) and by[2]["delta_paper"] == pytest.approx(3.0)
+    assert by[3]["delta_bn"] == pytest.approx(1.0) and by[3]["delta_paper"] == pytest.approx(-1.0)
+    assert by[4]["top1"] is None and by[4]["last_top1"] == 30.0 and by[4]["reason"] == "hyperband"
+    assert by[5]["infeasible"] and by[5]["top1"] is None and by[5]["delta_bn"] is None
+    assert by[6]["duplicate_of"] == 2 and by[6]["top1"] == 55.0
+    assert by[7]["reason"] == "worker gone" and by[7]["top1"] is None
+    assert by[2]["gmacs"] == pytest.approx(0.0227)
+    # Optuna agrees that the over-budget trial is not the best one.
+    assert study.best_trial.number in (2, 6)
+
+
+def test_pareto_front_matches_brute_force(study: optuna.Study) -> None:
+    rows = study_table(study)
+    front = pareto_front(rows)
+    cands = [r for r in rows if r["top1"] is not None and r["duplicate_of"] is None]
+    expected = [
+        r["number"]
+        for r in cands
+        if not any(
+            (o["top1"], -o["gmacs"]) != (r["top1"], -r["gmacs"])
+            and o["top1"] >= r["top1"]
+            and o["gmacs"] <= r["gmacs"]
+            for o in cands
+        )
+    ]
+    assert sorted(r["number"] for r in front) == sorted(expected) == [0, 1, 2]
+    assert [r["gmacs"] for r in front] == sorted(r["gmacs"] for r in front)
+
+
+def test_report_files(study: optuna.Study, tmp_path: Path) -> None:
+    paths = write_report(study, tmp_path / "report")
+    assert set(paths) == {"csv", "json", "pareto", "history"}
+    with paths["csv"].open() as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in table] == list(range(8))
+    assert table[5]["infeasible"] == "True" and table[5]["over_budget"] == '["params"]'
+    data = json.loads(paths["json"].read_text())
+    assert data["pareto"] == [0, 1, 2] and data["model"] == "resnet10t"
+    assert data["states"] == {"COMPLETE": 5, "PRUNED": 1, "INFEASIBLE": 1, "FAIL": 1}
+    assert set(data["baselines"]) == {"bn", "paper"}
+    for kind in ("pareto", "history"):
+        assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert paths[kind].stat().st_size > 10_000
+    assert not list((tmp_path / "report").glob(".*.tmp"))  # no temporaries left
+
+
+def test_export_top_writes_loadable_recipes(study: optuna.Study, tmp_path: Path) -> None:
+    dirs = export_top(study, 3, tmp_path / "top")
+    # trial 6 repeats trial 2's model; the BN baseline has no AN; trial 5 is over budget.
+    assert [d.name for d in dirs] == ["rank1_trial2", "rank2_trial1", "rank3_trial3"]
+    recipe = Recipe.from_json((dirs[0] / "recipe.json").read_text())
+    assert recipe.site_k() == {"layer3.0.bn1": 4}
+    model = build_from_recipe(recipe)
+    assert isinstance(model.get_submodule("layer3.0.bn1"), AttentiveNorm)
+    assert export_top(study, 1, tmp_path / "one")[0].name == "rank1_trial2"
+
+
+def test_dashboard_command_quotes() -> None:
+    assert (
+        dashboard_command("sqlite:///a b/study.db") == "optuna-dashboard 'sqlite:///a b/study.db'"
+    )
+    assert dashboard_command("/runs/j.log") == "optuna-dashboard /runs/j.log"

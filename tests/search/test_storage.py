@@ -1,0 +1,102 @@
+"""Storages: what the user typed -> URL, unopenable storages, and dead workers' RUNNING trials."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.trial import TrialState
+
+from an_search.errors import StorageError
+from an_search.search import fail_dead_worker_trials, open_storage, resolve_storage_url
+
+
+def test_resolve_storage_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    run = tmp_path / "run"
+    assert resolve_storage_url(None, run) == f"sqlite:///{run.resolve()}/study.db"
+    assert resolve_storage_url("postgresql://u@h/db", run) == "postgresql://u@h/db"
+    assert resolve_storage_url(tmp_path / "j.log", run) == str(tmp_path / "j.log")
+    assert resolve_storage_url(str(tmp_path / "j.journal"), run).endswith("j.journal")
+    assert resolve_storage_url(tmp_path / "s.db", run) == f"sqlite:///{tmp_path}/s.db"
+    monkeypatch.setenv("OPTUNA_STORAGE", "sqlite:///from-env.db")
+    assert resolve_storage_url(None, run) == "sqlite:///from-env.db"
+    assert resolve_storage_url("sqlite:///given.db", run) == "sqlite:///given.db"
+    with pytest.raises(StorageError, match="journal file"):
+        resolve_storage_url("results.txt", run)
+
+
+def test_open_storage_kinds(tmp_path: Path) -> None:
+    assert isinstance(open_storage(str(tmp_path / "j.log")), JournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path}/s.db"), RDBStorage)
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("sqlite:////nonexistent-dir/x/study.db", "cannot be opened"),
+        ("/nonexistent-dir/x/study.log", "cannot be opened"),
+        ("postgresql://user@127.0.0.1:1/db", "postgres"),
+        ("nosuchdialect://x/y", "cannot be opened"),
+    ],
+)
+def test_unopenable_storage_is_one_line(url: str, needle: str) -> None:
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "\n" not in message and needle in message and url in message
+
+
+def test_corrupt_sqlite_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="cannot be opened"):
+        open_storage(f"sqlite:///{bad}")
+
+
+def _running(study: optuna.Study, worker: dict | None) -> int:
+    trial = study.ask()
+    if worker is not None:
+        trial.set_user_attr("worker", worker)
+    return trial.number
+
+
+def test_dead_workers_trials_fail_live_ones_stay(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=storage, study_name="s")
+    done = study.ask()
+    study.tell(done, 1.0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    dead = _running(study, {"host": host, "pid": gone.pid, "start": "0"})
+    alive = _running(study, {"host": host, "pid": os.getpid(), "start": None})  # kill(pid, 0)
+    elsewhere = _running(study, {"host": host + "-other", "pid": 1, "start": None})
+    anonymous = _running(study, None)  # SQLite: one writer, so an unowned RUNNING trial is stale
+
+    assert sorted(fail_dead_worker_trials(study)) == [dead, anonymous]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {
+        done.number: TrialState.COMPLETE,
+        dead: TrialState.FAIL,
+        alive: TrialState.RUNNING,
+        elsewhere: TrialState.RUNNING,
+        anonymous: TrialState.FAIL,
+    }
+    reason = study.get_trials()[dead].user_attrs["fail_reason"]
+    assert str(gone.pid) in reason and "gone" in reason
+    assert study.get_trials()[done.number].value == 1.0  # finished trials untouched
+
+
+def test_journal_keeps_unowned_running_trials(tmp_path: Path) -> None:
+    """Several processes may share a journal: only a provably dead worker's trial fails."""
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.log")), study_name="j")
+    anonymous = _running(study, None)
+    assert fail_dead_worker_trials(study) == []
+    assert study.get_trials()[anonymous].state == TrialState.RUNNING

@@ -1,0 +1,138 @@
+"""proxy_train on real timm models: results, determinism, pruning, NaN, checkpoint and resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from an_search.errors import CheckpointError, NonFiniteLossError, TrainConfigError
+from an_search.train import TrainConfig, load_checkpoint, proxy_train, resolve_data
+
+TINY = TrainConfig(epochs=1, batches_per_epoch=3, batch_size=16, threads=2)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet10t", pretrained=False, num_classes=10)
+
+
+def test_embedded_run_returns_accuracy_and_history() -> None:
+    calls: list[tuple[int, int]] = []
+    cfg = TrainConfig(epochs=1, batches_per_epoch=5, batch_size=16, val_fraction=0.1, threads=2)
+    result = proxy_train(
+        _model(), resolve_data(None), cfg, progress=lambda done, total: calls.append((done, total))
+    )
+    assert 0.0 <= result.top1 <= 100.0 and result.top1 <= result.top5 <= 100.0
+    assert result.steps == 5 and calls == [(i, 5) for i in range(1, 6)]
+    (record,) = result.history
+    assert record["epoch"] == 1 and record["top1"] == result.top1
+    assert math.isfinite(record["train_loss"]) and record["wall_s"] > 0
+    assert result.stopped_early is None
+
+
+def test_same_seed_same_accuracy(tiny_root: Path) -> None:
+    spec = resolve_data(tiny_root)
+    a = proxy_train(_model(), spec, TINY)
+    b = proxy_train(_model(), spec, TINY)
+    assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
+    assert a.top1 == b.top1
+
+
+def test_on_epoch_true_stops_after_first_epoch(tiny_root: Path) -> None:
+    seen: list[tuple[int, float, float]] = []
+
+    def prune(epoch: int, top1: float, top5: float) -> bool:
+        seen.append((epoch, top1, top5))
+        return True
+
+    cfg = TrainConfig(epochs=3, batches_per_epoch=2, batch_size=16, threads=2)
+    result = proxy_train(_model(), resolve_data(tiny_root), cfg, on_epoch=prune)
+    assert [s[0] for s in seen] == [1] and len(result.history) == 1
+    assert result.steps == 2 and "epoch 1" in result.stopped_early
+
+
+class _NaNAfterStem(nn.Module):
+    """A real timm model whose logits turn NaN: the non-finite check must fire on update 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * float("nan")
+
+
+@pytest.mark.parametrize("case", ["nan-model", "huge-lr"])
+def test_non_finite_loss_stops(tiny_root: Path, case: str) -> None:
+    model, cfg = _NaNAfterStem(), TINY
+    if case == "huge-lr":  # one update with lr 1e30 blows the weights up
+        cfg = TrainConfig(epochs=1, batch_size=16, lr=1e30, warmup_epochs=0, threads=2)
+        model = _model()
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate") as err:
+        proxy_train(model, resolve_data(tiny_root), cfg)
+    assert err.value.epoch == 1 and err.value.step >= 1
+    if case == "nan-model":
+        assert err.value.step == 1
+
+
+def test_resume_continues_exactly(tiny_root: Path, tmp_path: Path) -> None:
+    spec = resolve_data(tiny_root)
+    base = {"epochs": 2, "batches_per_epoch": 2, "batch_size": 16, "threads": 2}
+    straight = proxy_train(_model(), spec, TrainConfig(**base))
+
+    ckpt = str(tmp_path / "ckpt")
+    first = proxy_train(
+        _model(), spec, TrainConfig(**base, checkpoint_dir=ckpt), on_epoch=lambda *a: True
+    )
+    assert first.steps == 2 and load_checkpoint(ckpt)["epoch"] == 1
+    resume = TrainConfig(**base, checkpoint_dir=ckpt, resume=True)
+    resumed = proxy_train(_model(seed=1), spec, resume)  # other init: weights come from ckpt
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and resumed.steps == 4
+    assert resumed.history[0] == first.history[0]
+    assert resumed.top1 == straight.top1
+    assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+    assert load_checkpoint(ckpt)["epoch"] == 2
+
+
+def test_resume_refuses_other_schedule(tiny_root: Path, tmp_path: Path) -> None:
+    spec, ckpt = resolve_data(tiny_root), str(tmp_path)
+    proxy_train(
+        _model(),
+        spec,
+        TrainConfig(epochs=1, batches_per_epoch=1, batch_size=16, checkpoint_dir=ckpt),
+    )
+    with pytest.raises(CheckpointError, match="epochs=1"):
+        proxy_train(
+            _model(),
+            spec,
+            TrainConfig(
+                epochs=2, batches_per_epoch=1, batch_size=16, checkpoint_dir=ckpt, resume=True
+            ),
+        )
+
+
+def test_corrupt_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="delete it"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "empty") is None
+
+
+def test_ema_is_validated(tiny_root: Path) -> None:
+    cfg = TrainConfig(epochs=1, batches_per_epoch=2, batch_size=16, ema_decay=0.9, threads=2)
+    result = proxy_train(_model(), resolve_data(tiny_root), cfg)
+    assert 0.0 <= result.history[0]["ema_top1"] <= 100.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("train_fraction", 1.5), ("batch_size", 1), ("resume", True)],
+)
+def test_config_validation(field: str, value: object) -> None:
+    with pytest.raises(TrainConfigError, match=field):
+        TrainConfig(**{field: value}).validate()
