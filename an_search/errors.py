@@ -21,6 +21,7 @@ __all__ = [
     "TrainConfigError",
     "UnknownModelError",
     "UnknownNameError",
+    "WorkerError",
 ]
 
 
@@ -70,6 +71,10 @@ class StorageError(ANSearchError):
 
 class BudgetError(ANSearchError):
     """A cost budget that no configuration can meet."""
+
+
+class WorkerError(ANSearchError):
+    """A worker process, or the torchrun ranks of a trial, that cannot start or that died."""
 
 
 class TrainConfigError(ANSearchError, ValueError):

@@ -18,6 +18,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ from an_search.layers import AttentiveNorm  # noqa: E402
 
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 MODES = ("eval", "train-fwd", "train")
+STATS = {"median": statistics.median, "min": min}
 
 
 def _sync(device: torch.device) -> None:
@@ -126,7 +128,7 @@ def bench_shape(
                     "shape": f"{channels}x{size}",
                     "mode": mode,
                     "module": name,
-                    "ms": statistics.median(times[name]) * 1e3,
+                    "ms": STATS[args.stat](times[name]) * 1e3,
                     "mb": peak / 2**20,
                 }
             )
@@ -193,10 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default=",".join(f"{c}x{h}" for c, h in SHAPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--stat", default="median", choices=sorted(STATS), help="over repeats")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--plain", action="store_true", help="plain-text table (no rich)")
     args = parser.parse_args(argv)
     filter_torchscript_warning()
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # quiet the CPU profiler used for memory
+    load = os.getloadavg()[0]  # other processes on the machine distort multi-thread timings
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_shape(channels, size, args, device)
     title = (
         f"AN vs BatchNorm2d vs SEModule, batch {args.batch}, torch {torch.__version__}, "
-        f"{args.device}, {args.threads} threads, median of {args.repeats}"
+        f"{args.device}, {args.threads} threads, {args.stat} of {args.repeats}, "
+        f"load before {load:.1f}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

@@ -65,7 +65,7 @@ def main() -> None:
     print(f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads}")
     for mode, fn in (("train step", train_step), ("inference", infer)):
         t = interleaved(
-            {k: (lambda k=k: fn(k)) for k in variants},
+            {k: (lambda k=k, fn=fn: fn(k)) for k in variants},
             repeats=args.repeats,
             warmup=args.warmup,
             device=dev,

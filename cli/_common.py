@@ -48,7 +48,9 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             if debug:
                 raise
-            raise fail("interrupted; completed work is kept (re-run the command to resume)", 130)
+            raise fail(
+                "interrupted; completed work is kept (re-run the command to resume)", 130
+            ) from None
         except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
             if debug:
                 raise
@@ -58,7 +60,7 @@ def handle_errors(func: F) -> F:
                 raise fail(str(e)) from None
             first = (str(e).splitlines() or [""])[0]
             raise fail(
-                f"internal error {type(e).__name__}: {first} (re-run with --debug for the traceback)",
+                f"internal error {type(e).__name__}: {first} (re-run with --debug for a traceback)",
                 1,
             ) from None
 

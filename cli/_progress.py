@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class TrialProgress:
-    """Context manager; pass ``on_trial`` to ``study.optimize`` callbacks, ``on_step`` to training."""
+    """Context manager: ``on_trial`` is an Optuna callback, ``on_step`` a training callback."""
 
     def __init__(self, console: Console, *, total: int | None, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -35,12 +35,17 @@ class TrialProgress:
             transient=False,
             disable=not enabled,
         )
+        self._started = False
         self._trials = self._progress.add_task("trials", total=total)
         self._steps = self._progress.add_task("current trial", total=None, visible=False)
 
     def __enter__(self) -> TrialProgress:
-        self._progress.__enter__()
-        return self
+        return self  # the bars appear with the first update, so early errors print alone
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._progress.start()
 
     def __exit__(
         self,
@@ -48,10 +53,12 @@ class TrialProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._progress.__exit__(exc_type, exc, tb)
+        if self._started:
+            self._progress.stop()
 
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback: one finished trial."""
+        self._start()
         value = "" if not trial.values else f" top1 {trial.values[0]:.2f}"
         self._progress.update(
             self._trials,
@@ -62,4 +69,5 @@ class TrialProgress:
 
     def on_step(self, done: int, total: int) -> None:
         """Training callback: updates done of the current trial."""
+        self._start()
         self._progress.update(self._steps, completed=done, total=total, visible=True)

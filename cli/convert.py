@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,29 +19,31 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 @handle_errors
 def convert(
-    model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet50 or resnet50.a1_in1k")],
+    model: Annotated[
+        str, typer.Argument(help="timm model name, e.g. resnet50 or resnet50.a1_in1k")
+    ],
     placement: Annotated[
         str, typer.Option(help="paper, all, last-in-block, after-3x3, after-depthwise, none")
     ] = "paper",
-    k: Annotated[Optional[str], typer.Option("--k", help="K: one number or one per stage")] = None,
+    k: Annotated[str | None, typer.Option("--k", help="K: one number or one per stage")] = None,
     head: Annotated[str, typer.Option(help="attention head (registry name)")] = "default",
     pool: Annotated[str, typer.Option(help="pooled statistic: meanstd, avg, avgmax")] = "meanstd",
     include: Annotated[
-        Optional[list[str]], typer.Option(help="add sites: glob, or re:REGEX (repeatable)")
+        list[str] | None, typer.Option(help="add sites: glob, or re:REGEX (repeatable)")
     ] = None,
     exclude: Annotated[
-        Optional[list[str]], typer.Option(help="remove sites: glob, or re:REGEX (repeatable)")
+        list[str] | None, typer.Option(help="remove sites: glob, or re:REGEX (repeatable)")
     ] = None,
-    roles: Annotated[Optional[str], typer.Option(help="keep sites with these roles (a,b)")] = None,
-    stages: Annotated[Optional[str], typer.Option(help="keep sites in these stages (0,1)")] = None,
-    norm_types: Annotated[Optional[str], typer.Option(help="keep these norm classes")] = None,
+    roles: Annotated[str | None, typer.Option(help="keep sites with these roles (a,b)")] = None,
+    stages: Annotated[str | None, typer.Option(help="keep sites in these stages (0,1)")] = None,
+    norm_types: Annotated[str | None, typer.Option(help="keep these norm classes")] = None,
     checkpoint: Annotated[
-        Optional[Path], typer.Option(help="local weights: .safetensors or .pth (weights_only)")
+        Path | None, typer.Option(help="local weights: .safetensors or .pth (weights_only)")
     ] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="classifier size")] = None,
-    img_size: Annotated[Optional[int], typer.Option(help="input size for cost and model")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="classifier size")] = None,
+    img_size: Annotated[int | None, typer.Option(help="input size for cost and model")] = None,
     init: Annotated[
-        Optional[str], typer.Option(help="paper or preserve (default: preserve with weights)")
+        str | None, typer.Option(help="paper or preserve (default: preserve with weights)")
     ] = None,
     no_weight_decay: Annotated[
         bool, typer.Option("--no-weight-decay", help="exclude AN mixtures from weight decay")
@@ -50,7 +52,7 @@ def convert(
         bool, typer.Option("--list-sites", help="list every site and its roles; change nothing")
     ] = False,
     output: Annotated[
-        Optional[Path], typer.Option(help="write model.safetensors + recipe.json here")
+        Path | None, typer.Option(help="write model.safetensors + recipe.json here")
     ] = None,
     json_out: JsonOut = False,
     debug: Debug = False,

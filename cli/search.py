@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,13 +20,19 @@ app = typer.Typer(
 )
 
 Storage = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(help="Optuna storage URL, journal file (.log) or SQLite file; $OPTUNA_STORAGE"),
 ]
-StudyName = Annotated[Optional[str], typer.Option(help="study name (default: MODEL-SPACE)")]
-RunDir = Annotated[
-    Optional[Path], typer.Argument(help="run directory of an earlier `an-search run`")
+StudyName = Annotated[str | None, typer.Option(help="study name (default: MODEL-SPACE)")]
+RunDir = Annotated[Path | None, typer.Argument(help="run directory of an earlier `an-search run`")]
+Workers = Annotated[
+    int | None, typer.Option(help="worker processes sharing the study (default: 1 per GPU group)")
 ]
+Gpus = Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1,2,3 (one worker per group)")]
+GpusPerTrial = Annotated[
+    int, typer.Option(help="GPUs per trial: above 1, DDP under torchrun (CPU: gloo processes)")
+]
+SyncBN = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm in DDP trials (CUDA)")]
 
 
 @app.command()
@@ -34,28 +40,33 @@ RunDir = Annotated[
 def run(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet18")],
     data: Annotated[
-        Optional[str], typer.Option(help="image folder (ImageNet layout) or timm dataset root")
+        str | None, typer.Option(help="image folder (ImageNet layout) or timm dataset root")
     ] = None,
     space: Annotated[str, typer.Option(help="shipped space name or YAML file")] = "default",
     storage: Storage = None,
     study_name: StudyName = None,
-    n_trials: Annotated[Optional[int], typer.Option(help="trials to run in this call")] = 20,
-    timeout: Annotated[Optional[float], typer.Option(help="stop starting trials after (s)")] = None,
+    n_trials: Annotated[int | None, typer.Option(help="trials to run in this call")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
     epochs: Annotated[int, typer.Option(help="proxy epochs per trial")] = 2,
-    batches_per_epoch: Annotated[Optional[int], typer.Option(help="cap updates/epoch")] = None,
+    batches_per_epoch: Annotated[int | None, typer.Option(help="cap updates/epoch")] = None,
     img_size: Annotated[int, typer.Option(help="proxy training image size")] = 32,
     batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
     train_fraction: Annotated[float, typer.Option(help="share of the training set")] = 1.0,
+    val_fraction: Annotated[float, typer.Option(help="share of the validation set")] = 1.0,
     objectives: Annotated[
         str, typer.Option(help="top1, or top1 plus macs/params/latency (comma list)")
     ] = "top1",
-    max_params: Annotated[Optional[int], typer.Option(help="budget: parameters")] = None,
-    max_macs: Annotated[Optional[float], typer.Option(help="budget: MACs at the proxy size")] = None,
-    max_latency_ms: Annotated[Optional[float], typer.Option(help="budget: batch-1 ms")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="local weights to start from")] = None,
+    max_params: Annotated[int | None, typer.Option(help="budget: parameters")] = None,
+    max_macs: Annotated[float | None, typer.Option(help="budget: MACs at the proxy size")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="budget: batch-1 ms")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local weights to start from")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
     seed: Annotated[int, typer.Option(help="sampler and training seed")] = 0,
-    output: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
+    output: Annotated[Path | None, typer.Option(help="run directory")] = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    gpus_per_trial: GpusPerTrial = 1,
+    sync_bn: SyncBN = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -70,6 +81,7 @@ def run(
         img_size=img_size,
         batch_size=batch_size,
         train_fraction=train_fraction,
+        val_fraction=val_fraction,
         seed=seed,
         device=device,
     )
@@ -94,7 +106,10 @@ def run(
 
     err = stderr()
     with TrialProgress(err, total=n_trials, enabled=not quiet and not json_out) as bar:
-        study = run_search(cfg, callbacks=[bar.on_trial], on_message=lambda m: err.print(m))
+        if workers is None and gpus is None and gpus_per_trial == 1 and not sync_bn:
+            study = run_search(cfg, callbacks=[bar.on_trial], on_message=lambda m: err.print(m))
+        else:
+            study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn)
     rows = study_table(study)
     from an_search.search import load_space
 
@@ -112,7 +127,7 @@ def report(
     run_dir: RunDir = None,
     storage: Storage = None,
     study_name: StudyName = None,
-    output: Annotated[Optional[Path], typer.Option(help="where CSV/JSON/PNGs go")] = None,
+    output: Annotated[Path | None, typer.Option(help="where CSV/JSON/PNGs go")] = None,
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
@@ -138,7 +153,7 @@ def export(
     storage: Storage = None,
     study_name: StudyName = None,
     top: Annotated[int, typer.Option(help="how many winners")] = 3,
-    output: Annotated[Optional[Path], typer.Option(help="directory for the recipes")] = None,
+    output: Annotated[Path | None, typer.Option(help="directory for the recipes")] = None,
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
@@ -152,6 +167,190 @@ def export(
         return
     for d in dirs:
         stdout().print(str(d / "recipe.json"))
+
+
+@app.command()
+@handle_errors
+def worker(
+    storage: Annotated[str, typer.Option(help="the study's storage, e.g. postgresql://...")],
+    study_name: StudyName = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    gpus_per_trial: GpusPerTrial = 1,
+    sync_bn: SyncBN = False,
+    n_trials: Annotated[
+        int | None, typer.Option(help="trials to add (default: up to the study's total)")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
+    data: Annotated[str | None, typer.Option(help="the dataset's path on this machine")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: the study's)")] = None,
+    output: Annotated[Path | None, typer.Option(help="local run directory")] = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Join a running study from this machine (its settings are read from the study)."""
+    from an_search.search import join_config
+
+    from ._progress import TrialProgress
+
+    cfg = join_config(
+        storage,
+        study_name,
+        data=data,
+        device=device,
+        output_dir=output,
+        n_trials=n_trials,
+        timeout=timeout,
+    )
+    err = stderr()
+    with TrialProgress(err, total=None, enabled=not quiet) as bar:
+        study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn, join=True)
+    err.print(f"study {study.study_name}: {len(study.trials)} trials; this machine is done")
+
+
+def _run_workers(
+    cfg: Any,
+    bar: Any,
+    workers: int | None,
+    gpus: str | None,
+    gpus_per_trial: int,
+    sync_bn: bool,
+    *,
+    join: bool = False,
+) -> optuna.Study:
+    from an_search.errors import TrainConfigError
+    from an_search.search import run_workers
+
+    ids = None
+    if gpus is not None:
+        try:
+            ids = [int(g) for g in split_list(gpus) or []]
+        except ValueError:
+            raise TrainConfigError(f"--gpus takes GPU ids, e.g. 0,1,2,3: {gpus!r}") from None
+    err = stderr()
+    return run_workers(
+        cfg,
+        workers,
+        gpus=ids,
+        gpus_per_trial=gpus_per_trial,
+        sync_bn=sync_bn,
+        join=join,
+        on_trial=bar.on_trial,
+        on_message=lambda m: err.print(m),
+    )
+
+
+@app.command()
+@handle_errors
+def retrain(
+    source: Annotated[
+        Path | None, typer.Argument(help="recipe.json (or its folder), or a run directory")
+    ] = None,
+    storage: Storage = None,
+    study_name: StudyName = None,
+    data: Annotated[str | None, typer.Option(help="dataset (default: embedded)")] = None,
+    epochs: Annotated[int, typer.Option(help="full-schedule epochs")] = 10,
+    batches_per_epoch: Annotated[int | None, typer.Option(help="cap updates/epoch")] = None,
+    img_size: Annotated[int, typer.Option(help="training image size")] = 32,
+    batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
+    lr: Annotated[float | None, typer.Option(help="peak lr for a batch of 256")] = None,
+    ema: Annotated[float | None, typer.Option(help="EMA decay, e.g. 0.999")] = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="also train the unconverted model")
+    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from checkpoints")] = False,
+    checkpoint: Annotated[Path | None, typer.Option(help="local weights to start from")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    output: Annotated[Path | None, typer.Option(help="retrain directory")] = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Train a recipe (or the study's best) on the full schedule; --baseline for the gain."""
+    import dataclasses
+
+    from an_search.train import TrainConfig, resolve_data
+    from an_search.train.retrain import retrain as run_retrain
+
+    recipe, where = _recipe_from(source, storage, study_name)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batches_per_epoch=batches_per_epoch,
+        img_size=img_size,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        ema_decay=ema,
+        resume=resume,
+        checkpoint_dir=".",
+    )
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, lr=lr)
+    spec = resolve_data(data)
+    from ._progress import TrialProgress
+
+    with TrialProgress(stderr(), total=None, enabled=not (quiet or json_out)) as bar:
+        runs = run_retrain(
+            recipe,
+            spec,
+            cfg,
+            output or (where / "retrain"),
+            baseline=baseline,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            progress=bar.on_step,
+        )
+    rows = [
+        {
+            "run": r.name,
+            "params": r.params,
+            "top1": r.result.top1,
+            "top5": r.result.top5,
+            "epochs": len(r.result.history),
+            "wall_s": r.result.wall_s,
+            "model_dir": str(r.model_dir),
+        }
+        for r in runs
+    ]
+    if json_out:
+        print_json({"model": recipe.model, "runs": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"retrained {recipe.model} ({len(recipe.sites)} AN sites), {epochs} epochs")
+    for col in ("run", "M params", "top1", "top5", "wall s", "saved to"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["run"], f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+            f"{r['wall_s']:.0f}", r["model_dir"],
+        )  # fmt: skip
+    stdout().print(table)
+    if len(rows) == 2:
+        stdout().print(
+            f"gain of AN over the baseline: {rows[0]['top1'] - rows[1]['top1']:+.2f} top-1"
+        )
+
+
+def _recipe_from(
+    source: Path | None, storage: str | None, study_name: str | None
+) -> tuple[Any, Path]:
+    """A recipe file/folder, or the best feasible trial of a study."""
+    from an_search.errors import RecipeError
+    from an_search.rewrite import RECIPE_FILE, Recipe
+
+    if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
+        file = source if source.is_file() else source / RECIPE_FILE
+        return Recipe.from_json(file.read_text()), file.parent
+    study, _, where = _open(source, storage, study_name)
+    from an_search.search import study_table
+
+    rows = [r for r in study_table(study) if r["top1"] is not None]
+    if not rows:
+        raise RecipeError(f"study {study.study_name!r} has no finished trial to retrain yet")
+    best = max(rows, key=lambda r: (r["top1"], -r["number"]))
+    trial = study.trials[best["number"]]
+    return Recipe.from_dict(trial.user_attrs["recipe"]), where
 
 
 def _open(
@@ -168,7 +367,7 @@ def _open(
     study = open_study(source, study_name)
     if run_dir is not None:
         where = run_dir
-        url = resolve_storage_url(str(run_dir / "study.db"), run_dir)
+        url = resolve_storage_url(None if storage is None else storage, run_dir)
     else:
         where = Path("an-runs") / study.study_name
         url = resolve_storage_url(source, where)
@@ -210,7 +409,9 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
     for col in ("#", "configuration", "GMACs", "top1"):
         pt.add_column(col)
     for r in front:
-        pt.add_row(str(r["number"]), r["configuration"], _fmt(r["gmacs"], ".4f"), _fmt(r["top1"], ".2f"))
+        pt.add_row(
+            str(r["number"]), r["configuration"], _fmt(r["gmacs"], ".4f"), _fmt(r["top1"], ".2f")
+        )
     out.print(pt)
 
 

@@ -36,24 +36,13 @@ _BASES = (*_BATCHNORMS, "groupnorm", "layernorm", "layernorm2d", "rmsnorm", "rms
 
 def _pool_macs(pool: str, c: int, n: int) -> int:
     """Per sample, from the moments (mean and variance per channel) to the (C,) statistic."""
-    if pool == "meanstd":  # var * n/(n-1) (skipped for n = 1), + eps, rsqrt, mean * rsqrt
-        return 4 * c if n > 1 else 3 * c
+    if pool == "meanstd":  # var * n/(n-1), + eps, rsqrt, mean * rsqrt
+        return 4 * c
     if pool == "avg":  # the mean itself
         return 0
     if pool == "avgmax":  # amax over positions, mean + max, halve
         return c * n + 2 * c
     raise UnknownNameError(f"unknown pool {pool!r}; use one of: meanstd, avg, avgmax")
-
-
-def _moments_macs(c: int, n: int, need_var: bool) -> int:
-    """Per sample: per-channel mean (sum, * 1/n) and, when used, biased variance.
-
-    The variance (square + sum as ``vector_norm``, square, * 1/n, mean^2, subtract, clamp) is
-    dropped from the traced graph when nothing uses it: eval-mode BatchNorm bases normalise
-    with running statistics, so only the ``meanstd`` pool or a GroupNorm base needs it.
-    """
-    mean = c * n + c
-    return mean + (2 * c * n + 5 * c if need_var else 0)
 
 
 def _norm_macs(base: str, c: int, n: int, groups: int) -> tuple[int, int]:
@@ -107,7 +96,7 @@ def an_site_macs(
         raise UnknownNameError(f"unknown attention head {head!r}; use one of: {names}")
     c, n = channels, spatial_numel
     per_sample_norm, per_batch = _norm_macs(base, c, n, num_groups)
-    moments = _moments_macs(c, n, need_var=pool == "meanstd" or base == "groupnorm")
+    moments = 3 * c * n  # per-channel mean and variance (one var_mean: sum, square, sum)
     mixing = 2 * k * c  # lam @ Gamma, lam @ Beta
     per_sample = moments + _pool_macs(pool, c, n) + _HEAD_MACS[head](c, k) + mixing
     return batch * (per_sample + per_sample_norm) + per_batch

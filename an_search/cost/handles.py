@@ -19,24 +19,24 @@ op                                        MACs
 ========================================  =======================================================
 elementwise (add, sub, mul, div, rsqrt,   N(output), in-place forms too; broadcasting counts the
 clamp, relu, sigmoid, hardsigmoid,        output; a 0-dim output (traced shape arithmetic such
-softmax, ...)                             as ``n / (n - 1)``) counts 0
-``addcmul``, ``addcdiv``                  2 N(output) (a multiply and an add)
-reduction (mean, sum, amax, max, ...)     N(input)
-``var``, ``std``, ``var_mean``            2 N(input)
+softmax, comparisons, ...)                as ``n / (n - 1)``) counts 0
+``addcmul``, ``addcdiv``                  2 N(output): a multiply and an add. AN's one-pass
+                                          ``x * a + t`` thus costs what fvcore counts for the
+                                          eval-mode affine BatchNorm it replaces
+reduction (mean, sum, amax, max, any,     N(input)
+...)
+``linalg_vector_norm``                    2 N(input): square, sum
+``var_mean``, ``var``, ``std``, ...       3 N(input): sum, square, sum (one-pass moments)
 ``rms_norm``                              4 N(input), 5 with affine (fvcore's layer_norm rule)
-``_Moments`` (mean, var per channel)      3 N(input): sum, square, sum (its (B, C) finishing
-                                          ops and the rare two-pass redo are not counted)
-``_ChannelAffine`` (x * a + t, fused)     2 N(output): what fvcore counts for the eval-mode affine
-                                          batch_norm kernel it runs, and for ``mul`` + ``add``
 view_as, expand_as, fill_, zero_          0 (data movement)
 ========================================  =======================================================
 
-``_Moments`` and ``_ChannelAffine`` are the autograd Functions of ``an_search.layers._fused``; the
-tracer sees them as single ``prim::PythonOp`` nodes. A fused op counts as the plain ops it
-replaces, so fusing never makes AN look cheaper. Per site, AN therefore costs about
-5 N(feature map) plus small (B, C) and (B, K) terms, against 2 N for the eval-mode affine BN it
-replaces. Outside AN scopes these extra ops count 0 and are reported in ``unsupported_ops``
-exactly as stock fvcore reports them, so a model without AN gets the stock fvcore figure.
+Under ``torch.jit.trace`` AN computes its per-channel statistics with one ``var_mean`` and its
+affine with one ``addcmul`` (``an_search.layers._fused``). Per BatchNorm site AN therefore
+costs 5 N(feature map) plus small (B, C) and (B, K) terms, against 2 N for the eval-mode affine
+BN it replaces. Outside AN scopes these extra ops count 0 and are reported in
+``unsupported_ops`` exactly as stock fvcore reports them, so a model without AN gets the stock
+fvcore figure.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _aten(name: str, *, inplace: bool = True) -> tuple[str, ...]:
     return (f"aten::{name}", f"aten::{name}_") if inplace else (f"aten::{name}",)
 
 
-#: MACs of AN's own ops: aten/PythonOp name -> (tensor counted: "in" or "out", MACs per element).
+#: MACs of AN's own ops: aten op name -> (tensor counted: "in" or "out", MACs per element).
 OP_MACS: dict[str, tuple[str, int]] = {
     **{op: ("out", 1) for name in _ELEMENTWISE for op in _aten(name)},
     **{op: ("out", 2) for name in ("addcmul", "addcdiv") for op in _aten(name)},
@@ -104,8 +104,6 @@ OP_MACS: dict[str, tuple[str, int]] = {
     "aten::linalg_vector_norm": ("in", 2),  # square, sum (a 2-norm: the sqrt is per row)
     **{f"aten::{name}": ("in", 3) for name in ("var", "std", "var_mean", "std_mean")},
     **{f"aten::{name}": ("out", 0) for name in _FREE},
-    "prim::PythonOp._Moments": ("in", 3),
-    "prim::PythonOp._ChannelAffine": ("out", 2),
 }
 
 

@@ -7,9 +7,9 @@ Two differentiable primitives carry the whole fast path (DESIGN.md point 13):
   ``var_mean``/``std`` over (H, W).
 - :func:`channel_affine`: ``y[b, c] = x[b, c] * a[b, c] + t[b, c]`` in ONE pass, without ever
   materialising K copies of the feature map. For a contiguous tensor it runs BatchNorm's
-  inference kernel on the ``(1, B*C, n)`` view with mean 0, variance 1, eps 0 (weight ``a``,
-  bias ``t``), the fastest per-channel affine kernel in ATen; its backward gets ``sum(g * x)``
-  and ``sum(g)`` from one fused reduction (``native_batch_norm_backward``).
+  inference kernel on the ``(1, B*C, n)`` view (weight ``a``, bias ``t``, statistics that make
+  it the identity), the fastest per-channel affine kernel in ATen; its backward gets
+  ``sum(g * x)`` and ``sum(g)`` from one fused reduction (``native_batch_norm_backward``).
 
 Both read the same input, so its gradient has the form ``g * a + c * x + d``. Computed
 separately, autograd would allocate three feature-map-sized buffers (two terms and their sum).
@@ -18,8 +18,9 @@ A :class:`GradLink` shared by the two calls of one layer lets the affine's backw
 moments), which then writes the whole gradient into one buffer.
 
 Numerics: the one-pass variance ``E[x^2] - E[x]^2`` (float32 accumulation, also for
-half/bfloat16 inputs) is clamped at 0 and, where it cancels (mean^2 > 4 var), redone two-pass
-for the affected rows only (ReLU outputs have mean^2 ~ 1.8 var; conv outputs far less).
+half/bfloat16 inputs) is recomputed two-pass for the rows where it cancels (mean^2 > 4 var, or
+rounding made it negative), and only those rows (the ReLU of a centred Gaussian has
+mean^2 ~ 0.47 var): it is never negative and keeps a relative error below ~2e-6.
 """
 
 from __future__ import annotations
@@ -59,25 +60,46 @@ class GradLink:
         self.scale: torch.Tensor | None = None
 
 
-def _affine_kernel(x3: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x3 * a[..., None] + t[..., None]`` for a contiguous (B, C, n) tensor, no autograd.
+def _affine_kernel(
+    x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, owned: bool = False
+) -> torch.Tensor:
+    """``x * a + t`` per (sample, channel) for a contiguous (B, C, *) tensor, no autograd.
 
     From n = 128 positions up: BatchNorm inference on the (1, B*C, n) view with mean 0, variance
     0 and eps 1, so that ``1 / sqrt(var + eps)`` is exactly 1 (one zero buffer serves as both
     statistics). Below, its per-channel loop costs more than a broadcast multiply + add.
+    ``owned=True`` returns a tensor that is not a view (written through ``out=``): the output
+    of a custom autograd Function must not be one, or ``y += shortcut`` downstream fails.
     """
-    b, c, n = x3.shape
-    acc = _acc_dtype(x3)
-    if n < _MIN_POSITIONS_FOR_BN_KERNEL and a.dtype == t.dtype == x3.dtype:
-        return (x3 * a.unsqueeze(2)).add_(t.unsqueeze(2))
-    zero = x3.new_zeros(b * c, dtype=acc)
+    b, c = a.shape
+    n = x.numel() // max(b * c, 1)
+    acc = _acc_dtype(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if owned else None
+    if n < _MIN_POSITIONS_FOR_BN_KERNEL and a.dtype == t.dtype == x.dtype:
+        a3, t3 = a.unsqueeze(2), t.unsqueeze(2)
+        if out is None:
+            return (x.view(b, c, n) * a3).add_(t3).view(x.shape)
+        torch.mul(x.view(b, c, n), a3, out=out.view(b, c, n)).add_(t3)
+        return out
+    zero = x.new_zeros(b * c, dtype=acc)
     a, t = a.reshape(b * c).to(acc), t.reshape(b * c).to(acc)
-    return F.batch_norm(x3.view(1, b * c, n), zero, zero, a, t, False, 0.0, 1.0).view(b, c, n)
+    if out is None:
+        y = F.batch_norm(x.view(1, b * c, n), zero, zero, a, t, False, 0.0, 1.0)
+        return y.view(x.shape)
+    empty = zero.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        x.view(1, b * c, n), a, t, zero, zero, False, 0.0, 1.0,
+        out=out.view(1, b * c, n), save_mean=empty, save_invstd=empty.clone(),
+    )  # fmt: skip
+    return out
 
 
 def _stats(x3: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row mean and biased variance, one pass; two-pass where it cancels (no autograd)."""
     acc = _acc_dtype(x3)
+    if x3.shape[dim] == 1:  # one position: the variance is exactly 0
+        mean = x3.squeeze(dim).to(acc, copy=True)
+        return mean, torch.zeros_like(mean)
     mean = x3.mean(dim, dtype=acc)
     sq = torch.linalg.vector_norm(x3, 2, dim, dtype=acc).square_().mul_(1.0 / x3.shape[dim])
     var = torch.addcmul(sq, mean, mean, value=-1.0)  # E[x^2] - E[x]^2
@@ -120,7 +142,7 @@ class _Moments(torch.autograd.Function):
         if not x3.is_contiguous():
             return torch.addcmul(d.unsqueeze(2), x3, c.unsqueeze(2)).to(x3.dtype), None, None
         if link is not None and link.grad is not None:
-            gx = _affine_kernel(link.grad, link.scale, d)  # g * a + d
+            gx = _affine_kernel(link.grad.view_as(x3), link.scale, d)  # g * a + d
             link.grad = link.scale = None
             return gx.addcmul_(x3, c.unsqueeze(2).to(gx.dtype)), None, None  # + c * x
         return _affine_kernel(x3, c, d), None, None
@@ -128,25 +150,25 @@ class _Moments(torch.autograd.Function):
 
 class _ChannelAffine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, a, t, link):  # type: ignore[override]
-        ctx.save_for_backward(x3, a)
+    def forward(ctx, x, a, t, link):  # type: ignore[override]
+        ctx.save_for_backward(x, a)
         ctx.link = link
-        return _affine_kernel(x3, a, t)
+        return _affine_kernel(x, a, t, owned=True)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        x3, a = ctx.saved_tensors
+        x, a = ctx.saved_tensors
         need_x, need_a, need_t = ctx.needs_input_grad[:3]
-        b, c, n = x3.shape
+        b, c = a.shape
         gx = ga = gt = None
         gy = gy.contiguous()
         if need_a or need_t:
-            acc = _acc_dtype(x3)
-            zero = x3.new_zeros(b * c, dtype=acc)
+            acc = _acc_dtype(x)
+            zero = x.new_zeros(b * c, dtype=acc)
             _, ga, gt = torch.ops.aten.native_batch_norm_backward(
-                gy.view(1, b * c, n),
-                x3.view(1, b * c, n),
+                gy.view(1, b * c, -1),
+                x.view(1, b * c, -1),
                 a.reshape(b * c).to(acc),
                 zero,
                 zero,
@@ -171,10 +193,10 @@ def moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) mean and biased variance of a (B, C, n) or (B, n, C) tensor.
 
-    On CPU: one ``sum`` and one ``vector_norm`` pass (variance ``E[x^2] - E[x]^2``, clamped at
-    0); rows whose mean^2 exceeds 4x their variance are redone two-pass, so the variance keeps a
-    relative error below ~2e-6 whatever the offset. Elsewhere: ``torch.var_mean`` (fast and
-    Welford-accurate on accelerators, no host sync).
+    On CPU: one ``mean`` and one ``vector_norm`` pass (variance ``E[x^2] - E[x]^2``); rows
+    whose mean^2 exceeds 4x their variance are redone two-pass, so the variance is never
+    negative and keeps a relative error below ~2e-6 whatever the offset. Elsewhere, and under
+    ``torch.jit.trace`` (fvcore, ONNX): ``torch.var_mean``, one plain op without host sync.
 
     Args:
         x3: (B, C, n) for ``channels_last=False``, (B, n, C) otherwise (see :func:`spatial_view`).
@@ -186,7 +208,7 @@ def moments(
         ``(mean, var)``, each (B, C), float32 for half/bfloat16 inputs. Differentiable.
     """
     dim = 1 if channels_last else 2
-    if x3.device.type != "cpu":
+    if x3.device.type != "cpu" or torch.jit.is_tracing():
         var, mean = torch.var_mean(x3.to(_acc_dtype(x3)), dim, correction=0)
         return mean, var
     if not (x3.requires_grad and torch.is_grad_enabled()):
@@ -195,22 +217,24 @@ def moments(
 
 
 def channel_affine(
-    x3: torch.Tensor, a: torch.Tensor, t: torch.Tensor, link: GradLink | None = None
+    x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, link: GradLink | None = None
 ) -> torch.Tensor:
-    """One-pass per-(sample, channel) affine ``x3 * a[..., None] + t[..., None]``.
+    """One-pass per-(sample, channel) affine ``y[b, c, ...] = x[b, c, ...] * a[b, c] + t[b, c]``.
 
     Args:
-        x3: (B, C, n) feature map.
+        x: (B, C, *) feature map.
         a: (B, C) scale.
         t: (B, C) shift.
-        link: shared with the :func:`moments` call on the same ``x3``; only valid when that
+        link: shared with the :func:`moments` call on the same input; only valid when that
             call's outputs feed ``a`` or ``t`` (so its backward runs after this one's).
 
     Returns:
-        (B, C, n) tensor in ``x3``'s dtype; differentiable in all three inputs.
+        Tensor of ``x``'s shape and dtype; differentiable in all three inputs. Under
+        ``torch.jit.trace`` a plain broadcast ``addcmul`` (traceable, no custom Function).
     """
-    if x3.is_contiguous() and x3.numel() > 0:
-        if torch.is_grad_enabled() and (x3.requires_grad or a.requires_grad or t.requires_grad):
-            return _ChannelAffine.apply(x3, a, t, link)
-        return _affine_kernel(x3, a, t)
-    return torch.addcmul(t.unsqueeze(-1), x3, a.unsqueeze(-1)).to(x3.dtype)
+    if not torch.jit.is_tracing() and x.is_contiguous() and x.numel() > 0:
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or t.requires_grad):
+            return _ChannelAffine.apply(x, a, t, link)
+        return _affine_kernel(x, a, t)
+    shape = a.shape + (1,) * (x.dim() - 2)  # any memory format (TensorIterator keeps it)
+    return torch.addcmul(t.view(shape), x, a.view(shape)).to(x.dtype)

@@ -16,7 +16,7 @@ the attention statistic AND the normalisation statistics (batch or group mean/va
 law of total variance); everything is folded into a per-sample scale
 ``a = gamma * rsqrt(var + eps)`` and shift ``beta - a * mean`` applied by one multiply-add pass.
 Running statistics follow ``nn.BatchNorm`` (momentum, momentum None = cumulative average,
-unbiased running variance, ``num_batches_tracked``).
+unbiased running variance, ``num_batches_tracked``; see ``_norm_stats.py``).
 The reference path (``fused = False``, other bases, non-CPU devices where cuDNN/var_mean are
 fast, an inner ``SyncBatchNorm`` whose batch statistics must be all-reduced across ranks, or a
 single value per channel in training) calls the inner norm module, then the one-pass affine.
@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from an_search.errors import InvalidKError, UnknownNameError
 
 from ._fused import GradLink, channel_affine, moments, spatial_view
+from ._norm_stats import batch_stats, group_stats
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -117,7 +117,6 @@ class AttentiveNorm(nn.Module):
         self.norm = create_base_norm(
             self.base, num_features, eps, momentum, num_groups, track_running_stats, frozen, _source
         )
-        self._frozen = isinstance(self.norm, FrozenBatchNorm2d)  # running statistics only
         self.attn = AttentionWeights(num_features, k, head, pool, self.channels_last)
         self.weight = nn.Parameter(torch.empty(k, num_features))  # Gamma (K, C)
         self.bias = nn.Parameter(torch.empty(k, num_features))  # Beta (K, C)
@@ -147,10 +146,11 @@ class AttentiveNorm(nn.Module):
         """Make the layer compute ``norm(x) * weight + bias`` exactly, in train and eval mode.
 
         The head's last linear layer is zeroed, so the mixture weights are a constant ``lam0``
-        (its gradient is not zero, so the head still learns). Then ``Gamma_k = w / S + e_k``,
-        ``Beta_k = b / S + f_k`` with ``S = sum(lam0)`` and noise ``e, f`` (std
-        ``noise * |w| / S``) projected so that ``sum_k lam0_k e_k = 0``: the K mixtures differ
-        (their gradients differ) while ``lam0 @ Gamma = w`` and ``lam0 @ Beta = b``.
+        (its gradient is not zero, so the head still learns); train and eval mode agree on
+        ``lam0`` while the head's norms hold their initial statistics (a fresh layer). Then
+        ``Gamma_k = w / S + e_k``, ``Beta_k = b / S + f_k`` with ``S = sum(lam0)`` and noise
+        ``e, f`` (std ``noise * |w| / S``) projected so that ``sum_k lam0_k e_k = 0``: the K
+        mixtures differ (their gradients differ) while ``lam0 @ Gamma = w``, ``lam0 @ Beta = b``.
 
         Args:
             weight: (C,) affine weight of the norm being replaced; None = ones.
@@ -253,7 +253,7 @@ class AttentiveNorm(nn.Module):
         if self.channels_last:  # (B, *, C)
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
             return torch.addcmul(beta.view(shape), x_hat, gamma.view(shape)).to(x.dtype)
-        return channel_affine(spatial_view(x_hat, False), gamma, beta).view_as(x)
+        return channel_affine(x_hat, gamma, beta)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         x3 = spatial_view(x, False)  # (B, C, n)
@@ -261,45 +261,12 @@ class AttentiveNorm(nn.Module):
         m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance
         gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
         if self.base == "groupnorm":
-            mean, var = self._group_stats(m, v)  # (B, C) each
+            mean, var = group_stats(m, v, self.norm.num_groups)  # (B, C) each
         else:
-            mean, var = self._batch_stats(m, v, x3.shape[2])  # (C,) each
+            mean, var = batch_stats(self.norm, m, v, x3.shape[2], self.training)  # (C,) each
         scale = gamma * torch.rsqrt(var + self.norm.eps)  # (B, C)
         shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
-        return channel_affine(x3, scale, shift, link).view_as(x)
-
-    def _group_stats(self, m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GroupNorm statistics from per-channel ones (law of total variance), as (B, C)."""
-        b, c = m.shape
-        shape = (b, self.norm.num_groups, c // self.norm.num_groups)
-        var_m, mean = torch.var_mean(m.view(shape), 2, correction=0, keepdim=True)  # (B, G, 1)
-        var = v.view(shape).mean(2, keepdim=True).add_(var_m)
-        return mean.expand(shape).reshape(b, c), var.expand(shape).reshape(b, c)
-
-    def _batch_stats(
-        self, m: torch.Tensor, v: torch.Tensor, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """BatchNorm statistics (C,): running ones, or batch ones from per-sample ones."""
-        bn = self.norm
-        if not self.training and bn.running_mean is not None or self._frozen:
-            return bn.running_mean, bn.running_var
-        var_m, mean = torch.var_mean(m, 0, correction=0)  # (C,) small: Welford is fine here
-        var = v.mean(0).add_(var_m)  # law of total variance: biased batch variance
-        if self.training and bn.track_running_stats:
-            self._update_running_stats(mean, var, m.shape[0] * n)
-        return mean, var
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """As nn.BatchNorm: momentum or cumulative average, unbiased variance, counter."""
-        bn = self.norm
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_(var.to(bn.running_var.dtype) * (count / (count - 1)), factor)
+        return channel_affine(x, scale, shift, link)
 
     def extra_repr(self) -> str:
         return (

@@ -57,9 +57,9 @@ class MeanStdPool(_Pool):
         self.eps = eps
 
     def from_moments(self, mean: torch.Tensor, var: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-        n = self._n(x3)
-        unbiased = var * (n / (n - 1)) if n > 1 else torch.zeros_like(var)  # Bessel's correction
-        return mean * torch.rsqrt(unbiased + self.eps)
+        n = self._n(x3)  # a 0-dim tensor under torch.jit.trace: no Python branch on it
+        bessel = n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1)
+        return mean * torch.rsqrt(var * bessel + self.eps)  # n = 1: biased var is 0 already
 
 
 class AvgPool(_Pool):

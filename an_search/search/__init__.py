@@ -5,13 +5,16 @@
     >>> write_report(study, "an-runs/resnet18-default")
 
 Spaces (``space``, ``sampling``), settings (``config``), storages and dead-worker recovery
-(``storage``), one trial (``objective``), the study (``study``), reports (``report``, ``plots``).
+(``storage``), one trial (``objective``), the study (``study``), reports (``report``, ``plots``),
+parallel workers (``workers``, ``worker``) and trials under torchrun (``ddp``).
 """
 
 from __future__ import annotations
 
 from .build import Built, build_model, cost_input_size, measure_latency_ms
 from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
+from .ddp import DDPObjective
+from .join import config_from_dict, join_config
 from .objective import TRIAL_ERRORS, Objective
 from .plots import plot_history, plot_pareto
 from .report import (
@@ -27,34 +30,53 @@ from .sampling import BASELINES, check_space, config_key, sample_recipe
 from .space import PER_STAGE, Param, SearchSpace, list_spaces, load_space, parse_space
 from .storage import (
     DEFAULT_DB_NAME,
+    DEFAULT_JOURNAL_NAME,
     fail_dead_worker_trials,
+    heartbeat_enabled,
     open_storage,
     record_worker,
     resolve_storage_url,
 )
-from .study import NO_PRUNING_MESSAGE, create_or_load_study, open_study, quiet_optuna, run_search
+from .study import (
+    NO_PRUNING_MESSAGE,
+    create_or_load_study,
+    open_study,
+    prepare_search,
+    quiet_optuna,
+    run_search,
+)
+from .worker import SharedTrialBudget, count_trials, run_worker
+from .workers import WorkerPlan, plan_workers, run_workers
 
 __all__ = [
     "BASELINES",
     "DEFAULT_DB_NAME",
+    "DEFAULT_JOURNAL_NAME",
     "NO_PRUNING_MESSAGE",
     "OBJECTIVES",
     "PER_STAGE",
     "PRUNERS",
     "TRIAL_ERRORS",
     "Built",
+    "DDPObjective",
     "Objective",
     "Param",
     "SearchConfig",
     "SearchSpace",
+    "SharedTrialBudget",
+    "WorkerPlan",
     "build_model",
     "check_space",
+    "config_from_dict",
     "config_key",
     "cost_input_size",
+    "count_trials",
     "create_or_load_study",
     "dashboard_command",
     "export_top",
     "fail_dead_worker_trials",
+    "heartbeat_enabled",
+    "join_config",
     "list_spaces",
     "load_space",
     "measure_latency_ms",
@@ -63,12 +85,16 @@ __all__ = [
     "pareto_front",
     "parse_objectives",
     "parse_space",
+    "plan_workers",
     "plot_history",
     "plot_pareto",
+    "prepare_search",
     "quiet_optuna",
     "record_worker",
     "resolve_storage_url",
     "run_search",
+    "run_worker",
+    "run_workers",
     "sample_recipe",
     "study_table",
     "write_csv",

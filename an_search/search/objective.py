@@ -29,7 +29,8 @@ from an_search.errors import (
     UnknownNameError,
 )
 from an_search.rewrite import SiteReport
-from an_search.train import DataSpec, proxy_train
+from an_search.train import DataSpec, TrainResult, proxy_train
+from an_search.train.proxy import OnEpoch
 
 from .build import Built, build_model, cost_input_size
 from .config import SearchConfig
@@ -51,6 +52,8 @@ TRIAL_ERRORS: tuple[type[BaseException], ...] = (
 _SCALE = {"macs": 1e-9, "params": 1e-6, "latency": 1.0}  # objective values: GMACs, M, ms
 _COST_KEY = {"macs": "macs", "params": "params", "latency": "latency_ms"}
 _WAIT_POLL_S = 2.0
+_BUILD_POLL_S = 0.25
+_BUILD_WAIT_S = 120.0  # an earlier trial silent this long without a key: its worker is gone
 
 
 class Objective:
@@ -109,6 +112,12 @@ class Objective:
         """Build the model ``config`` describes and measure it (see :func:`build_model`)."""
         return build_model(self.cfg, self.data, config)
 
+    def run_training(
+        self, trial: optuna.trial.Trial, built: Built, on_epoch: OnEpoch
+    ) -> TrainResult:
+        """Proxy-train ``built.model`` in this process (``ddp.DDPObjective``: under torchrun)."""
+        return proxy_train(built.model, self.data, self.cfg.train, on_epoch=on_epoch)
+
     def _values(self, top1: float, cost: dict[str, float]) -> float | list[float]:
         if len(self.objectives) == 1:
             return top1
@@ -141,23 +150,36 @@ class Objective:
     def _finished_twin(
         self, trial: optuna.trial.Trial, key: str
     ) -> optuna.trial.FrozenTrial | None:
-        """The earliest finished trial that trained the same model (waits for a running one)."""
+        """The earliest finished trial that trained the same model (waits for a running one).
+
+        With several workers, an earlier trial may still be building its model and not have
+        recorded its key yet: it may be this very configuration, so wait (at most
+        ``_BUILD_WAIT_S``) until it has. Keys are recorded before this check, so of two twins
+        the later one always sees the earlier one and only the earlier one trains.
+        """
         study = trial.study
+        since = time.monotonic()
         while True:
+            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
             twins = [
                 t
-                for t in study.get_trials(deepcopy=False)
-                if t.number < trial.number
-                and t.user_attrs.get("config_key") == key
+                for t in earlier
+                if t.user_attrs.get("config_key") == key
                 and "infeasible" not in t.user_attrs
                 and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             ]
             finished = [t for t in twins if t.state != TrialState.RUNNING]
             if finished:
                 return min(finished, key=lambda t: t.number)
-            if not twins:
+            building = [
+                t
+                for t in earlier
+                if t.state == TrialState.RUNNING and "config_key" not in t.user_attrs
+            ]
+            if not twins and (not building or time.monotonic() - since > _BUILD_WAIT_S):
                 return None
-            time.sleep(_WAIT_POLL_S)  # another worker is training it: wait for its result
+            # another worker is training it (or building one that may be it): wait
+            time.sleep(_WAIT_POLL_S if twins else _BUILD_POLL_S)
 
     def _reuse(
         self,
@@ -202,7 +224,7 @@ class Objective:
             return True
 
         try:
-            result = proxy_train(built.model, self.data, self.cfg.train, on_epoch=on_epoch)
+            result = self.run_training(trial, built, on_epoch)
         except NonFiniteLossError as exc:
             self._finish(trial, start, 0.0, built.cost, history=exc.history, prune_reason=str(exc))
             raise optuna.TrialPruned(str(exc)) from None

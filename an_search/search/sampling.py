@@ -84,7 +84,8 @@ def check_space(space: SearchSpace, report: SiteReport) -> None:
             norm_types = None if base == "any" else [base]
             if placement == PER_STAGE:
                 roles = [r for r in space.stage_role.values() if r != "none"]  # type: ignore[union-attr]
-                if any(_in_role(s, r, base) for s in report.supported for r in roles):
+                staged = [s for s in report.supported if s.stage is not None]
+                if any(_in_role(s, r, base) for s in staged for r in roles):
                     return
             elif _preset_stages(report, placement, norm_types):
                 return

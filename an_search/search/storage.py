@@ -3,13 +3,17 @@
 Which storage (DESIGN point 9):
 
 - nothing given: ``$OPTUNA_STORAGE`` if set, else a SQLite file ``study.db`` in the run directory
-  (one worker: SQLite never has several writers);
+  (one worker: SQLite never has several writers), or its journal ``study.log`` when a run with
+  several workers made one there;
 - a path ending ``.log`` or ``.journal``: Optuna's ``JournalStorage(JournalFileBackend(path))``,
   for several worker processes on one machine;
 - a path ending ``.db``, ``.sqlite`` or ``.sqlite3``: that SQLite file;
 - any Optuna storage URL (``sqlite:///``, ``postgresql://``, ``mysql://``): ``RDBStorage``. Server
   databases get Optuna's heartbeat (``heartbeat_interval``, ``grace_period``), so a worker that
-  dies on another machine has its trial marked FAIL by the next worker that starts a trial.
+  dies on another machine has its trial marked FAIL by the next worker that starts a trial, and
+  re-queued once (``RetryHeartbeatStaleTrialCallback``, Optuna 5's name for
+  ``RetryFailedTrialCallback``). ``$AN_SEARCH_HEARTBEAT_INTERVAL`` and
+  ``$AN_SEARCH_GRACE_PERIOD`` (seconds) override the defaults below.
 
 Stale trials (the rule): every trial records its worker (host, pid, process start time) when it
 starts. When a search starts, a RUNNING trial of the study is marked FAIL (user attribute
@@ -21,13 +25,19 @@ never touched, so a killed search loses nothing but the trial it was running.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -35,19 +45,24 @@ from an_search.errors import StorageError
 
 __all__ = [
     "DEFAULT_DB_NAME",
+    "DEFAULT_JOURNAL_NAME",
     "fail_dead_worker_trials",
+    "heartbeat_enabled",
     "open_storage",
     "record_worker",
     "resolve_storage_url",
 ]
 
 DEFAULT_DB_NAME = "study.db"
+DEFAULT_JOURNAL_NAME = "study.log"
 _JOURNAL_SUFFIXES = (".log", ".journal")
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _WORKER_KEY = "worker"
 #: Heartbeat for server databases: beat every 30 s, a trial silent for 120 s is stale.
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
+#: A dead worker's trial is re-queued this many times at most (then it stays FAIL).
+HEARTBEAT_MAX_RETRY = 1
 
 
 def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | Path) -> str:
@@ -64,7 +79,10 @@ def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | P
     """
     text = str(storage) if storage is not None else os.environ.get("OPTUNA_STORAGE") or None
     if text is None:
-        return f"sqlite:///{(Path(run_dir) / DEFAULT_DB_NAME).resolve()}"
+        db, journal = Path(run_dir) / DEFAULT_DB_NAME, Path(run_dir) / DEFAULT_JOURNAL_NAME
+        if journal.is_file() and not db.exists():  # a run with several workers made it
+            return str(journal.resolve())
+        return f"sqlite:///{db.resolve()}"
     if "://" in text:
         return text
     path = Path(text).expanduser()
@@ -84,6 +102,8 @@ def open_storage(url: str) -> BaseStorage:
     Raises:
         StorageError: the file, directory, server or driver is unusable (one line, with the fix).
     """
+    interval = _env_seconds("AN_SEARCH_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL_S)
+    grace = _env_seconds("AN_SEARCH_GRACE_PERIOD", HEARTBEAT_GRACE_S)
     try:
         if "://" not in url:
             return JournalStorage(JournalFileBackend(url))
@@ -92,7 +112,12 @@ def open_storage(url: str) -> BaseStorage:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S
+                _with_driver(url),
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=HEARTBEAT_MAX_RETRY
+                ),
             )
     except ImportError as exc:
         raise StorageError(
@@ -132,6 +157,34 @@ def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         failed.append(trial.number)
     return failed
+
+
+def heartbeat_enabled(study: optuna.Study) -> bool:
+    """Whether the study's storage runs Optuna's heartbeat (server databases, see above)."""
+    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the ``postgres`` extra installs
+    psycopg2 (``psycopg2-binary``), so name it when psycopg 3 is absent.
+    """
+    if not url.startswith("postgresql://") or importlib.util.find_spec("psycopg") is not None:
+        return url
+    if importlib.util.find_spec("psycopg2") is None:
+        return url  # SQLAlchemy's ImportError says what is missing
+    return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+
+
+def _env_seconds(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise StorageError(f"${name} must be a whole number of seconds >= 1: {text!r}")
+    return int(text)
 
 
 def _rdb(study: optuna.Study) -> BaseStorage:

@@ -36,6 +36,7 @@ from .sampling import BASELINES, check_space
 from .space import SearchSpace, load_space
 from .storage import (
     DEFAULT_DB_NAME,
+    DEFAULT_JOURNAL_NAME,
     fail_dead_worker_trials,
     open_storage,
     resolve_storage_url,
@@ -45,6 +46,7 @@ __all__ = [
     "NO_PRUNING_MESSAGE",
     "create_or_load_study",
     "open_study",
+    "prepare_search",
     "quiet_optuna",
     "run_search",
 ]
@@ -123,18 +125,8 @@ def run_search(
         BudgetError: a budget below the unconverted model's cost (before any training).
         StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError: bad input.
     """
-    space = load_space(cfg.space)
-    data = resolve_data(None if cfg.data is None else str(cfg.data))
-    objectives = parse_objectives(cfg.objectives)
-    unconverted = build_model(cfg, data, BASELINES["bn"])
-    _check_budgets(cfg, unconverted.cost)
-    report = find_sites(unconverted.model)
-    check_space(space, report)
-    objective = Objective(cfg, objectives, space, report, data)
     with quiet_optuna():
-        study, message = create_or_load_study(cfg, space=space)
-        if message and on_message is not None:
-            on_message(message)
+        objective, study = prepare_search(cfg, on_message=on_message)
         study.optimize(
             objective,
             n_trials=cfg.n_trials,
@@ -143,6 +135,40 @@ def run_search(
             catch=TRIAL_ERRORS,
         )
     return study
+
+
+def prepare_search(
+    cfg: SearchConfig,
+    *,
+    on_message: Callable[[str], None] | None = None,
+    make_objective: Callable[..., Objective] = Objective,
+) -> tuple[Objective, optuna.Study]:
+    """Check everything that can be checked before training, then create or resume the study.
+
+    :func:`run_search` is this plus ``study.optimize``; parallel workers (``workers``) call it
+    once in the parent (checks, baselines) and once in each worker.
+
+    Args:
+        cfg: the search settings.
+        on_message: receives one-line notices (why pruning is off).
+        make_objective: builds the objective from ``(cfg, objectives, space, report, data)``
+            (e.g. a ``functools.partial`` of a subclass that trains under torchrun).
+
+    Raises:
+        BudgetError, StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError.
+    """
+    space = load_space(cfg.space)
+    data = resolve_data(None if cfg.data is None else str(cfg.data))
+    objectives = parse_objectives(cfg.objectives)
+    unconverted = build_model(cfg, data, BASELINES["bn"])
+    _check_budgets(cfg, unconverted.cost)
+    report = find_sites(unconverted.model)
+    check_space(space, report)
+    objective = make_objective(cfg, objectives, space, report, data)
+    study, message = create_or_load_study(cfg, space=space)
+    if message and on_message is not None:
+        on_message(message)
+    return objective, study
 
 
 @contextmanager
@@ -164,7 +190,8 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     """Load an existing study for reports: a storage URL/file, or a run directory.
 
     Args:
-        storage: URL, journal or SQLite file, or a run directory holding ``study.db``.
+        storage: URL, journal or SQLite file, or a run directory holding ``study.db``
+            (or ``study.log``).
         study_name: needed only when the storage holds several studies.
 
     Raises:
@@ -172,9 +199,10 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     """
     path = Path(storage)
     if "://" not in str(storage) and path.is_dir():
-        if not (path / DEFAULT_DB_NAME).is_file():
+        files = [path / n for n in (DEFAULT_DB_NAME, DEFAULT_JOURNAL_NAME) if (path / n).is_file()]
+        if not files:
             raise StorageError(f"run directory holds no {DEFAULT_DB_NAME}: {path}")
-        storage = path / DEFAULT_DB_NAME
+        storage = files[0]
     url = resolve_storage_url(storage, ".")
     if "://" not in url or url.startswith("sqlite:///"):
         file = Path(url.removeprefix("sqlite:///"))

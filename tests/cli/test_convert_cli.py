@@ -58,7 +58,9 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
     import an_search
 
     out_dir = tmp_path / "conv"
-    code, _, err = run("resnet18", "--img-size", "64", "--num-classes", "7", "--output", str(out_dir))
+    code, _, err = run(
+        "resnet18", "--img-size", "64", "--num-classes", "7", "--output", str(out_dir)
+    )
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors", "recipe.json"]
     m1, _ = an_search.load(out_dir)
@@ -117,8 +119,15 @@ def test_checkpoint_loaded_and_preserved(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
     out_dir = tmp_path / "out"
     code, _, err = run(
-        "resnet18", "--checkpoint", str(ckpt), "--num-classes", "5", "--output", str(out_dir),
-        "--img-size", "32",
+        "resnet18",
+        "--checkpoint",
+        str(ckpt),
+        "--num-classes",
+        "5",
+        "--output",
+        str(out_dir),
+        "--img-size",
+        "32",
     )
     assert code == 0, err
     model, recipe = an_search.load(out_dir)

@@ -53,7 +53,7 @@ def _an_default_macs(b: int, c: int, n: int, k: int) -> int:
     meanstd = 4 * b * c  # var * n/(n-1), + eps, rsqrt, mean * rsqrt
     head = b * c * k + 2 * b * k + b * k  # linear (no bias), eval BN_K with affine, hard-sigmoid
     mixing = 2 * b * k * c  # lam @ Gamma, lam @ Beta
-    fold = 2 * c + 3 * b * c  # running var + eps, rsqrt (C,); gamma * r, r * mean, beta - ..
+    fold = 2 * c + 3 * b * c  # running var + eps, rsqrt (C,); scale = gamma * r, beta - scale*mean
     affine = 2 * b * c * n  # one pass x * a + t, counted like eval BN
     return moments + meanstd + head + mixing + fold + affine
 

@@ -152,3 +152,38 @@ def test_single_value_per_channel_in_training_raises_like_batchnorm() -> None:
     an = AttentiveNorm(C, K, base="batchnorm1d", head="linear-sigmoid").train()
     with pytest.raises(ValueError, match="more than 1 value"):
         an(torch.randn(1, C))
+
+
+@pytest.mark.parametrize("base", ["batchnorm", "groupnorm", "layernorm2d", "layernorm"])
+def test_output_can_be_modified_in_place(base: str) -> None:
+    """Residual blocks do ``x += shortcut`` and in-place ReLU on the norm's output."""
+    an = AttentiveNorm(C, K, base=base, num_groups=3).double().train()
+    ref = copy.deepcopy(an)
+    shape = (4, 5, 5, C) if base == "layernorm" else (4, C, 5, 5)
+    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = an(x)
+    y += 1.0
+    y.relu_().sum().backward()
+    torch.relu(ref(x_ref) + 1.0).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(an.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("base", ["batchnorm", "groupnorm", "layernorm2d"])
+def test_jit_trace_sees_plain_aten_ops(base: str) -> None:
+    """fvcore and ONNX trace with torch.jit: no custom Function, same values."""
+    an = AttentiveNorm(C, K, base=base, num_groups=3).eval()
+    x = torch.randn(2, C, 4, 4)
+    graph, out = torch.jit._get_trace_graph(an, (x,))
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "prim::PythonOp" not in kinds and "aten::var_mean" in kinds
+    torch.testing.assert_close(out, an(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_single_position(training: bool) -> None:
+    """BatchNorm1d on (B, C): one position per sample, variance exactly 0."""
+    an = AttentiveNorm(4, K, base="batchnorm1d").double().train(training)
+    x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(an, (x,))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +33,23 @@ train = TrainConfig(**{train!r})
 run_search(SearchConfig("resnet10t", output_dir=sys.argv[1], study_name="killed", n_trials=3,
                         train=train))
 """
+
+
+def _wait_for_study(db: Path, child: subprocess.Popen, limit_s: float) -> optuna.Study:
+    """The child's study, once it exists (the file appears before the study is in it)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert child.poll() is None, child.stderr.read() if child.stderr else ""
+        if db.exists():  # read-only peek: never write to the child's database while it starts
+            try:
+                with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                    names = [r[0] for r in con.execute("SELECT study_name FROM studies")]
+            except sqlite3.Error:  # tables not created yet
+                names = []
+            if "killed" in names:
+                return optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+        time.sleep(0.2)
+    raise AssertionError(f"the child created no study within {limit_s} s")
 
 
 def _wait_for_kill_point(study: optuna.Study, child: subprocess.Popen, limit_s: float) -> None:
@@ -61,12 +80,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_train) -> None:
         text=True,
     )
     try:
-        db = run_dir / "study.db"
-        deadline = time.monotonic() + 120
-        while not db.exists() and time.monotonic() < deadline:
-            assert child.poll() is None, child.stderr.read() if child.stderr else ""
-            time.sleep(0.2)
-        study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+        study = _wait_for_study(run_dir / "study.db", child, 120)
         _wait_for_kill_point(study, child, 120)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)

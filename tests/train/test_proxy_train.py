@@ -13,7 +13,8 @@ from torch import nn
 from an_search.errors import CheckpointError, NonFiniteLossError, TrainConfigError
 from an_search.train import TrainConfig, load_checkpoint, proxy_train, resolve_data
 
-TINY = TrainConfig(epochs=1, batches_per_epoch=3, batch_size=16, threads=2)
+# One thread: on a shared 2-core machine a second OpenMP thread mostly waits for a core.
+TINY = TrainConfig(epochs=1, batches_per_epoch=3, batch_size=16, threads=1)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -23,7 +24,7 @@ def _model(seed: int = 0) -> nn.Module:
 
 def test_embedded_run_returns_accuracy_and_history() -> None:
     calls: list[tuple[int, int]] = []
-    cfg = TrainConfig(epochs=1, batches_per_epoch=5, batch_size=16, val_fraction=0.1, threads=2)
+    cfg = TrainConfig(epochs=1, batches_per_epoch=5, batch_size=16, val_fraction=0.1, threads=1)
     result = proxy_train(
         _model(), resolve_data(None), cfg, progress=lambda done, total: calls.append((done, total))
     )
@@ -50,7 +51,7 @@ def test_on_epoch_true_stops_after_first_epoch(tiny_root: Path) -> None:
         seen.append((epoch, top1, top5))
         return True
 
-    cfg = TrainConfig(epochs=3, batches_per_epoch=2, batch_size=16, threads=2)
+    cfg = TrainConfig(epochs=3, batches_per_epoch=2, batch_size=16, threads=1)
     result = proxy_train(_model(), resolve_data(tiny_root), cfg, on_epoch=prune)
     assert [s[0] for s in seen] == [1] and len(result.history) == 1
     assert result.steps == 2 and "epoch 1" in result.stopped_early
@@ -71,7 +72,7 @@ class _NaNAfterStem(nn.Module):
 def test_non_finite_loss_stops(tiny_root: Path, case: str) -> None:
     model, cfg = _NaNAfterStem(), TINY
     if case == "huge-lr":  # one update with lr 1e30 blows the weights up
-        cfg = TrainConfig(epochs=1, batch_size=16, lr=1e30, warmup_epochs=0, threads=2)
+        cfg = TrainConfig(epochs=1, batch_size=16, lr=1e30, warmup_epochs=0, threads=1)
         model = _model()
     with pytest.raises(NonFiniteLossError, match="lower the learning rate") as err:
         proxy_train(model, resolve_data(tiny_root), cfg)
@@ -82,7 +83,7 @@ def test_non_finite_loss_stops(tiny_root: Path, case: str) -> None:
 
 def test_resume_continues_exactly(tiny_root: Path, tmp_path: Path) -> None:
     spec = resolve_data(tiny_root)
-    base = {"epochs": 2, "batches_per_epoch": 2, "batch_size": 16, "threads": 2}
+    base = {"epochs": 2, "batches_per_epoch": 2, "batch_size": 16, "threads": 1}
     straight = proxy_train(_model(), spec, TrainConfig(**base))
 
     ckpt = str(tmp_path / "ckpt")
@@ -104,7 +105,7 @@ def test_resume_refuses_other_schedule(tiny_root: Path, tmp_path: Path) -> None:
     proxy_train(
         _model(),
         spec,
-        TrainConfig(epochs=1, batches_per_epoch=1, batch_size=16, checkpoint_dir=ckpt),
+        TrainConfig(epochs=1, batches_per_epoch=1, batch_size=16, threads=1, checkpoint_dir=ckpt),
     )
     with pytest.raises(CheckpointError, match="epochs=1"):
         proxy_train(
@@ -124,7 +125,7 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
 
 
 def test_ema_is_validated(tiny_root: Path) -> None:
-    cfg = TrainConfig(epochs=1, batches_per_epoch=2, batch_size=16, ema_decay=0.9, threads=2)
+    cfg = TrainConfig(epochs=1, batches_per_epoch=2, batch_size=16, ema_decay=0.9, threads=1)
     result = proxy_train(_model(), resolve_data(tiny_root), cfg)
     assert 0.0 <= result.history[0]["ema_top1"] <= 100.0
 

@@ -1,0 +1,90 @@
+"""Settings travel with the study: rebuild them in a worker process, or to join from elsewhere.
+
+``an-search run`` stores its :class:`SearchConfig` on the study (``config``) and the space's text
+(``space``). :func:`config_from_dict` turns the first back into a config (how
+``run_workers`` hands settings to its worker processes); :func:`join_config` reads both from a
+study that another machine created, for ``an-search worker``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from an_search.errors import StorageError
+from an_search.train import TrainConfig
+
+from ._files import make_dir
+from .config import SearchConfig
+from .study import open_study
+
+__all__ = ["config_from_dict", "join_config"]
+
+
+def join_config(
+    storage: str,
+    study_name: str | None = None,
+    *,
+    data: str | None = None,
+    device: str | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+) -> SearchConfig:
+    """The settings of a study that ``an-search run`` created elsewhere, to join it from here.
+
+    They are read from the study (its ``config`` and ``space`` attributes); a space file that
+    does not exist on this machine is rewritten from the study's copy into the run directory.
+
+    Args:
+        storage: the study's storage (a server URL when the study lives on another machine).
+        study_name: needed when the storage holds several studies.
+        data: the dataset's path on this machine (default: the creator's).
+        device: training device here (default: the creator's).
+        output_dir: local run directory (default: ``an-runs/<study name>``).
+        n_trials: trials to add (default None: up to the total the creator set).
+        timeout: seconds after which this machine's workers start no new trial.
+
+    Raises:
+        StorageError: no such study, or one that ``an-search run`` did not create.
+    """
+    study = open_study(storage, study_name)
+    attrs = study.user_attrs
+    if "config" not in attrs:
+        raise StorageError(
+            f"study {study.study_name!r} holds no an-search settings: join a study that "
+            "`an-search run` created"
+        )
+    cfg = config_from_dict(attrs["config"])
+    run_dir = Path(output_dir) if output_dir is not None else Path("an-runs") / study.study_name
+    space = attrs.get("space", {})
+    path = Path(str(cfg.space))
+    if path.suffix in (".yaml", ".yml") and not path.is_file() and space.get("text"):
+        path = make_dir(run_dir) / f"{space.get('name', path.stem)}.yaml"
+        path.write_text(space["text"])
+    train = replace(cfg.train, device=device or cfg.train.device)
+    return replace(
+        cfg,
+        storage=storage,
+        study_name=study.study_name,
+        output_dir=str(run_dir),
+        space=str(path) if path.suffix in (".yaml", ".yml") else cfg.space,
+        data=data if data is not None else cfg.data,
+        n_trials=n_trials,
+        timeout=timeout,
+        train=train,
+    )
+
+
+def config_from_dict(data: dict[str, Any]) -> SearchConfig:
+    """Rebuild a :class:`SearchConfig` from ``SearchConfig.to_dict()`` (JSON round trip)."""
+    train = dict(data.get("train") or {})
+    if "scale" in train:
+        train["scale"] = tuple(train["scale"])
+    known = SearchConfig.__dataclass_fields__
+    fields = {k: v for k, v in data.items() if k in known and k != "train"}
+    if isinstance(fields.get("objectives"), list):
+        fields["objectives"] = tuple(fields["objectives"])
+    return SearchConfig(**fields, train=TrainConfig(**train))

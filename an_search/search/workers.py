@@ -1,0 +1,197 @@
+"""Several worker processes on one machine sharing one study (DESIGN points 9 and 10).
+
+    >>> study = run_workers(SearchConfig("resnet18", n_trials=40), gpus=[0, 1, 2, 3])
+
+The parent checks everything once (space, data, budgets, storage), creates or resumes the study
+and enqueues the baselines, then starts one ``python -m an_search.search._worker_main`` process
+per worker (``worker.run_worker``). Placement:
+
+- GPUs: ``gpus`` split into groups of ``gpus_per_trial``; worker i sees group ``i % groups``
+  only (``CUDA_VISIBLE_DEVICES``) and trains on ``cuda``; with ``gpus_per_trial`` > 1 each trial
+  runs under torchrun on its group (:mod:`.ddp`).
+- CPU: the cores this process may use are split between the workers (``sched_setaffinity``),
+  and each worker sets its torch threads to its share (``TrainConfig.threads``,
+  ``OMP_NUM_THREADS``); without GPUs, ``gpus_per_trial`` > 1 means gloo processes per trial.
+
+Storage: the workers write concurrently, so never SQLite: a journal file
+(``JournalFileBackend``) on one machine, a server database for several. With no storage given
+the run directory's ``study.log`` journal is used; an explicit SQLite storage is refused.
+
+Progress: the parent polls the storage and calls ``on_trial(study, trial)`` once for every trial
+that finishes, whichever worker ran it. A worker that dies loses only its running trial: the
+parent marks it FAIL (its process is gone) and the others go on.
+
+Ctrl-C: SIGINT to the parent (or the terminal's, which reaches every worker) stops each worker
+at a safe point (``worker``: an interrupted training ends its trial FAIL); a worker that does not
+stop within a minute is terminated; then every trial still RUNNING from a dead worker is marked
+FAIL, so no trial is left RUNNING, and ``KeyboardInterrupt`` is raised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from an_search.errors import StorageError, TrainConfigError
+
+from ._files import make_dir
+from ._procs import OnTrial, check_exits, report_finished, start_worker, watch_workers
+from .config import SearchConfig
+from .space import load_space
+from .storage import (
+    DEFAULT_DB_NAME,
+    DEFAULT_JOURNAL_NAME,
+    fail_dead_worker_trials,
+    resolve_storage_url,
+)
+from .study import prepare_search, quiet_optuna
+from .worker import count_trials
+
+__all__ = ["WorkerPlan", "plan_workers", "run_workers"]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Where one worker runs: its CPU ids, its GPU ids (None on CPU), processes per trial."""
+
+    index: int
+    cpus: tuple[int, ...]
+    gpus: tuple[int, ...] | None
+    nproc: int
+
+
+def plan_workers(
+    n_workers: int | None,
+    gpus: Sequence[int] | None = None,
+    gpus_per_trial: int = 1,
+    cpus: Sequence[int] | None = None,
+) -> list[WorkerPlan]:
+    """Assign GPU groups and CPU shares to workers.
+
+    Args:
+        n_workers: workers to start; None: one per GPU group (one on CPU).
+        gpus: GPU ids to use; None: CPU only.
+        gpus_per_trial: GPUs (on CPU: gloo processes) per trial.
+        cpus: CPU ids to share out; None: those this process may run on.
+
+    Raises:
+        TrainConfigError: a count below 1, or GPUs that do not split into groups.
+    """
+    if gpus_per_trial < 1 or (n_workers is not None and n_workers < 1):
+        raise TrainConfigError(
+            f"workers and GPUs per trial must be at least 1: {n_workers}, {gpus_per_trial}"
+        )
+    groups: list[tuple[int, ...] | None] = [None]
+    if gpus is not None:
+        if not gpus or len(gpus) % gpus_per_trial:
+            raise TrainConfigError(
+                f"{len(gpus)} GPUs do not split into groups of {gpus_per_trial}: "
+                "give a multiple of --gpus-per-trial GPUs"
+            )
+        ids = tuple(gpus)
+        groups = [ids[i : i + gpus_per_trial] for i in range(0, len(ids), gpus_per_trial)]
+    n = n_workers or len(groups)
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = cpus or list(range(os.cpu_count() or 1))
+    cpus = list(cpus)
+    share = max(1, len(cpus) // n)
+    plans = []
+    for i in range(n):  # more workers than cores: one core each, shared round-robin
+        mine = cpus[i * share : (i + 1) * share] if n <= len(cpus) else [cpus[i % len(cpus)]]
+        plans.append(WorkerPlan(i, tuple(mine), groups[i % len(groups)], gpus_per_trial))
+    return plans
+
+
+def run_workers(
+    cfg: SearchConfig,
+    n_workers: int | None = None,
+    *,
+    gpus: Sequence[int] | None = None,
+    gpus_per_trial: int = 1,
+    sync_bn: bool = False,
+    join: bool = False,
+    on_trial: OnTrial | None = None,
+    on_message: Callable[[str], None] | None = None,
+    poll_s: float = 1.0,
+) -> optuna.Study:
+    """Run (or resume, or join) a search with several worker processes; return the study.
+
+    Args:
+        cfg: the search settings. ``n_trials`` is the total this call adds to the study, shared
+            by all workers (``worker.SharedTrialBudget``); with ``join`` and no ``n_trials``,
+            the total the study's creator set.
+        n_workers: worker processes; None: one per GPU group, or one on CPU.
+        gpus: GPU ids (e.g. ``[0, 1, 2, 3]``); None: CPU.
+        gpus_per_trial: GPUs per trial (torchrun/DDP above 1); on CPU, gloo processes.
+        sync_bn: SyncBatchNorm in DDP trials (CUDA only).
+        join: the study exists already (another machine created it): do not set its total.
+        on_trial: ``on_trial(study, trial)`` in this process for every trial that finishes.
+        on_message: one-line notices (storage switched, a worker died).
+        poll_s: seconds between looks at the storage.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C, once every worker stopped and no trial is RUNNING.
+        StorageError: SQLite given for several workers; storage errors.
+        WorkerError: every worker failed (the first one's message).
+        TrainConfigError, BudgetError, SpaceError, DataError...: bad input, before any worker.
+    """
+    plans = plan_workers(n_workers, gpus, gpus_per_trial)
+    space_name = load_space(cfg.space).name
+    run_dir = make_dir(cfg.run_dir(space_name)).resolve()
+    url = _shared_storage(cfg, run_dir, len(plans), on_message)
+    cfg = replace(cfg, storage=url, output_dir=str(run_dir), space=_absolute(cfg.space))
+    if sync_bn and gpus is None:
+        raise TrainConfigError("SyncBatchNorm needs CUDA (torch rejects CPU tensors): give --gpus")
+    here = cfg  # the parent measures the unconverted model where the workers will train
+    if gpus is not None:
+        here = replace(cfg, train=replace(cfg.train, device="cuda"))
+    with quiet_optuna():
+        _, study = prepare_search(here, on_message=on_message)  # every check, once, here
+        limit = _limit(study, cfg, join)
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    procs = [start_worker(cfg, plan, limit, sync_bn, run_dir / "workers") for plan in plans]
+    interrupted = watch_workers(study, procs, seen, on_trial, poll_s)
+    fail_dead_worker_trials(study)  # a worker killed mid-trial: its trial ends FAIL
+    report_finished(study, seen, on_trial)
+    if interrupted:
+        raise KeyboardInterrupt
+    check_exits(procs, plans, on_message)
+    return study
+
+
+def _shared_storage(
+    cfg: SearchConfig, run_dir: Path, n: int, on_message: Callable[[str], None] | None
+) -> str:
+    url = resolve_storage_url(cfg.storage, run_dir)
+    if n == 1 or not url.startswith("sqlite"):
+        return url
+    chosen = cfg.storage is not None or os.environ.get("OPTUNA_STORAGE")
+    if chosen or (run_dir / DEFAULT_DB_NAME).exists():
+        raise StorageError(
+            f"SQLite takes one writer, so {n} workers cannot share {url}: use a journal file "
+            f"(--storage {run_dir / DEFAULT_JOURNAL_NAME}) or a server (postgresql://...)"
+        )
+    journal = str(run_dir / DEFAULT_JOURNAL_NAME)
+    if on_message is not None:
+        on_message(f"{n} workers share the study through the journal file {journal}")
+    return journal
+
+
+def _absolute(space: Any) -> Any:
+    path = Path(str(space))
+    return str(path.resolve()) if path.suffix in (".yaml", ".yml") and path.is_file() else space
+
+
+def _limit(study: optuna.Study, cfg: SearchConfig, join: bool) -> int | None:
+    if cfg.n_trials is None:
+        return study.user_attrs.get("target_trials") if join else None
+    limit = count_trials(study.get_trials(deepcopy=False), waiting=False) + cfg.n_trials
+    if not join:  # so that `an-search worker` on other machines stops at the same total
+        study.set_user_attr("target_trials", limit)
+    return limit

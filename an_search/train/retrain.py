@@ -1,0 +1,87 @@
+"""Full retraining of a recipe (a search's winner), and of its unconverted baseline.
+
+Both runs use the same schedule, data and seed, so the final table shows the real gain. Each run
+checkpoints every epoch into its own directory and ``resume=True`` continues it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from an_search.models import create_model
+from an_search.rewrite import Recipe, apply_recipe, save
+
+from .config import TrainConfig, TrainResult
+from .data import DataSpec
+from .proxy import OnEpoch, Progress, proxy_train
+
+__all__ = ["RetrainRun", "retrain"]
+
+
+@dataclass
+class RetrainRun:
+    """One retrained model: ``an`` (the recipe) or ``baseline`` (the unconverted model)."""
+
+    name: str
+    params: int
+    result: TrainResult
+    checkpoint_dir: Path
+    model_dir: Path
+
+
+def _build(
+    recipe: Recipe, data: DataSpec, *, converted: bool, checkpoint: str | None, seed: int
+) -> nn.Module:
+    kwargs = {**recipe.model_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    torch.manual_seed(seed)  # the same initial weights for the AN run and the baseline
+    model = create_model(recipe.model, checkpoint=checkpoint, **kwargs)
+    return apply_recipe(model, recipe) if converted else model
+
+
+def retrain(
+    recipe: Recipe,
+    data: DataSpec,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    baseline: bool = False,
+    checkpoint: str | None = None,
+    on_epoch: OnEpoch | None = None,
+    progress: Progress | None = None,
+) -> list[RetrainRun]:
+    """Train the recipe's model (and optionally the unconverted one) on the full schedule.
+
+    Args:
+        recipe: what to build (``an_search.rewrite.Recipe``; the classifier follows ``data``).
+        data: the dataset.
+        cfg: the schedule; its ``checkpoint_dir`` is replaced by ``out_dir/<name>``.
+        out_dir: run directory; ``an/`` and ``baseline/`` hold each run's checkpoints.
+        baseline: also train the unconverted model with the same schedule.
+        checkpoint: local weights both runs start from (None: random init, same seed).
+        on_epoch: per-epoch callback, as for ``proxy_train``.
+        progress: per-update callback, as for ``proxy_train``.
+
+    Returns:
+        The runs, the recipe's first; each final model is saved (an-convert format) in
+        ``out_dir/<name>/model``.
+    """
+    runs = []
+    for name, converted in (("an", True), ("baseline", False))[: 2 if baseline else 1]:
+        run_dir = Path(out_dir) / name
+        run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
+        model = _build(recipe, data, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
+        params = sum(p.numel() for p in model.parameters())
+        result = proxy_train(model, data, run_cfg, on_epoch=on_epoch, progress=progress)
+        kwargs = {**recipe.model_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans}
+        final = dataclasses.replace(recipe, model_kwargs=kwargs)
+        if not converted:
+            final = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=kwargs)
+        model_dir = save(model, final, run_dir / "model")
+        runs.append(RetrainRun(name, params, result, run_dir, model_dir))
+    return runs

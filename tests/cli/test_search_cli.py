@@ -1,0 +1,100 @@
+"""an-search run / report / export / retrain end to end through CliRunner, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.search import app
+
+RUNNER = CliRunner()
+ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
+TINY = ["--epochs", "1", "--batches-per-epoch", "2", "--batch-size", "16"]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    res = RUNNER.invoke(app, list(args), env=ENV)
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_run_report_export_retrain(tmp_path: Path) -> None:
+    import an_search
+
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        "run", "resnet10t", "--n-trials", "3", *TINY, "--val-fraction", "0.05",
+        "--output", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "BN baseline" in stdout and "paper placement" in stdout
+    for name in ("study.db", "trials.csv", "report.json", "pareto.png", "history.png"):
+        assert (out / name).is_file(), name
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, stdout, err = run("report", str(out), "--json")
+    assert code == 0, err
+    rows = json.loads(stdout)["trials"]
+    assert [r["number"] for r in rows] == [0, 1, 2]
+    assert rows[0]["baseline"] == "bn" and rows[1]["baseline"] == "paper"
+
+    code, stdout, err = run("export", str(out), "--top", "1", "--json")
+    assert code == 0, err
+    (exported,) = json.loads(stdout)["exported"]
+    recipe_dir = Path(exported)
+    assert (recipe_dir / "recipe.json").is_file()
+
+    code, stdout, err = run(
+        "retrain", str(recipe_dir), *TINY, "--baseline", "--output", str(tmp_path / "rt"),
+        "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    runs = json.loads(stdout)["runs"]
+    assert [r["run"] for r in runs] == ["an", "baseline"]
+    assert runs[0]["params"] > runs[1]["params"]
+    model, recipe = an_search.load(runs[0]["model_dir"])
+    assert len(recipe.sites) > 0
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "resnet10t", "--space", "/nonexistent/space.yaml"], "space"),
+        (["run", "resnet10t", "--data", "/nonexistent/data"], "/nonexistent/data"),
+        (["run", "resnet10t", "--max-params", "1000"], "params"),
+        (["run", "resnet10t", "--objectives", "top1,speed"], "speed"),
+        (["report", "/nonexistent/run"], "/nonexistent/run"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
+    code, out, err = run(*args, *(["--output", str(tmp_path / "o")] if args[0] == "run" else []))
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle in lines[0]
+    assert not (tmp_path / "o" / "study.db").exists()
+
+
+def test_unopenable_storage(tmp_path: Path) -> None:
+    code, _, err = run(
+        "run", "resnet10t", "--storage", "postgresql://nobody@127.0.0.1:1/none",
+        "--output", str(tmp_path / "o"), *TINY,
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in err and err.startswith("error:")
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nsys.argv = ['an-search', 'run', '--help']\nfrom cli.search import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--n-trials" in res.stdout and res.stdout.strip().endswith("NOTORCH")

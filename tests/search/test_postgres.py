@@ -1,0 +1,115 @@
+"""Workers sharing a study on a real PostgreSQL server; one dies with SIGKILL in mid-trial.
+
+Needs ``AN_SEARCH_TEST_POSTGRES_URL`` (``.ci/run`` starts a throwaway server and sets it);
+skipped without it. What it shows: the study made by one machine is joined from its stored
+settings (``join_config``, what ``an-search worker`` does); a worker killed while training
+leaves its trial RUNNING until the heartbeat goes silent, then the other worker marks it FAIL
+(Optuna's heartbeat, not our local pid check: the trial carries no ``fail_reason``), re-queues
+it once, runs the retry, and the study reaches its total with nothing left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from an_search.search import (
+    SearchConfig,
+    count_trials,
+    create_or_load_study,
+    join_config,
+    open_storage,
+    run_workers,
+)
+
+URL = os.environ.get("AN_SEARCH_TEST_POSTGRES_URL")
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not URL, reason="AN_SEARCH_TEST_POSTGRES_URL is not set (see .ci/run)"),
+]
+SPACE = {
+    "placement": "paper",
+    "k": {"type": "categorical", "choices": [4, 8], "shared": True},
+    "head": "default",
+}
+TOTAL = 5
+
+
+def test_open_storage_has_heartbeat_and_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AN_SEARCH_HEARTBEAT_INTERVAL", "7")
+    monkeypatch.setenv("AN_SEARCH_GRACE_PERIOD", "21")
+    storage = open_storage(URL)
+    assert (storage.heartbeat_interval, storage.grace_period) == (7, 21)
+    assert isinstance(
+        storage.get_heartbeat_stale_trial_callback(),
+        optuna.storages.RetryHeartbeatStaleTrialCallback,
+    )
+
+
+def test_sigkilled_worker_trial_fails_by_heartbeat_and_study_completes(
+    tmp_path: Path, tiny_train, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AN_SEARCH_HEARTBEAT_INTERVAL", "1")  # the workers inherit these
+    monkeypatch.setenv("AN_SEARCH_GRACE_PERIOD", "3")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    creator = SearchConfig(
+        "resnet10t",
+        space=space,
+        storage=URL,
+        study_name=name,
+        output_dir=tmp_path / "creator",
+        train=tiny_train(epochs=2, batches_per_epoch=4),
+    )
+    study, _ = create_or_load_study(creator)  # machine 1 created the study...
+    study.set_user_attr("target_trials", TOTAL)
+    space.unlink()  # ...and its space file is not on this "machine"
+    cfg = join_config(URL, name, output_dir=tmp_path / "joiner")
+    assert cfg.study_name == name and Path(cfg.space).parent == tmp_path / "joiner"
+    assert cfg.train.batches_per_epoch == 4 and cfg.n_trials is None
+
+    killed: list[tuple[int, int]] = []
+    killer = threading.Thread(target=_kill_a_training_worker, args=(name, killed), daemon=True)
+    killer.start()
+    messages: list[str] = []
+    study = run_workers(cfg, 2, join=True, on_message=messages.append)
+    killer.join(timeout=5)
+    assert len(killed) == 1
+    number, pid = killed[0]
+    assert any("exited with code -9" in m for m in messages)
+
+    trials = study.get_trials()
+    victim = trials[number]
+    assert victim.state == TrialState.FAIL and victim.user_attrs["worker"]["pid"] == pid
+    assert "fail_reason" not in victim.user_attrs  # failed by the heartbeat, not a pid check
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE]
+    assert retries[0].user_attrs["config_key"] == victim.user_attrs["config_key"]
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert TOTAL <= count_trials(trials) <= TOTAL + 1  # the retried FAIL is not counted
+
+
+def _kill_a_training_worker(name: str, killed: list[tuple[int, int]]) -> None:
+    """SIGKILL the worker of the first baseline trial seen training (baselines always train)."""
+    study = optuna.load_study(study_name=name, storage=open_storage(URL))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = t.user_attrs.get("worker", {}).get("pid")
+            if t.user_attrs.get("baseline") and "config_key" in t.user_attrs and pid:
+                time.sleep(0.5)  # into its training
+                os.kill(pid, signal.SIGKILL)
+                killed.append((t.number, pid))
+                return
+        time.sleep(0.2)

@@ -1,0 +1,204 @@
+"""Several worker processes sharing one study through a journal file, and Ctrl-C stopping them.
+
+The space has four configurations (BN baseline, paper baseline, and K=4 AN after the spatial
+convs with two heads), so a study of 6 trials must meet duplicates: the workers must never train
+one configuration twice (the later twin waits for, then reuses, the earlier one's result), even
+when both sample it at the same moment in different processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from an_search.errors import StorageError, TrainConfigError
+from an_search.search import (
+    SearchConfig,
+    SharedTrialBudget,
+    count_trials,
+    open_study,
+    plan_workers,
+    run_workers,
+)
+
+SPACE = {
+    "placement": "paper",
+    "k": {"type": "categorical", "choices": [4], "shared": True},
+    "head": {"type": "categorical", "choices": ["default", "linear-hsigmoid"]},
+}
+TRAIN = {"epochs": 1, "batches_per_epoch": 2}
+
+
+def _space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(SPACE))
+    return path
+
+
+def test_plan_workers_splits_gpus_and_cores() -> None:
+    plans = plan_workers(None, gpus=[0, 1, 2, 3], gpus_per_trial=2, cpus=range(8))
+    assert [(p.gpus, p.cpus, p.nproc) for p in plans] == [
+        ((0, 1), (0, 1, 2, 3), 2),
+        ((2, 3), (4, 5, 6, 7), 2),
+    ]
+    assert [p.gpus for p in plan_workers(3, gpus=[5, 7], cpus=range(6))] == [(5,), (7,), (5,)]
+    cpu = plan_workers(2, cpus=[0, 1])
+    assert [(p.cpus, p.gpus) for p in cpu] == [((0,), None), ((1,), None)]
+    assert [p.cpus for p in plan_workers(3, cpus=[0, 1])] == [(0,), (1,), (0,)]
+    with pytest.raises(TrainConfigError, match="groups of 2"):
+        plan_workers(None, gpus=[0, 1, 2], gpus_per_trial=2)
+    with pytest.raises(TrainConfigError, match="at least 1"):
+        plan_workers(0)
+
+
+def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
+    cfg = SearchConfig("resnet10t", output_dir=tmp_path, storage=tmp_path / "s.db")
+    with pytest.raises(StorageError, match="SQLite takes one writer.*journal"):
+        run_workers(cfg, 2)
+
+
+def test_sync_bn_needs_gpus(tmp_path: Path) -> None:
+    cfg = SearchConfig("resnet10t", output_dir=tmp_path, storage=tmp_path / "j.log")
+    with pytest.raises(TrainConfigError, match="SyncBatchNorm needs CUDA"):
+        run_workers(cfg, 1, gpus_per_trial=2, sync_bn=True)
+
+
+def test_budget_counts_a_retried_trial_once() -> None:
+    study = optuna.create_study()
+    for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL):
+        study.add_trial(
+            optuna.create_trial(state=state, value=1.0 if state.name == "COMPLETE" else None)
+        )
+    # trial 3 retries trial 1 (what RetryHeartbeatStaleTrialCallback writes); trial 2 failed
+    # for its own reasons and counts.
+    retry = {"failed_trial": 1, "retry_history": [1]}
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING, system_attrs=retry))
+    trials = study.get_trials()
+    assert count_trials(trials) == 3 and count_trials(trials, waiting=False) == 2
+    budget = SharedTrialBudget(3)
+    assert not budget.reached(study)  # a trial still waits: run it first
+    study.tell(study.ask(), 1.0)  # pops the WAITING retry
+    assert budget.reached(study)
+    assert not SharedTrialBudget(4).reached(study) and not SharedTrialBudget(None).reached(study)
+    assert SharedTrialBudget(None, stop=lambda: True).reached(study)
+
+
+def test_two_workers_share_a_journal_and_never_train_twice(tmp_path: Path, tiny_train) -> None:
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=tmp_path / "run",
+        study_name="shared",
+        n_trials=6,
+        train=tiny_train(**TRAIN),
+    )
+    finished: list[int] = []
+    messages: list[str] = []
+    study = run_workers(
+        cfg, 2, on_trial=lambda s, t: finished.append(t.number), on_message=messages.append
+    )
+    journal = tmp_path / "run" / "study.log"
+    assert journal.is_file() and any(str(journal) in m for m in messages)
+    trials = open_study(tmp_path / "run").get_trials()  # the run directory finds the journal
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials))) and 6 <= len(trials) <= 7  # <= workers - 1 over
+    assert sorted(finished) == numbers  # the parent saw every trial finish, once
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["bn", "paper"]
+    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials, not the parent
+
+    trained = [t for t in trials if t.user_attrs["steps"] > 0]
+    keys = [t.user_attrs["config_key"] for t in trained]
+    assert len(keys) == len(set(keys)) <= 4  # no configuration trained twice
+    for t in trials:
+        if t.user_attrs["steps"] == 0:
+            origin = trials[t.user_attrs["duplicate_of"]]
+            assert origin.user_attrs["config_key"] == t.user_attrs["config_key"]
+            assert t.value == origin.value
+    for i in (0, 1):  # each worker got one of the two cores and one torch thread
+        spec = json.loads((tmp_path / "run" / "workers" / f"worker-{i}.json").read_text())
+        assert spec["train"]["threads"] == 1 and spec["storage"] == str(journal)
+    assert study.user_attrs["target_trials"] == 6
+
+
+def test_ctrl_c_stops_all_workers_and_leaves_nothing_running(tmp_path: Path, tiny_train) -> None:
+    """SIGINT to the parent process (this one; a thread sends it, as `kill -INT` would)."""
+    run = tmp_path / "run"
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=run,
+        study_name="stop",
+        n_trials=40,
+        train=tiny_train(epochs=3, batches_per_epoch=6),  # trials long enough to cut
+    )
+    running: list[int] = []
+
+    def interrupt_when_both_train() -> None:
+        running.extend(_wait_for_two_running_trials(run / "study.log", 180))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt_when_both_train, daemon=True)
+    sender.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_workers(cfg, 2, poll_s=0.2)
+    sender.join(timeout=5)
+    assert len(running) == 2
+    trials = open_study(run / "study.log", "stop").get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len(trials) < 40 and time.monotonic() - start < 240
+    for number in running:  # the trials cut by Ctrl-C ended FAIL (or finished just before)
+        assert trials[number].state in (TrialState.FAIL, TrialState.COMPLETE)
+    assert any(trials[n].state == TrialState.FAIL for n in running)
+    for pid in {t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}:
+        with pytest.raises(ProcessLookupError):  # every worker is gone
+            os.kill(pid, 0)
+
+
+def _wait_for_two_running_trials(journal: Path, limit_s: float) -> list[int]:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            trials = open_study(journal, "stop").get_trials(deepcopy=False)
+        except StorageError:  # the parent has not created the study yet
+            trials = []
+        if trials:
+            running = [
+                t.number
+                for t in trials
+                if t.state == TrialState.RUNNING and "config_key" in t.user_attrs
+            ]
+            if len(running) == 2:
+                time.sleep(1.0)  # both are training now
+                return running
+        time.sleep(0.3)
+    raise AssertionError(f"two workers never ran trials together within {limit_s} s")
+
+
+def test_cli_bad_parallel_options_are_one_line_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.search import app
+
+    runner, env = CliRunner(), {"NO_COLOR": "1", "COLUMNS": "200"}
+    db = str(tmp_path / "s.db")
+    res = runner.invoke(app, ["run", "resnet10t", "--workers", "2", "--storage", db], env=env)
+    assert res.exit_code == 2 and "SQLite takes one writer" in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 3  # one message (rich may wrap it)
+    res = runner.invoke(
+        app, ["run", "resnet10t", "--gpus", "0,x", "--output", str(tmp_path)], env=env
+    )
+    assert res.exit_code == 2 and "--gpus takes GPU ids" in res.stderr
+    res = runner.invoke(app, ["worker", "--storage", str(tmp_path / "none.log")], env=env)
+    assert res.exit_code == 2 and "storage" in res.stderr
