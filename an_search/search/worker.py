@@ -133,8 +133,12 @@ class _SigintGuard:
                 self.check()
                 return stop
 
-            with self.training():
-                return inner(trial, built, guarded)
+            try:
+                with self.training():
+                    return inner(trial, built, guarded)
+            except KeyboardInterrupt:  # later SIGINTs are ignored: this write is not cut
+                trial.set_user_attr("fail_reason", "interrupted by SIGINT (Ctrl-C)")
+                raise
 
         objective.run_training = run_training  # type: ignore[method-assign]
 

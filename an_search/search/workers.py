@@ -50,7 +50,7 @@ from .storage import (
     resolve_storage_url,
 )
 from .study import prepare_search, quiet_optuna
-from .worker import count_trials
+from .worker import SharedTrialBudget, count_trials
 
 __all__ = ["WorkerPlan", "plan_workers", "run_workers"]
 
@@ -154,6 +154,10 @@ def run_workers(
     with quiet_optuna():
         _, study = prepare_search(here, on_message=on_message)  # every check, once, here
         limit = _limit(study, cfg, join)
+    if SharedTrialBudget(limit).reached(study):  # e.g. joining a study that is done
+        if on_message is not None:
+            on_message(f"study {study.study_name} already holds its {limit} trials")
+        return study
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     procs = [start_worker(cfg, plan, limit, sync_bn, run_dir / "workers") for plan in plans]
     interrupted = watch_workers(study, procs, seen, on_trial, poll_s)

@@ -160,7 +160,8 @@ def test_ctrl_c_stops_all_workers_and_leaves_nothing_running(tmp_path: Path, tin
     assert len(trials) < 40 and time.monotonic() - start < 240
     for number in running:  # the trials cut by Ctrl-C ended FAIL (or finished just before)
         assert trials[number].state in (TrialState.FAIL, TrialState.COMPLETE)
-    assert any(trials[n].state == TrialState.FAIL for n in running)
+    cut = [trials[n] for n in running if trials[n].state == TrialState.FAIL]
+    assert cut and all("SIGINT" in t.user_attrs["fail_reason"] for t in cut)
     for pid in {t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}:
         with pytest.raises(ProcessLookupError):  # every worker is gone
             os.kill(pid, 0)
