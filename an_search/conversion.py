@@ -1,8 +1,8 @@
 """The one-call API: build or take a timm model, place AN at chosen sites, report the cost.
 
-    >>> result = an_search.convert("resnet50", placement="paper")
-    >>> result.cost_before.params, result.cost_after.params
-    (25557032, 25755420)
+>>> result = an_search.convert("resnet50", placement="paper")
+>>> result.cost_before.params, result.cost_after.params
+(25557032, 25755420)
 """
 
 from __future__ import annotations

@@ -107,7 +107,9 @@ def run(
     err = stderr()
     with TrialProgress(err, total=n_trials, enabled=not quiet and not json_out) as bar:
         if workers is None and gpus is None and gpus_per_trial == 1 and not sync_bn:
-            study = run_search(cfg, callbacks=[bar.on_trial], on_message=lambda m: err.print(m))
+            study = run_search(
+                cfg, callbacks=[bar.on_trial], on_message=err.print, progress=bar.on_step
+            )
         else:
             study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn)
     rows = study_table(study)

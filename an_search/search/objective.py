@@ -15,6 +15,7 @@ User attributes of a trial (what reports read):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -78,6 +79,8 @@ class Objective:
         self.cfg, self.objectives, self.space = cfg, objectives, space
         self.report, self.data = report, data
         self.budgets = cfg.budgets()
+        #: called as progress(done_updates, total_updates) while a trial trains (None: off)
+        self.progress: Callable[[int, int], None] | None = None
 
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         start = time.perf_counter()
@@ -116,7 +119,9 @@ class Objective:
         self, trial: optuna.trial.Trial, built: Built, on_epoch: OnEpoch
     ) -> TrainResult:
         """Proxy-train ``built.model`` in this process (``ddp.DDPObjective``: under torchrun)."""
-        return proxy_train(built.model, self.data, self.cfg.train, on_epoch=on_epoch)
+        return proxy_train(
+            built.model, self.data, self.cfg.train, on_epoch=on_epoch, progress=self.progress
+        )
 
     def _values(self, top1: float, cost: dict[str, float]) -> float | list[float]:
         if len(self.objectives) == 1:

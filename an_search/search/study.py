@@ -109,6 +109,7 @@ def run_search(
     *,
     callbacks: Sequence[Callback] = (),
     on_message: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> optuna.Study:
     """Run (or resume) a search and return its study.
 
@@ -120,6 +121,7 @@ def run_search(
         cfg: the search settings.
         callbacks: passed to ``study.optimize`` (progress bars, ``MaxTrialsCallback``...).
         on_message: receives one-line notices (e.g. why pruning is off); the library never prints.
+        progress: called as progress(done, total) with the current trial's training updates.
 
     Raises:
         BudgetError: a budget below the unconverted model's cost (before any training).
@@ -127,6 +129,7 @@ def run_search(
     """
     with quiet_optuna():
         objective, study = prepare_search(cfg, on_message=on_message)
+        objective.progress = progress
         study.optimize(
             objective,
             n_trials=cfg.n_trials,

@@ -47,7 +47,10 @@ def _wait_for_study(db: Path, child: subprocess.Popen, limit_s: float) -> optuna
             except sqlite3.Error:  # tables not created yet
                 names = []
             if "killed" in names:
-                return optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+                try:
+                    return optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+                except KeyError:  # the study row exists, its records are still being written
+                    pass
         time.sleep(0.2)
     raise AssertionError(f"the child created no study within {limit_s} s")
 
@@ -56,7 +59,11 @@ def _wait_for_kill_point(study: optuna.Study, child: subprocess.Popen, limit_s: 
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         assert child.poll() is None, child.stderr.read() if child.stderr else ""
-        trials = study.get_trials(deepcopy=False)
+        try:
+            trials = study.get_trials(deepcopy=False)
+        except KeyError:  # a record the child is writing right now ("Record does not exist.")
+            time.sleep(0.2)
+            continue
         if (
             len(trials) >= 2
             and trials[0].state == TrialState.COMPLETE
