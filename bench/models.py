@@ -16,9 +16,9 @@ import copy
 
 import timm
 import torch
+from _timing import interleaved  # bench/ is on sys.path when run as a script
 
 from an_search import convert
-from bench._timing import interleaved
 
 
 def _models(num_classes: int) -> dict[str, torch.nn.Module]:
