@@ -2,7 +2,7 @@
 
 Shapes are the four ResNet-50 bottleneck ``bn2`` sites (batch 32): (C, H) = (64, 56), (128, 28),
 (256, 14), (512, 7). For every shape the modules are timed side by side, interleaved repeat by
-repeat, and the median is reported:
+repeat, and the median (``--stat min``: the fastest repeat) is reported:
 
 - ``eval``:  forward in eval mode under ``torch.no_grad()``;
 - ``train-fwd``: forward in train mode, autograd recording (input requires grad);
@@ -13,6 +13,11 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
 
     .venv/bin/python bench/an_layer.py                 # 2 threads, K = 10 and 20
     .venv/bin/python bench/an_layer.py --ks 10 --repeats 31 --threads 1
+
+On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
+OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
+punish modules made of several ops (SE, AN) far more than one-kernel BatchNorm; the title shows
+the load average before the run. Compare with ``--threads 1`` or ``--stat min`` there.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def run(
     debug: Debug = False,
 ) -> None:
     """Run (or resume) a search on MODEL; the embedded Animal-MNIST data by default."""
-    from an_search.search import SearchConfig, run_search, study_table, write_report
+    from an_search.search import SearchConfig, run_search
     from an_search.train import TrainConfig
 
     train = TrainConfig(
@@ -112,15 +112,9 @@ def run(
             )
         else:
             study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn)
-    rows = study_table(study)
     from an_search.search import load_space
 
-    files = write_report(study, cfg.run_dir(load_space(space).name))
-    if json_out:
-        print_json({"study": study.study_name, "trials": rows, "files": files})
-        return
-    _render_rows(study, rows)
-    err.print(f"report written to {files['json'].parent}/ (trials.csv, report.json, PNGs)")
+    _emit_report(study, cfg.run_dir(load_space(space).name), json_out)
 
 
 @app.command()
@@ -134,18 +128,26 @@ def report(
     debug: Debug = False,
 ) -> None:
     """Tables of every trial and the Pareto front; CSV, JSON and PNG plots."""
+    study, url, where = _open(run_dir, storage, study_name)
+    _emit_report(study, output or where, json_out, storage_url=url)
+
+
+def _emit_report(
+    study: optuna.Study, out_dir: Path, json_out: bool, storage_url: str | None = None
+) -> None:
+    """Write CSV/JSON/PNGs into ``out_dir``; print the tables (or JSON) and where files went."""
     from an_search.search import dashboard_command, study_table, write_report
 
-    study, url, where = _open(run_dir, storage, study_name)
     rows = study_table(study)
-    files = write_report(study, output or where)
+    files = write_report(study, out_dir)
     if json_out:
         print_json({"study": study.study_name, "trials": rows, "files": files})
         return
     _render_rows(study, rows)
     err = stderr()
     err.print(f"written: {', '.join(str(p) for p in files.values())}")
-    err.print(f"dashboard: {dashboard_command(url)}")
+    if storage_url is not None:
+        err.print(f"dashboard: {dashboard_command(storage_url)}")
 
 
 @app.command()

@@ -223,11 +223,10 @@ class AttentiveNorm(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._can_fuse(x):
-            y = self._forward_fused(x)
-        else:
-            y = self._forward_reference(x)
-        return self.act(self.drop(y))
+        y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
+        if not isinstance(self.drop, nn.Identity):
+            y = self.drop(y)
+        return y if isinstance(self.act, nn.Identity) else self.act(y)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
         if not self.fused or x.device.type != "cpu":
