@@ -145,3 +145,40 @@ def test_save_reload_identical(name: str, tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+# Head parameters for C channels and K components, from AN_PAPER.md's table (written out here,
+# independently of an_search.layers.head_param_count).
+HEAD_PARAMS: dict[str, Callable[[int, int], int]] = {
+    "default": lambda c, k: k * c + 2 * k,  # W (no bias) + BN_K affine
+    "linear-sigmoid": lambda c, k: k * c + k,
+    "linear-hsigmoid": lambda c, k: k * c + k,
+    "bn-sigmoid": lambda c, k: k * c + 2 * k,
+    "bn-softmax": lambda c, k: k * c + 2 * k,
+    "gn-hsigmoid": lambda c, k: k * c + 2 * k,  # GroupNorm(1, K) affine
+    "mlp": lambda c, k: c * 2 * k + 2 * k + 2 * k * k + k,
+    "mlp-bn": lambda c, k: c * 2 * k + 2 * (2 * k) + 2 * k * k + 2 * k,
+}
+
+
+@pytest.mark.parametrize("head", list(HEAD_PARAMS))
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])
+def test_every_head_param_delta_on_real_models(name: str, head: str) -> None:
+    from an_search.layers import HEADS
+
+    assert set(HEADS) == set(HEAD_PARAMS), "a head without a formula here"
+    model = timm.create_model(name)
+    report = find_sites(model)
+    site_k = select_sites(report, "all", k=K)
+    modules = dict(model.named_modules())
+    before = {n: sum(p.numel() for p in modules[n].parameters()) for n in site_k}
+    channels = {s.name: s.channels for s in report.sites}
+    apply_an(model, site_k, head=head)
+    after = dict(model.named_modules())
+    for n, k in site_k.items():
+        c = channels[n]
+        expected = 2 * k * c + HEAD_PARAMS[head](c, k) - before[n]
+        measured = sum(p.numel() for p in after[n].parameters()) - before[n]
+        assert measured == expected, (n, head)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
