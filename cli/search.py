@@ -263,6 +263,9 @@ def retrain(
         bool, typer.Option("--baseline", help="also train the unconverted model")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from checkpoints")] = False,
+    nproc: Annotated[
+        int, typer.Option(help="processes per run under torchrun (GPUs; gloo on CPU)")
+    ] = 1,
     checkpoint: Annotated[Path | None, typer.Option(help="local weights to start from")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
@@ -302,6 +305,7 @@ def retrain(
             output or (where / "retrain"),
             baseline=baseline,
             checkpoint=str(checkpoint) if checkpoint else None,
+            nproc=nproc,
             progress=bar.on_step,
         )
     rows = [

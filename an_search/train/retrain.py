@@ -52,6 +52,7 @@ def retrain(
     *,
     baseline: bool = False,
     checkpoint: str | None = None,
+    nproc: int = 1,
     on_epoch: OnEpoch | None = None,
     progress: Progress | None = None,
 ) -> list[RetrainRun]:
@@ -64,6 +65,9 @@ def retrain(
         out_dir: run directory; ``an/`` and ``baseline/`` hold each run's checkpoints.
         baseline: also train the unconverted model with the same schedule.
         checkpoint: local weights both runs start from (None: random init, same seed).
+        nproc: processes per run; above 1 each run trains under ``torchrun`` (DDP: NCCL on
+            CUDA, gloo on CPU) with ``cfg.batch_size`` per process and the lr scaled linearly;
+            the final weights come back through rank 0's checkpoint.
         on_epoch: per-epoch callback, as for ``proxy_train``.
         progress: per-update callback, as for ``proxy_train``.
 
@@ -77,11 +81,20 @@ def retrain(
         run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
         model = _build(recipe, data, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
         params = sum(p.numel() for p in model.parameters())
-        result = proxy_train(model, data, run_cfg, on_epoch=on_epoch, progress=progress)
         kwargs = {**recipe.model_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans}
         final = dataclasses.replace(recipe, model_kwargs=kwargs)
         if not converted:
             final = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=kwargs)
+        if nproc > 1:
+            from .checkpoint import load_checkpoint
+            from .distributed import train_distributed
+
+            result = train_distributed(
+                model, final, data, run_cfg, nproc=nproc, on_epoch=on_epoch
+            ).result
+            model.load_state_dict(load_checkpoint(run_dir)["model"])  # rank 0's final weights
+        else:
+            result = proxy_train(model, data, run_cfg, on_epoch=on_epoch, progress=progress)
         model_dir = save(model, final, run_dir / "model")
         runs.append(RetrainRun(name, params, result, run_dir, model_dir))
     return runs

@@ -1,0 +1,43 @@
+"""Full retraining of a recipe and its baseline, in one process and under torchrun (gloo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from an_search.models import create_model
+from an_search.rewrite import Recipe, find_sites, load, select_sites
+from an_search.train import TrainConfig, resolve_data
+from an_search.train.retrain import retrain
+
+
+def _recipe() -> Recipe:
+    model = create_model("resnet10t", num_classes=10)
+    site_k = select_sites(find_sites(model), "paper")
+    return Recipe.from_selection(model="resnet10t", selected=site_k, model_kwargs={})
+
+
+def _cfg() -> TrainConfig:
+    return TrainConfig(
+        epochs=1, batches_per_epoch=2, batch_size=8, val_fraction=0.02, threads=1,
+        scale=(1.0, 1.0), hflip=0.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_retrain_an_and_baseline(nproc: int, tmp_path: Path) -> None:
+    data = resolve_data(None)
+    recipe = _recipe()
+    runs = retrain(recipe, data, _cfg(), tmp_path, baseline=True, nproc=nproc)
+    assert [r.name for r in runs] == ["an", "baseline"]
+    an, base = runs
+    assert an.params > base.params
+    assert len(an.result.history) == 1 and 0.0 <= an.result.top1 <= 100.0
+    # the saved model is the trained one: its weights equal rank 0's last checkpoint
+    model, saved = load(an.model_dir)
+    assert [s.name for s in saved.sites] == [s.name for s in recipe.sites]
+    state = torch.load(an.checkpoint_dir / "last.pth", weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
