@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -76,7 +77,7 @@ def convert(
         stage_list = [int(s) for s in stage_ids] if stage_ids is not None else None
     except ValueError:
         raise InvalidKError(f"--stages {stages!r} must be comma-separated integers") from None
-    with stderr().status(f"converting {model}...") if not json_out else _null():
+    with stderr().status(f"converting {model}...") if not json_out else nullcontext():
         result = run_convert(
             model,
             placement=placement,
@@ -100,14 +101,6 @@ def convert(
         print_json(_result_json(model, result, output))
     else:
         _print_result(model, result, output)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _site_row(site: Any, k: int | None) -> dict[str, Any]:
