@@ -24,6 +24,15 @@ Storage = Annotated[
     typer.Option(help="Optuna storage URL, journal file (.log) or SQLite file; $OPTUNA_STORAGE"),
 ]
 StudyName = Annotated[str | None, typer.Option(help="study name (default: MODEL-SPACE)")]
+Data = Annotated[
+    str | None, typer.Option(help="image folder (ImageNet layout) or timm dataset root")
+]
+BatchesPerEpoch = Annotated[int | None, typer.Option(help="cap updates/epoch")]
+ImgSize = Annotated[int, typer.Option(help="training image size")]
+BatchSize = Annotated[int, typer.Option(help="images per update (per process)")]
+Checkpoint = Annotated[Path | None, typer.Option(help="local weights to start from")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N")]
+Seed = Annotated[int, typer.Option(help="sampler and training seed")]
 RunDir = Annotated[Path | None, typer.Argument(help="run directory of an earlier `an-search run`")]
 Workers = Annotated[
     int | None, typer.Option(help="worker processes sharing the study (default: 1 per GPU group)")
@@ -39,18 +48,16 @@ SyncBN = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm in DDP tr
 @handle_errors
 def run(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet18")],
-    data: Annotated[
-        str | None, typer.Option(help="image folder (ImageNet layout) or timm dataset root")
-    ] = None,
+    data: Data = None,
     space: Annotated[str, typer.Option(help="shipped space name or YAML file")] = "default",
     storage: Storage = None,
     study_name: StudyName = None,
     n_trials: Annotated[int | None, typer.Option(help="trials to run in this call")] = 20,
     timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
     epochs: Annotated[int, typer.Option(help="proxy epochs per trial")] = 2,
-    batches_per_epoch: Annotated[int | None, typer.Option(help="cap updates/epoch")] = None,
-    img_size: Annotated[int, typer.Option(help="proxy training image size")] = 32,
-    batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
+    batches_per_epoch: BatchesPerEpoch = None,
+    img_size: ImgSize = 32,
+    batch_size: BatchSize = 64,
     train_fraction: Annotated[float, typer.Option(help="share of the training set")] = 1.0,
     val_fraction: Annotated[float, typer.Option(help="share of the validation set")] = 1.0,
     objectives: Annotated[
@@ -59,9 +66,9 @@ def run(
     max_params: Annotated[int | None, typer.Option(help="budget: parameters")] = None,
     max_macs: Annotated[float | None, typer.Option(help="budget: MACs at the proxy size")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="budget: batch-1 ms")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="local weights to start from")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
-    seed: Annotated[int, typer.Option(help="sampler and training seed")] = 0,
+    checkpoint: Checkpoint = None,
+    device: Device = "cpu",
+    seed: Seed = 0,
     output: Annotated[Path | None, typer.Option(help="run directory")] = None,
     workers: Workers = None,
     gpus: Gpus = None,
@@ -252,11 +259,11 @@ def retrain(
     ] = None,
     storage: Storage = None,
     study_name: StudyName = None,
-    data: Annotated[str | None, typer.Option(help="dataset (default: embedded)")] = None,
+    data: Data = None,
     epochs: Annotated[int, typer.Option(help="full-schedule epochs")] = 10,
-    batches_per_epoch: Annotated[int | None, typer.Option(help="cap updates/epoch")] = None,
-    img_size: Annotated[int, typer.Option(help="training image size")] = 32,
-    batch_size: Annotated[int, typer.Option(help="images per update")] = 64,
+    batches_per_epoch: BatchesPerEpoch = None,
+    img_size: ImgSize = 32,
+    batch_size: BatchSize = 64,
     lr: Annotated[float | None, typer.Option(help="peak lr for a batch of 256")] = None,
     ema: Annotated[float | None, typer.Option(help="EMA decay, e.g. 0.999")] = None,
     baseline: Annotated[
@@ -266,9 +273,9 @@ def retrain(
     nproc: Annotated[
         int, typer.Option(help="processes per run under torchrun (GPUs; gloo on CPU)")
     ] = 1,
-    checkpoint: Annotated[Path | None, typer.Option(help="local weights to start from")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
-    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    checkpoint: Checkpoint = None,
+    device: Device = "cpu",
+    seed: Seed = 0,
     output: Annotated[Path | None, typer.Option(help="retrain directory")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
