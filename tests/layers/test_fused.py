@@ -187,3 +187,10 @@ def test_gradcheck_single_position(training: bool) -> None:
     an = AttentiveNorm(4, K, base="batchnorm1d").double().train(training)
     x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(an, (x,))
+
+
+def test_wrong_input_rank_raises_like_batchnorm() -> None:
+    with pytest.raises(ValueError, match="expected 4D input"):
+        AttentiveNorm(C, K)(torch.randn(4, C, 5))
+    with pytest.raises(ValueError, match="expected 2 or 3D input"):
+        AttentiveNorm(C, K, base="batchnorm1d")(torch.randn(4, C, 5, 5))
