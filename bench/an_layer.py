@@ -13,6 +13,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
 
     .venv/bin/python bench/an_layer.py                 # 2 threads, K = 10 and 20
     .venv/bin/python bench/an_layer.py --ks 10 --repeats 31 --threads 1
+    AN_SEARCH_NATIVE=0 .venv/bin/python bench/an_layer.py   # stock ATen ops, no C kernels
 
 On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
 OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
@@ -38,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from an_search._compat import filter_torchscript_warning  # noqa: E402
-from an_search.layers import AttentiveNorm  # noqa: E402
+from an_search.layers import AttentiveNorm, _native  # noqa: E402
 
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 MODES = ("eval", "train-fwd", "train")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     title = (
         f"AN vs BatchNorm2d vs SEModule, batch {args.batch}, torch {torch.__version__}, "
         f"{args.device}, {args.threads} threads, {args.stat} of {args.repeats}, "
-        f"load before {load:.1f}"
+        f"load before {load:.1f}, C kernels: {_native.unavailable_reason() or 'on'}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

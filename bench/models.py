@@ -5,6 +5,7 @@ Training step (forward + backward + SGD step) and inference, measured side by si
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
     python bench/models.py --compile --device cuda --batch 64
+    AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
 """
@@ -19,6 +20,7 @@ import torch
 from _timing import interleaved  # bench/ is on sys.path when run as a script
 
 from an_search import convert
+from an_search.layers import _native
 
 
 def _models(num_classes: int) -> dict[str, torch.nn.Module]:
@@ -62,7 +64,11 @@ def main() -> None:
         with torch.inference_mode():
             m(x)
 
-    print(f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads}")
+    kernels = _native.unavailable_reason() or "on"
+    print(
+        f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
+        f"torch={torch.__version__} C kernels: {kernels}"
+    )
     for mode, fn in (("train step", train_step), ("inference", infer)):
         t = interleaved(
             {k: (lambda k=k, fn=fn: fn(k)) for k in variants},

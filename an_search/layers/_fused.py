@@ -1,4 +1,5 @@
-"""Fast kernels for Attentive Normalization built from stock ATen ops (no compiler needed).
+"""Fast kernels for Attentive Normalization: the C kernels of ``_native.c`` where they can be
+built, otherwise stock ATen ops (no compiler needed), with the same numerics.
 
 Two differentiable primitives carry the whole fast path (DESIGN.md point 13):
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ._native import native_affine, native_affine_grad, native_moments, native_row_dots
 
 __all__ = ["GradLink", "channel_affine", "moments", "spatial_view"]
 
@@ -71,6 +74,10 @@ def _affine_kernel(
     ``owned=True`` returns a tensor that is not a view (written through ``out=``): the output
     of a custom autograd Function must not be one, or ``y += shortcut`` downstream fails.
     """
+    if a.dtype == t.dtype == x.dtype:
+        y = native_affine(x, a, t)  # always a fresh tensor ("owned")
+        if y is not None:
+            return y
     b, c = a.shape
     n = x.numel() // max(b * c, 1)
     acc = _acc_dtype(x)
@@ -100,6 +107,10 @@ def _stats(x3: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x3.shape[dim] == 1:  # one position: the variance is exactly 0
         mean = x3.squeeze(dim).to(acc, copy=True)
         return mean, torch.zeros_like(mean)
+    if dim == 2:
+        out = native_moments(x3)  # one read, in C (``_native.c``), where it can be built
+        if out is not None:
+            return out
     mean = x3.mean(dim, dtype=acc)
     sq = torch.linalg.vector_norm(x3, 2, dim, dtype=acc).square_().mul_(1.0 / x3.shape[dim])
     var = torch.addcmul(sq, mean, mean, value=-1.0)  # E[x^2] - E[x]^2
@@ -142,8 +153,12 @@ class _Moments(torch.autograd.Function):
         if not x3.is_contiguous():
             return torch.addcmul(d.unsqueeze(2), x3, c.unsqueeze(2)).to(x3.dtype), None, None
         if link is not None and link.grad is not None:
-            gx = _affine_kernel(link.grad.view_as(x3), link.scale, d)  # g * a + d
+            g, a = link.grad.view_as(x3), link.scale
             link.grad = link.scale = None
+            gx = native_affine_grad(g, x3, a, c, d)  # g * a + c * x + d in one pass
+            if gx is not None:
+                return gx, None, None
+            gx = _affine_kernel(g, a, d)  # g * a + d
             return gx.addcmul_(x3, c.unsqueeze(2).to(gx.dtype)), None, None  # + c * x
         return _affine_kernel(x3, c, d), None, None
 
@@ -163,7 +178,11 @@ class _ChannelAffine(torch.autograd.Function):
         b, c = a.shape
         gx = ga = gt = None
         gy = gy.contiguous()
-        if need_a or need_t:
+        dots = native_row_dots(gy, x, b * c) if need_a or need_t else None
+        if dots is not None:  # sum(g * x) and sum(g) per row, one pass
+            ga = dots[0].view(b, c).to(a.dtype) if need_a else None
+            gt = dots[1].view(b, c).to(a.dtype) if need_t else None
+        elif need_a or need_t:
             acc = _acc_dtype(x)
             zero = x.new_zeros(b * c, dtype=acc)
             _, ga, gt = torch.ops.aten.native_batch_norm_backward(
@@ -196,7 +215,8 @@ def moments(
     On CPU: one ``mean`` and one ``vector_norm`` pass (variance ``E[x^2] - E[x]^2``); rows
     whose mean^2 exceeds 4x their variance are redone two-pass, so the variance is never
     negative and keeps a relative error below ~2e-6 whatever the offset. Elsewhere, and under
-    ``torch.jit.trace`` (fvcore, ONNX): ``torch.var_mean``, one plain op without host sync.
+    ``torch.jit.trace`` (fvcore, ONNX) or ``torch.compile``: ``torch.var_mean``, one plain op
+    without host sync.
 
     Args:
         x3: (B, C, n) for ``channels_last=False``, (B, n, C) otherwise (see :func:`spatial_view`).
@@ -208,7 +228,7 @@ def moments(
         ``(mean, var)``, each (B, C), float32 for half/bfloat16 inputs. Differentiable.
     """
     dim = 1 if channels_last else 2
-    if x3.device.type != "cpu" or torch.jit.is_tracing():
+    if x3.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x3.to(_acc_dtype(x3)), dim, correction=0)
         return mean, var
     if not (x3.requires_grad and torch.is_grad_enabled()):
@@ -230,9 +250,11 @@ def channel_affine(
 
     Returns:
         Tensor of ``x``'s shape and dtype; differentiable in all three inputs. Under
-        ``torch.jit.trace`` a plain broadcast ``addcmul`` (traceable, no custom Function).
+        ``torch.jit.trace`` or ``torch.compile`` a plain broadcast ``addcmul`` (traceable, no
+        custom Function).
     """
-    if not torch.jit.is_tracing() and x.is_contiguous() and x.numel() > 0:
+    plain = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graph capture: ATen ops
+    if not plain and x.is_contiguous() and x.numel() > 0:
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or t.requires_grad):
             return _ChannelAffine.apply(x, a, t, link)
         return _affine_kernel(x, a, t)

@@ -21,11 +21,18 @@ The reference path (``fused = False``, other bases, non-CPU devices where cuDNN/
 fast, an inner ``SyncBatchNorm`` whose batch statistics must be all-reduced across ranks, or a
 single value per channel in training) calls the inner norm module, then the one-pass affine.
 
-Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32): a train step (forward +
-backward) takes 0.8-1.25x BatchNorm2d's time and less than SE's; an inference forward takes
-2-3x BatchNorm2d's: the attention statistic needs two reduction passes over x that BatchNorm
-in eval mode does not, plus ~0.3 ms of small ops. Backward is ``once_differentiable`` (no
-double backward) and not ``torch.func``-transformable on the fused path.
+Eval path (BatchNorm bases on CPU, float32/float64, no autograd): the whole site is one call
+of a C kernel (``_native.c``, built on first use, see ``_native.py``; ``_eval_plan.py`` folds
+the running statistics into the mixtures and the head's BatchNorm1d into its linear), which
+takes each sample's moments, head and multiply-add while the sample is in cache. The training
+path uses the same C kernels for the moments, the affine and its backward. Without a C
+compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slower.
+
+Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
+forward takes 1.3-2x BatchNorm2d's time and 0.7-0.9x SE's; a train step (forward + backward)
+0.8-1.25x BatchNorm2d's up to 14x14, more at 7x7 where the head's small ops dominate.
+Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
+on the fused path.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from torch import nn
 
 from an_search.errors import InvalidKError, UnknownNameError
 
+from ._eval_plan import eval_plan, run_eval_plan
 from ._fused import GradLink, channel_affine, moments, spatial_view
+from ._native import library, plain_tensors
 from ._norm_stats import batch_stats, group_stats
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
@@ -230,14 +239,16 @@ class AttentiveNorm(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
+        y = self._forward_native_eval(x)
+        if y is None:
+            y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
         if not isinstance(self.drop, nn.Identity):
             y = self.drop(y)
         return y if isinstance(self.act, nn.Identity) else self.act(y)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
-        if not self.fused or x.device.type != "cpu":
-            return False
+        if not self.fused or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False  # torch.compile fuses the reference path's plain ops itself
         if self.base not in ("batchnorm", "batchnorm1d", "batchnorm3d"):
             return self.base == "groupnorm"
         if isinstance(self.norm, nn.SyncBatchNorm):
@@ -245,6 +256,32 @@ class AttentiveNorm(nn.Module):
         if self.training and x.numel() // x.shape[1] <= 1:
             return False  # the inner BatchNorm raises its usual error
         return True
+
+    def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a."""
+        if (
+            self.training
+            or not self.fused
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or self.base not in _BN_INPUT_DIMS
+            or x.dim() not in _BN_INPUT_DIMS[self.base]
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or not x.is_contiguous()
+            or x.numel() == 0
+            or getattr(self.norm, "training", False)
+            or not plain_tensors(x)
+        ):
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return None
+        if library() is None:
+            return None
+        plan = eval_plan(self, x.dtype)
+        return None if plan is None else run_eval_plan(plan, x)
 
     def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lam = self.attn.head(stat)  # (B, K)

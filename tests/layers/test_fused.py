@@ -14,10 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from an_search.layers import AttentiveNorm
+from an_search.layers import AttentiveNorm, _native
 from an_search.layers._fused import moments
 
 C, K = 6, 3
+
+
+@pytest.fixture(autouse=True, params=["native", "aten"])
+def _kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with the C kernels of ``_native.c`` and with stock ATen ops only."""
+    if request.param == "aten":
+        monkeypatch.setattr(_native, "_STATE", {"lib": None, "reason": "test: ATen only"})
+    elif _native.library() is None:
+        pytest.skip(f"native kernels: {_native.unavailable_reason()}")
 
 
 def _unfused(ref: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:

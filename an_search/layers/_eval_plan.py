@@ -1,0 +1,154 @@
+"""Evaluation-mode AttentiveNorm(BatchNorm) as one native call per site (see ``_native.c``).
+
+In evaluation every sample is independent: its moments give the pooled statistic, the head
+gives lambda, and ``y = x * (lambda @ A) + lambda @ T`` with the running statistics folded
+into the mixtures (``A = Gamma / sqrt(rv + eps)``, ``T = Beta - A * rm``) and the head's
+BatchNorm1d folded into its linears. The native kernel does all of it sample by sample while
+the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
+
+The folded parameters (float64) are cached per module and rebuilt when any parameter or
+buffer changes (version counter or storage).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._native import HeadSpec, library
+
+__all__ = ["eval_plan", "run_eval_plan"]
+
+_GATES = {nn.Hardsigmoid: 0, nn.Sigmoid: 1, nn.Softmax: 2}
+_POOLS = {"meanstd": 0, "avg": 1}
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    spec: HeadSpec
+    tensors: list[torch.Tensor] = field(default_factory=list)  # keeps the pointers alive
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64).contiguous()
+
+
+def _fold_linear(
+    lin: nn.Linear, norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(W, s, b) with ``norm(lin(h)) == (W @ h) * s + b`` for an eval BatchNorm1d or no norm."""
+    w = _f64(lin.weight)
+    bias = _f64(lin.bias) if lin.bias is not None else w.new_zeros(w.shape[0])
+    if norm is None:
+        return w, torch.ones_like(bias), bias
+    if not isinstance(norm, nn.BatchNorm1d) or norm.running_mean is None or norm.training:
+        return None
+    s = torch.rsqrt(_f64(norm.running_var) + norm.eps)
+    shift = -_f64(norm.running_mean) * s
+    if norm.affine:
+        s, shift = s * _f64(norm.weight), shift * _f64(norm.weight) + _f64(norm.bias)
+    return w, s, bias * s + shift
+
+
+def _parse_head(head: nn.Module) -> dict | None:
+    """Split a head Sequential into folded layers, GroupNorm and gate; None if unsupported."""
+    mods = list(head.children())
+    gate = _GATES.get(type(mods[-1])) if mods else None
+    if gate is None or (gate == 2 and getattr(mods[-1], "dim", 1) not in (1, -1)):
+        return None
+    layers, gn, i = [], None, 0
+    body = mods[:-1]
+    while i < len(body):
+        lin = body[i]
+        if not isinstance(lin, nn.Linear):
+            return None
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        norm = nxt if isinstance(nxt, nn.BatchNorm1d) else None
+        if isinstance(nxt, nn.GroupNorm) and nxt.num_groups == 1 and i + 2 == len(body):
+            gn = nxt
+        folded = _fold_linear(lin, norm)
+        if folded is None:
+            return None
+        layers.append(folded)
+        i += 2 if norm is not None or gn is not None else 1
+        if i < len(body) and isinstance(body[i], nn.ReLU):
+            if len(layers) != 1:
+                return None
+            i += 1
+        elif len(layers) == 1 and i < len(body):
+            return None  # two linears need a ReLU between them
+    if not 1 <= len(layers) <= 2:
+        return None
+    return {"layers": layers, "gn": gn, "gate": gate}
+
+
+def _key(an: nn.Module, dtype: torch.dtype) -> tuple:
+    tensors = [*an.parameters(), *an.buffers()]
+    return (dtype, *((t.data_ptr(), t._version) for t in tensors))
+
+
+def _build(an: nn.Module, key: tuple) -> _Plan | None:
+    pool = _POOLS.get(an.pool_name)
+    parsed = _parse_head(an.attn.head)
+    norm = an.norm
+    if pool is None or parsed is None or getattr(norm, "running_mean", None) is None:
+        return None
+    inv = torch.rsqrt(_f64(norm.running_var) + norm.eps)  # (C,)
+    mix_a = _f64(an.weight) * inv
+    mix_t = (_f64(an.bias) - mix_a * _f64(norm.running_mean)).contiguous()
+    layers = parsed["layers"]
+    w1, s1, b1 = layers[0]
+    w2, s2, b2 = layers[-1]
+    gn = parsed["gn"]
+    gn_w = _f64(gn.weight) if gn is not None and gn.affine else torch.ones_like(b2)
+    gn_b = _f64(gn.bias) if gn is not None and gn.affine else torch.zeros_like(b2)
+    tensors = [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a.contiguous(), mix_t]
+    spec = HeadSpec(
+        pool=pool,
+        pool_eps=float(getattr(an.attn.pool, "eps", 0.0)),
+        layers=len(layers),
+        hidden=w1.shape[0],
+        k=w2.shape[0],
+        gn=int(gn is not None),
+        gn_eps=float(gn.eps) if gn is not None else 0.0,
+        gate=parsed["gate"],
+    )
+    for name, t in zip(("w1", "s1", "b1", "w2", "s2", "b2", "gn_w", "gn_b", "mix_a", "mix_t"),
+                       tensors, strict=True):  # fmt: skip
+        setattr(spec, name, t.data_ptr())
+    return _Plan(key, spec, tensors)
+
+
+def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
+    """The cached folded plan of ``an`` (an eval-mode batchnorm-based AttentiveNorm), or None."""
+    key = _key(an, dtype)
+    plan = _CACHE.get(an)
+    if plan is None or plan.key != key:
+        plan = _build(an, key)
+        if plan is None:
+            return None
+        _CACHE[an] = plan
+    return plan
+
+
+def run_eval_plan(plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+    """Apply the plan to a contiguous CPU float32/float64 (B, C, *) tensor."""
+    lib = library()
+    assert lib is not None
+    b, c = x.shape[0], x.shape[1]
+    n = x.numel() // (b * c)
+    stride = 5 * c + plan.spec.k + plan.spec.hidden
+    ws = torch.empty(b, stride, dtype=torch.float64)
+    y = torch.empty_like(x)
+    fn = lib.an_eval_f32 if x.dtype == torch.float32 else lib.an_eval_f64
+    fn(ctypes.byref(plan.spec), x.data_ptr(), y.data_ptr(), b, c, n, ws.data_ptr(), stride,
+       torch.get_num_threads())  # fmt: skip
+    return y

@@ -1,0 +1,240 @@
+"""Build and load the fused C kernels of ``_native.c`` (CPU, float32/float64).
+
+No build step at install time: the source ships with the package and is compiled on first use
+with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``; about a second) into a
+per-user cache, ``$AN_SEARCH_CACHE`` or ``~/.cache/an_search``, keyed by the source, the
+flags and the CPU, written to a temporary file and renamed. Loaded with :mod:`ctypes`; its
+OpenMP calls share the runtime torch already loaded. Without a compiler, or with
+``AN_SEARCH_NATIVE=0``, :func:`library` returns None and callers use the stock-ATen path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "HeadSpec",
+    "library",
+    "native_affine",
+    "native_affine_grad",
+    "native_moments",
+    "native_row_dots",
+    "plain_tensors",
+    "unavailable_reason",
+]
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+class HeadSpec(ctypes.Structure):
+    """Mirror of ``an_head`` in ``_native.c``."""
+
+    _fields_ = [
+        ("pool", ctypes.c_int),
+        ("pool_eps", ctypes.c_double),
+        ("layers", ctypes.c_int),
+        ("hidden", ctypes.c_long),
+        ("k", ctypes.c_long),
+        ("w1", ctypes.c_void_p),
+        ("s1", ctypes.c_void_p),
+        ("b1", ctypes.c_void_p),
+        ("w2", ctypes.c_void_p),
+        ("s2", ctypes.c_void_p),
+        ("b2", ctypes.c_void_p),
+        ("gn", ctypes.c_int),
+        ("gn_eps", ctypes.c_double),
+        ("gn_w", ctypes.c_void_p),
+        ("gn_b", ctypes.c_void_p),
+        ("gate", ctypes.c_int),
+        ("mix_a", ctypes.c_void_p),
+        ("mix_t", ctypes.c_void_p),
+    ]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("AN_SEARCH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "an_search"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return cc
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _cpu_key() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), _cpu_key().encode()]))
+    target = _cache_dir() / f"an_native-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"an_moments_{suffix}").argtypes = [p, i64, i64, p, p, i32]
+        getattr(lib, f"an_affine_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
+        getattr(lib, f"an_affine_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
+        getattr(lib, f"an_row_dots_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
+        getattr(lib, f"an_eval_{suffix}").argtypes = [
+            ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, p, i64, i32,
+        ]  # fmt: skip
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first call; None where they cannot be had."""
+    if "lib" in _STATE:
+        return _STATE["lib"]  # type: ignore[return-value]
+    with _LOCK:
+        if "lib" not in _STATE:
+            lib, reason = None, None
+            cc = _compiler()
+            if os.environ.get("AN_SEARCH_NATIVE", "1") == "0":
+                reason = "disabled by AN_SEARCH_NATIVE=0"
+            elif cc is None:
+                reason = "no C compiler found (set CC)"
+            else:
+                try:
+                    lib = _bind(ctypes.CDLL(str(_build(cc))))
+                except (OSError, subprocess.SubprocessError) as exc:
+                    reason = f"building the native kernels failed: {exc}"
+            _STATE["reason"], _STATE["lib"] = reason, lib
+    return _STATE["lib"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` is None (None when the kernels are loaded)."""
+    library()
+    return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def _suffix(dtype: torch.dtype) -> str | None:
+    return {torch.float32: "f32", torch.float64: "f64"}.get(dtype)
+
+
+def plain_tensors(*tensors: torch.Tensor) -> bool:
+    """True when C may read these tensors' memory behind torch's back: plain CPU tensors and
+    no dispatch mode active (FlopCounterMode, FakeTensorMode, ... must see every op)."""
+    if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+               for t in tensors)  # fmt: skip
+
+
+def native_moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row mean and biased variance of a contiguous CPU (B, C, n) tensor, one read.
+
+    Returns None where the kernels do not apply (no library, dtype, layout, device).
+    """
+    lib = library()
+    suffix = _suffix(x3.dtype)
+    if lib is None or suffix is None or not plain_tensors(x3) or not x3.is_contiguous():
+        return None
+    b, c, n = x3.shape
+    if b * c * n == 0:
+        return None
+    mean = x3.new_empty(b, c)
+    var = x3.new_empty(b, c)
+    getattr(lib, f"an_moments_{suffix}")(
+        x3.data_ptr(), b * c, n, mean.data_ptr(), var.data_ptr(), torch.get_num_threads()
+    )
+    return mean, var
+
+
+def _kernel(name: str, *maps: torch.Tensor) -> object | None:
+    """The kernel ``name`` for these feature maps (same shape, contiguous CPU f32/f64)."""
+    lib = library()
+    x = maps[0]
+    suffix = _suffix(x.dtype)
+    if lib is None or suffix is None or not plain_tensors(*maps) or x.numel() == 0:
+        return None
+    if any(m.dtype != x.dtype or m.shape != x.shape or not m.is_contiguous() for m in maps):
+        return None
+    return getattr(lib, f"{name}_{suffix}")
+
+
+def _rows(x: torch.Tensor, *coefs: torch.Tensor) -> list[torch.Tensor] | None:
+    """Per-row coefficients flattened, contiguous, in ``x``'s dtype; None if they don't fit."""
+    rows = coefs[0].numel()
+    if any(t.numel() != rows for t in coefs) or x.numel() % max(rows, 1):
+        return None
+    return [t.reshape(rows).to(x.dtype).contiguous() for t in coefs]
+
+
+def native_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """``x * a + t`` per (sample, channel) row of a (B, C, *) tensor; None where n/a."""
+    fn, coefs = _kernel("an_affine", x), _rows(x, a, t)
+    if fn is None or coefs is None:
+        return None
+    y = torch.empty_like(x)
+    rows = coefs[0].numel()
+    fn(x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), rows,
+       x.numel() // rows, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def native_affine_grad(
+    g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor | None:
+    """``g * a + x * c + d`` per row, one pass (AttentiveNorm's input gradient); None if n/a."""
+    fn, coefs = _kernel("an_affine_grad", g, x), _rows(x, a, c, d)
+    if fn is None or coefs is None:
+        return None
+    y = torch.empty_like(x)
+    rows = coefs[0].numel()
+    fn(g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(), rows,
+       x.numel() // rows, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def native_row_dots(
+    g: torch.Tensor, x: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row ``sum(g * x)`` and ``sum(g)`` over ``rows`` equal rows, one pass; None if n/a."""
+    fn = _kernel("an_row_dots", g, x)
+    if fn is None or rows <= 0 or x.numel() % rows:
+        return None
+    sgx, sg = x.new_empty(rows), x.new_empty(rows)
+    fn(g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), rows, x.numel() // rows,
+       torch.get_num_threads())  # fmt: skip
+    return sgx, sg

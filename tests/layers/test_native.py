@@ -1,0 +1,180 @@
+"""The C kernels of ``_native.c`` against float64 formulas written here, and the eval-mode
+native path of AttentiveNorm against its reference path (``fused = False``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from an_search.layers import AttentiveNorm, _native
+from an_search.layers._eval_plan import eval_plan
+from an_search.layers.heads import HEADS
+
+pytestmark = pytest.mark.skipif(
+    _native.library() is None, reason=f"native kernels: {_native.unavailable_reason()}"
+)
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-13}}
+
+
+def _moments_ref(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xd = x3.double()
+    mean = xd.sum(2) / xd.shape[2]
+    var = ((xd - mean[..., None]) ** 2).sum(2) / xd.shape[2]
+    return mean, var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 7, 49, 196, 1030])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
+def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, offset: float) -> None:
+    x3 = (torch.randn(3, 5, n, dtype=torch.float64) + offset).to(dtype)
+    x3[0, 0] = 2.5  # a constant row: variance exactly 0
+    mean, var = _native.native_moments(x3)
+    mean_ref, var_ref = _moments_ref(x3)
+    assert mean.dtype == var.dtype == dtype
+    torch.testing.assert_close(mean.double(), mean_ref, **TOL[dtype])
+    scale = var_ref.clamp(min=1.0 if offset else 0.0) if dtype == torch.float32 else var_ref
+    assert ((var.double() - var_ref).abs() <= 3e-6 * scale + 1e-12).all()
+    assert var[0, 0] == 0 and (var >= 0).all()
+
+
+def test_moments_of_one_outlier_row_do_not_cancel() -> None:
+    """A row far from its shift (one large value among zeros) takes the two-pass branch."""
+    x3 = torch.zeros(1, 2, 3136)
+    x3[0, :, 0] = 1e4
+    x3[0, 1] += torch.rand(3136)
+    mean, var = _native.native_moments(x3)
+    mean_ref, var_ref = _moments_ref(x3)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 9, 49, 600])
+def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int) -> None:
+    g, x = torch.randn(2, 4, 3, n, dtype=dtype)
+    a, c, d = torch.randn(3, 4, 3, dtype=dtype)
+    e = (..., None)
+    torch.testing.assert_close(_native.native_affine(x, a, d), x * a[e] + d[e], **TOL[dtype])
+    want = g * a[e] + x * c[e] + d[e]
+    torch.testing.assert_close(_native.native_affine_grad(g, x, a, c, d), want, **TOL[dtype])
+    sgx, sg = _native.native_row_dots(g, x, 12)
+    torch.testing.assert_close(sgx.view(4, 3), (g.double() * x).sum(2).to(dtype), **TOL[dtype])
+    torch.testing.assert_close(sg.view(4, 3), g.double().sum(2).to(dtype), **TOL[dtype])
+
+
+def test_kernels_decline_what_they_cannot_do() -> None:
+    x = torch.randn(2, 3, 8)
+    assert _native.native_moments(x.half()) is None
+    assert _native.native_moments(x.transpose(1, 2)) is None
+    assert _native.native_affine(x, torch.ones(2, 3), torch.ones(2, 4)) is None
+    assert _native.native_affine_grad(x, x.double(), *torch.ones(3, 2, 3)) is None
+
+
+def _trained(an: AttentiveNorm, dtype: torch.dtype) -> AttentiveNorm:
+    """Give the running statistics (of the norm and the head) values other than their init."""
+    an.to(dtype).train()
+    with torch.no_grad():
+        for _ in range(3):
+            an(torch.randn(8, an.num_features, 5, 5, dtype=dtype) * 2 + 0.5)
+    return an.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("batch", [1, 4])
+def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, batch: int) -> None:
+    torch.set_num_threads(2)  # batch 1 < threads: rows in parallel; batch 4: samples
+    an = _trained(AttentiveNorm(16, 5, head=head, pool=pool), dtype)
+    x = torch.randn(batch, 16, 6, 7, dtype=dtype) * 3 + 1
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, dtype) is not None  # the native path ran
+        an.fused = False
+        y_ref = an(x)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("base,shape", [("batchnorm1d", (3, 16)), ("batchnorm1d", (3, 16, 9)),
+                                        ("batchnorm3d", (2, 16, 3, 4, 5))])  # fmt: skip
+def test_eval_path_other_ranks(base: str, shape: tuple) -> None:
+    an = AttentiveNorm(16, 4, base=base).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, x.dtype) is not None
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[torch.float32])
+
+
+def test_eval_plan_follows_parameter_updates() -> None:
+    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        before = an(x)
+        an.weight.mul_(2.0)  # in place: same storage, new version
+        an.attn.head.fc.weight.add_(0.5)
+        after = an(x)
+        an.fused = False
+        torch.testing.assert_close(after, an(x), **TOL[torch.float32])
+    assert not torch.allclose(before, after)
+
+
+def test_eval_path_is_skipped_when_it_cannot_apply() -> None:
+    an = _trained(AttentiveNorm(8, 3, pool="avgmax"), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        an(x)
+    assert eval_plan(an, x.dtype) is None  # avgmax needs the max: the ATen path runs
+    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    y = an(x)  # grad enabled, parameters require grad: autograd path
+    assert y.requires_grad
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def test_disabled_by_environment_and_layer_still_works(tmp_path) -> None:
+    code = (
+        "import torch; from an_search.layers import AttentiveNorm, _native\n"
+        "print(_native.library(), _native.unavailable_reason())\n"
+        "an = AttentiveNorm(4, 2).eval(); x = torch.randn(2, 4, 3, 3)\n"
+        "with torch.no_grad(): y = an(x); an.fused = False; print(torch.allclose(y, an(x)))\n"
+    )
+    out = _run(code, AN_SEARCH_NATIVE="0", AN_SEARCH_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["None disabled by AN_SEARCH_NATIVE=0", "True"]
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
+def test_builds_into_the_cache_directory(tmp_path) -> None:
+    code = "from an_search.layers import _native; print(_native.unavailable_reason())"
+    out = _run(code, AN_SEARCH_CACHE=str(tmp_path / "cache"))
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("an_native-") and built[0].suffix == ".so"
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_dispatch_modes_see_every_op(training: bool) -> None:
+    """FlopCounterMode (and any dispatch mode) must see the head's matmuls: no C path then."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, c, k = 2, 8, 3
+    an = _trained(AttentiveNorm(c, k), torch.float32).train(training)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        an(torch.randn(b, c, 4, 4))
+    assert counter.get_total_flops() == 3 * (2 * b * c * k)  # head linear, lam @ Gamma, @ Beta
