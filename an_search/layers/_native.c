@@ -155,8 +155,11 @@ static void gate(const an_head *h, double *z) {
 static void attention(const an_head *h, const double *mean, const double *var, long c,
                       long n, double *pooled, double *ws, double *lam) {
     double bessel = n > 1 ? (double)n / (double)(n - 1) : 1.0;
-    for (long i = 0; i < c; i++)
-        pooled[i] = h->pool == 0 ? mean[i] / sqrt(var[i] * bessel + h->pool_eps) : mean[i];
+    const double eps = h->pool_eps;
+    if (h->pool == 0)
+        for (long i = 0; i < c; i++) pooled[i] = mean[i] / sqrt(var[i] * bessel + eps);
+    else
+        for (long i = 0; i < c; i++) pooled[i] = mean[i];
     if (h->layers == 1) {
         linear(h->w1, h->s1, h->b1, pooled, c, h->k, lam);
     } else {

@@ -16,11 +16,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from an_search._atomic import replacing
 
 __all__ = [
     "HeadSpec",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_native.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -96,15 +97,9 @@ def _build(cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with replacing(target, suffix=".so") as tmp:
         cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -1,21 +1,20 @@
 """Save and load converted models: ``model.safetensors`` + ``recipe.json`` in one directory.
 
-Writes are atomic per file: each file is written under a temporary name in the target directory
-and moved into place with ``os.replace``; on any error the temporaries (and a directory this call
-created) are removed, so nothing half-written is left behind.
+Writes are atomic per file (:func:`an_search._atomic.replacing`): both files are written under
+temporary names in the target directory and moved into place only when both are complete; on
+any error the temporaries (and a directory this call created) are removed, so nothing
+half-written is left behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
+from an_search._atomic import replacing
 from an_search.errors import OutputDirError, RecipeError
 
 from .recipe import Recipe, build_from_recipe
@@ -51,15 +50,6 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
             )
 
 
-def _write_temp(
-    directory: Path, final: str, write: Callable[[str], object], temps: list[str]
-) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final}.", suffix=".tmp")
-    os.close(fd)
-    temps.append(tmp)
-    write(tmp)
-
-
 def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors`` and ``recipe.json`` into ``directory`` (created if needed).
 
@@ -80,26 +70,20 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
     _check_matches(model, recipe)
     out = Path(directory)
     created = _first_missing(out)
-    temps: list[str] = []
     done = False
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_temp(out, WEIGHTS_FILE, lambda p: save_model(model, p), temps)
-        _write_temp(out, RECIPE_FILE, lambda p: Path(p).write_text(recipe.to_json()), temps)
-        for tmp, final in zip(temps, (WEIGHTS_FILE, RECIPE_FILE), strict=True):
-            os.replace(tmp, out / final)
+        with replacing(out / WEIGHTS_FILE) as weights, replacing(out / RECIPE_FILE) as meta:
+            save_model(model, weights)
+            Path(meta).write_text(recipe.to_json())
         done = True
     except OSError as exc:
         raise OutputDirError(
             f"cannot write to {str(out)!r} ({exc.strerror or exc}): choose a writable directory"
         ) from None
     finally:
-        if not done:
-            for tmp in temps:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
+        if not done and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
     return out
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from an_search._atomic import replacing
 from an_search.errors import OutputDirError
 
 __all__ = ["atomic_write", "make_dir"]
@@ -33,16 +32,10 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
         OutputDirError: the directory cannot be written.
     """
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with replacing(path) as tmp:
+            Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     except OSError as exc:
         raise OutputDirError(
             f"directory cannot be written ({exc.strerror}): {path.parent}"
         ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -9,12 +9,12 @@ previous checkpoint intact. It is read with ``torch.load(weights_only=True)``: n
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from an_search._atomic import replacing
 from an_search.errors import CheckpointError, OutputDirError
 
 __all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
@@ -32,14 +32,8 @@ def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any]) ->
     path = directory / CHECKPOINT_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(path) as tmp:
+            torch.save(state, tmp)
     except OSError as e:
         raise OutputDirError(
             f"cannot write checkpoint to {directory} ({e.strerror}); "

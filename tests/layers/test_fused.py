@@ -203,3 +203,24 @@ def test_wrong_input_rank_raises_like_batchnorm() -> None:
         AttentiveNorm(C, K)(torch.randn(4, C, 5))
     with pytest.raises(ValueError, match="expected 2 or 3D input"):
         AttentiveNorm(C, K, base="batchnorm1d")(torch.randn(4, C, 5, 5))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_traces_one_graph_and_matches(training: bool) -> None:
+    """Under torch.compile the fused algorithm runs as plain ops: no graph break, same numbers
+    (``aot_eager``: Dynamo + AOTAutograd without inductor's C++ build)."""
+    torch._dynamo.reset()
+    an = AttentiveNorm(C, K).train(training)
+    ref = copy.deepcopy(an)
+    ref.fused = False
+    x = torch.randn(4, C, 5, 5).relu_().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y = torch.compile(an, backend="aot_eager", fullgraph=True)(x)
+    y_ref = ref(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(an.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(an.norm.running_var, ref.norm.running_var)
