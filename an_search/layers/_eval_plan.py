@@ -145,7 +145,7 @@ def run_eval_plan(plan: _Plan, x: torch.Tensor) -> torch.Tensor:
     assert lib is not None
     b, c = x.shape[0], x.shape[1]
     n = x.numel() // (b * c)
-    stride = 5 * c + plan.spec.k + plan.spec.hidden
+    stride = 3 * c + plan.spec.k + plan.spec.hidden
     ws = torch.empty(b, stride, dtype=torch.float64)
     y = torch.empty_like(x)
     fn = lib.an_eval_f32 if x.dtype == torch.float32 else lib.an_eval_f64

@@ -182,7 +182,8 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
     }
 }
 
-/* One sample: x, y are (C, n); ws holds 5C + K + hidden doubles. Samples run in parallel
+/* One sample: x, y are (C, n); ws holds 3C + K + hidden doubles (mean and variance, then
+ * scale and shift in their place; pooled; lambda; hidden). Samples run in parallel
  * when there are at least as many as threads; otherwise each sample's rows do. */
 #define DEFINE_EVAL(T, SUFFIX)                                                       \
     static void rows_affine_##SUFFIX(const T *x, T *y, long n, double a, double t) { \
@@ -203,8 +204,8 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \
                     T *ys = y + s * c * n;                                           \
                     double *w = ws + s * ws_stride, *mean = w, *var = w + c;         \
-                    double *pooled = w + 2 * c, *scale = w + 3 * c, *shift = w + 4 * c; \
-                    double *lam = w + 5 * c, *hid = lam + h->k, *wn = w + ws_stride; \
+                    double *pooled = w + 2 * c, *scale = mean, *shift = var;         \
+                    double *lam = w + 3 * c, *hid = lam + h->k, *wn = w + ws_stride; \
                     attention(h, mean, var, c, n, pooled, hid, lam);                 \
                     mixture(h, lam, c, scale, shift);                                \
                     /* pipelined: write sample s while reading sample s + 1 */       \
@@ -221,8 +222,8 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
             const T *xs = x + s * c * n;                                             \
             T *ys = y + s * c * n;                                                   \
             double *w = ws + s * ws_stride, *mean = w, *var = w + c;                 \
-            double *pooled = w + 2 * c, *scale = w + 3 * c, *shift = w + 4 * c;      \
-            double *lam = w + 5 * c, *hid = lam + h->k;                              \
+            double *pooled = w + 2 * c, *scale = mean, *shift = var;                 \
+            double *lam = w + 3 * c, *hid = lam + h->k;                              \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
             for (long i = 0; i < c; i++)                                             \
                 row_moments_##SUFFIX(xs + i * n, n, mean + i, var + i);              \
