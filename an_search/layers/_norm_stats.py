@@ -8,14 +8,19 @@ and without the cancellation of ``E[x^2] - E[x]^2``:
 
 BatchNorm groups over the batch (one value per channel), GroupNorm over the channels of a group
 (one value per sample and group).
+
+:func:`batch_scale_shift` goes on to the per-sample scale and shift of a BatchNorm-based AN
+site in ONE autograd node with an analytic backward: a dozen (B, C)-sized ops recorded one by
+one cost more than the feature-map passes themselves at 7x7 (bench/an_layer.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_stats", "group_stats", "update_running_stats"]
+__all__ = ["batch_scale_shift", "batch_stats", "group_stats", "update_running_stats"]
 
 
 def group_stats(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +53,65 @@ def batch_stats(
     if training and bn.track_running_stats:
         update_running_stats(bn, mean, var, m.shape[0] * n)
     return mean, var
+
+
+class _BatchScaleShift(torch.autograd.Function):
+    """(m, v, gamma, beta) -> (scale, shift, mean, var) with batch statistics from moments."""
+
+    @staticmethod
+    def forward(ctx, m, v, gamma, beta, eps: float):  # type: ignore[override]
+        mean = m.mean(0)  # (C,)
+        dm = m - mean  # (B, C)
+        var = v.mean(0) + dm.square().mean(0)
+        r = torch.rsqrt(var + eps)
+        scale = gamma * r
+        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
+        ctx.save_for_backward(dm, gamma, r, mean, scale)
+        ctx.mark_non_differentiable(mean, var)
+        return scale, shift, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_scale, g_shift, _g_mean, _g_var):  # type: ignore[override]
+        dm, gamma, r, mean, scale = ctx.saved_tensors
+        b = dm.shape[0]
+        g_scale = torch.zeros_like(scale) if g_scale is None else g_scale
+        g_shift = torch.zeros_like(scale) if g_shift is None else g_shift
+        g_s = torch.addcmul(g_scale, g_shift, mean, value=-1.0)  # total d/d scale
+        g_r = (g_s * gamma).sum(0)  # (C,)
+        g_var = g_r * r.pow(3) * (-0.5)  # d rsqrt(var + eps) = -r^3 / 2
+        g_mean = (g_shift * scale).sum(0).neg_()  # shift's direct dependence on the mean
+        g_m = torch.addcmul((g_mean / b).expand_as(dm), dm, g_var * (2.0 / b))
+        g_v = (g_var / b).expand_as(dm).contiguous()
+        return g_m, g_v, g_s * r, g_shift, None
+
+
+def batch_scale_shift(
+    bn: nn.Module,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    n: int,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - scale * mean`` (B, C).
+
+    ``mean``/``var`` are the batch statistics from the moments (training, or no running
+    statistics) or the running ones; updates the running statistics as :func:`batch_stats`.
+    Under ``torch.jit.trace`` and ``torch.compile``: plain differentiable ops.
+    """
+    eps = bn.eps
+    batch = not (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or (
+        not training and bn.running_mean is not None))  # fmt: skip
+    if not batch or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        mean, var = batch_stats(bn, m, v, n, training)
+        scale = gamma * torch.rsqrt(var + eps)
+        return scale, torch.addcmul(beta, scale, mean, value=-1.0)
+    scale, shift, mean, var = _BatchScaleShift.apply(m, v, gamma, beta, eps)
+    if training and bn.track_running_stats:
+        update_running_stats(bn, mean, var, m.shape[0] * n)
+    return scale, shift
 
 
 @torch.no_grad()

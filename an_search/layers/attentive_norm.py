@@ -46,7 +46,7 @@ from an_search.errors import InvalidKError, UnknownNameError
 from ._eval_plan import eval_plan, run_eval_plan
 from ._fused import GradLink, channel_affine, moments, spatial_view
 from ._native import library, plain_tensors
-from ._norm_stats import batch_stats, group_stats
+from ._norm_stats import batch_scale_shift, group_stats
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -308,10 +308,12 @@ class AttentiveNorm(nn.Module):
         gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
         if self.base == "groupnorm":
             mean, var = group_stats(m, v, self.norm.num_groups)  # (B, C) each
+            scale = gamma * torch.rsqrt(var + self.norm.eps)  # (B, C)
+            shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
         else:
-            mean, var = batch_stats(self.norm, m, v, x3.shape[2], self.training)  # (C,) each
-        scale = gamma * torch.rsqrt(var + self.norm.eps)  # (B, C)
-        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
+            scale, shift = batch_scale_shift(
+                self.norm, m, v, gamma, beta, x3.shape[2], self.training
+            )
         return channel_affine(x, scale, shift, link)
 
     def extra_repr(self) -> str:

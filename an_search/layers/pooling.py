@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from an_search.errors import UnknownNameError
 
@@ -49,6 +50,24 @@ class _Pool(nn.Module):
         return f"channels_last={self.channels_last}"
 
 
+class _MeanStd(torch.autograd.Function):
+    """``mean * rsqrt(var * bessel + eps)`` as one autograd node (its backward is analytic)."""
+
+    @staticmethod
+    def forward(ctx, mean, var, bessel: float, eps: float):  # type: ignore[override]
+        s = torch.rsqrt(var * bessel + eps)
+        ctx.save_for_backward(mean, s)
+        ctx.bessel = bessel
+        return mean * s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        mean, s = ctx.saved_tensors
+        g_var = g * mean * s.pow(3) * (-0.5 * ctx.bessel)
+        return g * s, g_var, None, None
+
+
 class MeanStdPool(_Pool):
     """Paper statistic ``mean / sqrt(var_unbiased + eps)`` with ``eps = 1e-3``."""
 
@@ -58,8 +77,10 @@ class MeanStdPool(_Pool):
 
     def from_moments(self, mean: torch.Tensor, var: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         n = self._n(x3)  # a 0-dim tensor under torch.jit.trace: no Python branch on it
-        bessel = n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1)
-        return mean * torch.rsqrt(var * bessel + self.eps)  # n = 1: biased var is 0 already
+        if torch.is_tensor(n) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            bessel = n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1)
+            return mean * torch.rsqrt(var * bessel + self.eps)  # n = 1: biased var is 0
+        return _MeanStd.apply(mean, var, n / max(n - 1, 1), self.eps)
 
 
 class AvgPool(_Pool):
