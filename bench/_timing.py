@@ -20,8 +20,10 @@ def interleaved(
     repeats: int,
     warmup: int,
     device: torch.device,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-    """Median seconds per call of each fn, measured round-robin so noise hits all alike."""
+    """Seconds per call of each fn (median, or ``stat``), measured round-robin so noise hits
+    all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -34,4 +36,4 @@ def interleaved(
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: stat(ts) for name, ts in times.items()}

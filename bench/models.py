@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import timm
 import torch
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -67,7 +69,7 @@ def main() -> None:
     kernels = _native.unavailable_reason() or "on"
     print(
         f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
-        f"torch={torch.__version__} C kernels: {kernels}"
+        f"torch={torch.__version__} {args.stat} of {args.repeats} C kernels: {kernels}"
     )
     for mode, fn in (("train step", train_step), ("inference", infer)):
         t = interleaved(
@@ -75,6 +77,7 @@ def main() -> None:
             repeats=args.repeats,
             warmup=args.warmup,
             device=dev,
+            stat=min if args.stat == "min" else statistics.median,
         )
         suffixes = ["", "+compile"] if args.compile else [""]
         for suf in suffixes:
