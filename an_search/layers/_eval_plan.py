@@ -21,7 +21,7 @@ from torch import nn
 
 from ._native import HeadSpec, library
 
-__all__ = ["eval_plan", "run_eval_plan"]
+__all__ = ["compiled_eval", "eval_plan", "eval_site", "fold", "run_eval_plan"]
 
 _GATES = {nn.Hardsigmoid: 0, nn.Sigmoid: 1, nn.Softmax: 2}
 _POOLS = {"meanstd": 0, "avg": 1}
@@ -95,7 +95,12 @@ def _key(an: nn.Module, dtype: torch.dtype) -> tuple:
     return (dtype, *((t.data_ptr(), t._version) for t in tensors))
 
 
-def _build(an: nn.Module, key: tuple) -> _Plan | None:
+_NAMES = ("w1", "s1", "b1", "w2", "s2", "b2", "gn_w", "gn_b", "mix_a", "mix_t")
+
+
+def fold(an: nn.Module) -> tuple[list[torch.Tensor], dict[str, int | float]] | None:
+    """The folded float64 tensors (in :data:`_NAMES` order) and scalars of ``an``'s eval
+    site, from plain torch ops (traceable by torch.compile); None where unsupported."""
     pool = _POOLS.get(an.pool_name)
     parsed = _parse_head(an.attn.head)
     norm = an.norm
@@ -110,21 +115,27 @@ def _build(an: nn.Module, key: tuple) -> _Plan | None:
     gn = parsed["gn"]
     gn_w = _f64(gn.weight) if gn is not None and gn.affine else torch.ones_like(b2)
     gn_b = _f64(gn.bias) if gn is not None and gn.affine else torch.zeros_like(b2)
-    tensors = [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a.contiguous(), mix_t]
-    spec = HeadSpec(
-        pool=pool,
-        pool_eps=float(getattr(an.attn.pool, "eps", 0.0)),
-        layers=len(layers),
-        hidden=w1.shape[0],
-        k=w2.shape[0],
-        gn=int(gn is not None),
-        gn_eps=float(gn.eps) if gn is not None else 0.0,
-        gate=parsed["gate"],
-    )
-    for name, t in zip(("w1", "s1", "b1", "w2", "s2", "b2", "gn_w", "gn_b", "mix_a", "mix_t"),
-                       tensors, strict=True):  # fmt: skip
+    scalars: dict[str, int | float] = {
+        "pool": pool,
+        "pool_eps": float(getattr(an.attn.pool, "eps", 0.0)),
+        "layers": len(layers),
+        "gn": int(gn is not None),
+        "gn_eps": float(gn.eps) if gn is not None else 0.0,
+        "gate": parsed["gate"],
+    }
+    return [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a.contiguous(), mix_t], scalars
+
+
+def _spec(tensors: list[torch.Tensor], scalars: dict[str, int | float]) -> HeadSpec:
+    spec = HeadSpec(**scalars, hidden=tensors[0].shape[0], k=tensors[3].shape[0])
+    for name, t in zip(_NAMES, tensors, strict=True):
         setattr(spec, name, t.data_ptr())
-    return _Plan(key, spec, tensors)
+    return spec
+
+
+def _build(an: nn.Module, key: tuple) -> _Plan | None:
+    folded = fold(an)
+    return None if folded is None else _Plan(key, _spec(*folded), folded[0])
 
 
 def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
@@ -139,16 +150,58 @@ def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
     return plan
 
 
-def run_eval_plan(plan: _Plan, x: torch.Tensor) -> torch.Tensor:
-    """Apply the plan to a contiguous CPU float32/float64 (B, C, *) tensor."""
+def _run(spec: HeadSpec, x: torch.Tensor) -> torch.Tensor:
     lib = library()
     assert lib is not None
     b, c = x.shape[0], x.shape[1]
     n = x.numel() // (b * c)
-    stride = 3 * c + plan.spec.k + plan.spec.hidden
+    stride = 3 * c + spec.k + spec.hidden
     ws = torch.empty(b, stride, dtype=torch.float64)
     y = torch.empty_like(x)
     fn = lib.an_eval_f32 if x.dtype == torch.float32 else lib.an_eval_f64
-    fn(ctypes.byref(plan.spec), x.data_ptr(), y.data_ptr(), b, c, n, ws.data_ptr(), stride,
+    fn(ctypes.byref(spec), x.data_ptr(), y.data_ptr(), b, c, n, ws.data_ptr(), stride,
        torch.get_num_threads())  # fmt: skip
     return y
+
+
+def run_eval_plan(plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+    """Apply the plan to a contiguous CPU float32/float64 (B, C, *) tensor."""
+    return _run(plan.spec, x)
+
+
+@torch.library.custom_op("an_search::eval_site", mutates_args=(), device_types="cpu")
+def eval_site(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    s1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    b2: torch.Tensor,
+    gn_w: torch.Tensor,
+    gn_b: torch.Tensor,
+    mix_a: torch.Tensor,
+    mix_t: torch.Tensor,
+    pool: int,
+    pool_eps: float,
+    layers: int,
+    gn: int,
+    gn_eps: float,
+    gate: int,
+) -> torch.Tensor:
+    """The eval kernel as a torch operator, so that ``torch.compile``d graphs call it."""
+    tensors = [t.contiguous() for t in (w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t)]
+    scalars = {"pool": pool, "pool_eps": pool_eps, "layers": layers, "gn": gn,
+               "gn_eps": gn_eps, "gate": gate}  # fmt: skip
+    return _run(_spec(tensors, scalars), x.contiguous())
+
+
+@eval_site.register_fake
+def _(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def compiled_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Under torch.compile: fold in the graph, then call :func:`eval_site`; None if n/a."""
+    folded = fold(an)
+    return None if folded is None else eval_site(x, *folded[0], **folded[1])

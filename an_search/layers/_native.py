@@ -28,6 +28,7 @@ __all__ = [
     "library",
     "native_affine",
     "native_affine_grad",
+    "native_available",
     "native_moments",
     "native_row_dots",
     "plain_tensors",
@@ -135,6 +136,12 @@ def library() -> ctypes.CDLL | None:
                     reason = f"building the native kernels failed: {exc}"
             _STATE["reason"], _STATE["lib"] = reason, lib
     return _STATE["lib"]  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result
+def native_available() -> bool:
+    """Whether :func:`library` loads (a constant for torch.compile)."""
+    return library() is not None
 
 
 def unavailable_reason() -> str | None:

@@ -29,8 +29,8 @@ path uses the same C kernels for the moments, the affine and its backward. Witho
 compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slower.
 
 Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
-forward takes 1.3-2x BatchNorm2d's time and 0.7-0.9x SE's; a train step (forward + backward)
-0.8-1.25x BatchNorm2d's up to 14x14, more at 7x7 where the head's small ops dominate.
+forward takes 1.2-2x BatchNorm2d's time and 0.55-0.8x SE's; a train step (forward + backward)
+0.75-1.2x BatchNorm2d's up to 14x14, 1.3-1.6x at 7x7 where the head's small ops dominate.
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
@@ -43,9 +43,9 @@ from torch import nn
 
 from an_search.errors import InvalidKError, UnknownNameError
 
-from ._eval_plan import eval_plan, run_eval_plan
+from ._eval_plan import compiled_eval, eval_plan, run_eval_plan
 from ._fused import GradLink, channel_affine, moments, spatial_view
-from ._native import library, plain_tensors
+from ._native import native_available, plain_tensors
 from ._norm_stats import batch_scale_shift, group_stats
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
@@ -259,11 +259,11 @@ class AttentiveNorm(nn.Module):
 
     def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
         """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a."""
+        compiling = torch.compiler.is_compiling()
         if (
             self.training
             or not self.fused
             or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
             or self.base not in _BN_INPUT_DIMS
             or x.dim() not in _BN_INPUT_DIMS[self.base]
             or x.device.type != "cpu"
@@ -271,15 +271,17 @@ class AttentiveNorm(nn.Module):
             or not x.is_contiguous()
             or x.numel() == 0
             or getattr(self.norm, "training", False)
-            or not plain_tensors(x)
+            or not (compiling or plain_tensors(x))
         ):
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             return None
-        if library() is None:
+        if not native_available():
             return None
+        if compiling:  # an opaque operator in the graph (``an_search::eval_site``)
+            return compiled_eval(self, x)
         plan = eval_plan(self, x.dtype)
         return None if plan is None else run_eval_plan(plan, x)
 

@@ -178,3 +178,28 @@ def test_dispatch_modes_see_every_op(training: bool) -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         an(torch.randn(b, c, 4, 4))
     assert counter.get_total_flops() == 3 * (2 * b * c * k)  # head linear, lam @ Gamma, @ Beta
+
+
+@pytest.mark.parametrize("head", ["default", "mlp-bn", "gn-hsigmoid"])
+def test_torch_compile_calls_the_eval_operator(head: str) -> None:
+    """Compiled eval graphs fold in the graph and call ``an_search::eval_site``: one graph,
+    the reference's numbers."""
+    torch._dynamo.reset()
+    an = _trained(AttentiveNorm(16, 4, head=head), torch.float32)
+    x = torch.randn(3, 16, 6, 6)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(an)(x)
+        y = torch.compile(an, backend="aot_eager", fullgraph=True)(x)
+        an.fused = False
+        y_ref = an(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert "an_search.eval_site" in explained.graphs[0].code
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+
+
+def test_eval_operator_passes_opcheck() -> None:
+    from an_search.layers._eval_plan import eval_site, fold
+
+    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    tensors, scalars = fold(an)
+    torch.library.opcheck(eval_site, (torch.randn(2, 8, 4, 4), *tensors), scalars)
