@@ -7,7 +7,8 @@ BatchNorm1d folded into its linears. The native kernel does all of it sample by 
 the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
 
 The folded parameters (float64) are cached per module and rebuilt when any parameter or
-buffer changes (version counter or storage).
+buffer changes (version counter or storage). Under ``torch.compile`` the folding is traced into
+the graph and the kernel is the custom operator ``an_search::eval_site``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ of a C kernel (``_native.c``, built on first use, see ``_native.py``; ``_eval_pl
 the running statistics into the mixtures and the head's BatchNorm1d into its linear), which
 takes each sample's moments, head and multiply-add while the sample is in cache. The training
 path uses the same C kernels for the moments, the affine and its backward. Without a C
-compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slower.
+compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slower. Under
+``torch.compile`` the training path is plain ops (inductor fuses them) and the eval path folds
+in the graph and calls the kernel as the custom operator ``an_search::eval_site``.
 
 Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
 forward takes 1.2-2x BatchNorm2d's time and 0.55-0.8x SE's; a train step (forward + backward)
