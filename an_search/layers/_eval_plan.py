@@ -109,7 +109,7 @@ def fold(an: nn.Module) -> tuple[list[torch.Tensor], dict[str, int | float]] | N
         return None
     inv = torch.rsqrt(_f64(norm.running_var) + norm.eps)  # (C,)
     mix_a = _f64(an.weight) * inv
-    mix_t = (_f64(an.bias) - mix_a * _f64(norm.running_mean)).contiguous()
+    mix_t = _f64(an.bias) - mix_a * _f64(norm.running_mean)  # contiguous, as mix_a
     layers = parsed["layers"]
     w1, s1, b1 = layers[0]
     w2, s2, b2 = layers[-1]
@@ -124,7 +124,7 @@ def fold(an: nn.Module) -> tuple[list[torch.Tensor], dict[str, int | float]] | N
         "gn_eps": float(gn.eps) if gn is not None else 0.0,
         "gate": parsed["gate"],
     }
-    return [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a.contiguous(), mix_t], scalars
+    return [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t], scalars
 
 
 def _spec(tensors: list[torch.Tensor], scalars: dict[str, int | float]) -> HeadSpec:

@@ -182,14 +182,26 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
     }
 }
 
-/* One sample: x, y are (C, n); ws holds 3C + K + hidden doubles (mean and variance, then
- * scale and shift in their place; pooled; lambda; hidden). Samples run in parallel
- * when there are at least as many as threads; otherwise each sample's rows do. */
-#define DEFINE_EVAL(T, SUFFIX)                                                       \
+/* One sample's workspace w holds 3C + K + hidden doubles: its moments (mean, variance),
+ * overwritten by the scale and shift computed from them; pooled; lambda; hidden. */
+static void sample_scale_shift(const an_head *h, double *w, long c, long n) {
+    double *mean = w, *var = w + c, *pooled = w + 2 * c, *lam = w + 3 * c;
+    attention(h, mean, var, c, n, pooled, lam + h->k, lam);
+    mixture(h, lam, c, mean, var); /* scale -> w[0, C), shift -> w[C, 2C) */
+}
+
+#define DEFINE_ROWS_AFFINE(T, SUFFIX)                                                \
     static void rows_affine_##SUFFIX(const T *x, T *y, long n, double a, double t) { \
         const T a_ = (T)a, t_ = (T)t;                                                \
         for (long j = 0; j < n; j++) y[j] = x[j] * a_ + t_;                          \
-    }                                                                                \
+    }
+
+DEFINE_ROWS_AFFINE(float, f32)
+DEFINE_ROWS_AFFINE(double, f64)
+
+/* Samples run in parallel when there are at least as many as threads (each thread writes
+ * sample s while it reads sample s + 1); otherwise each sample's rows do. */
+#define DEFINE_EVAL(T, SUFFIX)                                                       \
     void an_eval_##SUFFIX(const an_head *h, const T *x, T *y, long b, long c, long n, \
                           double *ws, long ws_stride, int threads) {                 \
         if (b >= threads) {                                                          \
@@ -203,14 +215,10 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
                 for (long s = s0; s < s1; s++) {                                     \
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \
                     T *ys = y + s * c * n;                                           \
-                    double *w = ws + s * ws_stride, *mean = w, *var = w + c;         \
-                    double *pooled = w + 2 * c, *scale = mean, *shift = var;         \
-                    double *lam = w + 3 * c, *hid = lam + h->k, *wn = w + ws_stride; \
-                    attention(h, mean, var, c, n, pooled, hid, lam);                 \
-                    mixture(h, lam, c, scale, shift);                                \
-                    /* pipelined: write sample s while reading sample s + 1 */       \
+                    double *w = ws + s * ws_stride, *wn = w + ws_stride;             \
+                    sample_scale_shift(h, w, c, n);                                  \
                     for (long i = 0; i < c; i++) {                                   \
-                        rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, scale[i], shift[i]); \
+                        rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, w[i], w[c + i]); \
                         if (s + 1 < s1)                                              \
                             row_moments_##SUFFIX(xn + i * n, n, wn + i, wn + c + i); \
                     }                                                                \
@@ -221,17 +229,14 @@ static void mixture(const an_head *h, const double *lam, long c, double *scale, 
         for (long s = 0; s < b; s++) {                                               \
             const T *xs = x + s * c * n;                                             \
             T *ys = y + s * c * n;                                                   \
-            double *w = ws + s * ws_stride, *mean = w, *var = w + c;                 \
-            double *pooled = w + 2 * c, *scale = mean, *shift = var;                 \
-            double *lam = w + 3 * c, *hid = lam + h->k;                              \
+            double *w = ws + s * ws_stride;                                          \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
             for (long i = 0; i < c; i++)                                             \
-                row_moments_##SUFFIX(xs + i * n, n, mean + i, var + i);              \
-            attention(h, mean, var, c, n, pooled, hid, lam);                         \
-            mixture(h, lam, c, scale, shift);                                        \
+                row_moments_##SUFFIX(xs + i * n, n, w + i, w + c + i);               \
+            sample_scale_shift(h, w, c, n);                                          \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
             for (long i = 0; i < c; i++)                                             \
-                rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, scale[i], shift[i]); \
+                rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, w[i], w[c + i]);     \
         }                                                                            \
     }
 
@@ -246,12 +251,8 @@ DEFINE_EVAL(double, f64)
     void an_affine_##SUFFIX(const T *x, const T *a, const T *t, T *y, long rows,     \
                             long n, int threads) {                                   \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
-        for (long r = 0; r < rows; r++) {                                            \
-            const T a_ = a[r], t_ = t[r];                                            \
-            const T *src = x + r * n;                                                \
-            T *dst = y + r * n;                                                      \
-            for (long j = 0; j < n; j++) dst[j] = src[j] * a_ + t_;                  \
-        }                                                                            \
+        for (long r = 0; r < rows; r++)                                              \
+            rows_affine_##SUFFIX(x + r * n, y + r * n, n, a[r], t[r]);               \
     }                                                                                \
     void an_affine_grad_##SUFFIX(const T *g, const T *x, const T *a, const T *c,     \
                                  const T *d, T *y, long rows, long n, int threads) { \

@@ -168,18 +168,13 @@ def native_moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
 
     Returns None where the kernels do not apply (no library, dtype, layout, device).
     """
-    lib = library()
-    suffix = _suffix(x3.dtype)
-    if lib is None or suffix is None or not plain_tensors(x3) or not x3.is_contiguous():
+    fn = _kernel("an_moments", x3)
+    if fn is None:
         return None
     b, c, n = x3.shape
-    if b * c * n == 0:
-        return None
     mean = x3.new_empty(b, c)
     var = x3.new_empty(b, c)
-    getattr(lib, f"an_moments_{suffix}")(
-        x3.data_ptr(), b * c, n, mean.data_ptr(), var.data_ptr(), torch.get_num_threads()
-    )
+    fn(x3.data_ptr(), b * c, n, mean.data_ptr(), var.data_ptr(), torch.get_num_threads())
     return mean, var
 
 

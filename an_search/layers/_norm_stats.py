@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_scale_shift", "batch_stats", "group_stats", "update_running_stats"]
+__all__ = [
+    "batch_scale_shift",
+    "batch_stats",
+    "group_stats",
+    "scale_shift",
+    "update_running_stats",
+]
 
 
 def group_stats(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +37,20 @@ def group_stats(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Te
     mean = mg.mean(2, keepdim=True)  # (B, G, 1)
     var = v.view(shape).mean(2, keepdim=True) + (mg - mean).square().mean(2, keepdim=True)
     return mean.expand(shape).reshape(b, c), var.expand(shape).reshape(b, c)
+
+
+def _uses_running_stats(bn: nn.Module, training: bool) -> bool:
+    """Frozen BatchNorms always normalise with running statistics; others when evaluating."""
+    frozen = not isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    return frozen or (not training and bn.running_mean is not None)
+
+
+def scale_shift(
+    gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale = gamma / sqrt(var + eps)`` and ``shift = beta - scale * mean``."""
+    scale = gamma * torch.rsqrt(var + eps)
+    return scale, torch.addcmul(beta, scale, mean, value=-1.0)
 
 
 def batch_stats(
@@ -45,8 +65,7 @@ def batch_stats(
         n: positions per sample and channel.
         training: the AttentiveNorm's mode.
     """
-    frozen = not isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    if frozen or (not training and bn.running_mean is not None):
+    if _uses_running_stats(bn, training):
         return bn.running_mean, bn.running_var
     mean = m.mean(0)  # (C,); explicit ops: var_mean over dim 0 is 5x slower on CPU
     var = v.mean(0) + (m - mean).square().mean(0)
@@ -65,7 +84,7 @@ class _BatchScaleShift(torch.autograd.Function):
         var = v.mean(0) + dm.square().mean(0)
         r = torch.rsqrt(var + eps)
         scale = gamma * r
-        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
+        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # as scale_shift, keeping r
         ctx.save_for_backward(dm, gamma, r, mean, scale)
         ctx.mark_non_differentiable(mean, var)
         return scale, shift, mean, var
@@ -101,14 +120,10 @@ def batch_scale_shift(
     statistics) or the running ones; updates the running statistics as :func:`batch_stats`.
     Under ``torch.jit.trace`` and ``torch.compile``: plain differentiable ops.
     """
-    eps = bn.eps
-    batch = not (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or (
-        not training and bn.running_mean is not None))  # fmt: skip
-    if not batch or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        mean, var = batch_stats(bn, m, v, n, training)
-        scale = gamma * torch.rsqrt(var + eps)
-        return scale, torch.addcmul(beta, scale, mean, value=-1.0)
-    scale, shift, mean, var = _BatchScaleShift.apply(m, v, gamma, beta, eps)
+    plain = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if plain or _uses_running_stats(bn, training):
+        return scale_shift(gamma, beta, *batch_stats(bn, m, v, n, training), bn.eps)
+    scale, shift, mean, var = _BatchScaleShift.apply(m, v, gamma, beta, bn.eps)
     if training and bn.track_running_stats:
         update_running_stats(bn, mean, var, m.shape[0] * n)
     return scale, shift

@@ -48,7 +48,7 @@ from an_search.errors import InvalidKError, UnknownNameError
 from ._eval_plan import compiled_eval, eval_plan, run_eval_plan
 from ._fused import GradLink, channel_affine, moments, spatial_view
 from ._native import native_available, plain_tensors
-from ._norm_stats import batch_scale_shift, group_stats
+from ._norm_stats import batch_scale_shift, group_stats, scale_shift
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -312,8 +312,7 @@ class AttentiveNorm(nn.Module):
         gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
         if self.base == "groupnorm":
             mean, var = group_stats(m, v, self.norm.num_groups)  # (B, C) each
-            scale = gamma * torch.rsqrt(var + self.norm.eps)  # (B, C)
-            shift = torch.addcmul(beta, scale, mean, value=-1.0)  # beta - scale * mean
+            scale, shift = scale_shift(gamma, beta, mean, var, self.norm.eps)
         else:
             scale, shift = batch_scale_shift(
                 self.norm, m, v, gamma, beta, x3.shape[2], self.training
