@@ -14,6 +14,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
     .venv/bin/python bench/an_layer.py                 # 2 threads, K = 10 and 20
     .venv/bin/python bench/an_layer.py --ks 10 --repeats 31 --threads 1
     AN_SEARCH_NATIVE=0 .venv/bin/python bench/an_layer.py   # stock ATen ops, no C kernels
+    python bench/an_layer.py --device cuda --repeats 50      # a GPU; --unfused: reference path
 
 On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
 OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
@@ -89,13 +90,14 @@ def _peak_bytes(fn: Callable, device: torch.device) -> int:
     return peak
 
 
-def _modules(channels: int, ks: list[int]) -> dict[str, nn.Module]:
+def _modules(channels: int, ks: list[int], fused: bool = True) -> dict[str, nn.Module]:
     mods: dict[str, nn.Module] = {
         "bn": nn.BatchNorm2d(channels),
         "se": SEModule(channels, rd_ratio=1.0 / 16),
     }
     for k in ks:
         mods[f"an{k}"] = AttentiveNorm(channels, k)
+        mods[f"an{k}"].fused = fused
     return mods
 
 
@@ -105,7 +107,7 @@ def bench_shape(
     """Time every module at one shape; returns one row per (mode, module)."""
     x = torch.randn(args.batch, channels, size, size, device=device)
     grad = torch.randn_like(x)
-    mods = {name: m.to(device) for name, m in _modules(channels, args.ks).items()}
+    mods = {name: m.to(device) for name, m in _modules(channels, args.ks, args.fused).items()}
     rows = []
     for mode in args.modes:
         train = mode != "eval"
@@ -204,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stat", default="median", choices=sorted(STATS), help="over repeats")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--plain", action="store_true", help="plain-text table (no rich)")
+    parser.add_argument(
+        "--unfused", dest="fused", action="store_false",
+        help="AN on its reference path (inner BatchNorm module, then the affine)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     filter_torchscript_warning()
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # quiet the CPU profiler used for memory
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         f"AN vs BatchNorm2d vs SEModule, batch {args.batch}, torch {torch.__version__}, "
         f"{args.device}, {args.threads} threads, {args.stat} of {args.repeats}, "
         f"load before {load:.1f}, C kernels: {_native.unavailable_reason() or 'on'}"
+        f"{'' if args.fused else ', AN unfused (reference path)'}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

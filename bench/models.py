@@ -4,7 +4,7 @@ Training step (forward + backward + SGD step) and inference, measured side by si
 (interleaved repeats, medians), optionally with torch.compile, on CPU or a GPU.
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
-    python bench/models.py --compile --device cuda --batch 64
+    python bench/models.py --compile --device cuda --batch 64 [--amp]
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -53,23 +54,29 @@ def main() -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
 
+    def autocast() -> torch.autocast:
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
+
     def train_step(name: str) -> None:
         m = variants[name]
         m.train()
         opts[name].zero_grad(set_to_none=True)
-        loss_fn(m(x), y).backward()
+        with autocast():
+            loss = loss_fn(m(x), y)
+        loss.backward()
         opts[name].step()
 
     def infer(name: str) -> None:
         m = variants[name]
         m.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             m(x)
 
     kernels = _native.unavailable_reason() or "on"
     print(
         f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
         f"torch={torch.__version__} {args.stat} of {args.repeats} C kernels: {kernels}"
+        f"{' amp=bfloat16' if args.amp else ''}"
     )
     for mode, fn in (("train step", train_step), ("inference", infer)):
         t = interleaved(

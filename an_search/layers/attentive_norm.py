@@ -10,16 +10,16 @@ AN is a composite that holds its base norm as a child and never subclasses it, s
 converters rebuild only the inner norm and keep the mixture (DESIGN.md 5). The K mixtures are
 never materialised: the (B, C) scale/shift are computed first and applied in one pass.
 
-Fast path (BatchNorm and GroupNorm bases on CPU, DESIGN.md 13): one pass of per-(sample,
-channel) moments (mean and variance from ``sum(x)`` and ``sum(x^2)``, see ``_fused.py``) gives
+Fast path (BatchNorm and GroupNorm bases, DESIGN.md 13): one pass of per-(sample, channel)
+moments (on CPU from ``sum(x)`` and ``sum(x^2)``, on CUDA ``var_mean``; see ``_fused.py``) gives
 the attention statistic AND the normalisation statistics (batch or group mean/variance, by the
 law of total variance); everything is folded into a per-sample scale
 ``a = gamma * rsqrt(var + eps)`` and shift ``beta - a * mean`` applied by one multiply-add pass.
 Running statistics follow ``nn.BatchNorm`` (momentum, momentum None = cumulative average,
 unbiased running variance, ``num_batches_tracked``; see ``_norm_stats.py``).
-The reference path (``fused = False``, other bases, non-CPU devices where cuDNN/var_mean are
-fast, an inner ``SyncBatchNorm`` whose batch statistics must be all-reduced across ranks, or a
-single value per channel in training) calls the inner norm module, then the one-pass affine.
+The reference path (``fused = False``, other bases, an inner ``SyncBatchNorm`` whose batch
+statistics must be all-reduced across ranks, or a single value per channel in training) calls
+the inner norm module, then the one-pass affine.
 
 Eval path (BatchNorm bases on CPU, float32/float64, no autograd): the whole site is one call
 of a C kernel (``_native.c``, built on first use, see ``_native.py``; ``_eval_plan.py`` folds
@@ -46,7 +46,7 @@ from torch import nn
 from an_search.errors import InvalidKError, UnknownNameError
 
 from ._eval_plan import compiled_eval, eval_plan, run_eval_plan
-from ._fused import GradLink, channel_affine, moments, spatial_view
+from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available, plain_tensors
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
@@ -249,8 +249,8 @@ class AttentiveNorm(nn.Module):
         return y if isinstance(self.act, nn.Identity) else self.act(y)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
-        if not self.fused or x.device.type != "cpu":
-            return False  # (compiled on CPU: the same algorithm in plain ops, see _fused.py)
+        if not self.fused:
+            return False  # (compiled or off the CPU: the same algorithm in plain ops, _fused.py)
         if self.base not in ("batchnorm", "batchnorm1d", "batchnorm3d"):
             return self.base == "groupnorm"
         if isinstance(self.norm, nn.SyncBatchNorm):
@@ -307,7 +307,7 @@ class AttentiveNorm(nn.Module):
         if dims is not None and x.dim() not in dims:  # as the inner BatchNorm would
             raise ValueError(f"expected {' or '.join(map(str, dims))}D input (got {x.dim()}D)")
         x3 = spatial_view(x, False)  # (B, C, n)
-        link = GradLink() if x.requires_grad and torch.is_grad_enabled() else None
+        link = grad_link(x)
         m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance
         gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
         if self.base == "groupnorm":

@@ -14,19 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from an_search.layers import AttentiveNorm, _native
+from an_search.layers import AttentiveNorm, _fused, _native
 from an_search.layers._fused import moments
 
 C, K = 6, 3
 
 
-@pytest.fixture(autouse=True, params=["native", "aten"])
+@pytest.fixture(autouse=True, params=["native", "aten", "device-ops"])
 def _kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs with the C kernels of ``_native.c`` and with stock ATen ops only."""
-    if request.param == "aten":
-        monkeypatch.setattr(_native, "_STATE", {"lib": None, "reason": "test: ATen only"})
-    elif _native.library() is None:
-        pytest.skip(f"native kernels: {_native.unavailable_reason()}")
+    """Every test runs with the C kernels of ``_native.c``, with stock ATen ops only, and with
+    the ops that tensors off the CPU take (``var_mean``, ``addcmul``, autograd's own backward
+    of the moments), here on CPU tensors."""
+    if request.param == "native":
+        if _native.library() is None:
+            pytest.skip(f"native kernels: {_native.unavailable_reason()}")
+        return
+    monkeypatch.setattr(_native, "_STATE", {"lib": None, "reason": "test: ATen only"})
+    if request.param == "device-ops":
+        monkeypatch.setattr(_fused, "_device_ops", lambda x: True)
 
 
 def _unfused(ref: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +160,52 @@ def test_bfloat16_input_keeps_dtype() -> None:
     y16 = an(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), an(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+def test_bfloat16_moments_accumulate_in_float32(offset: float) -> None:
+    x = (torch.randn(4, C, 300) + offset).bfloat16()
+    mean, var = moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    x64 = x.double()  # the same bfloat16 values, exactly
+    torch.testing.assert_close(mean.double(), x64.mean(2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.double(), x64.var(2, unbiased=False), atol=0, rtol=1e-3)
+
+
+def test_bfloat16_training_step_follows_float32() -> None:
+    an = AttentiveNorm(C, K).train()
+    an16 = copy.deepcopy(an)
+    x = torch.randn(4, C, 6, 6)
+    x16 = x.bfloat16().requires_grad_()
+    x32 = x16.detach().float().requires_grad_()  # the same input values
+    g = torch.randn(x.shape)
+    an(x32).backward(g)
+    y16 = an16(x16)
+    y16.backward(g.bfloat16())
+    assert y16.dtype == x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.float(), x32.grad, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(an16.weight.grad, an.weight.grad, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(an16.norm.running_var, an.norm.running_var, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bfloat16_autocast_follows_float32(training: bool) -> None:
+    """Under autocast the head's linear runs in bfloat16: mixed-dtype scale, shift and map."""
+    conv = nn.Conv2d(3, C, 3, padding=1)
+    an = AttentiveNorm(C, K).train(training)
+    ref = copy.deepcopy(an)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = an(h)
+    assert h.dtype == y.dtype == torch.bfloat16
+    y_ref = ref(h.detach().float())
+    torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
+    if training:
+        y.float().square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(an.weight.grad, ref.weight.grad, atol=0.1, rtol=0.05)
+        assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
 
 
 def test_single_value_per_channel_in_training_raises_like_batchnorm() -> None:

@@ -124,3 +124,23 @@ def test_two_nccl_ranks_with_sync_bn_match_one_gpu(tiny_train) -> None:
     finally:
         dist.destroy_process_group()
     _agree(run.result.history, one)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_one_nccl_rank_under_torchrun_matches_one_gpu(tiny_train) -> None:
+    """The torchrun path on one GPU (NCCL, SyncBN with AN kept) against plain proxy training."""
+    data = resolve_data(None)
+    train = tiny_train(**DETERMINISTIC, batch_size=16, device="cuda", amp=False, threads=None)
+    built = build_model(SearchConfig("resnet10t", train=train), data, BASELINES["paper"])
+    reference = copy.deepcopy(built.model)
+    run = train_distributed(built.model, built.recipe, data, train, nproc=1, sync_bn=True)
+    assert [r["device"] for r in run.ranks] == ["cuda:0"]
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        one = proxy_train(reference, data, train).history
+    finally:
+        dist.destroy_process_group()
+    _agree(run.result.history, one)

@@ -1,0 +1,127 @@
+"""AN on a CUDA GPU against the CPU in float64: layer, bfloat16 autocast, a converted timm
+model, torch.compile and a proxy training with AMP. Skipped without CUDA (run them when a GPU
+is lent: ``pytest -m gpu``).
+
+Tolerances: float32 on the GPU against float64 on the CPU is far below 1e-4 for the layer; a
+whole network's convolutions run in TF32 by default (cuDNN), about 1e-3 relative each, hence
+1e-2 on the logits; bfloat16 keeps 8 bits of mantissa, hence 5e-2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from an_search import convert
+from an_search.layers import AttentiveNorm
+from an_search.train import TrainConfig, proxy_train, resolve_data
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+C, K = 16, 5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("base", ["batchnorm", "groupnorm"])
+@pytest.mark.parametrize("head", ["default", "bn-softmax"])
+def test_layer_on_cuda_matches_cpu_float64(base: str, head: str) -> None:
+    an = AttentiveNorm(C, K, base=base, head=head, num_groups=4)
+    ref = copy.deepcopy(an).double()
+    an = an.cuda()
+    for training in (True, True, False):
+        an.train(training)
+        ref.train(training)
+        x = torch.randn(8, C, 7, 7, dtype=torch.double) * 3 + 1
+        xc = x.float().cuda().requires_grad_()
+        xr = x.clone().requires_grad_()
+        y, y_ref = an(xc), ref(xr)
+        assert y.is_cuda and _rel(y, y_ref) < 1e-5
+        g = torch.randn_like(x)
+        y.backward(g.float().cuda())
+        y_ref.backward(g)
+        assert _rel(xc.grad, xr.grad) < 1e-4
+    for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
+        assert _rel(p.grad, p_ref.grad) < 1e-4, name
+    for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
+        if b.is_floating_point():
+            assert _rel(b, b_ref) < 1e-5, name
+        else:
+            assert int(b) == int(b_ref) == 2, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bfloat16_autocast_on_cuda_follows_float32(training: bool) -> None:
+    conv = nn.Conv2d(3, C, 3, padding=1).cuda()
+    an = AttentiveNorm(C, K).cuda().train(training)
+    ref = copy.deepcopy(an)
+    x = torch.randn(8, 3, 14, 14, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = conv(x)
+        y = an(h)
+    assert h.dtype == y.dtype == torch.bfloat16
+    y_ref = ref(h.detach().float())
+    assert _rel(y, y_ref) < 5e-2
+    if training:
+        y.float().square().sum().backward()
+        y_ref.square().sum().backward()
+        assert _rel(an.weight.grad, ref.weight.grad) < 5e-2
+        assert _rel(an.norm.running_var, ref.norm.running_var) < 1e-2
+
+
+def test_converted_resnet_on_cuda_matches_cpu() -> None:
+    model = convert("resnet18", placement="paper", num_classes=10, cost=False).model
+    x = torch.randn(4, 3, 64, 64)
+    for training in (True, False):
+        cpu = copy.deepcopy(model).double().train(training)
+        gpu = copy.deepcopy(model).cuda().train(training)
+        with torch.no_grad():
+            out_cpu, out_gpu = cpu(x.double()), gpu(x.cuda())
+        assert _rel(out_gpu, out_cpu) < 1e-2, training
+        for (name, b), b_ref in zip(gpu.named_buffers(), cpu.buffers(), strict=True):
+            if b.is_floating_point():
+                assert _rel(b, b_ref) < 1e-2, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_layer_on_cuda_matches_eager(training: bool) -> None:
+    an = AttentiveNorm(C, K).cuda().train(training)
+    ref = copy.deepcopy(an)
+    compiled = torch.compile(an, fullgraph=True)
+    x = torch.randn(8, C, 14, 14, device="cuda") * 2 + 1
+    xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = compiled(xc), ref(xr)
+    assert _rel(y, y_ref) < 1e-5
+    if training:
+        g = torch.randn_like(x)
+        y.backward(g)
+        y_ref.backward(g)
+        assert _rel(xc.grad, xr.grad) < 1e-4
+        assert _rel(an.weight.grad, ref.weight.grad) < 1e-4
+        assert _rel(an.norm.running_mean, ref.norm.running_mean) < 1e-5
+
+
+def test_proxy_training_with_amp_on_cuda_learns() -> None:
+    torch.manual_seed(0)
+    model = convert("resnet10t", placement="paper", num_classes=10, in_chans=3, cost=False).model
+    before = copy.deepcopy(model)
+    train = TrainConfig(
+        epochs=3, batches_per_epoch=20, batch_size=32, img_size=32, val_fraction=0.1,
+        device="cuda", amp=True,
+    )  # fmt: skip
+    result = proxy_train(model, resolve_data(None), train)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    losses = [h["train_loss"] for h in result.history]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    assert result.top1 > 100 / 10, result.history  # above chance on 10 classes
+    moved = [_rel(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
+    assert min(moved) > 0  # every parameter trained (on the GPU: the model was moved there)
