@@ -201,14 +201,17 @@ class _ChannelAffine(torch.autograd.Function):
         elif need_a or need_t:
             acc = _acc_dtype(x)
             zero = x.new_zeros(b * c, dtype=acc)
+            # CUDA's kernel asserts saved statistics: empty ones mean "use the running ones",
+            # as in cuDNN's eval-mode backward (mean 0, invstd 1 / sqrt(0 + eps 1) = 1)
+            saved = zero[:0] if _device_ops(x) else None
             _, ga, gt = torch.ops.aten.native_batch_norm_backward(
                 gy.view(1, b * c, -1),
                 x.view(1, b * c, -1),
                 a.reshape(b * c).to(acc),
                 zero,
                 zero,
-                None,
-                None,
+                saved,
+                saved,
                 False,
                 1.0,
                 [False, need_a, need_t],
