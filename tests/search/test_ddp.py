@@ -41,10 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_process_reference(model: torch.nn.Module, data, train) -> list[dict]:
-    """The same training as one torch.distributed process (world size 1, same sampler)."""
+def _one_process_reference(
+    model: torch.nn.Module, data, train, backend: str = "gloo"
+) -> list[dict]:
+    """The same training as one torch.distributed process (world size 1, same sampler; on a GPU
+    with NCCL, where SyncBN falls back to plain BN)."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
     )
     try:
         return proxy_train(model, data, train).history
@@ -115,15 +118,7 @@ def test_two_nccl_ranks_with_sync_bn_match_one_gpu(tiny_train) -> None:
     reference = copy.deepcopy(built.model)
     run = train_distributed(built.model, built.recipe, data, train2, nproc=2, sync_bn=True)
     train1 = tiny_train(**DETERMINISTIC, batch_size=16, device="cuda", amp=False, threads=None)
-    # one GPU under a world-1 group: SyncBN falls back to plain BN, the sampler is the same
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        one = proxy_train(reference, data, train1).history
-    finally:
-        dist.destroy_process_group()
-    _agree(run.result.history, one)
+    _agree(run.result.history, _one_process_reference(reference, data, train1, "nccl"))
 
 
 @pytest.mark.gpu
@@ -136,11 +131,4 @@ def test_one_nccl_rank_under_torchrun_matches_one_gpu(tiny_train) -> None:
     reference = copy.deepcopy(built.model)
     run = train_distributed(built.model, built.recipe, data, train, nproc=1, sync_bn=True)
     assert [r["device"] for r in run.ranks] == ["cuda:0"]
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        one = proxy_train(reference, data, train).history
-    finally:
-        dist.destroy_process_group()
-    _agree(run.result.history, one)
+    _agree(run.result.history, _one_process_reference(reference, data, train, "nccl"))
