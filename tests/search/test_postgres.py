@@ -101,15 +101,29 @@ def test_sigkilled_worker_trial_fails_by_heartbeat_and_study_completes(
 
 
 def _kill_a_training_worker(name: str, killed: list[tuple[int, int]]) -> None:
-    """SIGKILL the worker of the first baseline trial seen training (baselines always train)."""
+    """SIGKILL the worker of the first baseline trial seen training (baselines always train),
+    once both workers have started a trial: a worker that starts after the kill would find the
+    dead pid on this host in its start-up check and fail the trial before the heartbeat does."""
     study = optuna.load_study(study_name=name, storage=open_storage(URL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = t.user_attrs.get("worker", {}).get("pid")
-            if t.user_attrs.get("baseline") and "config_key" in t.user_attrs and pid:
-                time.sleep(0.5)  # into its training
+        trials = study.get_trials(deepcopy=False)
+        if len({t.user_attrs.get("worker", {}).get("pid") for t in trials} - {None}) < 2:
+            time.sleep(0.2)
+            continue
+        training = [
+            t
+            for t in trials
+            if t.state == TrialState.RUNNING
+            and t.user_attrs.get("baseline")
+            and "config_key" in t.user_attrs
+        ]
+        if training:
+            victim = max(training, key=lambda t: t.datetime_start)  # the longest left to train
+            time.sleep(0.5)  # into its training
+            if study._storage.get_trial(victim._trial_id).state == TrialState.RUNNING:
+                pid = victim.user_attrs["worker"]["pid"]
                 os.kill(pid, signal.SIGKILL)
-                killed.append((t.number, pid))
+                killed.append((victim.number, pid))
                 return
         time.sleep(0.2)
