@@ -18,7 +18,8 @@ Which storage (DESIGN point 9):
 Stale trials (the rule): every trial records its worker (host, pid, process start time) when it
 starts. When a search starts, a RUNNING trial of the study is marked FAIL (user attribute
 ``fail_reason``) if its worker ran on this host and that process no longer exists, or, on SQLite
-(one writer by design), if it recorded no worker at all. RUNNING trials of live processes and of
+(one writer by design), if it recorded no worker at all; on a server database it is then
+re-queued once, as the heartbeat would have done. RUNNING trials of live processes and of
 other hosts are left alone: on a server database the heartbeat fails them. Finished trials are
 never touched, so a killed search loses nothing but the trial it was running.
 """
@@ -143,6 +144,9 @@ def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
         The numbers of the trials marked FAIL.
     """
     sqlite = isinstance(_rdb(study), RDBStorage) and _rdb(study).url.startswith("sqlite")
+    retry = None  # the heartbeat's retry callback, on server databases
+    if heartbeat_enabled(study):
+        retry = study._storage.get_heartbeat_stale_trial_callback()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(_WORKER_KEY)
@@ -156,6 +160,8 @@ def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         failed.append(trial.number)
+        if retry is not None:  # re-queued once, as the heartbeat would have done
+            retry(study, study._storage.get_trial(trial._trial_id))
     return failed
 
 

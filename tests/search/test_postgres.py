@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +29,7 @@ from an_search.search import (
     SearchConfig,
     count_trials,
     create_or_load_study,
+    fail_dead_worker_trials,
     join_config,
     open_storage,
     run_workers,
@@ -127,3 +131,23 @@ def _kill_a_training_worker(name: str, killed: list[tuple[int, int]]) -> None:
                 killed.append((victim.number, pid))
                 return
         time.sleep(0.2)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask
+def test_dead_local_worker_trial_is_requeued_once_like_the_heartbeat() -> None:
+    """The start-up pid check (a worker that died on this host) re-queues the trial it fails on
+    a server database, as the heartbeat's retry callback would have."""
+    study = optuna.create_study(storage=open_storage(URL), study_name=f"pg-{uuid.uuid4().hex[:8]}")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid, "start": "0"})
+
+    assert fail_dead_worker_trials(study) == [trial.number]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert str(gone.pid) in trials[0].user_attrs["fail_reason"]
+    retry = trials[1]
+    assert retry.system_attrs["failed_trial"] == trial.number
+    assert retry.params == trials[0].params  # the same configuration, asked again
+    assert fail_dead_worker_trials(study) == []  # nothing RUNNING left: no second retry
