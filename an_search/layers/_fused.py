@@ -92,9 +92,6 @@ def _affine_kernel(
         if y is not None:
             return y
     b, c = a.shape
-    if _device_ops(x) and a.dtype == t.dtype == x.dtype:  # one broadcast kernel, fresh output
-        shape = (b, c) + (1,) * (x.dim() - 2)
-        return torch.addcmul(t.view(shape), x, a.view(shape))
     n = x.numel() // max(b * c, 1)
     acc = _acc_dtype(x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if owned else None
@@ -201,17 +198,14 @@ class _ChannelAffine(torch.autograd.Function):
         elif need_a or need_t:
             acc = _acc_dtype(x)
             zero = x.new_zeros(b * c, dtype=acc)
-            # CUDA's kernel asserts saved statistics: empty ones mean "use the running ones",
-            # as in cuDNN's eval-mode backward (mean 0, invstd 1 / sqrt(0 + eps 1) = 1)
-            saved = zero[:0] if _device_ops(x) else None
             _, ga, gt = torch.ops.aten.native_batch_norm_backward(
                 gy.view(1, b * c, -1),
                 x.view(1, b * c, -1),
                 a.reshape(b * c).to(acc),
                 zero,
                 zero,
-                saved,
-                saved,
+                None,
+                None,
                 False,
                 1.0,
                 [False, need_a, need_t],
@@ -286,10 +280,12 @@ def channel_affine(
         ``torch.jit.trace`` or ``torch.compile`` a plain broadcast ``addcmul`` (traceable, no
         custom Function).
     """
+    shape = a.shape + (1,) * (x.dim() - 2)  # any memory format (TensorIterator keeps it)
+    if _device_ops(x):  # one broadcast kernel; autograd's own backward (no Python on the GPU)
+        return torch.addcmul(t.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
     plain = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graph capture: ATen ops
     if not plain and x.is_contiguous() and x.numel() > 0:
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or t.requires_grad):
             return _ChannelAffine.apply(x, a, t, link)
         return _affine_kernel(x, a, t)
-    shape = a.shape + (1,) * (x.dim() - 2)  # any memory format (TensorIterator keeps it)
     return torch.addcmul(t.view(shape), x, a.view(shape)).to(x.dtype)

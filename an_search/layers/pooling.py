@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from an_search.errors import UnknownNameError
 
+from . import _fused
 from ._fused import moments, spatial_view
 
 __all__ = ["POOLS", "AvgMaxPool", "AvgPool", "MeanStdPool", "create_pool"]
@@ -77,7 +78,8 @@ class MeanStdPool(_Pool):
 
     def from_moments(self, mean: torch.Tensor, var: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         n = self._n(x3)  # a 0-dim tensor under torch.jit.trace: no Python branch on it
-        if torch.is_tensor(n) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        plain = torch.jit.is_tracing() or torch.compiler.is_compiling() or _fused._device_ops(mean)
+        if torch.is_tensor(n) or plain:  # graph capture, or a GPU: autograd's own nodes
             bessel = n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1)
             return mean * torch.rsqrt(var * bessel + self.eps)  # n = 1: biased var is 0
         return _MeanStd.apply(mean, var, n / max(n - 1, 1), self.eps)
