@@ -18,6 +18,9 @@ A :class:`GradLink` shared by the two calls of one layer lets the affine's backw
 ``(g, a)`` to the moments' backward (which autograd always runs later: ``a`` depends on the
 moments), which then writes the whole gradient into one buffer.
 
+Off the CPU (CUDA): ``var_mean`` and one broadcast ``addcmul``, with autograd's own backward:
+there the GPU work is small and each custom Function's Python backward costs more than it saves.
+
 Numerics: the one-pass variance ``E[x^2] - E[x]^2`` (float32 accumulation, also for
 half/bfloat16 inputs) is recomputed two-pass for the rows where it cancels (mean^2 > 4 var, or
 rounding made it negative), and only those rows (the ReLU of a centred Gaussian has
