@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -23,17 +24,21 @@ def interleaved(
     stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
     """Seconds per call of each fn (median, or ``stat``), measured round-robin so noise hits
-    all alike."""
+    all alike, in a new (seeded) random order every repeat: a call pays for what the one
+    before it left behind (freed memory returned to the OS, caches), so no fn may always follow
+    the same one (a rotation would keep the neighbours)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
+    names, rng = list(fns), random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(names)
+        for name in names:
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: stat(ts) for name, ts in times.items()}

@@ -2,7 +2,9 @@
 
 Shapes are the four ResNet-50 bottleneck ``bn2`` sites (batch 32): (C, H) = (64, 56), (128, 28),
 (256, 14), (512, 7). For every shape the modules are timed side by side, interleaved repeat by
-repeat, and the median (``--stat min``: the fastest repeat) is reported:
+repeat in a new random order each repeat (a call pays for what the previous one freed: in a
+fixed order, the module after SE measured ~20% slower at 7x7), and the median (``--stat min``:
+the fastest repeat) is reported:
 
 - ``eval``:  forward in eval mode under ``torch.no_grad()``;
 - ``train-fwd``: forward in train mode, autograd recording (input requires grad);
@@ -28,7 +30,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,14 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm, _native  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved  # noqa: E402
+
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 MODES = ("eval", "train-fwd", "train")
 STATS = {"median": statistics.median, "min": min}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable:
@@ -119,14 +118,8 @@ def bench_shape(
         for fn in fns.values():
             for _ in range(args.warmup):
                 fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
+        stat = STATS[args.stat]
+        times = interleaved(fns, repeats=args.repeats, warmup=0, device=device, stat=stat)
         for name, fn in fns.items():
             xin.grad = None  # freed outside the measured call: peak counts what fn allocates
             mods[name].zero_grad(set_to_none=True)
@@ -136,7 +129,7 @@ def bench_shape(
                     "shape": f"{channels}x{size}",
                     "mode": mode,
                     "module": name,
-                    "ms": STATS[args.stat](times[name]) * 1e3,
+                    "ms": times[name] * 1e3,
                     "mb": peak / 2**20,
                 }
             )
