@@ -33,8 +33,9 @@ compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slowe
 in the graph and calls the kernel as the custom operator ``an_search::eval_site``.
 
 Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
-forward takes 1.2-2x BatchNorm2d's time and 0.55-0.8x SE's; a train step (forward + backward)
-0.75-1.2x BatchNorm2d's up to 14x14, 1.3-1.6x at 7x7 where the head's small ops dominate.
+forward takes 1.3-2.2x BatchNorm2d's time and 0.5-0.85x SE's; a train step (forward +
+backward) 0.7-1.2x BatchNorm2d's up to 14x14, 1.1-1.6x at 7x7 where the head's small ops
+dominate. On a GPU (H200, eager) the ~20 small ops of a site are launch-bound: compile there.
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
