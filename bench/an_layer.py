@@ -40,11 +40,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import interleaved  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm, _native  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved  # noqa: E402
 
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 MODES = ("eval", "train-fwd", "train")
@@ -115,11 +114,8 @@ def bench_shape(
         for name, m in mods.items():
             m.train(train)
             fns[name] = _step(m, xin, grad, mode)
-        for fn in fns.values():
-            for _ in range(args.warmup):
-                fn()
         stat = STATS[args.stat]
-        times = interleaved(fns, repeats=args.repeats, warmup=0, device=device, stat=stat)
+        times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device, stat=stat)
         for name, fn in fns.items():
             xin.grad = None  # freed outside the measured call: peak counts what fn allocates
             mods[name].zero_grad(set_to_none=True)
