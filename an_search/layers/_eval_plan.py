@@ -7,13 +7,17 @@ BatchNorm1d folded into its linears. The native kernel does all of it sample by 
 the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
 
 The folded parameters (float64) are cached per module and rebuilt when any parameter or
-buffer changes (version counter or storage). Under ``torch.compile`` the folding is traced into
-the graph and the kernel is the custom operator ``an_search::eval_site``.
+buffer changes (version counter or storage), or when a submodule, parameter or buffer it holds
+is replaced, added or removed. That check reads the module's own dicts (a few microseconds): walking
+``parameters()`` and ``buffers()`` cost more than the kernel itself at 7x7. Under
+``torch.compile`` the folding is traced into the graph and the kernel is the custom operator
+``an_search::eval_site``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 from dataclasses import dataclass, field
 
@@ -30,9 +34,37 @@ _POOLS = {"meanstd": 0, "avg": 1}
 
 @dataclass
 class _Plan:
-    key: tuple
+    key: _Key
     spec: HeadSpec
     tensors: list[torch.Tensor] = field(default_factory=list)  # keeps the pointers alive
+
+
+@dataclass
+class _Key:
+    """What a plan was folded from: the dtype, the submodules' non-empty member dicts with their
+    values (held, so that ``is`` cannot be fooled by a reused id), and each tensor's version and
+    data pointer (in-place updates and ``.data`` assignment). Empty dicts are left out: what
+    ``fold`` reads is in the others (an absent bias is a ``None`` entry)."""
+
+    dtype: torch.dtype
+    dicts: list[tuple[dict, tuple]]
+    tensors: list[tuple[torch.Tensor, int, int]]
+
+    @classmethod
+    def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
+        dicts = [(d, tuple(d.values())) for m in an.modules()
+                 for d in (m._parameters, m._buffers, m._modules) if d]  # fmt: skip
+        tensors = [(t, t._version, t.data_ptr()) for _, values in dicts for t in values
+                   if isinstance(t, torch.Tensor)]  # fmt: skip
+        return cls(dtype, dicts, tensors)
+
+    def matches(self, dtype: torch.dtype) -> bool:
+        if dtype != self.dtype:
+            return False
+        for d, values in self.dicts:
+            if len(d) != len(values) or not all(map(operator.is_, d.values(), values)):
+                return False
+        return all(t._version == v and t.data_ptr() == p for t, v, p in self.tensors)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -91,11 +123,6 @@ def _parse_head(head: nn.Module) -> dict | None:
     return {"layers": layers, "gn": gn, "gate": gate}
 
 
-def _key(an: nn.Module, dtype: torch.dtype) -> tuple:
-    tensors = [*an.parameters(), *an.buffers()]
-    return (dtype, *((t.data_ptr(), t._version) for t in tensors))
-
-
 _NAMES = ("w1", "s1", "b1", "w2", "s2", "b2", "gn_w", "gn_b", "mix_a", "mix_t")
 
 
@@ -134,17 +161,17 @@ def _spec(tensors: list[torch.Tensor], scalars: dict[str, int | float]) -> HeadS
     return spec
 
 
-def _build(an: nn.Module, key: tuple) -> _Plan | None:
+def _build(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
+    key = _Key.of(an, dtype)  # before folding: a change while folding shows at the next call
     folded = fold(an)
     return None if folded is None else _Plan(key, _spec(*folded), folded[0])
 
 
 def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
     """The cached folded plan of ``an`` (an eval-mode batchnorm-based AttentiveNorm), or None."""
-    key = _key(an, dtype)
     plan = _CACHE.get(an)
-    if plan is None or plan.key != key:
-        plan = _build(an, key)
+    if plan is None or not plan.key.matches(dtype):
+        plan = _build(an, dtype)
         if plan is None:
             return None
         _CACHE[an] = plan

@@ -11,7 +11,9 @@
  * Moments are accumulated shifted by the mean of four of the row's values, in float vector
  * lanes over blocks of 512 values, folded into double; a row whose shifted mean^2 exceeds 4x
  * its variance (where the one-pass formula could cancel) is redone two-pass in double, mean
- * and variance, while it is still in cache.
+ * and variance, while it is still in cache. Float32 rows of at most 1024 values (ResNet's
+ * 28x28 to 7x7 maps) go eight at a time (AVX2): their sixteen horizontal sums and the final
+ * arithmetic are done as vectors; at 7x7, row by row, they cost more than the data.
  * Threads: OpenMP, the runtime torch already loaded (libgomp.so.1 is shared by soname).
  */
 #include <math.h>
@@ -83,15 +85,113 @@ static inline double hsum_vf64(vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 DEFINE_ROW_MOMENTS(float, vf32, row_moments_f32)
 DEFINE_ROW_MOMENTS(double, vf64, row_moments_f64)
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_ROWS8 1
+#define ROWS8_MAX 1024
+/* The eight horizontal sums of v[0..7] as one vector (6 hadds, 2 lane permutes). */
+static inline __m256 hsum8(const __m256 *v) {
+    __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+/* Moments of eight consecutive rows of n <= ROWS8_MAX floats: per row, shifted sums in one
+ * vector pair (the tail through a masked load); the sixteen reductions and the final
+ * arithmetic done eight rows at a time. Rows that could cancel are redone two-pass. */
+static void rows8_moments_f32(const float *p, long n, double *mean, double *var) {
+    const long body = n & ~7L;
+    const int tail = (int)(n - body);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 s1[8], s2[8];
+    float sh[8];
+    for (int q = 0; q < 8; q++) {
+        const float *r = p + q * n;
+        sh[q] = (r[0] + r[n / 4] + r[n / 2] + r[3 * n / 4]) * 0.25f;
+        const __m256 vs = _mm256_set1_ps(sh[q]);
+        __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+        __m256 b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps();
+        long j = 0;
+        for (; j + 16 <= body; j += 16) {
+            __m256 u = _mm256_sub_ps(_mm256_loadu_ps(r + j), vs);
+            __m256 w = _mm256_sub_ps(_mm256_loadu_ps(r + j + 8), vs);
+            a1 = _mm256_add_ps(a1, u);
+            a2 = _mm256_fmadd_ps(u, u, a2);
+            b1 = _mm256_add_ps(b1, w);
+            b2 = _mm256_fmadd_ps(w, w, b2);
+        }
+        if (j < body) {
+            __m256 u = _mm256_sub_ps(_mm256_loadu_ps(r + j), vs);
+            a1 = _mm256_add_ps(a1, u);
+            a2 = _mm256_fmadd_ps(u, u, a2);
+        }
+        a1 = _mm256_add_ps(a1, b1);
+        a2 = _mm256_add_ps(a2, b2);
+        if (tail) {
+            __m256 u = _mm256_sub_ps(_mm256_maskload_ps(r + body, mask), vs);
+            u = _mm256_and_ps(u, _mm256_castsi256_ps(mask));
+            a1 = _mm256_add_ps(a1, u);
+            a2 = _mm256_fmadd_ps(u, u, a2);
+        }
+        s1[q] = a1;
+        s2[q] = a2;
+    }
+    const __m256 inv_n = _mm256_set1_ps(1.0f / (float)n);
+    const __m256 m = _mm256_mul_ps(hsum8(s1), inv_n);
+    const __m256 v = _mm256_fnmadd_ps(m, m, _mm256_mul_ps(hsum8(s2), inv_n));
+    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(v, _mm256_set1_ps(4.0f)),
+                                                  _mm256_mul_ps(m, m), _CMP_GE_OQ),
+                                    _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+    const __m256 mu = _mm256_add_ps(_mm256_loadu_ps(sh), m);
+    _mm256_storeu_pd(mean, _mm256_cvtps_pd(_mm256_castps256_ps128(mu)));
+    _mm256_storeu_pd(mean + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(mu, 1)));
+    _mm256_storeu_pd(var, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(var + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    int bad = ~_mm256_movemask_ps(ok) & 0xff;
+    while (bad) {
+        int q = __builtin_ctz(bad);
+        bad &= bad - 1;
+        const float *r = p + q * n;
+        double t = 0.0, c = 0.0;
+        for (long j = 0; j < n; j++) t += r[j];
+        double mq = t / n;
+        for (long j = 0; j < n; j++) c += ((double)r[j] - mq) * ((double)r[j] - mq);
+        mean[q] = mq;
+        var[q] = c / n;
+    }
+}
+#endif
+
+/* Moments of `rows` consecutive rows of n values into double arrays: eight rows at a time
+ * where that kernel applies (float32, AVX2, short rows), else row by row. */
+static void rows_moments_f32(const float *p, long rows, long n, double *mean, double *var) {
+    long r = 0;
+#ifdef HAVE_ROWS8
+    if (n <= ROWS8_MAX)
+        for (; r + 8 <= rows; r += 8) rows8_moments_f32(p + r * n, n, mean + r, var + r);
+#endif
+    for (; r < rows; r++) row_moments_f32(p + r * n, n, mean + r, var + r);
+}
+
+static void rows_moments_f64(const double *p, long rows, long n, double *mean, double *var) {
+    for (long r = 0; r < rows; r++) row_moments_f64(p + r * n, n, mean + r, var + r);
+}
+
+/* Threads take contiguous ranges of rows, in groups of 8 (the eight-row kernel's unit). */
 #define DEFINE_MOMENTS(T, SUFFIX)                                                    \
     void an_moments_##SUFFIX(const T *x, long rows, long n, T *mean, T *var,         \
                              int threads) {                                          \
+        const long groups = (rows + 7) / 8;                                          \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
-        for (long r = 0; r < rows; r++) {                                            \
-            double m, v;                                                             \
-            row_moments_##SUFFIX(x + r * n, n, &m, &v);                              \
-            mean[r] = (T)m;                                                          \
-            var[r] = (T)v;                                                           \
+        for (long g = 0; g < groups; g++) {                                          \
+            const long r0 = g * 8, m = rows - r0 < 8 ? rows - r0 : 8;                \
+            double mu[8], va[8];                                                     \
+            rows_moments_##SUFFIX(x + r0 * n, m, n, mu, va);                         \
+            for (long q = 0; q < m; q++) {                                           \
+                mean[r0 + q] = (T)mu[q];                                             \
+                var[r0 + q] = (T)va[q];                                              \
+            }                                                                        \
         }                                                                            \
     }
 
@@ -170,15 +270,38 @@ static void attention(const an_head *h, const double *mean, const double *var, l
     gate(h, lam);
 }
 
-/* Scale and shift (C each) from lambda and the folded mixtures. */
+/* Scale and shift (C each) from lambda and the folded mixtures: blocks of 4 vectors of
+ * channels held in registers over the K components (no read-modify-write of scale/shift). */
 static void mixture(const an_head *h, const double *lam, long c, double *scale, double *shift) {
-    for (long i = 0; i < c; i++) scale[i] = shift[i] = 0.0;
-    for (long j = 0; j < h->k; j++) {
-        const double l = lam[j], *a = h->mix_a + j * c, *t = h->mix_t + j * c;
-        for (long i = 0; i < c; i++) {
-            scale[i] += l * a[i];
-            shift[i] += l * t[i];
+    enum { W = 4, U = 4 };
+    const long k = h->k;
+    long i = 0;
+    for (; i + W * U <= c; i += W * U) {
+        vf64 sa[U] = {{0}}, st[U] = {{0}};
+        for (long j = 0; j < k; j++) {
+            const double l = lam[j], *a = h->mix_a + j * c + i, *t = h->mix_t + j * c + i;
+            vf64 vl = {l, l, l, l};
+            for (int u = 0; u < U; u++) {
+                vf64 va, vt;
+                __builtin_memcpy(&va, a + u * W, sizeof(va));
+                __builtin_memcpy(&vt, t + u * W, sizeof(vt));
+                sa[u] += vl * va;
+                st[u] += vl * vt;
+            }
         }
+        for (int u = 0; u < U; u++) {
+            __builtin_memcpy(scale + i + u * W, &sa[u], sizeof(sa[u]));
+            __builtin_memcpy(shift + i + u * W, &st[u], sizeof(st[u]));
+        }
+    }
+    for (; i < c; i++) {
+        double sa = 0.0, st = 0.0;
+        for (long j = 0; j < k; j++) {
+            sa += lam[j] * h->mix_a[j * c + i];
+            st += lam[j] * h->mix_t[j * c + i];
+        }
+        scale[i] = sa;
+        shift[i] = st;
     }
 }
 
@@ -200,7 +323,8 @@ DEFINE_ROWS_AFFINE(float, f32)
 DEFINE_ROWS_AFFINE(double, f64)
 
 /* Samples run in parallel when there are at least as many as threads (each thread writes
- * sample s while it reads sample s + 1); otherwise each sample's rows do. */
+ * sample s while it reads sample s + 1, eight rows at a time); otherwise each sample's rows
+ * do, in groups of eight. */
 #define DEFINE_EVAL(T, SUFFIX)                                                       \
     void an_eval_##SUFFIX(const an_head *h, const T *x, T *y, long b, long c, long n, \
                           double *ws, long ws_stride, int threads) {                 \
@@ -209,30 +333,35 @@ DEFINE_ROWS_AFFINE(double, f64)
             {                                                                        \
                 int tid = omp_get_thread_num(), nth = omp_get_num_threads();         \
                 long s0 = b * tid / nth, s1 = b * (tid + 1) / nth;                   \
-                for (long i = 0; s0 < s1 && i < c; i++)                              \
-                    row_moments_##SUFFIX(x + (s0 * c + i) * n, n, ws + s0 * ws_stride + i, \
-                                         ws + s0 * ws_stride + c + i);               \
+                if (s0 < s1)                                                         \
+                    rows_moments_##SUFFIX(x + s0 * c * n, c, n, ws + s0 * ws_stride, \
+                                          ws + s0 * ws_stride + c);                  \
                 for (long s = s0; s < s1; s++) {                                     \
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \
                     T *ys = y + s * c * n;                                           \
                     double *w = ws + s * ws_stride, *wn = w + ws_stride;             \
                     sample_scale_shift(h, w, c, n);                                  \
-                    for (long i = 0; i < c; i++) {                                   \
-                        rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, w[i], w[c + i]); \
+                    for (long i = 0; i < c; i += 8) {                                \
+                        const long m = c - i < 8 ? c - i : 8;                        \
+                        for (long r = i; r < i + m; r++)                             \
+                            rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, w[r], w[c + r]); \
                         if (s + 1 < s1)                                              \
-                            row_moments_##SUFFIX(xn + i * n, n, wn + i, wn + c + i); \
+                            rows_moments_##SUFFIX(xn + i * n, m, n, wn + i, wn + c + i); \
                     }                                                                \
                 }                                                                    \
             }                                                                        \
             return;                                                                  \
         }                                                                            \
+        const long groups = (c + 7) / 8;                                             \
         for (long s = 0; s < b; s++) {                                               \
             const T *xs = x + s * c * n;                                             \
             T *ys = y + s * c * n;                                                   \
             double *w = ws + s * ws_stride;                                          \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
-            for (long i = 0; i < c; i++)                                             \
-                row_moments_##SUFFIX(xs + i * n, n, w + i, w + c + i);               \
+            for (long g = 0; g < groups; g++) {                                      \
+                const long i = g * 8, m = c - i < 8 ? c - i : 8;                     \
+                rows_moments_##SUFFIX(xs + i * n, m, n, w + i, w + c + i);           \
+            }                                                                        \
             sample_scale_shift(h, w, c, n);                                          \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
             for (long i = 0; i < c; i++)                                             \

@@ -29,9 +29,10 @@ def _moments_ref(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 2, 7, 49, 196, 1030])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 17, 49, 196, 1024, 1025, 1030])
 @pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
 def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, offset: float) -> None:
+    """15 rows: a group of eight (float32 rows up to 1024 long go eight at a time) and 7."""
     x3 = (torch.randn(3, 5, n, dtype=torch.float64) + offset).to(dtype)
     x3[0, 0] = 2.5  # a constant row: variance exactly 0
     mean, var = _native.native_moments(x3)
@@ -48,6 +49,19 @@ def test_moments_of_one_outlier_row_do_not_cancel() -> None:
     x3 = torch.zeros(1, 2, 3136)
     x3[0, :, 0] = 1e4
     x3[0, 1] += torch.rand(3136)
+    mean, var = _native.native_moments(x3)
+    mean_ref, var_ref = _moments_ref(x3)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n", [49, 196])
+def test_short_rows_far_from_their_shift_inside_a_group_of_eight(n: int) -> None:
+    """Rows 3 and 12 of 16 have large values exactly where the shift is sampled (0, n/4,
+    n/2, 3n/4): the shifted sums cancel, and those rows alone are redone two-pass."""
+    x3 = torch.rand(1, 16, n)
+    for row in (3, 12):
+        x3[0, row, [0, n // 4, n // 2, 3 * n // 4]] = 1e4
     mean, var = _native.native_moments(x3)
     mean_ref, var_ref = _moments_ref(x3)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
@@ -124,6 +138,35 @@ def test_eval_plan_follows_parameter_updates() -> None:
         an.fused = False
         torch.testing.assert_close(after, an(x), **TOL[torch.float32])
     assert not torch.allclose(before, after)
+
+
+def _assert_follows_reference(an: AttentiveNorm, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        y = an(x)
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[torch.float32])
+        an.fused = True
+
+
+def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
+    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    _assert_follows_reference(an, x)
+    plan = eval_plan(an, x.dtype)
+    an.weight = torch.nn.Parameter(an.weight.detach() * 3)  # a new Parameter object
+    _assert_follows_reference(an, x)
+    an.norm.running_var = an.norm.running_var * 4  # a new buffer
+    _assert_follows_reference(an, x)
+    an.bias.data = an.bias.data + 1  # same Parameter, new storage, same version
+    _assert_follows_reference(an, x)
+    fc = an.attn.head.fc
+    an.attn.head.fc = torch.nn.Linear(fc.in_features, fc.out_features)  # a new submodule
+    _assert_follows_reference(an, x)
+    plan = eval_plan(an, x.dtype)
+    assert plan is not None and eval_plan(an, x.dtype) is plan  # unchanged: cached
+    assert eval_plan(an, torch.float64) is not plan  # another dtype: a plan of its own
+    an.attn.head.add_module("extra", torch.nn.Identity())  # a submodule added to the head
+    assert eval_plan(an, x.dtype) is not plan
 
 
 def test_eval_path_is_skipped_when_it_cannot_apply() -> None:
