@@ -19,6 +19,11 @@
 #include <math.h>
 #include <omp.h>
 #include <stddef.h>
+#include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
 
 #define BLOCK 512
 
@@ -85,8 +90,7 @@ static inline double hsum_vf64(vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 DEFINE_ROW_MOMENTS(float, vf32, row_moments_f32)
 DEFINE_ROW_MOMENTS(double, vf64, row_moments_f64)
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#ifdef HAVE_AVX2
 #define HAVE_ROWS8 1
 #define ROWS8_MAX 1024
 /* The eight horizontal sums of v[0..7] as one vector (6 hadds, 2 lane permutes). */
@@ -212,18 +216,36 @@ typedef struct {
     double gn_eps;
     const double *gn_w, *gn_b;
     int gate;          /* 0: hard-sigmoid, 1: sigmoid, 2: softmax */
-    const double *mix_a, *mix_t; /* (K, C) folded mixtures */
+    const double *mix; /* folded mixtures, packed (ceil(C / MIX_BLOCK), K, 2, MIX_BLOCK) */
 } an_head;
+
+/* Dot product in four vector accumulators (independent chains). */
+static double dot(const double *a, const double *b, long n) {
+    vf64 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        vf64 a0, a1, a2, a3, b0, b1, b2, b3;
+        __builtin_memcpy(&a0, a + i, sizeof(a0));
+        __builtin_memcpy(&a1, a + i + 4, sizeof(a1));
+        __builtin_memcpy(&a2, a + i + 8, sizeof(a2));
+        __builtin_memcpy(&a3, a + i + 12, sizeof(a3));
+        __builtin_memcpy(&b0, b + i, sizeof(b0));
+        __builtin_memcpy(&b1, b + i + 4, sizeof(b1));
+        __builtin_memcpy(&b2, b + i + 8, sizeof(b2));
+        __builtin_memcpy(&b3, b + i + 12, sizeof(b3));
+        s0 += a0 * b0;
+        s1 += a1 * b1;
+        s2 += a2 * b2;
+        s3 += a3 * b3;
+    }
+    double r = hsum_vf64((s0 + s1) + (s2 + s3));
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
 
 static void linear(const double *w, const double *s, const double *b, const double *in,
                    long nin, long nout, double *out) {
-    for (long o = 0; o < nout; o++) {
-        const double *row = w + o * nin;
-        double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-        for (long i = 0; i < nin; i++) acc += row[i] * in[i];
-        out[o] = acc * s[o] + b[o];
-    }
+    for (long o = 0; o < nout; o++) out[o] = dot(w + o * nin, in, nin) * s[o] + b[o];
 }
 
 static void gate(const an_head *h, double *z) {
@@ -270,38 +292,37 @@ static void attention(const an_head *h, const double *mean, const double *var, l
     gate(h, lam);
 }
 
-/* Scale and shift (C each) from lambda and the folded mixtures: blocks of 4 vectors of
- * channels held in registers over the K components (no read-modify-write of scale/shift). */
+/* Scale and shift (C each) from lambda and the folded mixtures, MIX_BLOCK channels at a time
+ * held in registers over the K components. The mixtures are packed block by block (the K
+ * scale rows and K shift rows of a block are one contiguous run): read as (K, C) rows, a
+ * block touched 2K lines 8*C bytes apart, which at C = 512 share cache sets and missed. */
+#define MIX_BLOCK 16
 static void mixture(const an_head *h, const double *lam, long c, double *scale, double *shift) {
-    enum { W = 4, U = 4 };
+    enum { W = 4, U = MIX_BLOCK / W };
     const long k = h->k;
-    long i = 0;
-    for (; i + W * U <= c; i += W * U) {
+    for (long i = 0; i < c; i += MIX_BLOCK) {
+        const double *m = h->mix + i * k * 2;
         vf64 sa[U] = {{0}}, st[U] = {{0}};
-        for (long j = 0; j < k; j++) {
-            const double l = lam[j], *a = h->mix_a + j * c + i, *t = h->mix_t + j * c + i;
-            vf64 vl = {l, l, l, l};
+        for (long j = 0; j < k; j++, m += 2 * MIX_BLOCK) {
+            const vf64 vl = {lam[j], lam[j], lam[j], lam[j]};
             for (int u = 0; u < U; u++) {
                 vf64 va, vt;
-                __builtin_memcpy(&va, a + u * W, sizeof(va));
-                __builtin_memcpy(&vt, t + u * W, sizeof(vt));
+                __builtin_memcpy(&va, m + u * W, sizeof(va));
+                __builtin_memcpy(&vt, m + MIX_BLOCK + u * W, sizeof(vt));
                 sa[u] += vl * va;
                 st[u] += vl * vt;
             }
         }
+        double out[2][MIX_BLOCK];
         for (int u = 0; u < U; u++) {
-            __builtin_memcpy(scale + i + u * W, &sa[u], sizeof(sa[u]));
-            __builtin_memcpy(shift + i + u * W, &st[u], sizeof(st[u]));
+            __builtin_memcpy(out[0] + u * W, &sa[u], sizeof(sa[u]));
+            __builtin_memcpy(out[1] + u * W, &st[u], sizeof(st[u]));
         }
-    }
-    for (; i < c; i++) {
-        double sa = 0.0, st = 0.0;
-        for (long j = 0; j < k; j++) {
-            sa += lam[j] * h->mix_a[j * c + i];
-            st += lam[j] * h->mix_t[j * c + i];
+        const long valid = c - i < MIX_BLOCK ? c - i : MIX_BLOCK;
+        for (long q = 0; q < valid; q++) {
+            scale[i + q] = out[0][q];
+            shift[i + q] = out[1][q];
         }
-        scale[i] = sa;
-        shift[i] = st;
     }
 }
 
@@ -313,10 +334,71 @@ static void sample_scale_shift(const an_head *h, double *w, long c, long n) {
     mixture(h, lam, c, mean, var); /* scale -> w[0, C), shift -> w[C, 2C) */
 }
 
+/* Streaming (non-temporal) stores write an output line without first reading it in (the
+ * read-for-ownership): a third less memory traffic in a pass that reads x and writes y. Used
+ * only where y is too large to stay in cache for the next layer anyway (STREAM_MIN_BYTES) and
+ * each row is whole 64-byte lines from an aligned start (ResNet's 56x56 and 28x28 maps); a
+ * partly written line costs far more. Each thread fences its streamed stores before its
+ * parallel region ends. */
+#define STREAM_MIN_BYTES (8L << 20)
+
+static int use_stream(const void *y, long rows, long n, long size) {
+#ifdef HAVE_AVX2
+    return rows * n * size >= STREAM_MIN_BYTES && (n * size) % 64 == 0 &&
+           ((uintptr_t)y & 63) == 0;
+#else
+    (void)y, (void)rows, (void)n, (void)size;
+    return 0;
+#endif
+}
+
+static inline void stream_fence(int stream) {
+#ifdef HAVE_AVX2
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
+
+/* y = x * a + t and y = g * a + x * c + d over one row; `stream` only where use_stream. */
+#ifdef HAVE_AVX2
+#define STREAM_ROWS(T, SUFFIX, V, IS)                                                \
+    static void stream_affine_##SUFFIX(const T *x, T *y, long n, T a, T t) {         \
+        const V va = _mm256_set1_##IS(a), vt = _mm256_set1_##IS(t);                  \
+        for (long j = 0; j < n; j += 32 / sizeof(T))                                 \
+            _mm256_stream_##IS(y + j, _mm256_fmadd_##IS(_mm256_loadu_##IS(x + j), va, vt)); \
+    }                                                                                \
+    static void stream_affine_grad_##SUFFIX(const T *g, const T *x, T *y, long n, T a, \
+                                            T c, T d) {                              \
+        const V va = _mm256_set1_##IS(a), vc = _mm256_set1_##IS(c);                 \
+        const V vd = _mm256_set1_##IS(d);                                            \
+        for (long j = 0; j < n; j += 32 / sizeof(T)) {                               \
+            V xc = _mm256_fmadd_##IS(_mm256_loadu_##IS(x + j), vc, vd);              \
+            _mm256_stream_##IS(y + j, _mm256_fmadd_##IS(_mm256_loadu_##IS(g + j), va, xc)); \
+        }                                                                            \
+    }
+STREAM_ROWS(float, f32, __m256, ps)
+STREAM_ROWS(double, f64, __m256d, pd)
+#define STREAM_OR(call, ...) \
+    if (stream) {            \
+        call(__VA_ARGS__);   \
+        return;              \
+    }
+#else
+#define STREAM_OR(call, ...) (void)stream;
+#endif
+
 #define DEFINE_ROWS_AFFINE(T, SUFFIX)                                                \
-    static void rows_affine_##SUFFIX(const T *x, T *y, long n, double a, double t) { \
+    static void rows_affine_##SUFFIX(const T *x, T *y, long n, double a, double t,   \
+                                     int stream) {                                   \
         const T a_ = (T)a, t_ = (T)t;                                                \
+        STREAM_OR(stream_affine_##SUFFIX, x, y, n, a_, t_)                           \
         for (long j = 0; j < n; j++) y[j] = x[j] * a_ + t_;                          \
+    }                                                                                \
+    static void rows_affine_grad_##SUFFIX(const T *g, const T *x, T *y, long n, T a, \
+                                          T c, T d, int stream) {                    \
+        STREAM_OR(stream_affine_grad_##SUFFIX, g, x, y, n, a, c, d)                  \
+        for (long j = 0; j < n; j++) y[j] = g[j] * a + x[j] * c + d;                 \
     }
 
 DEFINE_ROWS_AFFINE(float, f32)
@@ -328,6 +410,7 @@ DEFINE_ROWS_AFFINE(double, f64)
 #define DEFINE_EVAL(T, SUFFIX)                                                       \
     void an_eval_##SUFFIX(const an_head *h, const T *x, T *y, long b, long c, long n, \
                           double *ws, long ws_stride, int threads) {                 \
+        const int stream = use_stream(y, b * c, n, sizeof(T));                       \
         if (b >= threads) {                                                          \
             _Pragma("omp parallel num_threads(threads)")                             \
             {                                                                        \
@@ -344,11 +427,13 @@ DEFINE_ROWS_AFFINE(double, f64)
                     for (long i = 0; i < c; i += 8) {                                \
                         const long m = c - i < 8 ? c - i : 8;                        \
                         for (long r = i; r < i + m; r++)                             \
-                            rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, w[r], w[c + r]); \
+                            rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, w[r], w[c + r], \
+                                                 stream);                            \
                         if (s + 1 < s1)                                              \
                             rows_moments_##SUFFIX(xn + i * n, m, n, wn + i, wn + c + i); \
                     }                                                                \
                 }                                                                    \
+                stream_fence(stream);                                                \
             }                                                                        \
             return;                                                                  \
         }                                                                            \
@@ -363,9 +448,13 @@ DEFINE_ROWS_AFFINE(double, f64)
                 rows_moments_##SUFFIX(xs + i * n, m, n, w + i, w + c + i);           \
             }                                                                        \
             sample_scale_shift(h, w, c, n);                                          \
-            _Pragma("omp parallel for schedule(static) num_threads(threads)")        \
-            for (long i = 0; i < c; i++)                                             \
-                rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, w[i], w[c + i]);     \
+            _Pragma("omp parallel num_threads(threads)")                             \
+            {                                                                        \
+                _Pragma("omp for schedule(static)")                                  \
+                for (long i = 0; i < c; i++)                                         \
+                    rows_affine_##SUFFIX(xs + i * n, ys + i * n, n, w[i], w[c + i], stream); \
+                stream_fence(stream);                                                \
+            }                                                                        \
         }                                                                            \
     }
 
@@ -379,18 +468,25 @@ DEFINE_EVAL(double, f64)
 #define DEFINE_ROWWISE(T, V, SUFFIX)                                                 \
     void an_affine_##SUFFIX(const T *x, const T *a, const T *t, T *y, long rows,     \
                             long n, int threads) {                                   \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
-        for (long r = 0; r < rows; r++)                                              \
-            rows_affine_##SUFFIX(x + r * n, y + r * n, n, a[r], t[r]);               \
+        const int stream = use_stream(y, rows, n, sizeof(T));                        \
+        _Pragma("omp parallel num_threads(threads)")                                 \
+        {                                                                            \
+            _Pragma("omp for schedule(static)")                                      \
+            for (long r = 0; r < rows; r++)                                          \
+                rows_affine_##SUFFIX(x + r * n, y + r * n, n, a[r], t[r], stream);   \
+            stream_fence(stream);                                                    \
+        }                                                                            \
     }                                                                                \
     void an_affine_grad_##SUFFIX(const T *g, const T *x, const T *a, const T *c,     \
                                  const T *d, T *y, long rows, long n, int threads) { \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
-        for (long r = 0; r < rows; r++) {                                            \
-            const T a_ = a[r], c_ = c[r], d_ = d[r];                                 \
-            const T *gr = g + r * n, *xr = x + r * n;                                \
-            T *dst = y + r * n;                                                      \
-            for (long j = 0; j < n; j++) dst[j] = gr[j] * a_ + xr[j] * c_ + d_;      \
+        const int stream = use_stream(y, rows, n, sizeof(T));                        \
+        _Pragma("omp parallel num_threads(threads)")                                 \
+        {                                                                            \
+            _Pragma("omp for schedule(static)")                                      \
+            for (long r = 0; r < rows; r++)                                          \
+                rows_affine_grad_##SUFFIX(g + r * n, x + r * n, y + r * n, n, a[r], c[r], \
+                                          d[r], stream);                             \
+            stream_fence(stream);                                                    \
         }                                                                            \
     }                                                                                \
     void an_row_dots_##SUFFIX(const T *g, const T *x, T *sgx, T *sg, long rows,      \

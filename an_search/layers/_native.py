@@ -61,8 +61,7 @@ class HeadSpec(ctypes.Structure):
         ("gn_w", ctypes.c_void_p),
         ("gn_b", ctypes.c_void_p),
         ("gate", ctypes.c_int),
-        ("mix_a", ctypes.c_void_p),
-        ("mix_t", ctypes.c_void_p),
+        ("mix", ctypes.c_void_p),
     ]
 
 
