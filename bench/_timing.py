@@ -23,7 +23,26 @@ def interleaved(
     device: torch.device,
     stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-    """Seconds per call of each fn (median, or ``stat``), measured round-robin so noise hits
+    """Seconds per call of each fn (median, or ``stat``) over :func:`interleaved_times`."""
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
+    return {name: stat(ts) for name, ts in times.items()}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a[i] / b[i] (times of the same repeat of
+    :func:`interleaved_times`): a slow stretch of the machine slows both calls of a repeat,
+    so the ratio cancels it where a ratio of two medians or two minima would not."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, repeat by repeat, measured round-robin so noise hits
     all alike, in a new (seeded) random order every repeat: a call pays for what the one
     before it left behind (freed memory returned to the OS, caches), so no fn may always follow
     the same one (a rotation would keep the neighbours)."""
@@ -41,4 +60,4 @@ def interleaved(
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: stat(ts) for name, ts in times.items()}
+    return times

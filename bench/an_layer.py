@@ -3,8 +3,10 @@
 Shapes are the four ResNet-50 bottleneck ``bn2`` sites (batch 32): (C, H) = (64, 56), (128, 28),
 (256, 14), (512, 7). For every shape the modules are timed side by side, interleaved repeat by
 repeat in a new random order each repeat (a call pays for what the previous one freed: in a
-fixed order, the module after SE measured ~20% slower at 7x7), and the median (``--stat min``:
-the fastest repeat) is reported:
+fixed order, the module after SE measured ~20% slower at 7x7). The times shown are the median
+(``--stat min``: the fastest repeat); the ratios AN/BN and AN/SE are the median over repeats of
+the two modules' ratio within one repeat, which cancels slow swings of a shared machine's speed
+(a ratio of two medians or two minima mixes different moments):
 
 - ``eval``:  forward in eval mode under ``torch.no_grad()``;
 - ``train-fwd``: forward in train mode, autograd recording (input requires grad);
@@ -40,7 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import interleaved  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _timing import interleaved_times, paired_ratio  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm, _native  # noqa: E402
@@ -115,7 +117,7 @@ def bench_shape(
             m.train(train)
             fns[name] = _step(m, xin, grad, mode)
         stat = STATS[args.stat]
-        times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device, stat=stat)
+        times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device)
         for name, fn in fns.items():
             xin.grad = None  # freed outside the measured call: peak counts what fn allocates
             mods[name].zero_grad(set_to_none=True)
@@ -125,7 +127,8 @@ def bench_shape(
                     "shape": f"{channels}x{size}",
                     "mode": mode,
                     "module": name,
-                    "ms": times[name] * 1e3,
+                    "ms": stat(times[name]) * 1e3,
+                    "times": times[name],
                     "mb": peak / 2**20,
                 }
             )
@@ -147,8 +150,8 @@ def _ratio_rows(rows: list[dict], ks: list[int]) -> list[list[str]]:
                     f"{bn['ms']:.2f}",
                     f"{se['ms']:.2f}",
                     f"{an['ms']:.2f}",
-                    f"{an['ms'] / bn['ms']:.2f}",
-                    f"{an['ms'] / se['ms']:.2f}",
+                    f"{paired_ratio(an['times'], bn['times']):.2f}",
+                    f"{paired_ratio(an['times'], se['times']):.2f}",
                     f"{bn['mb']:.1f}",
                     f"{se['mb']:.1f}",
                     f"{an['mb']:.1f}",

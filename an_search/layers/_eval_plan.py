@@ -155,24 +155,25 @@ def fold(an: nn.Module) -> tuple[list[torch.Tensor], dict[str, int | float]] | N
     return [w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t], scalars
 
 
-def _pack_mixtures(mix_a: torch.Tensor, mix_t: torch.Tensor) -> torch.Tensor:
-    """(K, C) scale and shift mixtures as (ceil(C / 16), K, 2, 16), zero-padded: the kernel
-    reads each block of 16 channels as one contiguous run."""
+def _pack_mixtures(mix_a: torch.Tensor, mix_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K, C) scale and shift mixtures as (ceil(C / 16), K, 2, 16) in the kernel's dtype,
+    zero-padded: the kernel reads each block of 16 channels as one contiguous run."""
     k, c = mix_a.shape
     blocks = -(-c // _MIX_BLOCK)
-    both = mix_a.new_zeros(k, 2, blocks * _MIX_BLOCK)
+    both = mix_a.new_zeros(k, 2, blocks * _MIX_BLOCK, dtype=dtype)
     both[:, 0, :c], both[:, 1, :c] = mix_a, mix_t
     return both.view(k, 2, blocks, _MIX_BLOCK).permute(2, 0, 1, 3).contiguous()
 
 
 def _spec(
-    tensors: list[torch.Tensor], scalars: dict[str, int | float]
+    tensors: list[torch.Tensor], scalars: dict[str, int | float], dtype: torch.dtype
 ) -> tuple[HeadSpec, list[torch.Tensor]]:
-    """The kernel's head description, and the tensors its pointers point into."""
+    """The kernel's head description for inputs of ``dtype``, and the tensors its pointers
+    point into."""
     spec = HeadSpec(**scalars, hidden=tensors[0].shape[0], k=tensors[3].shape[0])
     for name, t in zip(_NAMES[:-2], tensors, strict=False):
         setattr(spec, name, t.data_ptr())
-    mix = _pack_mixtures(tensors[-2], tensors[-1])
+    mix = _pack_mixtures(tensors[-2], tensors[-1], dtype)
     spec.mix = mix.data_ptr()
     return spec, [*tensors[:-2], mix]
 
@@ -180,7 +181,7 @@ def _spec(
 def _build(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
     key = _Key.of(an, dtype)  # before folding: a change while folding shows at the next call
     folded = fold(an)
-    return None if folded is None else _Plan(key, *_spec(*folded))
+    return None if folded is None else _Plan(key, *_spec(*folded, dtype))
 
 
 def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
@@ -237,7 +238,7 @@ def eval_site(
     tensors = [t.contiguous() for t in (w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t)]
     scalars = {"pool": pool, "pool_eps": pool_eps, "layers": layers, "gn": gn,
                "gn_eps": gn_eps, "gate": gate}  # fmt: skip
-    spec, alive = _spec(tensors, scalars)
+    spec, alive = _spec(tensors, scalars, x.dtype)
     y = _run(spec, x.contiguous())
     del alive  # the kernel has read them
     return y

@@ -216,7 +216,7 @@ typedef struct {
     double gn_eps;
     const double *gn_w, *gn_b;
     int gate;          /* 0: hard-sigmoid, 1: sigmoid, 2: softmax */
-    const double *mix; /* folded mixtures, packed (ceil(C / MIX_BLOCK), K, 2, MIX_BLOCK) */
+    const void *mix;   /* folded mixtures, (ceil(C / MIX_BLOCK), K, 2, MIX_BLOCK), kernel dtype */
 } an_head;
 
 /* Dot product in four vector accumulators (independent chains). */
@@ -293,46 +293,53 @@ static void attention(const an_head *h, const double *mean, const double *var, l
 }
 
 /* Scale and shift (C each) from lambda and the folded mixtures, MIX_BLOCK channels at a time
- * held in registers over the K components. The mixtures are packed block by block (the K
- * scale rows and K shift rows of a block are one contiguous run): read as (K, C) rows, a
- * block touched 2K lines 8*C bytes apart, which at C = 512 share cache sets and missed. */
+ * held in registers over the K components. The mixtures are packed block by block, in the
+ * kernel's dtype (the K scale rows and K shift rows of a block are one contiguous run): read
+ * as (K, C) float64 rows, a block touched 2K lines 8*C bytes apart, which at C = 512 share
+ * cache sets and missed; float32 halves what the float32 kernel reads per sample. */
 #define MIX_BLOCK 16
-static void mixture(const an_head *h, const double *lam, long c, double *scale, double *shift) {
-    enum { W = 4, U = MIX_BLOCK / W };
-    const long k = h->k;
-    for (long i = 0; i < c; i += MIX_BLOCK) {
-        const double *m = h->mix + i * k * 2;
-        vf64 sa[U] = {{0}}, st[U] = {{0}};
-        for (long j = 0; j < k; j++, m += 2 * MIX_BLOCK) {
-            const vf64 vl = {lam[j], lam[j], lam[j], lam[j]};
-            for (int u = 0; u < U; u++) {
-                vf64 va, vt;
-                __builtin_memcpy(&va, m + u * W, sizeof(va));
-                __builtin_memcpy(&vt, m + MIX_BLOCK + u * W, sizeof(vt));
-                sa[u] += vl * va;
-                st[u] += vl * vt;
-            }
-        }
-        double out[2][MIX_BLOCK];
-        for (int u = 0; u < U; u++) {
-            __builtin_memcpy(out[0] + u * W, &sa[u], sizeof(sa[u]));
-            __builtin_memcpy(out[1] + u * W, &st[u], sizeof(st[u]));
-        }
-        const long valid = c - i < MIX_BLOCK ? c - i : MIX_BLOCK;
-        for (long q = 0; q < valid; q++) {
-            scale[i + q] = out[0][q];
-            shift[i + q] = out[1][q];
-        }
+#define DEFINE_MIXTURE(T, V, SUFFIX)                                                 \
+    static void mixture_##SUFFIX(const an_head *h, const double *lam, long c,        \
+                                 double *scale, double *shift) {                     \
+        enum { W = sizeof(V) / sizeof(T), U = MIX_BLOCK / W };                       \
+        const long k = h->k;                                                         \
+        for (long i = 0; i < c; i += MIX_BLOCK) {                                    \
+            const T *m = (const T *)h->mix + i * k * 2;                              \
+            V sa[U] = {{0}}, st[U] = {{0}};                                          \
+            for (long j = 0; j < k; j++, m += 2 * MIX_BLOCK) {                       \
+                V vl;                                                                \
+                for (int l = 0; l < W; l++) vl[l] = (T)lam[j];                       \
+                for (int u = 0; u < U; u++) {                                        \
+                    V va, vt;                                                        \
+                    __builtin_memcpy(&va, m + u * W, sizeof(va));                    \
+                    __builtin_memcpy(&vt, m + MIX_BLOCK + u * W, sizeof(vt));        \
+                    sa[u] += vl * va;                                                \
+                    st[u] += vl * vt;                                                \
+                }                                                                    \
+            }                                                                        \
+            T out[2][MIX_BLOCK];                                                     \
+            for (int u = 0; u < U; u++) {                                            \
+                __builtin_memcpy(out[0] + u * W, &sa[u], sizeof(sa[u]));             \
+                __builtin_memcpy(out[1] + u * W, &st[u], sizeof(st[u]));             \
+            }                                                                        \
+            const long valid = c - i < MIX_BLOCK ? c - i : MIX_BLOCK;                \
+            for (long q = 0; q < valid; q++) {                                       \
+                scale[i + q] = out[0][q];                                            \
+                shift[i + q] = out[1][q];                                            \
+            }                                                                        \
+        }                                                                            \
+    }                                                                                \
+    /* One sample's workspace w holds 3C + K + hidden doubles: its moments (mean,    \
+     * variance), overwritten by the scale and shift computed from them; pooled;     \
+     * lambda; hidden. */                                                            \
+    static void sample_scale_shift_##SUFFIX(const an_head *h, double *w, long c, long n) { \
+        double *mean = w, *var = w + c, *pooled = w + 2 * c, *lam = w + 3 * c;      \
+        attention(h, mean, var, c, n, pooled, lam + h->k, lam);                      \
+        mixture_##SUFFIX(h, lam, c, mean, var); /* scale -> w[0, C), shift -> w[C, 2C) */ \
     }
-}
 
-/* One sample's workspace w holds 3C + K + hidden doubles: its moments (mean, variance),
- * overwritten by the scale and shift computed from them; pooled; lambda; hidden. */
-static void sample_scale_shift(const an_head *h, double *w, long c, long n) {
-    double *mean = w, *var = w + c, *pooled = w + 2 * c, *lam = w + 3 * c;
-    attention(h, mean, var, c, n, pooled, lam + h->k, lam);
-    mixture(h, lam, c, mean, var); /* scale -> w[0, C), shift -> w[C, 2C) */
-}
+DEFINE_MIXTURE(float, vf32, f32)
+DEFINE_MIXTURE(double, vf64, f64)
 
 /* Streaming (non-temporal) stores write an output line without first reading it in (the
  * read-for-ownership): a third less memory traffic in a pass that reads x and writes y. Used
@@ -423,7 +430,7 @@ DEFINE_ROWS_AFFINE(double, f64)
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \
                     T *ys = y + s * c * n;                                           \
                     double *w = ws + s * ws_stride, *wn = w + ws_stride;             \
-                    sample_scale_shift(h, w, c, n);                                  \
+                    sample_scale_shift_##SUFFIX(h, w, c, n);                                  \
                     for (long i = 0; i < c; i += 8) {                                \
                         const long m = c - i < 8 ? c - i : 8;                        \
                         for (long r = i; r < i + m; r++)                             \
@@ -447,7 +454,7 @@ DEFINE_ROWS_AFFINE(double, f64)
                 const long i = g * 8, m = c - i < 8 ? c - i : 8;                     \
                 rows_moments_##SUFFIX(xs + i * n, m, n, w + i, w + c + i);           \
             }                                                                        \
-            sample_scale_shift(h, w, c, n);                                          \
+            sample_scale_shift_##SUFFIX(h, w, c, n);                                          \
             _Pragma("omp parallel num_threads(threads)")                             \
             {                                                                        \
                 _Pragma("omp for schedule(static)")                                  \
