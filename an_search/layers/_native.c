@@ -359,6 +359,9 @@ static int use_stream(const void *y, long rows, long n, long size) {
 #endif
 }
 
+/* The rule above, for diagnostics and tests. */
+int an_streams(const void *y, long rows, long n, long size) { return use_stream(y, rows, n, size); }
+
 static inline void stream_fence(int stream) {
 #ifdef HAVE_AVX2
     if (stream) _mm_sfence();

@@ -31,6 +31,7 @@ __all__ = [
     "native_available",
     "native_moments",
     "native_row_dots",
+    "native_streams",
     "plain_tensors",
     "unavailable_reason",
 ]
@@ -105,6 +106,7 @@ def _build(cc: str) -> Path:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
     for suffix in ("f32", "f64"):
         getattr(lib, f"an_moments_{suffix}").argtypes = [p, i64, i64, p, p, i32]
         getattr(lib, f"an_affine_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
@@ -234,3 +236,13 @@ def native_row_dots(
     fn(g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), rows, x.numel() // rows,
        torch.get_num_threads())  # fmt: skip
     return sgx, sg
+
+
+def native_streams(y: torch.Tensor) -> bool:
+    """Whether the kernels write ``y``, a (B, C, *) output, with streaming stores (large
+    outputs whose rows are whole cache lines, on AVX2 builds; see ``_native.c``)."""
+    lib = library()
+    if lib is None or y.dim() < 2 or y.numel() == 0:
+        return False
+    rows = y.shape[0] * y.shape[1]
+    return bool(lib.an_streams(y.data_ptr(), rows, y.numel() // rows, y.element_size()))

@@ -82,6 +82,47 @@ def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int) -> None:
     torch.testing.assert_close(sg.view(4, 3), g.double().sum(2).to(dtype), **TOL[dtype])
 
 
+def _avx2() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def test_streaming_store_rule() -> None:
+    """Streaming stores only for outputs of at least 8 MiB whose rows are whole 64-byte lines."""
+    big = torch.empty(2, 64, 128, 128)  # 8 MiB, rows of 64 KiB
+    assert _native.native_streams(big) == _avx2()
+    assert not _native.native_streams(torch.empty(2, 64, 64, 64))  # 2 MiB
+    assert not _native.native_streams(torch.empty(2, 1024, 49 * 21))  # 8.4 MiB, rows of 4116 B
+    assert not _native.native_streams(big.view(-1)[1:].view(1, 1, -1))  # not line-aligned
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_on_streamed_outputs_match_formulas(dtype: torch.dtype) -> None:
+    g, x = torch.randn(2, 2, 64, 128, 128, dtype=dtype)  # 8 MiB each in float32
+    a, c, d = torch.randn(3, 2, 64, dtype=dtype)
+    e = (..., None, None)
+    y = _native.native_affine(x, a, d)
+    assert _native.native_streams(y) == _avx2()
+    torch.testing.assert_close(y, x * a[e] + d[e], **TOL[dtype])
+    want = g * a[e] + x * c[e] + d[e]
+    torch.testing.assert_close(_native.native_affine_grad(g, x, a, c, d), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # 1 < threads: each sample's rows in parallel
+def test_eval_path_on_streamed_outputs_matches_reference(batch: int) -> None:
+    torch.set_num_threads(2)
+    an = _trained(AttentiveNorm(64, 5), torch.float32)
+    x = torch.randn(batch, 64, 256 // batch, 128) * 2 + 1  # 8 MiB
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, x.dtype) is not None and _native.native_streams(y) == _avx2()
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[torch.float32])
+
+
 def test_kernels_decline_what_they_cannot_do() -> None:
     x = torch.randn(2, 3, 8)
     assert _native.native_moments(x.half()) is None
