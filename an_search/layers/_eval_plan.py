@@ -6,9 +6,10 @@ into the mixtures (``A = Gamma / sqrt(rv + eps)``, ``T = Beta - A * rm``) and th
 BatchNorm1d folded into its linears. The native kernel does all of it sample by sample while
 the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
 
-The folded parameters (float64) are cached per module and rebuilt when any parameter or
-buffer changes (version counter or storage), or when a submodule, parameter or buffer it holds
-is replaced, added or removed. That check reads the module's own dicts (a few microseconds): walking
+The folded parameters (float64; the packed mixtures in the input's dtype) are cached per module
+and dtype and rebuilt when any parameter or buffer changes (version counter or storage), or
+when a submodule, parameter or buffer it holds is replaced or removed, or one is added beside
+them. That check reads the module's own dicts (a few microseconds): walking
 ``parameters()`` and ``buffers()`` cost more than the kernel itself at 7x7. Under
 ``torch.compile`` the folding is traced into the graph and the kernel is the custom operator
 ``an_search::eval_site``.
@@ -171,9 +172,9 @@ def _spec(
     """The kernel's head description for inputs of ``dtype``, and the tensors its pointers
     point into."""
     spec = HeadSpec(**scalars, hidden=tensors[0].shape[0], k=tensors[3].shape[0])
-    for name, t in zip(_NAMES[:-2], tensors, strict=False):
+    for name, t in zip(_NAMES[:-2], tensors[:-2], strict=True):
         setattr(spec, name, t.data_ptr())
-    mix = _pack_mixtures(tensors[-2], tensors[-1], dtype)
+    mix = _pack_mixtures(tensors[-2], tensors[-1], dtype)  # mix_a, mix_t
     spec.mix = mix.data_ptr()
     return spec, [*tensors[:-2], mix]
 

@@ -38,8 +38,26 @@ static inline double hsum_vf32(vf32 v) {
 }
 static inline double hsum_vf64(vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
-#define DEFINE_ROW_MOMENTS(T, V, NAME)                                               \
-    static void NAME(const T *p, long n, double *mean, double *var) {                \
+/* Mean and biased variance of one row, two-pass in double: the fallback of the one-pass
+ * kernels below for the rows where they could cancel. */
+#define DEFINE_TWO_PASS(T, SUFFIX)                                                   \
+    static void two_pass_##SUFFIX(const T *p, long n, double *mean, double *var) {   \
+        double t = 0.0, c = 0.0;                                                     \
+        for (long j = 0; j < n; j++) t += p[j];                                      \
+        const double mu = t / n;                                                     \
+        for (long j = 0; j < n; j++) {                                               \
+            double d = (double)p[j] - mu;                                            \
+            c += d * d;                                                              \
+        }                                                                            \
+        *mean = mu;                                                                  \
+        *var = c / n;                                                                \
+    }
+
+DEFINE_TWO_PASS(float, f32)
+DEFINE_TWO_PASS(double, f64)
+
+#define DEFINE_ROW_MOMENTS(T, V, SUFFIX)                                             \
+    static void row_moments_##SUFFIX(const T *p, long n, double *mean, double *var) { \
         enum { W = sizeof(V) / sizeof(T) };                                          \
         /* shift by a cheap estimate of the mean: four values across the row */      \
         const T s = (T)(((double)p[0] + p[n / 4] + p[n / 2] + p[3 * n / 4]) * 0.25); \
@@ -72,26 +90,18 @@ static inline double hsum_vf64(vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
         }                                                                            \
         const double inv_n = 1.0 / (double)n;                                        \
         double m = s1 * inv_n, v = s2 * inv_n - m * m;                               \
-        double mu = (double)s + m;                                                   \
         if (!(v * 4.0 >= m * m) || v < 0.0) { /* cancellation (or NaN): two-pass */  \
-            double c = 0.0, t = 0.0;                                                 \
-            for (long j = 0; j < n; j++) t += p[j];                                  \
-            mu = t * inv_n;                                                          \
-            for (long j = 0; j < n; j++) {                                           \
-                double d = (double)p[j] - mu;                                        \
-                c += d * d;                                                          \
-            }                                                                        \
-            v = c / n;                                                               \
+            two_pass_##SUFFIX(p, n, mean, var);                                      \
+            return;                                                                  \
         }                                                                            \
-        *mean = mu;                                                                  \
+        *mean = (double)s + m;                                                       \
         *var = v;                                                                    \
     }
 
-DEFINE_ROW_MOMENTS(float, vf32, row_moments_f32)
-DEFINE_ROW_MOMENTS(double, vf64, row_moments_f64)
+DEFINE_ROW_MOMENTS(float, vf32, f32)
+DEFINE_ROW_MOMENTS(double, vf64, f64)
 
 #ifdef HAVE_AVX2
-#define HAVE_ROWS8 1
 #define ROWS8_MAX 1024
 /* The eight horizontal sums of v[0..7] as one vector (6 hadds, 2 lane permutes). */
 static inline __m256 hsum8(const __m256 *v) {
@@ -156,13 +166,7 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
     while (bad) {
         int q = __builtin_ctz(bad);
         bad &= bad - 1;
-        const float *r = p + q * n;
-        double t = 0.0, c = 0.0;
-        for (long j = 0; j < n; j++) t += r[j];
-        double mq = t / n;
-        for (long j = 0; j < n; j++) c += ((double)r[j] - mq) * ((double)r[j] - mq);
-        mean[q] = mq;
-        var[q] = c / n;
+        two_pass_f32(p + q * n, n, mean + q, var + q);
     }
 }
 #endif
@@ -171,7 +175,7 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
  * where that kernel applies (float32, AVX2, short rows), else row by row. */
 static void rows_moments_f32(const float *p, long rows, long n, double *mean, double *var) {
     long r = 0;
-#ifdef HAVE_ROWS8
+#ifdef HAVE_AVX2
     if (n <= ROWS8_MAX)
         for (; r + 8 <= rows; r += 8) rows8_moments_f32(p + r * n, n, mean + r, var + r);
 #endif
@@ -433,7 +437,7 @@ DEFINE_ROWS_AFFINE(double, f64)
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \
                     T *ys = y + s * c * n;                                           \
                     double *w = ws + s * ws_stride, *wn = w + ws_stride;             \
-                    sample_scale_shift_##SUFFIX(h, w, c, n);                                  \
+                    sample_scale_shift_##SUFFIX(h, w, c, n);                         \
                     for (long i = 0; i < c; i += 8) {                                \
                         const long m = c - i < 8 ? c - i : 8;                        \
                         for (long r = i; r < i + m; r++)                             \
@@ -457,7 +461,7 @@ DEFINE_ROWS_AFFINE(double, f64)
                 const long i = g * 8, m = c - i < 8 ? c - i : 8;                     \
                 rows_moments_##SUFFIX(xs + i * n, m, n, w + i, w + c + i);           \
             }                                                                        \
-            sample_scale_shift_##SUFFIX(h, w, c, n);                                          \
+            sample_scale_shift_##SUFFIX(h, w, c, n);                                 \
             _Pragma("omp parallel num_threads(threads)")                             \
             {                                                                        \
                 _Pragma("omp for schedule(static)")                                  \

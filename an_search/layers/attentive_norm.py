@@ -33,9 +33,11 @@ compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slowe
 in the graph and calls the kernel as the custom operator ``an_search::eval_site``.
 
 Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
-forward takes 1.3-2.2x BatchNorm2d's time and 0.5-0.85x SE's; a train step (forward +
-backward) 0.7-1.2x BatchNorm2d's up to 14x14, 1.1-1.6x at 7x7 where the head's small ops
-dominate. On a GPU (H200, eager) the ~20 small ops of a site are launch-bound: compile there.
+forward takes 0.96-1.24x BatchNorm2d's time at 56x56 and 28x28, 1.3-1.5x at 14x14 and 7x7
+(where the Python around the one C call is a large part), and 0.34-0.76x SE's; a train step
+(forward + backward) 0.65-1.15x BatchNorm2d's up to 14x14, 1.2-1.4x at 7x7 where the head's
+small ops dominate. On a GPU (H200, eager) the ~20 small ops of a site are launch-bound:
+compile there.
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
