@@ -31,6 +31,7 @@ __all__ = [
     "native_available",
     "native_moments",
     "native_row_dots",
+    "native_eval_streams",
     "native_streams",
     "plain_tensors",
     "unavailable_reason",
@@ -107,14 +108,15 @@ def _build(cc: str) -> Path:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
+    lib.an_eval_streams.argtypes, lib.an_eval_streams.restype = [p, i64, i64, i64, i64], i64
     for suffix in ("f32", "f64"):
         getattr(lib, f"an_moments_{suffix}").argtypes = [p, i64, i64, p, p, i32]
         getattr(lib, f"an_affine_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_affine_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_row_dots_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
-        getattr(lib, f"an_eval_{suffix}").argtypes = [
-            ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, p, i64, i32,
-        ]  # fmt: skip
+        evaluate = getattr(lib, f"an_eval_{suffix}")
+        evaluate.argtypes = [ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, i32]
+        evaluate.restype = i32
     return lib
 
 
@@ -246,3 +248,13 @@ def native_streams(y: torch.Tensor) -> bool:
         return False
     rows = y.shape[0] * y.shape[1]
     return bool(lib.an_streams(y.data_ptr(), rows, y.numel() // rows, y.element_size()))
+
+
+def native_eval_streams(y: torch.Tensor) -> int:
+    """Rows per streamed run with which the eval kernel writes ``y``, a (B, C, *) output (8, or
+    16 for float32 rows of odd length); 0 where it uses plain stores (see ``_native.c``)."""
+    lib = library()
+    if lib is None or y.dim() < 2 or y.numel() == 0:
+        return 0
+    b, c = y.shape[0], y.shape[1]
+    return int(lib.an_eval_streams(y.data_ptr(), b, c, y.numel() // (b * c), y.element_size()))

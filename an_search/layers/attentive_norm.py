@@ -50,9 +50,9 @@ from torch import nn
 
 from an_search.errors import InvalidKError, UnknownNameError
 
-from ._eval_plan import compiled_eval, eval_plan, run_eval_plan
+from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
 from ._fused import channel_affine, grad_link, moments, spatial_view
-from ._native import native_available, plain_tensors
+from ._native import native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
@@ -62,6 +62,7 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 class AttentionWeights(nn.Module):
@@ -244,14 +245,22 @@ class AttentiveNorm(nn.Module):
             an.init_preserve(spec.weight, spec.bias)
         return an.train(norm.training)
 
+    def __getstate__(self) -> dict:
+        """The pickled (and deep-copied) state, without the cached eval plan (ctypes)."""
+        state = self.__dict__.copy()
+        state.pop(PLAN_ATTR, None)
+        return state
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._forward_native_eval(x)
+        y = None if self.training else self._forward_native_eval(x)
         if y is None:
             y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
-        if not isinstance(self.drop, nn.Identity):
-            y = self.drop(y)
-        return y if isinstance(self.act, nn.Identity) else self.act(y)
+        mods = self._modules  # (not self.drop: Module.__getattr__ costs ~2 us a name here)
+        drop, act = mods["drop"], mods["act"]
+        if not isinstance(drop, nn.Identity):
+            y = drop(y)
+        return y if isinstance(act, nn.Identity) else act(y)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
         if not self.fused:
@@ -267,32 +276,51 @@ class AttentiveNorm(nn.Module):
         return True
 
     def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a."""
-        compiling = torch.compiler.is_compiling()
+        """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a.
+
+        At 7x7 the Python around the kernel is a fifth of the site's time, and it runs with
+        the caches just flushed by the previous layer's feature maps: the checks are ordered
+        and written for that (member dicts read directly, no ``parameters()`` walk unless
+        autograd is recording)."""
+        dims = _BN_INPUT_DIMS.get(self.base)
+        if dims is None or not self.fused or self._modules["norm"].training:
+            return None
+        if torch.compiler.is_compiling():  # an opaque operator in the graph
+            return self._compiled_native_eval(x, dims)
         if (
-            self.training
-            or not self.fused
+            type(x) is not torch.Tensor
             or torch.jit.is_tracing()
-            or self.base not in _BN_INPUT_DIMS
-            or x.dim() not in _BN_INPUT_DIMS[self.base]
-            or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)
+            or torch._C._len_torch_dispatch_stack()  # FlopCounterMode etc. must see the ops
+            or not x.is_cpu
+            or x.dtype not in _NATIVE_DTYPES
+            or x.dim() not in dims
             or not x.is_contiguous()
             or x.numel() == 0
-            or getattr(self.norm, "training", False)
-            or not (compiling or plain_tensors(x))
         ):
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             return None
-        if not native_available():
+        plan = eval_plan(self, x.dtype)  # None also without the C kernels
+        return None if plan is None else plan.run(x)
+
+    def _compiled_native_eval(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
+        """Under torch.compile: the folded site as ``an_search::eval_site``; None if n/a."""
+        if (
+            x.device.type != "cpu"
+            or x.dtype not in _NATIVE_DTYPES
+            or x.dim() not in dims
+            or not x.is_contiguous()
+            or x.numel() == 0
+            or not native_available()
+        ):
             return None
-        if compiling:  # an opaque operator in the graph (``an_search::eval_site``)
-            return compiled_eval(self, x)
-        plan = eval_plan(self, x.dtype)
-        return None if plan is None else run_eval_plan(plan, x)
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return None
+        return compiled_eval(self, x)
 
     def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lam = self.attn.head(stat)  # (B, K)

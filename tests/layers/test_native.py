@@ -111,16 +111,43 @@ def test_kernels_on_streamed_outputs_match_formulas(dtype: torch.dtype) -> None:
     torch.testing.assert_close(_native.native_affine_grad(g, x, a, c, d), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # 1 < threads: each sample's rows in parallel
-def test_eval_path_on_streamed_outputs_matches_reference(batch: int) -> None:
+def test_eval_streaming_rule() -> None:
+    """The eval kernel streams outputs of at least 1 MiB whose samples are whole 64-byte lines,
+    in runs of 8 rows (16 for float32 rows of odd length) that start and end on a line."""
+    want = 16 if _avx2() else 0
+    assert _native.native_eval_streams(torch.empty(32, 512, 7, 7)) == want  # 3.1 MiB
+    assert _native.native_eval_streams(torch.empty(32, 256, 14, 14)) == want // 2
+    assert _native.native_eval_streams(torch.empty(4, 512, 7, 7)) == 0  # 392 KiB
+    assert _native.native_eval_streams(torch.empty(256, 24, 7, 7)) == 0  # samples of 4704 B
+    assert _native.native_eval_streams(torch.empty(4096, 16, 2, 2)) == 0  # rows under a vector
+    big = torch.empty(32 * 256 * 196 + 1)
+    assert _native.native_eval_streams(big[1:].view(32, 256, 14, 14)) == 0  # not line-aligned
+
+
+# (dtype, shape, rows per streamed run): runs of 16 rows; a last run of 4 rows; float64
+# vectors that straddle rows; batch 1 (each sample's runs in parallel).
+_STREAMED = [
+    (torch.float32, (8, 672, 7, 7), 16),
+    (torch.float32, (112, 12, 14, 14), 8),
+    (torch.float64, (1821, 12, 2, 3), 8),
+    (torch.float32, (1, 64, 64, 64), 8),
+    (torch.float64, (1, 16, 97, 88), 8),
+]
+
+
+@pytest.mark.parametrize("dtype,shape,group", _STREAMED)
+def test_eval_path_on_streamed_outputs_matches_reference(
+    dtype: torch.dtype, shape: tuple[int, ...], group: int
+) -> None:
     torch.set_num_threads(2)
-    an = _trained(AttentiveNorm(64, 5), torch.float32)
-    x = torch.randn(batch, 64, 256 // batch, 128) * 2 + 1  # 8 MiB
+    an = _trained(AttentiveNorm(shape[1], 5), dtype)
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
     with torch.no_grad():
         y = an(x)
-        assert eval_plan(an, x.dtype) is not None and _native.native_streams(y) == _avx2()
+        assert eval_plan(an, x.dtype) is not None
+        assert _native.native_eval_streams(y) == (group if _avx2() else 0)
         an.fused = False
-        torch.testing.assert_close(y, an(x), **TOL[torch.float32])
+        torch.testing.assert_close(y, an(x), **TOL[dtype])
 
 
 def test_kernels_decline_what_they_cannot_do() -> None:
