@@ -3,6 +3,8 @@ native path of AttentiveNorm against its reference path (``fused = False``)."""
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from an_search.layers import AttentiveNorm, _native
-from an_search.layers._eval_plan import eval_plan
+from an_search.layers._eval_plan import PLAN_ATTR, eval_plan
 from an_search.layers.heads import HEADS
 
 pytestmark = pytest.mark.skipif(
@@ -235,6 +237,28 @@ def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
     assert eval_plan(an, torch.float64) is not plan  # another dtype: a plan of its own
     an.attn.head.add_module("extra", torch.nn.Identity())  # a submodule added to the head
     assert eval_plan(an, x.dtype) is not plan
+
+
+def test_module_with_a_plan_copies_and_pickles() -> None:
+    """The plan (ctypes) lives in the module's ``__dict__`` but not in its pickled or copied
+    state; a copy builds its own, from its own tensors."""
+    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        y = an(x)
+        assert PLAN_ATTR in an.__dict__
+        twin = copy.deepcopy(an)
+        buf = io.BytesIO()
+        torch.save(an, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert PLAN_ATTR not in other.__dict__
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+            assert eval_plan(other, x.dtype) is not eval_plan(an, x.dtype)
+        twin.weight.mul_(3.0)  # the copy's tensors are its own
+        torch.testing.assert_close(an(x), y, rtol=0, atol=0)
+        assert not torch.allclose(twin(x), y)
 
 
 def test_eval_path_is_skipped_when_it_cannot_apply() -> None:
