@@ -230,7 +230,7 @@ typedef struct {
  * chains), summed in double; the linear layers' weights are stored in the kernel's dtype
  * (float32 inputs: twice the lanes and half the bytes of float64). */
 #define DEFINE_LINEAR(T, V, SUFFIX)                                                  \
-    static double dot_##SUFFIX(const T *a, const T *b, long n) {                     \
+    double an_dot_##SUFFIX(const T *a, const T *b, long n) {                         \
         enum { W = sizeof(V) / sizeof(T) };                                          \
         V s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                    \
         long i = 0;                                                                  \
@@ -255,7 +255,7 @@ typedef struct {
     }                                                                                \
     static void linear_##SUFFIX(const T *w, const double *s, const double *b, const T *in, \
                                 long nin, long nout, double *out) {                  \
-        for (long o = 0; o < nout; o++) out[o] = dot_##SUFFIX(w + o * nin, in, nin) * s[o] + b[o]; \
+        for (long o = 0; o < nout; o++) out[o] = an_dot_##SUFFIX(w + o * nin, in, nin) * s[o] + b[o]; \
     }
 
 DEFINE_LINEAR(float, vf32, f32)

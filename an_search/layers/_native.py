@@ -1,4 +1,5 @@
-"""Build and load the fused C kernels of ``_native.c`` (CPU, float32/float64).
+"""Build and load the fused C kernels of ``_native.c`` and ``_native_bc.c`` (CPU,
+float32/float64).
 
 No build step at install time: the source ships with the package and is compiled on first use
 with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``; about a second) into a
@@ -37,7 +38,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_SOURCE = Path(__file__).with_name("_native.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("_native.c", "_native_bc.c")]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -93,20 +94,20 @@ def _cpu_key() -> str:
 
 
 def _build(cc: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), _cpu_key().encode()]))
+    sources = [path.read_bytes() for path in _SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), _cpu_key().encode()]))
     target = _cache_dir() / f"an_native-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with replacing(target, suffix=".so") as tmp:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
+        cmd = [cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return target
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
     lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
     lib.an_eval_streams.argtypes, lib.an_eval_streams.restype = [p, i64, i64, i64, i64], i64
     for suffix in ("f32", "f64"):
@@ -114,6 +115,18 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"an_affine_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_affine_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_row_dots_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
+        tail_fwd = getattr(lib, f"an_tail_fwd_{suffix}")
+        tail_bwd = getattr(lib, f"an_tail_bwd_{suffix}")
+        tail_fwd.argtypes = [p, p, p, p, p, i64, i64, i64, f64, p, p, p, p, p, p]
+        tail_bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, p, p, p, p, p]
+        tail_fwd.restype = tail_bwd.restype = i32
+        linbn_fwd = getattr(lib, f"an_linbn_fwd_{suffix}")
+        linbn_bwd = getattr(lib, f"an_linbn_bwd_{suffix}")
+        linbn_fwd.argtypes = [p, p, p, p, i64, i64, i64, f64, p, p, p, p, p]
+        linbn_bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, p, p]
+        linbn_fwd.restype = linbn_bwd.restype = i32
+        getattr(lib, f"an_meanstd_fwd_{suffix}").argtypes = [p, p, i64, f64, f64, p, p]
+        getattr(lib, f"an_meanstd_bwd_{suffix}").argtypes = [p, p, p, i64, f64, p, p]
         evaluate = getattr(lib, f"an_eval_{suffix}")
         evaluate.argtypes = [ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, i32]
         evaluate.restype = i32

@@ -20,11 +20,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._native import native_available
+from ._native_bc import native_tail, native_tail_grad
+
 __all__ = [
     "batch_scale_shift",
     "batch_stats",
     "group_stats",
     "scale_shift",
+    "site_tail",
     "update_running_stats",
 ]
 
@@ -74,35 +78,114 @@ def batch_stats(
     return mean, var
 
 
+def _bss_grads(
+    g_scale: torch.Tensor | None,
+    g_shift: torch.Tensor | None,
+    m: torch.Tensor,
+    mean: torch.Tensor,
+    gamma: torch.Tensor,
+    r: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(g_m, g_v, g_gamma, g_beta)`` of ``scale = gamma * r``, ``shift = beta -
+    scale * mean`` with ``r = rsqrt(var + eps)`` and batch ``mean``/``var`` from ``m``, ``v``."""
+    dm, b = m - mean, m.shape[0]
+    g_scale = torch.zeros_like(scale) if g_scale is None else g_scale
+    g_shift = torch.zeros_like(scale) if g_shift is None else g_shift
+    g_s = torch.addcmul(g_scale, g_shift, mean, value=-1.0)  # total d/d scale
+    g_r = (g_s * gamma).sum(0)  # (C,)
+    g_var = g_r * r.pow(3) * (-0.5)  # d rsqrt(var + eps) = -r^3 / 2
+    g_mean = (g_shift * scale).sum(0).neg_()  # shift's direct dependence on the mean
+    g_m = torch.addcmul((g_mean / b).expand_as(dm), dm, g_var * (2.0 / b))
+    g_v = (g_var / b).expand_as(dm).contiguous()
+    return g_m, g_v, g_s * r, g_shift
+
+
+def _bss(
+    m: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, ...]:
+    """``(scale, shift, mean, var, r)`` from per-sample moments (ATen ops)."""
+    mean = m.mean(0)  # (C,)
+    var = v.mean(0) + (m - mean).square().mean(0)
+    r = torch.rsqrt(var + eps)
+    scale = gamma * r
+    shift = torch.addcmul(beta, scale, mean, value=-1.0)  # as scale_shift, keeping r
+    return scale, shift, mean, var, r
+
+
 class _BatchScaleShift(torch.autograd.Function):
     """(m, v, gamma, beta) -> (scale, shift, mean, var) with batch statistics from moments."""
 
     @staticmethod
     def forward(ctx, m, v, gamma, beta, eps: float):  # type: ignore[override]
-        mean = m.mean(0)  # (C,)
-        dm = m - mean  # (B, C)
-        var = v.mean(0) + dm.square().mean(0)
-        r = torch.rsqrt(var + eps)
-        scale = gamma * r
-        shift = torch.addcmul(beta, scale, mean, value=-1.0)  # as scale_shift, keeping r
-        ctx.save_for_backward(dm, gamma, r, mean, scale)
+        scale, shift, mean, var, r = _bss(m, v, gamma, beta, eps)
+        ctx.save_for_backward(m, gamma, r, mean, scale)
         ctx.mark_non_differentiable(mean, var)
         return scale, shift, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_scale, g_shift, _g_mean, _g_var):  # type: ignore[override]
-        dm, gamma, r, mean, scale = ctx.saved_tensors
-        b = dm.shape[0]
-        g_scale = torch.zeros_like(scale) if g_scale is None else g_scale
-        g_shift = torch.zeros_like(scale) if g_shift is None else g_shift
-        g_s = torch.addcmul(g_scale, g_shift, mean, value=-1.0)  # total d/d scale
-        g_r = (g_s * gamma).sum(0)  # (C,)
-        g_var = g_r * r.pow(3) * (-0.5)  # d rsqrt(var + eps) = -r^3 / 2
-        g_mean = (g_shift * scale).sum(0).neg_()  # shift's direct dependence on the mean
-        g_m = torch.addcmul((g_mean / b).expand_as(dm), dm, g_var * (2.0 / b))
-        g_v = (g_var / b).expand_as(dm).contiguous()
-        return g_m, g_v, g_s * r, g_shift, None
+        m, gamma, r, mean, scale = ctx.saved_tensors
+        return *_bss_grads(g_scale, g_shift, m, mean, gamma, r, scale), None
+
+
+class _SiteTail(torch.autograd.Function):
+    """(lam, Wm, Bm, m, v) -> (scale, shift, mean, var): the mixtures ``gamma = lam @ Wm``,
+    ``beta = lam @ Bm`` and :class:`_BatchScaleShift` in one node, forward and backward each
+    one C call (``_native_bc.c``) where the kernels apply."""
+
+    @staticmethod
+    def forward(ctx, lam, wm, bm, m, v, eps: float):  # type: ignore[override]
+        out = native_tail(lam, wm, bm, m, v, eps)
+        if out is not None:
+            gamma, scale, shift, mean, var, r = out
+        else:
+            gamma = lam @ wm
+            scale, shift, mean, var, r = _bss(m, v, gamma, lam @ bm, eps)
+        ctx.save_for_backward(lam, wm, bm, m, mean, gamma, r, scale)
+        ctx.mark_non_differentiable(mean, var)
+        return scale, shift, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_scale, g_shift, _g_mean, _g_var):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        grads = native_tail_grad(g_scale, g_shift, saved)
+        if grads is not None:
+            g_lam, g_wm, g_bm, g_m, g_v = grads
+        else:  # e.g. a dispatch mode (FlopCounterMode) around the backward
+            lam, wm, bm, m, mean, gamma, r, scale = saved
+            g_m, g_v, g_gamma, g_beta = _bss_grads(g_scale, g_shift, m, mean, gamma, r, scale)
+            g_lam = g_gamma @ wm.T + g_beta @ bm.T
+            g_wm, g_bm = lam.T @ g_gamma, lam.T @ g_beta
+        return g_lam, g_wm, g_bm, g_m, g_v, None
+
+
+def site_tail(
+    bn: nn.Module,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    lam: torch.Tensor,
+    wm: torch.Tensor,
+    bm: torch.Tensor,
+    n: int,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample scale and shift (B, C) of a BatchNorm-based site from the head's ``lam``
+    (B, K), the mixtures ``wm``, ``bm`` (K, C) and the moments, as :func:`batch_scale_shift`
+    of ``lam @ wm``, ``lam @ bm``; updates the running statistics. None where it does not
+    apply (running statistics used, graph capture, no C kernels, other dtypes or devices)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _uses_running_stats(bn, training):
+        return None
+    if not (lam.dtype == wm.dtype == bm.dtype == m.dtype) or not native_available():
+        return None
+    if not all(t.is_contiguous() for t in (lam, wm, bm, m, v)):
+        return None
+    scale, shift, mean, var = _SiteTail.apply(lam, wm, bm, m, v, bn.eps)
+    if training and bn.track_running_stats:
+        update_running_stats(bn, mean, var, m.shape[0] * n)
+    return scale, shift
 
 
 def batch_scale_shift(

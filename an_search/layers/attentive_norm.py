@@ -53,7 +53,7 @@ from an_search.errors import InvalidKError, UnknownNameError
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
-from ._norm_stats import batch_scale_shift, group_stats, scale_shift
+from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -323,7 +323,9 @@ class AttentiveNorm(nn.Module):
         return compiled_eval(self, x)
 
     def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lam = self.attn.head(stat)  # (B, K)
+        return self._mix(self.attn.head(stat))  # head: (B, K)
+
+    def _mix(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self.weight, self.bias
         if weight.dtype != lam.dtype:
             weight, bias = weight.to(lam.dtype), bias.to(lam.dtype)
@@ -344,15 +346,16 @@ class AttentiveNorm(nn.Module):
         x3 = spatial_view(x, False)  # (B, C, n)
         link = grad_link(x)
         m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance
-        gamma, beta = self._mixture(self.attn.pool.from_moments(m, v, x3))
+        lam = self.attn.head(self.attn.pool.from_moments(m, v, x3))  # (B, K)
         if self.base == "groupnorm":
             mean, var = group_stats(m, v, self.norm.num_groups)  # (B, C) each
-            scale, shift = scale_shift(gamma, beta, mean, var, self.norm.eps)
-        else:
-            scale, shift = batch_scale_shift(
-                self.norm, m, v, gamma, beta, x3.shape[2], self.training
-            )
-        return channel_affine(x, scale, shift, link)
+            scale, shift = scale_shift(*self._mix(lam), mean, var, self.norm.eps)
+            return channel_affine(x, scale, shift, link)
+        n, training = x3.shape[2], self.training
+        tail = site_tail(self.norm, m, v, lam, self.weight, self.bias, n, training)  # one node
+        if tail is None:
+            tail = batch_scale_shift(self.norm, m, v, *self._mix(lam), n, training)
+        return channel_affine(x, *tail, link)
 
     def extra_repr(self) -> str:
         return (

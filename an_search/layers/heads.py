@@ -27,6 +27,8 @@ from torch import nn
 
 from an_search.errors import UnknownNameError
 
+from ._head_train import linear_batchnorm
+
 __all__ = [
     "HEADS",
     "BnSigmoidHead",
@@ -83,6 +85,11 @@ class _LinearHead(_Head):
             self.norm = _norm(self._norm_kind, k)
         self.gate = _gate(self._gate_kind)
         self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self._modules.get("norm")
+        z = None if norm is None or not norm.training else linear_batchnorm(self.fc, norm, x)
+        return super().forward(x) if z is None else self.gate(z)  # one node (_head_train.py)
 
     @classmethod
     def param_count(cls, channels: int, k: int) -> int:

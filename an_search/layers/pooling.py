@@ -24,6 +24,7 @@ from an_search.errors import UnknownNameError
 
 from . import _fused
 from ._fused import moments, spatial_view
+from ._native_bc import native_meanstd, native_meanstd_grad
 
 __all__ = ["POOLS", "AvgMaxPool", "AvgPool", "MeanStdPool", "create_pool"]
 
@@ -56,15 +57,19 @@ class _MeanStd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean, var, bessel: float, eps: float):  # type: ignore[override]
-        s = torch.rsqrt(var * bessel + eps)
+        out = native_meanstd(mean, var, bessel, eps)  # one C call (``_native_bc.c``)
+        pooled, s = out if out is not None else (None, torch.rsqrt(var * bessel + eps))
         ctx.save_for_backward(mean, s)
         ctx.bessel = bessel
-        return mean * s
+        return mean * s if pooled is None else pooled
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # type: ignore[override]
         mean, s = ctx.saved_tensors
+        grads = native_meanstd_grad(g, mean, s, ctx.bessel)
+        if grads is not None:
+            return *grads, None, None
         g_var = g * mean * s.pow(3) * (-0.5 * ctx.bessel)
         return g * s, g_var, None, None
 

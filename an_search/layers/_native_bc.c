@@ -1,0 +1,188 @@
+/* (B, C)-level kernels of AttentiveNorm's training path (compiled with _native.c into one
+ * library by _native.py). At 7x7 the feature-map passes are cheaper than BatchNorm's, but the
+ * small ops between them are not: each (B, C) ATen op costs 5-20 us of dispatch, and the
+ * small matrix products and the head's BatchNorm1d start OpenMP/MKL threads for ~20 us of
+ * work. These do a whole autograd node's forward or backward in one single-threaded call.
+ * Row-major arrays; column sums over the batch accumulate in double.
+ *
+ * an_tail_fwd_*: the site's tail, from lambda (B, K) and the per-sample moments m, v (B, C):
+ *     gamma = lambda @ Wm, beta = lambda @ Bm                  (mixtures Wm, Bm: (K, C))
+ *     mean = sum_b m / B, var = sum_b v / B + sum_b (m - mean)^2 / B   (total variance)
+ *     r = 1 / sqrt(var + eps), scale = gamma * r, shift = beta - scale * mean.
+ * an_tail_bwd_*: its backward (formulas at _SiteTail in _norm_stats.py).
+ * an_meanstd_fwd_*, an_meanstd_bwd_*: pooled = mean * s, s = 1 / sqrt(var * bessel + eps).
+ * an_linbn_fwd_*, an_linbn_bwd_*: the heads' Linear (no bias, (K, C) weight) followed by a
+ *     training-mode BatchNorm1d(K): h = x @ W^T, z = (h - mean) * r * gw + gb over the batch.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+double an_dot_f32(const float *a, const float *b, long n); /* _native.c */
+double an_dot_f64(const double *a, const double *b, long n);
+
+#define DEFINE_BC(T, SUFFIX, SQRT)                                                   \
+    /* out[i, :] = sum_j coef[i, j] * rows[j, :] for (r, k) coef and (k, c) rows. */ \
+    static void mix_rows_##SUFFIX(const T *coef, const T *rows, long r, long k, long c, \
+                                  T *out) {                                          \
+        for (long i = 0; i < r; i++) {                                               \
+            T *o = out + i * c;                                                      \
+            for (long j = 0; j < c; j++) o[j] = 0;                                   \
+            for (long q = 0; q < k; q++) {                                           \
+                const T f = coef[i * k + q], *w = rows + q * c;                      \
+                for (long j = 0; j < c; j++) o[j] += f * w[j];                       \
+            }                                                                        \
+        }                                                                            \
+    }                                                                                \
+    int an_tail_fwd_##SUFFIX(const T *lam, const T *wm, const T *bm, const T *m, const T *v, \
+                             long b, long c, long k, double eps, T *gamma, T *scale, \
+                             T *shift, T *mean, T *var, T *r) {                      \
+        double *acc = calloc(2 * c, sizeof(double));                                 \
+        if (acc == NULL) return -1;                                                  \
+        mix_rows_##SUFFIX(lam, wm, b, k, c, gamma);                                  \
+        mix_rows_##SUFFIX(lam, bm, b, k, c, shift); /* beta, overwritten below */    \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long j = 0; j < c; j++) acc[j] += m[i * c + j];                     \
+        for (long j = 0; j < c; j++) mean[j] = (T)(acc[j] / b);                      \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long j = 0; j < c; j++) {                                           \
+                const T d = m[i * c + j] - mean[j];                                  \
+                acc[c + j] += (double)v[i * c + j] + (double)(d * d);                \
+            }                                                                        \
+        for (long j = 0; j < c; j++) {                                               \
+            var[j] = (T)(acc[c + j] / b);                                            \
+            r[j] = (T)1 / SQRT(var[j] + (T)eps);                                     \
+        }                                                                            \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long j = 0; j < c; j++) {                                           \
+                const T s = gamma[i * c + j] * r[j];                                 \
+                scale[i * c + j] = s;                                                \
+                shift[i * c + j] -= s * mean[j];                                     \
+            }                                                                        \
+        free(acc);                                                                   \
+        return 0;                                                                    \
+    }                                                                                \
+    /* g_scale, g_shift may be NULL (zero). Writes g_lam (B, K), g_wm, g_bm (K, C),  \
+     * g_m, g_v (B, C); the gradient of beta is g_shift. */                          \
+    int an_tail_bwd_##SUFFIX(const T *g_scale, const T *g_shift, const T *lam, const T *wm, \
+                             const T *bm, const T *m, const T *mean, const T *gamma, \
+                             const T *r, const T *scale, long b, long c, long k, T *g_lam, \
+                             T *g_wm, T *g_bm, T *g_m, T *g_v) {                     \
+        double *acc = calloc(2 * c, sizeof(double)); /* d/dr, d/dmean (direct) */    \
+        T *g_gamma = malloc(sizeof(T) * b * c), *g_beta = malloc(sizeof(T) * b * c); \
+        if (acc == NULL || g_gamma == NULL || g_beta == NULL) {                      \
+            free(acc), free(g_gamma), free(g_beta);                                  \
+            return -1;                                                               \
+        }                                                                            \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long j = 0; j < c; j++) {                                           \
+                const long q = i * c + j;                                            \
+                const T gsh = g_shift ? g_shift[q] : (T)0;                           \
+                const T gs = (g_scale ? g_scale[q] : (T)0) - gsh * mean[j];          \
+                g_gamma[q] = gs * r[j];                                              \
+                g_beta[q] = gsh;                                                     \
+                acc[j] += (double)(gs * gamma[q]);                                   \
+                acc[c + j] -= (double)(gsh * scale[q]);                              \
+            }                                                                        \
+        for (long j = 0; j < c; j++) {                                               \
+            const double rj = r[j];                                                  \
+            acc[j] = -0.5 * acc[j] * rj * rj * rj; /* d/dvar */                      \
+        }                                                                            \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long j = 0; j < c; j++) {                                           \
+                const long q = i * c + j;                                            \
+                const T gvar = (T)acc[j];                                            \
+                g_m[q] = (T)(acc[c + j] / b) + (m[q] - mean[j]) * (gvar * (T)(2.0 / b)); \
+                g_v[q] = (T)(acc[j] / b);                                            \
+            }                                                                        \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long q = 0; q < k; q++)                                             \
+                g_lam[i * k + q] = (T)(an_dot_##SUFFIX(g_gamma + i * c, wm + q * c, c) + \
+                                       an_dot_##SUFFIX(g_beta + i * c, bm + q * c, c)); \
+        for (long q = 0; q < k * c; q++) g_wm[q] = g_bm[q] = 0;                      \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long q = 0; q < k; q++) {                                           \
+                const T f = lam[i * k + q];                                          \
+                T *gw = g_wm + q * c, *gb = g_bm + q * c;                            \
+                const T *gg = g_gamma + i * c, *gt = g_beta + i * c;                 \
+                for (long j = 0; j < c; j++) {                                       \
+                    gw[j] += f * gg[j];                                              \
+                    gb[j] += f * gt[j];                                              \
+                }                                                                    \
+            }                                                                        \
+        free(acc), free(g_gamma), free(g_beta);                                      \
+        return 0;                                                                    \
+    }                                                                                \
+    void an_meanstd_fwd_##SUFFIX(const T *mean, const T *var, long n, double bessel,  \
+                                 double eps, T *out, T *s) {                         \
+        const T bs = (T)bessel, e = (T)eps;                                          \
+        for (long q = 0; q < n; q++) {                                               \
+            s[q] = (T)1 / SQRT(var[q] * bs + e);                                     \
+            out[q] = mean[q] * s[q];                                                 \
+        }                                                                            \
+    }                                                                                \
+    void an_meanstd_bwd_##SUFFIX(const T *g, const T *mean, const T *s, long n,      \
+                                 double bessel, T *g_mean, T *g_var) {               \
+        const T f = (T)(-0.5 * bessel);                                              \
+        for (long q = 0; q < n; q++) {                                               \
+            g_mean[q] = g[q] * s[q];                                                 \
+            g_var[q] = g[q] * mean[q] * (s[q] * s[q] * s[q]) * f;                    \
+        }                                                                            \
+    }
+
+#define DEFINE_LINBN(T, SUFFIX, SQRT)                                                \
+    int an_linbn_fwd_##SUFFIX(const T *x, const T *w, const T *gw, const T *gb, long b, \
+                              long c, long k, double eps, T *z, T *hhat, T *mean, T *var, \
+                              T *r) {                                                \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long q = 0; q < k; q++)                                             \
+                hhat[i * k + q] = (T)an_dot_##SUFFIX(x + i * c, w + q * c, c); /* h */ \
+        for (long q = 0; q < k; q++) {                                               \
+            double s = 0.0, d = 0.0;                                                 \
+            for (long i = 0; i < b; i++) s += hhat[i * k + q];                       \
+            const double mu = s / b;                                                 \
+            for (long i = 0; i < b; i++) d += (hhat[i * k + q] - mu) * (hhat[i * k + q] - mu); \
+            mean[q] = (T)mu;                                                         \
+            var[q] = (T)(d / b);                                                     \
+            r[q] = (T)1 / SQRT(var[q] + (T)eps);                                     \
+        }                                                                            \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long q = 0; q < k; q++) {                                           \
+                const long j = i * k + q;                                            \
+                hhat[j] = (hhat[j] - mean[q]) * r[q];                                \
+                z[j] = hhat[j] * gw[q] + gb[q];                                      \
+            }                                                                        \
+        return 0;                                                                    \
+    }                                                                                \
+    int an_linbn_bwd_##SUFFIX(const T *gz, const T *x, const T *w, const T *gw,       \
+                              const T *hhat, const T *r, long b, long c, long k, T *g_x, \
+                              T *g_w, T *g_gw, T *g_gb) {                            \
+        T *g_h = malloc(sizeof(T) * b * k);                                          \
+        if (g_h == NULL) return -1;                                                  \
+        for (long q = 0; q < k; q++) {                                               \
+            double sg = 0.0, sgh = 0.0;                                              \
+            for (long i = 0; i < b; i++) {                                           \
+                sg += gz[i * k + q];                                                 \
+                sgh += (double)gz[i * k + q] * hhat[i * k + q];                      \
+            }                                                                        \
+            g_gb[q] = (T)sg;                                                         \
+            g_gw[q] = (T)sgh;                                                        \
+            const T f = gw[q] * r[q] / (T)b;                                         \
+            for (long i = 0; i < b; i++)                                             \
+                g_h[i * k + q] = f * ((T)b * gz[i * k + q] - (T)sg - hhat[i * k + q] * (T)sgh); \
+        }                                                                            \
+        mix_rows_##SUFFIX(g_h, w, b, k, c, g_x); /* g_x = g_h @ W */                 \
+        for (long q = 0; q < k * c; q++) g_w[q] = 0;                                 \
+        for (long i = 0; i < b; i++)                                                 \
+            for (long q = 0; q < k; q++) {                                           \
+                const T f = g_h[i * k + q], *xi = x + i * c;                         \
+                T *o = g_w + q * c;                                                  \
+                for (long j = 0; j < c; j++) o[j] += f * xi[j];                      \
+            }                                                                        \
+        free(g_h);                                                                   \
+        return 0;                                                                    \
+    }
+
+DEFINE_BC(float, f32, sqrtf)
+DEFINE_BC(double, f64, sqrt)
+DEFINE_LINBN(float, f32, sqrtf)
+DEFINE_LINBN(double, f64, sqrt)
