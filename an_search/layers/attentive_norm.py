@@ -32,12 +32,13 @@ compiler (or with ``AN_SEARCH_NATIVE=0``) stock ATen ops do the same work, slowe
 ``torch.compile`` the training path is plain ops (inductor fuses them) and the eval path folds
 in the graph and calls the kernel as the custom operator ``an_search::eval_site``.
 
-Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads): an inference
-forward takes 0.96-1.24x BatchNorm2d's time at 56x56 and 28x28, 1.3-1.5x at 14x14 and 7x7
-(where the Python around the one C call is a large part), and 0.34-0.76x SE's; a train step
-(forward + backward) 0.65-1.15x BatchNorm2d's up to 14x14, 1.2-1.4x at 7x7 where the head's
-small ops dominate. On a GPU (H200, eager) the ~20 small ops of a site are launch-bound:
-compile there.
+Cost on CPU (bench/an_layer.py, ResNet-50 bn2 shapes, batch 32, 2 threads, 3 runs): an
+inference forward takes 0.91-1.11x BatchNorm2d's time at 14x14 and 7x7 and 0.97-1.25x at 28x28
+and 56x56, 0.33-0.70x SE's; a train step (forward + backward) 0.66-1.10x BatchNorm2d's up to
+14x14 and 1.04-1.33x at 7x7, 0.45-0.85x SE's. In training the (B, C)-level work between the
+two feature-map passes is three autograd nodes with C forwards and backwards (``_MeanStd``,
+the head's ``Linear`` + ``BatchNorm1d`` in ``_head_train.py``, ``_SiteTail``). On a GPU (H200,
+eager) the ~20 small ops of a site are launch-bound: compile there.
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
