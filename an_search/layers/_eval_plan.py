@@ -45,20 +45,12 @@ class _Plan:
     fn: Callable[..., int] | None = None  # an_eval_f32 or an_eval_f64
 
     def __post_init__(self) -> None:
-        lib = library()
-        if self.spec is not None and lib is not None:
-            self.ref = ctypes.byref(self.spec)
-            self.fn = lib.an_eval_f32 if self.key.dtype == torch.float32 else lib.an_eval_f64
+        if self.spec is not None:
+            self.ref, self.fn = ctypes.byref(self.spec), _kernel(self.key.dtype)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The site over a contiguous CPU (B, C, *) ``x`` of the plan's dtype."""
-        shape = x.shape
-        b, c = shape[0], shape[1]
-        y = torch.empty_like(x)
-        if self.fn(self.ref, x.data_ptr(), y.data_ptr(), b, c, x.numel() // (b * c),
-                   torch.get_num_threads()):  # fmt: skip
-            raise MemoryError("AttentiveNorm eval kernel: no memory for its workspace")
-        return y
+        return _run(self.fn, self.ref, x)
 
 
 @dataclass
@@ -101,6 +93,14 @@ class _Key:
 _VERSION = operator.attrgetter("_version")
 _PTR = torch.Tensor.data_ptr
 PLAN_ATTR = "_an_eval_plan"  # where a module keeps its plan (left out of its pickled state)
+
+
+def _kernel(dtype: torch.dtype) -> Callable[..., int] | None:
+    """an_eval_f32 or an_eval_f64 for inputs of ``dtype``; None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    return lib.an_eval_f32 if dtype == torch.float32 else lib.an_eval_f64
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -230,15 +230,12 @@ def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
     return None if plan.fn is None else plan
 
 
-def _run(spec: object, x: torch.Tensor) -> torch.Tensor:
-    """The kernel over a contiguous CPU float32/float64 (B, C, *) ``x``; ``spec`` is
+def _run(fn: Callable[..., int], spec: object, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (an_eval_f32/f64) over a contiguous CPU (B, C, *) ``x`` of its dtype; ``spec`` is
     ``ctypes.byref`` of a :class:`HeadSpec`."""
-    lib = library()
-    assert lib is not None
     shape = x.shape
     b, c = shape[0], shape[1]
     y = torch.empty_like(x)
-    fn = lib.an_eval_f32 if x.dtype == torch.float32 else lib.an_eval_f64
     if fn(spec, x.data_ptr(), y.data_ptr(), b, c, x.numel() // (b * c), torch.get_num_threads()):
         raise MemoryError("AttentiveNorm eval kernel: no memory for its workspace")
     return y
@@ -274,7 +271,7 @@ def eval_site(
     scalars = {"pool": pool, "pool_eps": pool_eps, "layers": layers, "gn": gn,
                "gn_eps": gn_eps, "gate": gate}  # fmt: skip
     spec, alive = _spec(tensors, scalars, x.dtype)
-    y = _run(ctypes.byref(spec), x.contiguous())
+    y = _run(_kernel(x.dtype), ctypes.byref(spec), x.contiguous())
     del alive  # the kernel has read them
     return y
 

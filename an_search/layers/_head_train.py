@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._native_bc import linbn_applies, native_linbn, native_linbn_grad
+from ._native import native_available
+from ._native_bc import native_linbn, native_linbn_grad
 from ._norm_stats import update_running_stats
 
 __all__ = ["linear_batchnorm"]
@@ -26,8 +27,15 @@ class _LinearBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, gw, gb, eps: float):  # type: ignore[override]
         out = native_linbn(x, w, gw, gb, eps)
-        assert out is not None  # linear_batchnorm checked linbn_applies
-        z, hhat, mean, var, r = out
+        if out is not None:
+            z, hhat, mean, var, r = out
+        else:  # e.g. a dispatch mode, a non-contiguous input: the same maths in ATen ops
+            h = x @ w.T
+            mean = h.mean(0)
+            var = (h - mean).square().mean(0)
+            r = torch.rsqrt(var + eps)
+            hhat = (h - mean) * r
+            z = hhat * gw + gb
         ctx.save_for_backward(x, w, gw, hhat, r)
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
@@ -52,11 +60,12 @@ def linear_batchnorm(fc: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Ten
     (other modules or modes, graph capture, autocast, no C kernels, dtypes, batch of 1)."""
     if type(fc) is not nn.Linear or type(bn) is not nn.BatchNorm1d or fc.bias is not None:
         return None
-    if not bn.training or not bn.affine or x.dim() != 2:
-        return None
+    if not bn.training or not bn.affine or x.dim() != 2 or x.shape[0] < 2:
+        return None  # (a batch of 1: BatchNorm1d raises its own error)
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return None
-    if not linbn_applies(x, fc.weight, bn.weight, bn.bias):
+    dtypes = {x.dtype, fc.weight.dtype, bn.weight.dtype, bn.bias.dtype}
+    if dtypes not in ({torch.float32}, {torch.float64}) or not native_available():
         return None
     z, mean, var = _LinearBatchNorm.apply(x, fc.weight, bn.weight, bn.bias, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:

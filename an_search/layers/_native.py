@@ -26,6 +26,7 @@ from an_search._atomic import replacing
 
 __all__ = [
     "HeadSpec",
+    "kernel_for",
     "library",
     "native_affine",
     "native_affine_grad",
@@ -196,13 +197,21 @@ def native_moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
 
 def _kernel(name: str, *maps: torch.Tensor) -> object | None:
     """The kernel ``name`` for these feature maps (same shape, contiguous CPU f32/f64)."""
+    return None if maps[0].numel() == 0 else kernel_for(name, maps)
+
+
+def kernel_for(name: str, *groups: tuple[torch.Tensor, ...]) -> object | None:
+    """Kernel ``name`` where every tensor is a contiguous plain CPU tensor of the first one's
+    dtype (float32/float64) and the tensors of each group share a shape; else None."""
     lib = library()
-    x = maps[0]
-    suffix = _suffix(x.dtype)
-    if lib is None or suffix is None or not plain_tensors(*maps) or x.numel() == 0:
+    first = groups[0][0]
+    suffix = _suffix(first.dtype)
+    if lib is None or suffix is None or not plain_tensors(*(t for g in groups for t in g)):
         return None
-    if any(m.dtype != x.dtype or m.shape != x.shape or not m.is_contiguous() for m in maps):
-        return None
+    for group in groups:
+        for t in group:
+            if t.dtype != first.dtype or t.shape != group[0].shape or not t.is_contiguous():
+                return None
     return getattr(lib, f"{name}_{suffix}")
 
 

@@ -33,6 +33,17 @@ double an_dot_f64(const double *a, const double *b, long n);
             }                                                                        \
         }                                                                            \
     }                                                                                \
+    /* out[q, :] = sum_i coef[i, q] * rows[i, :] for (r, k) coef and (r, c) rows. */   \
+    static void mix_cols_##SUFFIX(const T *coef, const T *rows, long r, long k, long c, \
+                                  T *out) {                                          \
+        for (long q = 0; q < k * c; q++) out[q] = 0;                                 \
+        for (long i = 0; i < r; i++)                                                 \
+            for (long q = 0; q < k; q++) {                                           \
+                const T f = coef[i * k + q], *w = rows + i * c;                      \
+                T *o = out + q * c;                                                  \
+                for (long j = 0; j < c; j++) o[j] += f * w[j];                       \
+            }                                                                        \
+    }                                                                                \
     int an_tail_fwd_##SUFFIX(const T *lam, const T *wm, const T *bm, const T *m, const T *v, \
                              long b, long c, long k, double eps, T *gamma, T *scale, \
                              T *shift, T *mean, T *var, T *r) {                      \
@@ -98,17 +109,8 @@ double an_dot_f64(const double *a, const double *b, long n);
             for (long q = 0; q < k; q++)                                             \
                 g_lam[i * k + q] = (T)(an_dot_##SUFFIX(g_gamma + i * c, wm + q * c, c) + \
                                        an_dot_##SUFFIX(g_beta + i * c, bm + q * c, c)); \
-        for (long q = 0; q < k * c; q++) g_wm[q] = g_bm[q] = 0;                      \
-        for (long i = 0; i < b; i++)                                                 \
-            for (long q = 0; q < k; q++) {                                           \
-                const T f = lam[i * k + q];                                          \
-                T *gw = g_wm + q * c, *gb = g_bm + q * c;                            \
-                const T *gg = g_gamma + i * c, *gt = g_beta + i * c;                 \
-                for (long j = 0; j < c; j++) {                                       \
-                    gw[j] += f * gg[j];                                              \
-                    gb[j] += f * gt[j];                                              \
-                }                                                                    \
-            }                                                                        \
+        mix_cols_##SUFFIX(lam, g_gamma, b, k, c, g_wm); /* lam^T @ g_gamma */         \
+        mix_cols_##SUFFIX(lam, g_beta, b, k, c, g_bm);                               \
         free(acc), free(g_gamma), free(g_beta);                                      \
         return 0;                                                                    \
     }                                                                                \
@@ -171,13 +173,7 @@ double an_dot_f64(const double *a, const double *b, long n);
                 g_h[i * k + q] = f * ((T)b * gz[i * k + q] - (T)sg - hhat[i * k + q] * (T)sgh); \
         }                                                                            \
         mix_rows_##SUFFIX(g_h, w, b, k, c, g_x); /* g_x = g_h @ W */                 \
-        for (long q = 0; q < k * c; q++) g_w[q] = 0;                                 \
-        for (long i = 0; i < b; i++)                                                 \
-            for (long q = 0; q < k; q++) {                                           \
-                const T f = g_h[i * k + q], *xi = x + i * c;                         \
-                T *o = g_w + q * c;                                                  \
-                for (long j = 0; j < c; j++) o[j] += f * xi[j];                      \
-            }                                                                        \
+        mix_cols_##SUFFIX(g_h, x, b, k, c, g_w); /* g_w = g_h^T @ x */               \
         free(g_h);                                                                   \
         return 0;                                                                    \
     }

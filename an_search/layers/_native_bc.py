@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ._native import _suffix, library, plain_tensors
+from ._native import kernel_for
 
 __all__ = [
-    "linbn_applies",
     "native_linbn",
     "native_linbn_grad",
     "native_meanstd",
@@ -19,21 +18,6 @@ __all__ = [
     "native_tail",
     "native_tail_grad",
 ]
-
-
-def _fn(name: str, *groups: tuple[torch.Tensor, ...]) -> object | None:
-    """Kernel ``name`` where every tensor is a contiguous plain CPU tensor of the first one's
-    dtype (float32/float64) and the tensors of each group share a shape; else None."""
-    lib = library()
-    first = groups[0][0]
-    suffix = _suffix(first.dtype)
-    if lib is None or suffix is None or not plain_tensors(*(t for g in groups for t in g)):
-        return None
-    for group in groups:
-        for t in group:
-            if t.dtype != first.dtype or t.shape != group[0].shape or not t.is_contiguous():
-                return None
-    return getattr(lib, f"{name}_{suffix}")
 
 
 def native_tail(
@@ -48,7 +32,7 @@ def native_tail(
     ``gamma = lam @ wm``, batch ``mean``/``var`` (C,) from the per-sample moments ``m``, ``v``
     (B, C), ``r = rsqrt(var + eps)``, ``scale = gamma * r``, ``shift = lam @ bm - scale * mean``.
     """
-    fn = _fn("an_tail_fwd", (m, v), (wm, bm), (lam,))
+    fn = kernel_for("an_tail_fwd", (m, v), (wm, bm), (lam,))
     if fn is None or m.dim() != 2 or lam.dim() != 2:
         return None
     (b, c), k = m.shape, lam.shape[1]
@@ -74,7 +58,7 @@ def native_tail_grad(
     lam, wm, bm, m, mean, gamma, r, scale = saved
     g_scale, g_shift = (None if g is None else g.contiguous() for g in (g_scale, g_shift))
     grads = tuple(g for g in (g_scale, g_shift) if g is not None)
-    fn = _fn("an_tail_bwd", (m, gamma, scale, *grads), (mean, r), (lam,), (wm, bm))
+    fn = kernel_for("an_tail_bwd", (m, gamma, scale, *grads), (mean, r), (lam,), (wm, bm))
     if fn is None:
         return None  # (shapes as native_tail made them)
     (b, c), k = m.shape, lam.shape[1]
@@ -92,7 +76,7 @@ def native_meanstd(
     mean: torch.Tensor, var: torch.Tensor, bessel: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(mean * s, s)`` with ``s = rsqrt(var * bessel + eps)``, elementwise over (B, C)."""
-    fn = _fn("an_meanstd_fwd", (mean, var))
+    fn = kernel_for("an_meanstd_fwd", (mean, var))
     if fn is None:
         return None
     out, s = torch.empty_like(mean), torch.empty_like(mean)
@@ -105,7 +89,7 @@ def native_meanstd_grad(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(g * s, -bessel / 2 * g * mean * s^3)``: the gradients of :func:`native_meanstd`."""
     g = g.contiguous()
-    fn = _fn("an_meanstd_bwd", (g, mean, s))
+    fn = kernel_for("an_meanstd_bwd", (g, mean, s))
     if fn is None:
         return None
     g_mean, g_var = torch.empty_like(g), torch.empty_like(g)
@@ -114,23 +98,18 @@ def native_meanstd_grad(
     return g_mean, g_var
 
 
-def linbn_applies(x: torch.Tensor, w: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor) -> bool:
-    """Whether :func:`native_linbn` runs on these: x (B, C) with B > 1, w (K, C), gw, gb (K,)."""
-    if _fn("an_linbn_fwd", (x,), (w,), (gw, gb)) is None or x.dim() != 2 or w.dim() != 2:
-        return False
-    return x.shape[0] > 1 and w.shape[1] == x.shape[1] and gw.shape == (w.shape[0],)
-
-
 def native_linbn(
     x: torch.Tensor, w: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, ...] | None:
     """``(z, hhat, mean, var, r)``: ``h = x @ w.T`` (B, K) normalised over the batch,
     ``hhat = (h - mean) * r`` with ``r = rsqrt(var + eps)`` (biased ``var``), ``z = hhat * gw
-    + gb``: a bias-free Linear followed by a training-mode BatchNorm1d."""
-    if not linbn_applies(x, w, gw, gb):
+    + gb``: a bias-free Linear followed by a training-mode BatchNorm1d (x (B, C), w (K, C))."""
+    fn = kernel_for("an_linbn_fwd", (x,), (w,), (gw, gb))
+    if fn is None or x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1]:
         return None
-    fn = _fn("an_linbn_fwd", (x,))
     (b, c), k = x.shape, w.shape[0]
+    if gw.shape != (k,):
+        return None
     z, hhat = x.new_empty(b, k), x.new_empty(b, k)
     mean, var, r = x.new_empty(k), x.new_empty(k), x.new_empty(k)
     outs = (t.data_ptr() for t in (z, hhat, mean, var, r))
@@ -145,7 +124,7 @@ def native_linbn_grad(
     r)``."""
     x, w, gw, hhat, r = saved
     gz = gz.contiguous()
-    fn = _fn("an_linbn_bwd", (gz, hhat), (x,), (w,), (gw, r))
+    fn = kernel_for("an_linbn_bwd", (gz, hhat), (x,), (w,), (gw, r))
     if fn is None:
         return None
     (b, c), k = x.shape, w.shape[0]

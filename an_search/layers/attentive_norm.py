@@ -293,14 +293,7 @@ class AttentiveNorm(nn.Module):
             or torch.jit.is_tracing()
             or torch._C._len_torch_dispatch_stack()  # FlopCounterMode etc. must see the ops
             or not x.is_cpu
-            or x.dtype not in _NATIVE_DTYPES
-            or x.dim() not in dims
-            or not x.is_contiguous()
-            or x.numel() == 0
-        ):
-            return None
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
+            or not self._native_eval_input(x, dims)
         ):
             return None
         plan = eval_plan(self, x.dtype)  # None also without the C kernels
@@ -308,20 +301,20 @@ class AttentiveNorm(nn.Module):
 
     def _compiled_native_eval(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
         """Under torch.compile: the folded site as ``an_search::eval_site``; None if n/a."""
-        if (
-            x.device.type != "cpu"
-            or x.dtype not in _NATIVE_DTYPES
-            or x.dim() not in dims
-            or not x.is_contiguous()
-            or x.numel() == 0
-            or not native_available()
-        ):
+        if x.device.type != "cpu" or not self._native_eval_input(x, dims):
             return None
-        if torch.is_grad_enabled() and (
+        return compiled_eval(self, x) if native_available() else None
+
+    def _native_eval_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
+        """The checks of a CPU ``x`` shared by the eager and compiled native eval: dtype, rank,
+        layout, not empty, and no autograd recording through the site."""
+        if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims or not x.is_contiguous():
+            return False
+        if x.numel() == 0:
+            return False
+        return not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            return None
-        return compiled_eval(self, x)
+        )
 
     def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mix(self.attn.head(stat))  # head: (B, K)
