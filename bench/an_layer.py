@@ -19,6 +19,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
     .venv/bin/python bench/an_layer.py --ks 10 --repeats 31 --threads 1
     AN_SEARCH_NATIVE=0 .venv/bin/python bench/an_layer.py   # stock ATen ops, no C kernels
     python bench/an_layer.py --device cuda --repeats 50      # a GPU; --unfused: reference path
+    python bench/an_layer.py --device cuda --triton          # AN on the Triton kernels
 
 On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
 OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
@@ -90,7 +91,9 @@ def _peak_bytes(fn: Callable, device: torch.device) -> int:
     return peak
 
 
-def _modules(channels: int, ks: list[int], fused: bool = True) -> dict[str, nn.Module]:
+def _modules(
+    channels: int, ks: list[int], fused: bool = True, triton: bool = False
+) -> dict[str, nn.Module]:
     mods: dict[str, nn.Module] = {
         "bn": nn.BatchNorm2d(channels),
         "se": SEModule(channels, rd_ratio=1.0 / 16),
@@ -98,6 +101,7 @@ def _modules(channels: int, ks: list[int], fused: bool = True) -> dict[str, nn.M
     for k in ks:
         mods[f"an{k}"] = AttentiveNorm(channels, k)
         mods[f"an{k}"].fused = fused
+        mods[f"an{k}"].triton = triton
     return mods
 
 
@@ -107,7 +111,10 @@ def bench_shape(
     """Time every module at one shape; returns one row per (mode, module)."""
     x = torch.randn(args.batch, channels, size, size, device=device)
     grad = torch.randn_like(x)
-    mods = {name: m.to(device) for name, m in _modules(channels, args.ks, args.fused).items()}
+    mods = {
+        name: m.to(device)
+        for name, m in _modules(channels, args.ks, args.fused, args.triton).items()
+    }
     rows = []
     for mode in args.modes:
         train = mode != "eval"
@@ -202,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         "--unfused", dest="fused", action="store_false",
         help="AN on its reference path (inner BatchNorm module, then the affine)",
     )  # fmt: skip
+    parser.add_argument("--triton", action="store_true", help="AN on the Triton kernels (CUDA)")
     args = parser.parse_args(argv)
+    if args.triton and not args.device.startswith("cuda"):
+        parser.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
     filter_torchscript_warning()
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # quiet the CPU profiler used for memory
     load = os.getloadavg()[0]  # other processes on the machine distort multi-thread timings
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}, {args.threads} threads, {args.stat} of {args.repeats}, "
         f"load before {load:.1f}, C kernels: {_native.unavailable_reason() or 'on'}"
         f"{'' if args.fused else ', AN unfused (reference path)'}"
+        f"{', AN on Triton kernels' if args.triton else ''}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

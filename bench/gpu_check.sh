@@ -28,15 +28,15 @@ step "tests marked gpu"
 timeout 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py \
   tests/search/test_ddp.py 2>&1 | tee "$OUT_DIR/pytest_gpu.log" | tail -n 12
 
-step "bench/an_layer.py (fused, then reference path)"
-for flag in "" --unfused; do
+step "bench/an_layer.py (fused, reference path, Triton kernels)"
+for flag in "" --unfused --triton; do
   timeout 50 "$PY" bench/an_layer.py --device cuda --repeats 50 --warmup 5 --plain $flag 2>&1 \
     | tee -a "$OUT_DIR/an_layer.txt"
 done
 
-step "bench/models.py eager (float32, then bfloat16 autocast)"
+step "bench/models.py eager (float32, then bfloat16 autocast), plain and Triton AN"
 for flag in "" --amp; do
-  timeout 80 "$PY" bench/models.py --device cuda --batch 64 --repeats 15 --warmup 3 $flag 2>&1 \
+  timeout 100 "$PY" bench/models.py --device cuda --batch 64 --repeats 15 --warmup 3 --triton $flag 2>&1 \
     | tee -a "$OUT_DIR/models.txt"
 done
 

@@ -5,6 +5,7 @@ Training step (forward + backward + SGD step) and inference, measured side by si
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
     python bench/models.py --compile --device cuda --batch 64 [--amp]
+    python bench/models.py --device cuda --batch 64 --triton   # + AN on the Triton kernels
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
@@ -21,7 +22,7 @@ import torch
 from _timing import interleaved  # bench/ is on sys.path when run as a script
 
 from an_search import convert
-from an_search.layers import _native
+from an_search.layers import AttentiveNorm, _native
 
 
 def _models(num_classes: int) -> dict[str, torch.nn.Module]:
@@ -42,12 +43,20 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
+    p.add_argument("--triton", action="store_true", help="also AN-resnet50 on Triton (CUDA)")
     args = p.parse_args()
+    if args.triton and not args.device.startswith("cuda"):
+        p.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
     models = {k: m.to(dev) for k, m in _models(1000).items()}
+    if args.triton:  # the same AN model, its sites switched to the Triton kernels
+        models["an-resnet50-triton"] = copy.deepcopy(models["an-resnet50"])
+        for mod in models["an-resnet50-triton"].modules():
+            if isinstance(mod, AttentiveNorm):
+                mod.triton = True
     variants: dict[str, torch.nn.Module] = dict(models)
     if args.compile:
         variants.update({f"{k}+compile": torch.compile(m) for k, m in models.items()})
@@ -94,6 +103,12 @@ def main() -> None:
                 f"  seresnet50 {se * 1e3:8.1f} ms  | AN/BN {an / base:.3f}x  AN/SE {an / se:.3f}x"
                 f"  | {args.batch / an:.1f} img/s"
             )
+            if args.triton:
+                tri = t[f"an-resnet50-triton{suf}"]
+                print(
+                    f"{'':19s} an-resnet50-triton {tri * 1e3:8.1f} ms  | AN/BN {tri / base:.3f}x"
+                    f"  AN/SE {tri / se:.3f}x  | triton/plain AN {tri / an:.3f}x"
+                )
 
 
 if __name__ == "__main__":

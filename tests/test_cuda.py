@@ -125,3 +125,53 @@ def test_proxy_training_with_amp_on_cuda_learns() -> None:
     assert result.top1 > 100 / 10, result.history  # above chance on 10 classes
     moved = [_rel(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
     assert min(moved) > 0  # every parameter trained (on the GPU: the model was moved there)
+
+
+@pytest.mark.parametrize("head", ["default", "bn-softmax", "linear-sigmoid"])
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 512, 7, 7), (8, 40, 5, 5)])
+def test_triton_site_on_cuda_matches_cpu_float64(head: str, shape: tuple[int, ...]) -> None:
+    pytest.importorskip("triton")
+    c = shape[1]
+    an = AttentiveNorm(c, 10, head=head)
+    ref = copy.deepcopy(an).double()
+    an = an.cuda()
+    an.triton = True
+    for training in (True, True, False):
+        an.train(training)
+        ref.train(training)
+        x = torch.randn(shape, dtype=torch.double) * 3 + 1
+        xc = x.float().cuda().requires_grad_()
+        xr = x.clone().requires_grad_()
+        assert an._forward_triton(xc.detach()) is not None  # the kernels take this input
+        y, y_ref = an(xc), ref(xr)
+        assert _rel(y, y_ref) < 1e-5
+        g = torch.randn_like(x)
+        y.backward(g.float().cuda())
+        y_ref.backward(g)
+        assert _rel(xc.grad, xr.grad) < 1e-4
+    for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
+        assert _rel(p.grad, p_ref.grad) < 1e-4, name
+    for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
+        if b.is_floating_point():
+            assert _rel(b, b_ref) < 1e-5, name
+        else:
+            assert int(b) == int(b_ref), name
+
+
+def test_triton_site_under_bfloat16_autocast() -> None:
+    pytest.importorskip("triton")
+    conv = nn.Conv2d(3, C, 3, padding=1).cuda()
+    an = AttentiveNorm(C, K).cuda()
+    an.triton = True
+    ref = copy.deepcopy(an)
+    ref.triton = False
+    x = torch.randn(8, 3, 14, 14, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = conv(x)
+        y = an(h)
+    assert y.dtype == torch.bfloat16
+    y_ref = ref(h.detach().float())
+    assert _rel(y, y_ref) < 5e-2
+    y.float().square().sum().backward()
+    y_ref.square().sum().backward()
+    assert _rel(an.weight.grad, ref.weight.grad) < 5e-2

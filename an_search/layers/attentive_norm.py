@@ -38,7 +38,10 @@ and 56x56, 0.33-0.70x SE's; a train step (forward + backward) 0.66-1.10x BatchNo
 14x14 and 1.04-1.33x at 7x7, 0.45-0.85x SE's. In training the (B, C)-level work between the
 two feature-map passes is three autograd nodes with C forwards and backwards (``_MeanStd``,
 the head's ``Linear`` + ``BatchNorm1d`` in ``_head_train.py``, ``_SiteTail``). On a GPU (H200,
-eager) the ~20 small ops of a site are launch-bound: compile there.
+eager) the ~20 small ops of a site are launch-bound: compile there, or (opt-in,
+``AN_SEARCH_TRITON=1`` or ``an.triton = True``) run BatchNorm-based sites as ten Triton
+kernels, one autograd node (``_triton_site.py``; tested by Triton's interpreter, not yet timed
+on a GPU).
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
@@ -55,6 +58,7 @@ from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
+from ._triton_site import triton_requested, triton_site
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -111,6 +115,7 @@ class AttentiveNorm(nn.Module):
     """
 
     fused: bool = True  # set False on an instance to force the reference path
+    triton: bool | None = None  # CUDA: Triton kernels (True), not (False), None: $AN_SEARCH_TRITON
 
     def __init__(
         self,
@@ -254,7 +259,9 @@ class AttentiveNorm(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = None if self.training else self._forward_native_eval(x)
+        y = self._forward_triton(x) if x.is_cuda else None
+        if y is None and not self.training:
+            y = self._forward_native_eval(x)
         if y is None:
             y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
         mods = self._modules  # (not self.drop: Module.__getattr__ costs ~2 us a name here)
@@ -275,6 +282,15 @@ class AttentiveNorm(nn.Module):
         if self.training and x.numel() // x.shape[1] <= 1:
             return False  # the inner BatchNorm raises its usual error
         return True
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The site as Triton kernels (``_triton_site.py``), eager only; None if n/a or off."""
+        wanted = triton_requested() if self.triton is None else self.triton
+        if not wanted or not self.fused or type(x) is not torch.Tensor:
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        return None if torch._C._len_torch_dispatch_stack() else triton_site(self, x)
 
     def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
         """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a.

@@ -1,0 +1,384 @@
+"""Triton kernels of a BatchNorm-based AttentiveNorm site on a GPU (driven by ``_triton_site.py``).
+
+A site in five launches forward and five backward, instead of the ~30 small ATen ops and
+autograd nodes of the eager GPU path (which is bound by launches, not by memory traffic):
+
+    forward:  moments -> channels -> head -> mix -> affine
+    backward: rowdots -> tail_bwd -> head_bwd -> pool_bwd -> dx
+
+Feature-map kernels (``moments``, ``affine``, ``rowdots``, ``dx``) see x as B*C rows of N
+positions; the (B, C)-level kernels (``channels``, ``mix``, ``tail_bwd``, ``pool_bwd``) hold
+the whole batch of one block of channels, so that the batch statistics and the mixtures'
+gradients need no cross-program reduction; the two sums over channels (the head's logits and
+the gradient of lambda) are written per block and summed by the single-program ``head`` and
+``head_bwd``, which also do the head's BatchNorm1d over the batch. Everything accumulates in
+float32; feature maps may be float32, float16 or bfloat16.
+
+Formulas (the CPU kernels' ``_native_bc.c`` and ``_norm_stats.py``): per-sample moments
+``m``, ``v`` give the pooled statistic and the batch statistics ``mean = E_b[m]``,
+``var = E_b[v] + Var_b[m]``; ``scale = (lam @ Wm) * rsqrt(var + eps)``,
+``shift = lam @ Bm - scale * mean``; ``y = x * scale + shift``. Backward:
+``dx = g * scale + cc * x + dd`` with ``cc = 2 g_v / N`` and ``dd = g_m / N - cc * m``.
+
+Testable without a GPU: with ``TRITON_INTERPRET=1`` set before this module is imported, the
+kernels run on CPU tensors (``tests/layers/test_triton_site.py``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ruff: noqa: N803 (Triton's constexpr block sizes are upper case by convention)
+# Sizes that change from site to site are not specialised (do_not_specialize): one compiled
+# kernel serves every site of a network; N stays specialised in the row kernels, whose loads
+# vectorise where rows start on 16-value boundaries.
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def moments_kernel(x_ptr, m_ptr, v_ptr, n_rows, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-row mean and biased variance, one pass shifted by the row's first value."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < n_rows
+    base = rows.to(tl.int64) * N
+    shift = tl.load(x_ptr + base, mask=rmask, other=0.0).to(tl.float32)
+    s1 = tl.zeros((R, BLOCK_N), tl.float32)
+    s2 = tl.zeros((R, BLOCK_N), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols[None, :] < N)
+        xv = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, xv.to(tl.float32) - shift[:, None], 0.0)
+        s1 += d
+        s2 += d * d
+    t1 = tl.sum(s1, 1) / N
+    t2 = tl.sum(s2, 1) / N
+    tl.store(m_ptr + rows, shift + t1, mask=rmask)
+    tl.store(v_ptr + rows, tl.maximum(t2 - t1 * t1, 0.0), mask=rmask)
+
+
+@triton.jit
+def _pooled(m, v, bessel, pool_eps, POOL: tl.constexpr):
+    if POOL == 0:  # meanstd: mean / sqrt(unbiased var + eps)
+        return m * tl.rsqrt(v * bessel + pool_eps)
+    return m  # avg
+
+
+@triton.jit(do_not_specialize=["B", "C", "K", "N"])
+def channels_kernel(
+    m_ptr, v_ptr, w_ptr, part_ptr, mean_ptr, r_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    B, C, K, N, eps, momentum, bessel, pool_eps, unbias,
+    USE_RUNNING: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+    POOL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One block of channels: normalisation statistics (and the running-stat update), and this
+    block's share of the head's logits ``pooled @ W.T``."""
+    pid = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, BLOCK_K)
+    cm = c < C
+    mask = (b < B)[:, None] & cm[None, :]
+    off = b[:, None] * C + c[None, :]
+    m = tl.load(m_ptr + off, mask=mask, other=0.0)
+    v = tl.load(v_ptr + off, mask=mask, other=0.0)
+    if USE_RUNNING:
+        mean = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + c, mask=cm, other=1.0).to(tl.float32)
+    else:
+        mean = tl.sum(m, 0) / B
+        d = tl.where(mask, m - mean[None, :], 0.0)
+        var = (tl.sum(v, 0) + tl.sum(d * d, 0)) / B
+        if UPDATE:
+            if CUMULATIVE:  # momentum None: 1 / (batches so far, this one included)
+                f = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
+            else:
+                f = momentum
+            rm = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            tl.store(rm_ptr + c, rm + f * (mean - rm), mask=cm)
+            tl.store(rv_ptr + c, rv + f * (var * unbias - rv), mask=cm)
+    tl.store(mean_ptr + c, mean, mask=cm)
+    tl.store(r_ptr + c, tl.rsqrt(var + eps), mask=cm)
+    pooled = tl.where(mask, _pooled(m, v, bessel, pool_eps, POOL), 0.0)
+    wmask = cm[:, None] & (k < K)[None, :]
+    w = tl.load(w_ptr + k[None, :] * C + c[:, None], mask=wmask, other=0.0).to(tl.float32)
+    part = tl.dot(pooled, w, input_precision="ieee")  # (BLOCK_B, BLOCK_K)
+    tl.store(part_ptr + pid * BLOCK_B * BLOCK_K + b[:, None] * BLOCK_K + k[None, :], part)
+
+
+@triton.jit
+def _block_sum(part_ptr, nblk, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.arange(0, BLOCK_B)
+    k = tl.arange(0, BLOCK_K)
+    off = b[:, None] * BLOCK_K + k[None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    for i in range(nblk):
+        acc += tl.load(part_ptr + i * BLOCK_B * BLOCK_K + off)
+    return acc
+
+
+@triton.jit(do_not_specialize=["nblk", "B", "K"])
+def head_kernel(
+    part_ptr, nblk, hb_ptr, gw_ptr, gb_ptr, hrm_ptr, hrv_ptr, hnbt_ptr, snbt_ptr,
+    lam_ptr, z_ptr, hhat_ptr, hr_ptr, B, K, eps, momentum, unbias,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, H_UPDATE: tl.constexpr,
+    H_CUMULATIVE: tl.constexpr, SITE_COUNT: tl.constexpr, GATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The head, one program: logits (+ bias) -> BatchNorm1d (NORM 1 batch, 2 running, 0 none)
+    -> gate (0 hard-sigmoid, 1 sigmoid, 2 softmax over K). Also counts the batch for the
+    site's and the head's ``num_batches_tracked`` (after ``channels_kernel`` read it)."""
+    b = tl.arange(0, BLOCK_B)
+    k = tl.arange(0, BLOCK_K)
+    km = k < K
+    mask = (b < B)[:, None] & km[None, :]
+    h = _block_sum(part_ptr, nblk, BLOCK_B, BLOCK_K)
+    if HAS_BIAS:
+        h += tl.load(hb_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
+    if NORM == 1:
+        mean = tl.sum(tl.where(mask, h, 0.0), 0) / B
+        d = tl.where(mask, h - mean[None, :], 0.0)
+        var = tl.sum(d * d, 0) / B
+        r = tl.rsqrt(var + eps)
+        hhat = d * r[None, :]
+        if H_UPDATE:
+            nbt = tl.load(hnbt_ptr)
+            tl.store(hnbt_ptr, nbt + 1)
+            if H_CUMULATIVE:
+                f = 1.0 / (nbt.to(tl.float32) + 1.0)
+            else:
+                f = momentum
+            rm = tl.load(hrm_ptr + k, mask=km, other=0.0).to(tl.float32)
+            rv = tl.load(hrv_ptr + k, mask=km, other=0.0).to(tl.float32)
+            tl.store(hrm_ptr + k, rm + f * (mean - rm), mask=km)
+            tl.store(hrv_ptr + k, rv + f * (var * unbias - rv), mask=km)
+    elif NORM == 2:
+        rm = tl.load(hrm_ptr + k, mask=km, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.load(hrv_ptr + k, mask=km, other=1.0).to(tl.float32) + eps)
+        hhat = (h - rm[None, :]) * r[None, :]
+    else:
+        r = tl.full((BLOCK_K,), 1.0, tl.float32)
+        hhat = h
+    if NORM != 0:
+        gw = tl.load(gw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        gb = tl.load(gb_ptr + k, mask=km, other=0.0).to(tl.float32)
+        z = hhat * gw[None, :] + gb[None, :]
+    else:
+        z = h
+    if GATE == 0:
+        lam = tl.minimum(tl.maximum(z / 6.0 + 0.5, 0.0), 1.0)
+    elif GATE == 1:
+        lam = tl.sigmoid(z)
+    else:
+        zz = tl.where(km[None, :], z, float("-inf"))
+        e = tl.exp(zz - tl.max(zz, 1)[:, None])
+        lam = e / tl.sum(e, 1)[:, None]
+    lam = tl.where(mask, lam, 0.0)
+    if SITE_COUNT:
+        tl.store(snbt_ptr, tl.load(snbt_ptr) + 1)
+    off = b[:, None] * BLOCK_K + k[None, :]  # (BLOCK_B, BLOCK_K) buffers, zero padded
+    tl.store(lam_ptr + off, lam)
+    tl.store(z_ptr + off, z)
+    tl.store(hhat_ptr + off, hhat)
+    tl.store(hr_ptr + k, r)
+
+
+@triton.jit
+def _kc(ptr, c, C, K, BLOCK_K: tl.constexpr):
+    """The (BLOCK_K, BLOCK_C) block of a (K, C) matrix, zero padded, as float32."""
+    k = tl.arange(0, BLOCK_K)
+    mask = (k < K)[:, None] & (c < C)[None, :]
+    return tl.load(ptr + k[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["B", "C", "K"])
+def mix_kernel(
+    lam_ptr, wm_ptr, bm_ptr, mean_ptr, r_ptr, scale_ptr, shift_ptr, B, C, K,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Per-sample ``scale = (lam @ Wm) * r`` and ``shift = lam @ Bm - scale * mean``."""
+    b = tl.arange(0, BLOCK_B)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, BLOCK_K)
+    cm = c < C
+    lam = tl.load(lam_ptr + b[:, None] * BLOCK_K + k[None, :])
+    gamma = tl.dot(lam, _kc(wm_ptr, c, C, K, BLOCK_K), input_precision="ieee")
+    beta = tl.dot(lam, _kc(bm_ptr, c, C, K, BLOCK_K), input_precision="ieee")
+    r = tl.load(r_ptr + c, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    scale = gamma * r[None, :]
+    mask = (b < B)[:, None] & cm[None, :]
+    off = b[:, None] * C + c[None, :]
+    tl.store(scale_ptr + off, scale, mask=mask)
+    tl.store(shift_ptr + off, beta - scale * mean[None, :], mask=mask)
+
+
+@triton.jit(do_not_specialize=["total", "N"])
+def affine_kernel(x_ptr, y_ptr, a_ptr, t_ptr, total, N, BLOCK: tl.constexpr):
+    """``y = x * a[row] + t[row]`` over the flat (B*C*N) map."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    row = idx // N
+    xv = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row, mask=mask, other=0.0)
+    t = tl.load(t_ptr + row, mask=mask, other=0.0)
+    tl.store(y_ptr + idx, xv * a + t, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def rowdots_kernel(g_ptr, x_ptr, ga_ptr, gt_ptr, n_rows, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per row: ``sum(g * x)`` (gradient of the scale) and ``sum(g)`` (of the shift)."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < n_rows
+    base = rows.to(tl.int64) * N
+    s1 = tl.zeros((R, BLOCK_N), tl.float32)
+    s2 = tl.zeros((R, BLOCK_N), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols[None, :] < N)
+        off = base[:, None] + cols[None, :]
+        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s1 += g * tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s2 += g
+    tl.store(ga_ptr + rows, tl.sum(s1, 1), mask=rmask)
+    tl.store(gt_ptr + rows, tl.sum(s2, 1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["B", "C", "K"])
+def tail_bwd_kernel(
+    ga_ptr, gt_ptr, lam_ptr, wm_ptr, bm_ptr, m_ptr, mean_ptr, r_ptr, scale_ptr,
+    gwm_ptr, gbm_ptr, part_ptr, gm_ptr, gv_ptr, B, C, K,
+    BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Backward of the mixtures and the batch statistics for one block of channels: the
+    mixtures' gradients (whole), this block's share of the gradient of lambda, and the
+    gradients of the moments through the batch statistics."""
+    pid = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, BLOCK_K)
+    cm = c < C
+    mask = (b < B)[:, None] & cm[None, :]
+    off = b[:, None] * C + c[None, :]
+    ga = tl.load(ga_ptr + off, mask=mask, other=0.0)
+    gt = tl.load(gt_ptr + off, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + off, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    r = tl.load(r_ptr + c, mask=cm, other=1.0)
+    g_s = ga - gt * mean[None, :]  # total d/d scale
+    g_gamma = g_s * r[None, :]
+    lam = tl.load(lam_ptr + b[:, None] * BLOCK_K + k[None, :])
+    lam_t = tl.trans(lam)
+    kmask = (k < K)[:, None] & cm[None, :]
+    koff = k[:, None] * C + c[None, :]
+    gwm = tl.dot(lam_t, g_gamma, input_precision="ieee")
+    tl.store(gwm_ptr + koff, gwm, mask=kmask)
+    tl.store(gbm_ptr + koff, tl.dot(lam_t, gt, input_precision="ieee"), mask=kmask)
+    wm = _kc(wm_ptr, c, C, K, BLOCK_K)
+    bm = _kc(bm_ptr, c, C, K, BLOCK_K)
+    part = tl.dot(g_gamma, tl.trans(wm), input_precision="ieee")
+    part += tl.dot(gt, tl.trans(bm), input_precision="ieee")
+    tl.store(part_ptr + pid * BLOCK_B * BLOCK_K + b[:, None] * BLOCK_K + k[None, :], part)
+    if BATCH_STATS:
+        m = tl.load(m_ptr + off, mask=mask, other=0.0)
+        gamma = scale / r[None, :]
+        g_var = -0.5 * tl.sum(g_s * gamma, 0) * r * r * r
+        g_mean = -tl.sum(gt * scale, 0)
+        gm = g_mean[None, :] / B + (m - mean[None, :]) * (g_var * (2.0 / B))[None, :]
+        gv = tl.zeros((BLOCK_B, BLOCK_C), tl.float32) + (g_var / B)[None, :]
+    else:  # running statistics: the moments reach the output through the head only
+        gm = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        gv = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    tl.store(gm_ptr + off, gm, mask=mask)
+    tl.store(gv_ptr + off, gv, mask=mask)
+
+
+@triton.jit(do_not_specialize=["nblk", "B", "K"])
+def head_bwd_kernel(
+    part_ptr, nblk, lam_ptr, z_ptr, hhat_ptr, hr_ptr, gw_ptr, gh_ptr, ggw_ptr, ggb_ptr,
+    gbias_ptr, B, K, NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Backward of the head, one program: gate, BatchNorm1d (batch or running), bias."""
+    b = tl.arange(0, BLOCK_B)
+    k = tl.arange(0, BLOCK_K)
+    km = k < K
+    mask = (b < B)[:, None] & km[None, :]
+    off = b[:, None] * BLOCK_K + k[None, :]
+    g_lam = _block_sum(part_ptr, nblk, BLOCK_B, BLOCK_K)
+    lam = tl.load(lam_ptr + off)
+    z = tl.load(z_ptr + off)
+    if GATE == 0:  # hard-sigmoid: slope 1/6 strictly inside (-3, 3), as ATen
+        gz = tl.where((z > -3.0) & (z < 3.0), g_lam / 6.0, 0.0)
+    elif GATE == 1:
+        gz = g_lam * lam * (1.0 - lam)
+    else:
+        gz = lam * (g_lam - tl.sum(g_lam * lam, 1)[:, None])
+    gz = tl.where(mask, gz, 0.0)
+    if NORM != 0:
+        hhat = tl.load(hhat_ptr + off)
+        r = tl.load(hr_ptr + k)
+        gw = tl.load(gw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        sg = tl.sum(gz, 0)
+        sgh = tl.sum(gz * hhat, 0)
+        tl.store(ggw_ptr + k, sgh, mask=km)
+        tl.store(ggb_ptr + k, sg, mask=km)
+        if NORM == 1:
+            g_h = (gw * r / B)[None, :] * (B * gz - sg[None, :] - hhat * sgh[None, :])
+            g_h = tl.where(mask, g_h, 0.0)
+        else:
+            g_h = gz * (gw * r)[None, :]
+    else:
+        g_h = gz
+    if HAS_BIAS:
+        tl.store(gbias_ptr + k, tl.sum(g_h, 0), mask=km)
+    tl.store(gh_ptr + off, g_h)
+
+
+@triton.jit(do_not_specialize=["B", "C", "K", "N"])
+def pool_bwd_kernel(
+    gh_ptr, w_ptr, m_ptr, v_ptr, gm_ptr, gv_ptr, gw_ptr, B, C, K, N, bessel, pool_eps,
+    POOL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The head's weight gradient and the pool's backward for one block of channels; turns
+    ``g_m``, ``g_v`` (in place) into the coefficients ``cc``, ``dd`` of ``dx``."""
+    b = tl.arange(0, BLOCK_B)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, BLOCK_K)
+    cm = c < C
+    mask = (b < B)[:, None] & cm[None, :]
+    off = b[:, None] * C + c[None, :]
+    gh = tl.load(gh_ptr + b[:, None] * BLOCK_K + k[None, :])
+    gp = tl.dot(gh, _kc(w_ptr, c, C, K, BLOCK_K), input_precision="ieee")  # d pooled
+    m = tl.load(m_ptr + off, mask=mask, other=0.0)
+    v = tl.load(v_ptr + off, mask=mask, other=0.0)
+    gm = tl.load(gm_ptr + off, mask=mask, other=0.0)
+    gv = tl.load(gv_ptr + off, mask=mask, other=0.0)
+    pooled = tl.where(mask, _pooled(m, v, bessel, pool_eps, POOL), 0.0)
+    if POOL == 0:
+        s = tl.rsqrt(v * bessel + pool_eps)
+        gm += gp * s
+        gv += gp * m * s * s * s * (-0.5 * bessel)
+    else:
+        gm += gp
+    gwh = tl.dot(tl.trans(gh), pooled, input_precision="ieee")
+    tl.store(gw_ptr + k[:, None] * C + c[None, :], gwh, mask=(k < K)[:, None] & cm[None, :])
+    cc = gv * (2.0 / N)
+    tl.store(gm_ptr + off, gm / N - cc * m, mask=mask)  # dd
+    tl.store(gv_ptr + off, cc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["total", "N"])
+def dx_kernel(g_ptr, x_ptr, a_ptr, cc_ptr, dd_ptr, dx_ptr, total, N, BLOCK: tl.constexpr):
+    """``dx = g * a[row] + cc[row] * x + dd[row]`` over the flat map."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    row = idx // N
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row, mask=mask, other=0.0)
+    cc = tl.load(cc_ptr + row, mask=mask, other=0.0)
+    dd = tl.load(dd_ptr + row, mask=mask, other=0.0)
+    tl.store(dx_ptr + idx, g * a + cc * xv + dd, mask=mask)

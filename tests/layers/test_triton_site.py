@@ -1,0 +1,150 @@
+"""The Triton site (``_triton_kernels.py``, ``_triton_site.py``) against the reference path.
+
+Run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``
+before Triton is imported where there is no GPU): the same kernels a GPU compiles, executed
+block by block with numpy. The reference is
+the module's own reference path (inner BatchNorm module, head modules, autograd) in float64:
+outputs, the input's and all six parameters' gradients, the running statistics and counters of
+the site and the head, over training and evaluation steps."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from an_search.layers import AttentiveNorm
+
+triton = pytest.importorskip("triton")
+_site_mod = importlib.import_module("an_search.layers._triton_site")
+triton_site = _site_mod.triton_site
+HEADS = ["default", "bn-sigmoid", "bn-softmax", "linear-sigmoid", "linear-hsigmoid"]
+
+
+if not triton.knobs.runtime.interpret:  # tests/conftest.py sets it where there is no GPU
+    pytest.skip("Triton compiles for the GPU here: tests/test_cuda.py", allow_module_level=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _compare_steps(
+    an: AttentiveNorm,
+    shape: tuple[int, ...],
+    modes: tuple[bool, ...],
+    block_c: int | None = 16,
+    dtype: torch.dtype = torch.float32,
+    tol: float = 1e-5,
+) -> None:
+    """Run ``an`` through the Triton site and a float64 copy through its reference path, one
+    step per entry of ``modes`` (True: training), comparing everything after each step."""
+    ref = copy.deepcopy(an).double()
+    ref.fused = False
+    for training in modes:
+        an.train(training)
+        ref.train(training)
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+        xa = x.to(dtype).requires_grad_()
+        xr = xa.detach().double().requires_grad_()
+        y = triton_site(an, xa, block_c=block_c)
+        assert y is not None and y.dtype == dtype and y.shape == x.shape
+        y_ref = ref(xr)
+        assert _rel(y, y_ref) < tol
+        g = torch.randn_like(x)
+        y.backward(g.to(dtype))
+        y_ref.backward(g)
+        assert _rel(xa.grad, xr.grad) < 20 * tol
+        for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
+            assert _rel(p.grad, p_ref.grad) < 20 * tol, name
+            p.grad = p_ref.grad = None
+        for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
+            if b.is_floating_point():
+                assert _rel(b, b_ref) < tol, name
+            else:
+                assert int(b) == int(b_ref), name
+
+
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("head", HEADS)
+def test_matches_reference_over_train_and_eval(head: str, pool: str) -> None:
+    torch.manual_seed(0)
+    an = AttentiveNorm(37, 5, head=head, pool=pool)  # 3 blocks of 16 channels, the last partial
+    _compare_steps(an, (6, 37, 5, 3), (True, True, False))
+
+
+def test_cumulative_momentum_large_k_and_one_block() -> None:
+    torch.manual_seed(1)
+    an = AttentiveNorm(24, 20, momentum=None)  # K 20: a 32-wide block, 12 padded
+    an.attn.head.norm.momentum = None
+    _compare_steps(an, (3, 24, 4, 4), (True, True, True, False), block_c=None)
+    assert int(an.norm.num_batches_tracked) == int(an.attn.head.norm.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (5, 12, 9)])
+def test_batchnorm1d_inputs(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(2)
+    an = AttentiveNorm(12, 4, base="batchnorm1d")
+    _compare_steps(an, shape, (True, False), tol=2e-5)  # (B, C): one position a channel
+
+
+def test_without_running_statistics() -> None:
+    torch.manual_seed(3)
+    an = AttentiveNorm(20, 3, track_running_stats=False)  # batch statistics in eval too
+    _compare_steps(an, (4, 20, 6, 6), (True, False))
+
+
+def test_bfloat16_feature_maps() -> None:
+    torch.manual_seed(4)
+    an = AttentiveNorm(16, 4)
+    _compare_steps(an, (4, 16, 8, 8), (True, False), dtype=torch.bfloat16, tol=1e-2)
+
+
+def test_no_grad_eval_matches_the_cpu_eval_kernel() -> None:
+    torch.manual_seed(5)
+    an = AttentiveNorm(40, 6).eval()
+    x = torch.randn(3, 40, 7, 7)
+    with torch.no_grad():
+        y = triton_site(an, x)
+        y_ref = an(x)  # the CPU path (C kernel or ATen)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def _declined(an: nn.Module, x: torch.Tensor) -> bool:
+    return triton_site(an, x) is None
+
+
+def test_declines_what_it_does_not_cover() -> None:
+    x = torch.randn(4, 16, 3, 3)
+    assert _declined(AttentiveNorm(16, 4, base="groupnorm", num_groups=4), x)
+    assert _declined(AttentiveNorm(16, 4, head="mlp"), x)
+    assert _declined(AttentiveNorm(16, 4, head="gn-hsigmoid"), x)
+    assert _declined(AttentiveNorm(16, 4, pool="avgmax"), x)
+    an = AttentiveNorm(16, 4)
+    assert _declined(an, x.double())
+    assert _declined(an, x.transpose(2, 3))  # not contiguous
+    assert _declined(an, torch.randn(1, 16, 3, 3))  # the head's BatchNorm1d raises itself
+    assert _declined(AttentiveNorm(16, 65), x)  # K above 64
+    assert not _declined(an, x)
+
+
+def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    an = AttentiveNorm(16, 4)  # (forward calls _forward_triton for CUDA inputs only)
+    x = torch.randn(4, 16, 3, 3)
+    monkeypatch.delenv(_site_mod.ENV, raising=False)
+    assert an._forward_triton(x) is None  # off by default
+    monkeypatch.setenv(_site_mod.ENV, "1")
+    before = int(an.norm.num_batches_tracked)
+    assert an._forward_triton(x) is not None
+    assert int(an.norm.num_batches_tracked) == before + 1  # the kernels counted the batch
+    an.triton = False  # the attribute wins over the environment
+    assert an._forward_triton(x) is None
+    monkeypatch.delenv(_site_mod.ENV)
+    an.triton = True
+    assert an._forward_triton(x) is not None
+    an.fused = False
+    assert an._forward_triton(x) is None
