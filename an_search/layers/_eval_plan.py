@@ -56,8 +56,9 @@ class _Plan:
 @dataclass
 class _Key:
     """What a plan was folded from: the dtype, the submodules' non-empty member dicts with their
-    values (held, so that ``is`` cannot be fooled by a reused id), and each tensor's version and
-    data pointer (in-place updates and ``.data`` assignment). Empty dicts are left out: what
+    values (held, so that ``is`` cannot be fooled by a reused id), each tensor's version and
+    data pointer (in-place updates and ``.data`` assignment), and the plain attributes that
+    ``fold`` reads (:data:`_SCALARS`, e.g. a norm's ``eps``). Empty dicts are left out: what
     ``fold`` reads is in the others (an absent bias is a ``None`` entry). :meth:`matches` runs
     once per call: its loops are ``map`` over C callables (about 3 us for a default site)."""
 
@@ -68,6 +69,9 @@ class _Key:
     tensors: tuple[torch.Tensor, ...]
     versions: list[int]
     ptrs: list[int]
+    attr_dicts: tuple[dict, ...]  # the modules' __dict__s holding the scalars fold reads
+    attr_names: tuple[str, ...]
+    attr_values: list[object]
 
     @classmethod
     def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
@@ -76,11 +80,17 @@ class _Key:
         values = tuple(chain.from_iterable(map(dict.values, dicts)))
         tensors = tuple(t for t in values if isinstance(t, torch.Tensor))
         versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
-        return cls(dtype, dicts, list(map(len, dicts)), values, tensors, versions, ptrs)
+        watched = [(m.__dict__, name) for m in an.modules() for name in _SCALARS
+                   if name in m.__dict__]  # fmt: skip
+        attr_dicts, attr_names = tuple(d for d, _ in watched), tuple(n for _, n in watched)
+        attr_values = list(map(dict.get, attr_dicts, attr_names))
+        return cls(dtype, dicts, list(map(len, dicts)), values, tensors, versions, ptrs,
+                   attr_dicts, attr_names, attr_values)  # fmt: skip
 
     def matches(self, dtype: torch.dtype) -> bool:
         return (
             dtype == self.dtype
+            and list(map(dict.get, self.attr_dicts, self.attr_names)) == self.attr_values
             and list(map(len, self.dicts)) == self.lens  # then the zip below is exact
             and all(
                 map(operator.is_, chain.from_iterable(map(dict.values, self.dicts)), self.values)
@@ -90,6 +100,9 @@ class _Key:
         )
 
 
+# Plain attributes that fold() reads (eps of the norms and the pool, the head norms' mode and
+# affinity, GroupNorm's groups, softmax's dim, the pool's name): a change refolds.
+_SCALARS = ("eps", "training", "affine", "num_groups", "dim", "pool_name")
 _VERSION = operator.attrgetter("_version")
 _PTR = torch.Tensor.data_ptr
 PLAN_ATTR = "_an_eval_plan"  # where a module keeps its plan (left out of its pickled state)

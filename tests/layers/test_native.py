@@ -239,6 +239,25 @@ def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
     assert eval_plan(an, x.dtype) is not plan
 
 
+def test_eval_plan_follows_plain_attributes() -> None:
+    """eps of the site's norm, of the pool and of the head's BatchNorm1d, and softmax's dim
+    are plain attributes (no tensor version): changing one refolds the plan."""
+    an = _trained(AttentiveNorm(8, 3, head="bn-softmax"), torch.float32)
+    x = torch.randn(2, 8, 4, 4) * 3 + 1
+    _assert_follows_reference(an, x)
+    plan = eval_plan(an, x.dtype)
+    an.norm.eps = 0.5
+    _assert_follows_reference(an, x)
+    an.attn.pool.eps = 2.0
+    _assert_follows_reference(an, x)
+    an.attn.head.norm.eps = 3.0
+    _assert_follows_reference(an, x)
+    assert eval_plan(an, x.dtype) is not plan
+    an.attn.head.gate.dim = 0  # softmax over the batch: no native form, the ATen path runs
+    assert eval_plan(an, x.dtype) is None
+    _assert_follows_reference(an, x)
+
+
 def test_module_with_a_plan_copies_and_pickles() -> None:
     """The plan (ctypes) lives in the module's ``__dict__`` but not in its pickled or copied
     state; a copy builds its own, from its own tensors."""
