@@ -1,7 +1,9 @@
 """Whole-model throughput: resnet50 vs AN-resnet50 (paper placement) vs seresnet50.
 
 Training step (forward + backward + SGD step) and inference, measured side by side in one run
-(interleaved repeats, medians), optionally with torch.compile, on CPU or a GPU.
+(interleaved repeats in a new random order each repeat), optionally with torch.compile, on CPU
+or a GPU. Ratios are the median over repeats of the two models' ratio within one repeat, as
+bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
     python bench/models.py --compile --device cuda --batch 64 [--amp]
@@ -16,10 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+from collections.abc import Callable
 
 import timm
 import torch
-from _timing import interleaved  # bench/ is on sys.path when run as a script
+from _timing import interleaved_times, paired_ratio  # bench/ is on sys.path as a script
 
 from an_search import convert
 from an_search.layers import AttentiveNorm, _native
@@ -87,28 +90,43 @@ def main() -> None:
         f"torch={torch.__version__} {args.stat} of {args.repeats} C kernels: {kernels}"
         f"{' amp=bfloat16' if args.amp else ''}"
     )
+    stat = min if args.stat == "min" else statistics.median
     for mode, fn in (("train step", train_step), ("inference", infer)):
-        t = interleaved(
+        times = interleaved_times(
             {k: (lambda k=k, fn=fn: fn(k)) for k in variants},
             repeats=args.repeats,
             warmup=args.warmup,
             device=dev,
-            stat=min if args.stat == "min" else statistics.median,
         )
-        suffixes = ["", "+compile"] if args.compile else [""]
-        for suf in suffixes:
-            base, an, se = (t[f"{n}{suf}"] for n in ("resnet50", "an-resnet50", "seresnet50"))
-            print(
-                f"{mode:10s}{suf:9s} resnet50 {base * 1e3:8.1f} ms  an-resnet50 {an * 1e3:8.1f} ms"
-                f"  seresnet50 {se * 1e3:8.1f} ms  | AN/BN {an / base:.3f}x  AN/SE {an / se:.3f}x"
-                f"  | {args.batch / an:.1f} img/s"
-            )
-            if args.triton:
-                tri = t[f"an-resnet50-triton{suf}"]
-                print(
-                    f"{'':19s} an-resnet50-triton {tri * 1e3:8.1f} ms  | AN/BN {tri / base:.3f}x"
-                    f"  AN/SE {tri / se:.3f}x  | triton/plain AN {tri / an:.3f}x"
-                )
+        for suf in ["", "+compile"] if args.compile else [""]:
+            _report(mode, suf, times, stat, args.batch, args.triton)
+
+
+def _report(
+    mode: str, suf: str, times: dict[str, list[float]], stat: Callable, batch: int, triton: bool
+) -> None:
+    """One line per mode: times (``stat`` over repeats) and the ratios, each the median over
+    repeats of the two models' ratio within one repeat (a slow stretch of the machine slows
+    both); the ratio of the two ``stat``s follows in parentheses."""
+    base, an, se = (times[f"{n}{suf}"] for n in ("resnet50", "an-resnet50", "seresnet50"))
+
+    def ratios(a: list[float]) -> str:
+        return (
+            f"AN/BN {paired_ratio(a, base):.3f}x ({stat(a) / stat(base):.3f}x)  "
+            f"AN/SE {paired_ratio(a, se):.3f}x ({stat(a) / stat(se):.3f}x)"
+        )
+
+    print(
+        f"{mode:10s}{suf:9s} resnet50 {stat(base) * 1e3:8.1f} ms  an-resnet50 "
+        f"{stat(an) * 1e3:8.1f} ms  seresnet50 {stat(se) * 1e3:8.1f} ms  | {ratios(an)}"
+        f"  | {batch / stat(an):.1f} img/s"
+    )
+    if triton:
+        tri = times[f"an-resnet50-triton{suf}"]
+        print(
+            f"{'':19s} an-resnet50-triton {stat(tri) * 1e3:8.1f} ms  | {ratios(tri)}  | "
+            f"triton/plain AN {paired_ratio(tri, an):.3f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ def head_kernel(
     H_CUMULATIVE: tl.constexpr, SITE_COUNT: tl.constexpr, GATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The head, one program: logits (+ bias) -> BatchNorm1d (NORM 1 batch, 2 running, 0 none)
-    -> gate (0 hard-sigmoid, 1 sigmoid, 2 softmax over K). Also counts the batch for the
+    """The head, one program: logits (+ bias) -> norm (NORM 1: BatchNorm1d, batch statistics;
+    2: BatchNorm1d, running; 3: GroupNorm(1, K); 0: none) -> gate (0 hard-sigmoid, 1 sigmoid,
+    2 softmax over K). Also counts the batch for the
     site's and the head's ``num_batches_tracked`` (after ``channels_kernel`` read it)."""
     b = tl.arange(0, BLOCK_B)
     k = tl.arange(0, BLOCK_K)
@@ -157,6 +158,13 @@ def head_kernel(
         rm = tl.load(hrm_ptr + k, mask=km, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.load(hrv_ptr + k, mask=km, other=1.0).to(tl.float32) + eps)
         hhat = (h - rm[None, :]) * r[None, :]
+    elif NORM == 3:  # GroupNorm(1, K): each sample over its K logits
+        mean = tl.sum(tl.where(mask, h, 0.0), 1) / K
+        d = tl.where(mask, h - mean[:, None], 0.0)
+        rs = tl.rsqrt(tl.sum(d * d, 1) / K + eps)  # (BLOCK_B,)
+        hhat = d * rs[:, None]
+        r = tl.full((BLOCK_K,), 1.0, tl.float32)
+        tl.store(hr_ptr + BLOCK_K + b, rs)  # per sample, after the K slots
     else:
         r = tl.full((BLOCK_K,), 1.0, tl.float32)
         hhat = h
@@ -327,6 +335,13 @@ def head_bwd_kernel(
         tl.store(ggb_ptr + k, sg, mask=km)
         if NORM == 1:
             g_h = (gw * r / B)[None, :] * (B * gz - sg[None, :] - hhat * sgh[None, :])
+            g_h = tl.where(mask, g_h, 0.0)
+        elif NORM == 3:  # per sample over K: the same formula along the other axis
+            gzw = gz * gw[None, :]
+            rs = tl.load(hr_ptr + BLOCK_K + b)
+            s1 = tl.sum(gzw, 1)
+            s2 = tl.sum(gzw * hhat, 1)
+            g_h = (rs / K)[:, None] * (K * gzw - s1[:, None] - hhat * s2[:, None])
             g_h = tl.where(mask, g_h, 0.0)
         else:
             g_h = gz * (gw * r)[None, :]

@@ -8,8 +8,8 @@ backward is five more; running statistics and ``num_batches_tracked`` (site and 
 updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 
 Covered: an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the ``meanstd`` and ``avg``
-pools, the linear heads with or without ``BatchNorm1d`` (``default``, ``bn-sigmoid``,
-``bn-softmax``, ``linear-sigmoid``, ``linear-hsigmoid``), K <= 64, batch <= 256, contiguous
+pools, the linear heads with or without a norm (``default``, ``bn-sigmoid``, ``bn-softmax``,
+``gn-hsigmoid``, ``linear-sigmoid``, ``linear-hsigmoid``), K <= 64, batch <= 256, contiguous
 float32/float16/bfloat16 feature maps with float32 parameters (bfloat16 autocast included).
 
 Opt-in (``AN_SEARCH_TRITON=1``) until measured on a GPU: the kernels are tested on the CPU by
@@ -64,11 +64,11 @@ class _Site:
 
     an: nn.Module
     bn: nn.Module  # inner BatchNorm
-    hn: nn.BatchNorm1d | None  # head norm
+    hn: nn.Module | None  # head norm: BatchNorm1d or GroupNorm(1, K)
     gate: int
     use_running: bool  # normalise with the running statistics
     update: bool  # training with running statistics: update them
-    head_norm: int  # 0 none, 1 batch statistics, 2 running statistics
+    head_norm: int  # 0 none, 1 batch statistics, 2 running statistics, 3 GroupNorm(1, K)
     head_update: bool
     blocks: tuple[int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_K
     n: int
@@ -87,7 +87,8 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
         return None
     if gate == 2 and gate_mod.dim not in (1, -1):
         return None
-    if hn is not None and (type(hn) is not nn.BatchNorm1d or not hn.affine):
+    group = type(hn) is nn.GroupNorm and hn.num_groups == 1
+    if hn is not None and not ((type(hn) is nn.BatchNorm1d or group) and hn.affine):
         return None
     if x.dtype not in _MAP_DTYPES or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0:
         return None
@@ -101,7 +102,9 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
     use_running = not an.training and bn.running_mean is not None
     update = an.training and bn.running_mean is not None
     head_norm, head_update = 0, False
-    if hn is not None:
+    if group:
+        head_norm = 3
+    elif hn is not None:
         head_norm = 1 if hn.training or hn.running_mean is None else 2
         head_update = hn.training and hn.running_mean is not None
         if head_norm == 1 and b < 2:
@@ -145,7 +148,7 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
         POOL=_POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
     )  # fmt: skip
     lam, z, hhat = (torch.empty(bb, bk, **f32) for _ in range(3))
-    hr = torch.empty(bk, **f32)
+    hr = torch.empty(bk + bb, **f32)  # the head norm's 1/std: per logit, or per sample (GN)
     hn_ = hn if hn is not None else bn  # placeholders where there is no head norm
     h_nbt = hn_.num_batches_tracked if hn is not None and s.head_update else part
     kern.head_kernel[(1,)](
@@ -154,9 +157,9 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
         hn.running_mean if s.head_update or s.head_norm == 2 else part,
         hn.running_var if s.head_update or s.head_norm == 2 else part, h_nbt,
         bn.num_batches_tracked if s.update and bn.num_batches_tracked is not None else part,
-        lam, z, hhat, hr, b, k, hn_.eps, (hn.momentum or 0.0) if hn is not None else 0.0,
+        lam, z, hhat, hr, b, k, hn_.eps, getattr(hn, "momentum", None) or 0.0,
         b / max(b - 1, 1), HAS_BIAS=fc.bias is not None, NORM=s.head_norm,
-        H_UPDATE=s.head_update, H_CUMULATIVE=hn is not None and hn.momentum is None,
+        H_UPDATE=s.head_update, H_CUMULATIVE=s.head_update and hn.momentum is None,
         SITE_COUNT=s.update and bn.num_batches_tracked is not None, GATE=s.gate,
         BLOCK_B=bb, BLOCK_K=bk,
     )  # fmt: skip

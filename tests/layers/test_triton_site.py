@@ -21,7 +21,7 @@ from an_search.layers import AttentiveNorm
 triton = pytest.importorskip("triton")
 _site_mod = importlib.import_module("an_search.layers._triton_site")
 triton_site = _site_mod.triton_site
-HEADS = ["default", "bn-sigmoid", "bn-softmax", "linear-sigmoid", "linear-hsigmoid"]
+HEADS = ["default", "bn-sigmoid", "bn-softmax", "gn-hsigmoid", "linear-sigmoid", "linear-hsigmoid"]
 
 
 if not triton.knobs.runtime.interpret:  # tests/conftest.py sets it where there is no GPU
@@ -77,6 +77,16 @@ def test_matches_reference_over_train_and_eval(head: str, pool: str) -> None:
     _compare_steps(an, (6, 37, 5, 3), (True, True, False))
 
 
+@pytest.mark.parametrize("head", ["default", "gn-hsigmoid"])
+def test_every_eps_is_used(head: str) -> None:
+    """eps large enough to matter beyond the tolerance: site norm, pool, head norm."""
+    torch.manual_seed(6)
+    an = AttentiveNorm(20, 4, head=head, eps=0.3)
+    an.attn.pool.eps = 0.7
+    an.attn.head.norm.eps = 0.5
+    _compare_steps(an, (4, 20, 3, 3), (True, False))
+
+
 def test_cumulative_momentum_large_k_and_one_block() -> None:
     torch.manual_seed(1)
     an = AttentiveNorm(24, 20, momentum=None)  # K 20: a 32-wide block, 12 padded
@@ -122,7 +132,7 @@ def test_declines_what_it_does_not_cover() -> None:
     x = torch.randn(4, 16, 3, 3)
     assert _declined(AttentiveNorm(16, 4, base="groupnorm", num_groups=4), x)
     assert _declined(AttentiveNorm(16, 4, head="mlp"), x)
-    assert _declined(AttentiveNorm(16, 4, head="gn-hsigmoid"), x)
+    assert _declined(AttentiveNorm(16, 4, head="mlp-bn"), x)
     assert _declined(AttentiveNorm(16, 4, pool="avgmax"), x)
     an = AttentiveNorm(16, 4)
     assert _declined(an, x.double())
