@@ -17,6 +17,7 @@ from torch import nn
 
 from an_search import convert
 from an_search.layers import AttentiveNorm
+from an_search.layers._triton_site import _site
 from an_search.train import TrainConfig, proxy_train, resolve_data
 
 pytestmark = [
@@ -127,9 +128,12 @@ def test_proxy_training_with_amp_on_cuda_learns() -> None:
     assert min(moved) > 0  # every parameter trained (on the GPU: the model was moved there)
 
 
-@pytest.mark.parametrize("head", ["default", "bn-softmax", "linear-sigmoid"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("head", ["default", "bn-softmax", "gn-hsigmoid"])
 @pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 512, 7, 7), (8, 40, 5, 5)])
-def test_triton_site_on_cuda_matches_cpu_float64(head: str, shape: tuple[int, ...]) -> None:
+def test_triton_site_on_cuda_matches_cpu_float64(
+    head: str, shape: tuple[int, ...], fmt: torch.memory_format
+) -> None:
     pytest.importorskip("triton")
     c = shape[1]
     an = AttentiveNorm(c, 10, head=head)
@@ -140,9 +144,9 @@ def test_triton_site_on_cuda_matches_cpu_float64(head: str, shape: tuple[int, ..
         an.train(training)
         ref.train(training)
         x = torch.randn(shape, dtype=torch.double) * 3 + 1
-        xc = x.float().cuda().requires_grad_()
+        xc = x.float().cuda().contiguous(memory_format=fmt).requires_grad_()
         xr = x.clone().requires_grad_()
-        assert an._forward_triton(xc.detach()) is not None  # the kernels take this input
+        assert _site(an, xc, None) is not None  # the kernels take this input (checked only)
         y, y_ref = an(xc), ref(xr)
         assert _rel(y, y_ref) < 1e-5
         g = torch.randn_like(x)

@@ -7,12 +7,14 @@ autograd nodes of the eager GPU path (which is bound by launches, not by memory 
     backward: rowdots -> tail_bwd -> head_bwd -> pool_bwd -> dx
 
 Feature-map kernels (``moments``, ``affine``, ``rowdots``, ``dx``) see x as B*C rows of N
-positions; the (B, C)-level kernels (``channels``, ``mix``, ``tail_bwd``, ``pool_bwd``) hold
-the whole batch of one block of channels, so that the batch statistics and the mixtures'
-gradients need no cross-program reduction; the two sums over channels (the head's logits and
-the gradient of lambda) are written per block and summed by the single-program ``head`` and
-``head_bwd``, which also do the head's BatchNorm1d over the batch. Everything accumulates in
-float32; feature maps may be float32, float16 or bfloat16.
+positions (for channels-last maps, (B, N, C) in memory, ``moments_cl`` and ``rowdots_cl`` take
+one sample and a block of channels a program, and the flat kernels find each value's row). The
+(B, C)-level kernels (``channels``, ``mix``, ``tail_bwd``, ``pool_bwd``) hold the whole batch
+of one block of channels, so that the batch statistics and the mixtures' gradients need no
+cross-program reduction; the two sums over channels (the head's logits and the gradient of
+lambda) are written per block and summed by the single-program ``head`` and ``head_bwd``,
+which also do the head's norm. Everything accumulates in float32; feature maps may be float32,
+float16 or bfloat16.
 
 Formulas (the CPU kernels' ``_native_bc.c`` and ``_norm_stats.py``): per-sample moments
 ``m``, ``v`` give the pooled statistic and the batch statistics ``mean = E_b[m]``,
@@ -222,16 +224,71 @@ def mix_kernel(
     tl.store(shift_ptr + off, beta - scale * mean[None, :], mask=mask)
 
 
-@triton.jit(do_not_specialize=["total", "N"])
-def affine_kernel(x_ptr, y_ptr, a_ptr, t_ptr, total, N, BLOCK: tl.constexpr):
+@triton.jit
+def _row_of(idx, N, C, CL: tl.constexpr):
+    """The (sample, channel) row of flat index ``idx``: (B, C, N) order, or (B, N, C) (CL)."""
+    if CL:
+        return (idx // (N * C)) * C + idx % C
+    return idx // N
+
+
+@triton.jit(do_not_specialize=["total", "N", "C"])
+def affine_kernel(x_ptr, y_ptr, a_ptr, t_ptr, total, N, C, CL: tl.constexpr, BLOCK: tl.constexpr):
     """``y = x * a[row] + t[row]`` over the flat (B*C*N) map."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    row = idx // N
+    row = _row_of(idx, N, C, CL)
     xv = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     t = tl.load(t_ptr + row, mask=mask, other=0.0)
     tl.store(y_ptr + idx, xv * a + t, mask=mask)
+
+
+@triton.jit(do_not_specialize=["B", "C"])
+def moments_cl_kernel(
+    x_ptr, m_ptr, v_ptr, B, C, N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """``moments_kernel`` for channels-last maps (B, N, C): one sample, a block of channels."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    base = b * N * C
+    shift = tl.load(x_ptr + base + c, mask=cm, other=0.0).to(tl.float32)
+    s1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    s2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        mask = (pos < N)[:, None] & cm[None, :]
+        xv = tl.load(x_ptr + base + pos[:, None] * C + c[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    t1 = tl.sum(s1, 0) / N
+    t2 = tl.sum(s2, 0) / N
+    tl.store(m_ptr + b * C + c, shift + t1, mask=cm)
+    tl.store(v_ptr + b * C + c, tl.maximum(t2 - t1 * t1, 0.0), mask=cm)
+
+
+@triton.jit(do_not_specialize=["B", "C"])
+def rowdots_cl_kernel(
+    g_ptr, x_ptr, ga_ptr, gt_ptr, B, C, N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """``rowdots_kernel`` for channels-last maps."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    base = b * N * C
+    s1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    s2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        mask = (pos < N)[:, None] & cm[None, :]
+        off = base + pos[:, None] * C + c[None, :]
+        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s1 += g * tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s2 += g
+    tl.store(ga_ptr + b * C + c, tl.sum(s1, 0), mask=cm)
+    tl.store(gt_ptr + b * C + c, tl.sum(s2, 0), mask=cm)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -385,12 +442,15 @@ def pool_bwd_kernel(
     tl.store(gv_ptr + off, cc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["total", "N"])
-def dx_kernel(g_ptr, x_ptr, a_ptr, cc_ptr, dd_ptr, dx_ptr, total, N, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["total", "N", "C"])
+def dx_kernel(
+    g_ptr, x_ptr, a_ptr, cc_ptr, dd_ptr, dx_ptr, total, N, C, CL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
     """``dx = g * a[row] + cc[row] * x + dd[row]`` over the flat map."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    row = idx // N
+    row = _row_of(idx, N, C, CL)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     xv = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + row, mask=mask, other=0.0)

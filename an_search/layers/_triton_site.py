@@ -10,7 +10,8 @@ updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 Covered: an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the ``meanstd`` and ``avg``
 pools, the linear heads with or without a norm (``default``, ``bn-sigmoid``, ``bn-softmax``,
 ``gn-hsigmoid``, ``linear-sigmoid``, ``linear-hsigmoid``), K <= 64, batch <= 256, contiguous
-float32/float16/bfloat16 feature maps with float32 parameters (bfloat16 autocast included).
+or channels-last float32/float16/bfloat16 feature maps with float32 parameters (bfloat16
+autocast included).
 
 Opt-in (``AN_SEARCH_TRITON=1``) until measured on a GPU: the kernels are tested on the CPU by
 Triton's interpreter against the reference path, but no GPU was lent since they were written.
@@ -37,6 +38,8 @@ _POOLS = {"meanstd": 0, "avg": 1}
 _MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_B, _MAX_K = 256, 64
 _FLAT_BLOCK = 1024
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_CL_TILE = (64, 32)  # positions x channels a step of the channels-last row kernels
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -72,6 +75,7 @@ class _Site:
     head_update: bool
     blocks: tuple[int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_K
     n: int
+    cl: bool  # channels-last memory format: (B, N, C) in memory
 
 
 def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
@@ -90,7 +94,11 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
     group = type(hn) is nn.GroupNorm and hn.num_groups == 1
     if hn is not None and not ((type(hn) is nn.BatchNorm1d or group) and hn.affine):
         return None
-    if x.dtype not in _MAP_DTYPES or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0:
+    if x.dtype not in _MAP_DTYPES or x.dim() < 2 or x.numel() == 0:
+        return None
+    fmt = _CL_FORMATS.get(x.dim())
+    cl = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    if not cl and not x.is_contiguous():
         return None
     params = [an.weight, an.bias, fc.weight, fc.bias, *([] if hn is None else [hn.weight, hn.bias])]
     if any(p is not None and p.dtype != torch.float32 for p in params):
@@ -113,7 +121,8 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
         return None
     bb, bk = max(16, _pow2(b)), max(16, _pow2(k))
     bc = block_c or max(16, min(128, 4096 // bb))
-    return _Site(an, bn, hn, gate, use_running, update, head_norm, head_update, (bb, bc, bk), n)
+    blocks = (bb, bc, bk)
+    return _Site(an, bn, hn, gate, use_running, update, head_norm, head_update, blocks, n, cl)
 
 
 def _row_tile(n: int) -> tuple[int, int]:
@@ -131,8 +140,12 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
     m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    rows, block_n = _row_tile(n)
-    kern.moments_kernel[(-(-b * c // rows),)](x, m, v, b * c, n, R=rows, BLOCK_N=block_n)
+    if s.cl:
+        grid = (b, -(-c // _CL_TILE[1]))
+        kern.moments_cl_kernel[grid](x, m, v, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1])
+    else:
+        rows, block_n = _row_tile(n)
+        kern.moments_kernel[(-(-b * c // rows),)](x, m, v, b * c, n, R=rows, BLOCK_N=block_n)
     part = torch.empty(nblk, bb, bk, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
     count = b * n
@@ -170,7 +183,8 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     )  # fmt: skip
     y = torch.empty_like(x)
     total = x.numel()
-    kern.affine_kernel[(-(-total // _FLAT_BLOCK),)](x, y, scale, shift, total, n, _FLAT_BLOCK)
+    grid = (-(-total // _FLAT_BLOCK),)
+    kern.affine_kernel[grid](x, y, scale, shift, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
     return y, (m, v, mean, r, lam, z, hhat, hr, scale)
 
 
@@ -182,10 +196,15 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
     bb, bc, bk = s.blocks
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
-    g = g.contiguous()
+    g = g.contiguous(memory_format=_CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
     ga, gt = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    rows, block_n = _row_tile(n)
-    kern.rowdots_kernel[(-(-b * c // rows),)](g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n)
+    if s.cl:
+        grid = (b, -(-c // _CL_TILE[1]))
+        bn_, bc_ = _CL_TILE
+        kern.rowdots_cl_kernel[grid](g, x, ga, gt, b, c, n, BLOCK_N=bn_, BLOCK_C=bc_)
+    else:
+        rows, block_n = _row_tile(n)
+        kern.rowdots_kernel[(-(-b * c // rows),)](g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n)
     gwm, gbm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
     part = torch.empty(nblk, bb, bk, **f32)
     gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
@@ -209,7 +228,7 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
     dx = torch.empty_like(x)
     total = x.numel()
     grid = (-(-total // _FLAT_BLOCK),)
-    kern.dx_kernel[grid](g, x, scale, gv, gm, dx, total, n, _FLAT_BLOCK)  # cc, dd
+    kern.dx_kernel[grid](g, x, scale, gv, gm, dx, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
     has_bias, has_norm = hbias is not None, gnw is not None
     return (
         dx, gw, gbias[:k] if has_bias else None, ggw[:k] if has_norm else None,

@@ -40,6 +40,7 @@ def _compare_steps(
     block_c: int | None = 16,
     dtype: torch.dtype = torch.float32,
     tol: float = 1e-5,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> None:
     """Run ``an`` through the Triton site and a float64 copy through its reference path, one
     step per entry of ``modes`` (True: training), comparing everything after each step."""
@@ -49,14 +50,15 @@ def _compare_steps(
         an.train(training)
         ref.train(training)
         x = torch.randn(shape, dtype=torch.float64) * 2 + 1
-        xa = x.to(dtype).requires_grad_()
+        xa = x.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
         xr = xa.detach().double().requires_grad_()
         y = triton_site(an, xa, block_c=block_c)
         assert y is not None and y.dtype == dtype and y.shape == x.shape
+        assert y.is_contiguous(memory_format=memory_format)
         y_ref = ref(xr)
         assert _rel(y, y_ref) < tol
         g = torch.randn_like(x)
-        y.backward(g.to(dtype))
+        y.backward(g.to(dtype))  # (a contiguous gradient also for a channels-last output)
         y_ref.backward(g)
         assert _rel(xa.grad, xr.grad) < 20 * tol
         for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
@@ -100,6 +102,20 @@ def test_batchnorm1d_inputs(shape: tuple[int, ...]) -> None:
     torch.manual_seed(2)
     an = AttentiveNorm(12, 4, base="batchnorm1d")
     _compare_steps(an, shape, (True, False), tol=2e-5)  # (B, C): one position a channel
+
+
+@pytest.mark.parametrize("head", ["default", "linear-sigmoid"])
+def test_channels_last_maps(head: str) -> None:
+    torch.manual_seed(7)
+    an = AttentiveNorm(37, 5, head=head)  # 37 channels: two tiles of 32, the last partial
+    _compare_steps(an, (3, 37, 5, 6), (True, False), memory_format=torch.channels_last)
+
+
+def test_channels_last_3d_maps() -> None:
+    torch.manual_seed(8)
+    an = AttentiveNorm(12, 4, base="batchnorm3d")
+    fmt = torch.channels_last_3d
+    _compare_steps(an, (3, 12, 3, 4, 5), (True, False), memory_format=fmt)
 
 
 def test_without_running_statistics() -> None:
