@@ -129,7 +129,7 @@ def test_proxy_training_with_amp_on_cuda_learns() -> None:
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("head", ["default", "bn-softmax", "gn-hsigmoid"])
+@pytest.mark.parametrize("head", ["default", "bn-softmax", "gn-hsigmoid", "mlp-bn"])
 @pytest.mark.parametrize("shape", [(32, 64, 28, 28), (64, 512, 7, 7), (8, 40, 5, 5)])
 def test_triton_site_on_cuda_matches_cpu_float64(
     head: str, shape: tuple[int, ...], fmt: torch.memory_format

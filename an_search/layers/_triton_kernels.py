@@ -6,15 +6,15 @@ autograd nodes of the eager GPU path (which is bound by launches, not by memory 
     forward:  moments -> channels -> head -> mix -> affine
     backward: rowdots -> tail_bwd -> head_bwd -> pool_bwd -> dx
 
+(the two head kernels are in ``_triton_head.py``).
 Feature-map kernels (``moments``, ``affine``, ``rowdots``, ``dx``) see x as B*C rows of N
 positions (for channels-last maps, (B, N, C) in memory, ``moments_cl`` and ``rowdots_cl`` take
 one sample and a block of channels a program, and the flat kernels find each value's row). The
 (B, C)-level kernels (``channels``, ``mix``, ``tail_bwd``, ``pool_bwd``) hold the whole batch
 of one block of channels, so that the batch statistics and the mixtures' gradients need no
 cross-program reduction; the two sums over channels (the head's logits and the gradient of
-lambda) are written per block and summed by the single-program ``head`` and ``head_bwd``,
-which also do the head's norm. Everything accumulates in float32; feature maps may be float32,
-float16 or bfloat16.
+lambda) are written per block and summed by the single-program ``head`` and ``head_bwd``.
+Everything accumulates in float32; feature maps may be float32, float16 or bfloat16.
 
 Formulas (the CPU kernels' ``_native_bc.c`` and ``_norm_stats.py``): per-sample moments
 ``m``, ``v`` give the pooled statistic and the batch statistics ``mean = E_b[m]``,
@@ -107,91 +107,6 @@ def channels_kernel(
     w = tl.load(w_ptr + k[None, :] * C + c[:, None], mask=wmask, other=0.0).to(tl.float32)
     part = tl.dot(pooled, w, input_precision="ieee")  # (BLOCK_B, BLOCK_K)
     tl.store(part_ptr + pid * BLOCK_B * BLOCK_K + b[:, None] * BLOCK_K + k[None, :], part)
-
-
-@triton.jit
-def _block_sum(part_ptr, nblk, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.arange(0, BLOCK_B)
-    k = tl.arange(0, BLOCK_K)
-    off = b[:, None] * BLOCK_K + k[None, :]
-    acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
-    for i in range(nblk):
-        acc += tl.load(part_ptr + i * BLOCK_B * BLOCK_K + off)
-    return acc
-
-
-@triton.jit(do_not_specialize=["nblk", "B", "K"])
-def head_kernel(
-    part_ptr, nblk, hb_ptr, gw_ptr, gb_ptr, hrm_ptr, hrv_ptr, hnbt_ptr, snbt_ptr,
-    lam_ptr, z_ptr, hhat_ptr, hr_ptr, B, K, eps, momentum, unbias,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, H_UPDATE: tl.constexpr,
-    H_CUMULATIVE: tl.constexpr, SITE_COUNT: tl.constexpr, GATE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The head, one program: logits (+ bias) -> norm (NORM 1: BatchNorm1d, batch statistics;
-    2: BatchNorm1d, running; 3: GroupNorm(1, K); 0: none) -> gate (0 hard-sigmoid, 1 sigmoid,
-    2 softmax over K). Also counts the batch for the
-    site's and the head's ``num_batches_tracked`` (after ``channels_kernel`` read it)."""
-    b = tl.arange(0, BLOCK_B)
-    k = tl.arange(0, BLOCK_K)
-    km = k < K
-    mask = (b < B)[:, None] & km[None, :]
-    h = _block_sum(part_ptr, nblk, BLOCK_B, BLOCK_K)
-    if HAS_BIAS:
-        h += tl.load(hb_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
-    if NORM == 1:
-        mean = tl.sum(tl.where(mask, h, 0.0), 0) / B
-        d = tl.where(mask, h - mean[None, :], 0.0)
-        var = tl.sum(d * d, 0) / B
-        r = tl.rsqrt(var + eps)
-        hhat = d * r[None, :]
-        if H_UPDATE:
-            nbt = tl.load(hnbt_ptr)
-            tl.store(hnbt_ptr, nbt + 1)
-            if H_CUMULATIVE:
-                f = 1.0 / (nbt.to(tl.float32) + 1.0)
-            else:
-                f = momentum
-            rm = tl.load(hrm_ptr + k, mask=km, other=0.0).to(tl.float32)
-            rv = tl.load(hrv_ptr + k, mask=km, other=0.0).to(tl.float32)
-            tl.store(hrm_ptr + k, rm + f * (mean - rm), mask=km)
-            tl.store(hrv_ptr + k, rv + f * (var * unbias - rv), mask=km)
-    elif NORM == 2:
-        rm = tl.load(hrm_ptr + k, mask=km, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.load(hrv_ptr + k, mask=km, other=1.0).to(tl.float32) + eps)
-        hhat = (h - rm[None, :]) * r[None, :]
-    elif NORM == 3:  # GroupNorm(1, K): each sample over its K logits
-        mean = tl.sum(tl.where(mask, h, 0.0), 1) / K
-        d = tl.where(mask, h - mean[:, None], 0.0)
-        rs = tl.rsqrt(tl.sum(d * d, 1) / K + eps)  # (BLOCK_B,)
-        hhat = d * rs[:, None]
-        r = tl.full((BLOCK_K,), 1.0, tl.float32)
-        tl.store(hr_ptr + BLOCK_K + b, rs)  # per sample, after the K slots
-    else:
-        r = tl.full((BLOCK_K,), 1.0, tl.float32)
-        hhat = h
-    if NORM != 0:
-        gw = tl.load(gw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        gb = tl.load(gb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        z = hhat * gw[None, :] + gb[None, :]
-    else:
-        z = h
-    if GATE == 0:
-        lam = tl.minimum(tl.maximum(z / 6.0 + 0.5, 0.0), 1.0)
-    elif GATE == 1:
-        lam = tl.sigmoid(z)
-    else:
-        zz = tl.where(km[None, :], z, float("-inf"))
-        e = tl.exp(zz - tl.max(zz, 1)[:, None])
-        lam = e / tl.sum(e, 1)[:, None]
-    lam = tl.where(mask, lam, 0.0)
-    if SITE_COUNT:
-        tl.store(snbt_ptr, tl.load(snbt_ptr) + 1)
-    off = b[:, None] * BLOCK_K + k[None, :]  # (BLOCK_B, BLOCK_K) buffers, zero padded
-    tl.store(lam_ptr + off, lam)
-    tl.store(z_ptr + off, z)
-    tl.store(hhat_ptr + off, hhat)
-    tl.store(hr_ptr + k, r)
 
 
 @triton.jit
@@ -358,55 +273,6 @@ def tail_bwd_kernel(
         gv = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
     tl.store(gm_ptr + off, gm, mask=mask)
     tl.store(gv_ptr + off, gv, mask=mask)
-
-
-@triton.jit(do_not_specialize=["nblk", "B", "K"])
-def head_bwd_kernel(
-    part_ptr, nblk, lam_ptr, z_ptr, hhat_ptr, hr_ptr, gw_ptr, gh_ptr, ggw_ptr, ggb_ptr,
-    gbias_ptr, B, K, NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Backward of the head, one program: gate, BatchNorm1d (batch or running), bias."""
-    b = tl.arange(0, BLOCK_B)
-    k = tl.arange(0, BLOCK_K)
-    km = k < K
-    mask = (b < B)[:, None] & km[None, :]
-    off = b[:, None] * BLOCK_K + k[None, :]
-    g_lam = _block_sum(part_ptr, nblk, BLOCK_B, BLOCK_K)
-    lam = tl.load(lam_ptr + off)
-    z = tl.load(z_ptr + off)
-    if GATE == 0:  # hard-sigmoid: slope 1/6 strictly inside (-3, 3), as ATen
-        gz = tl.where((z > -3.0) & (z < 3.0), g_lam / 6.0, 0.0)
-    elif GATE == 1:
-        gz = g_lam * lam * (1.0 - lam)
-    else:
-        gz = lam * (g_lam - tl.sum(g_lam * lam, 1)[:, None])
-    gz = tl.where(mask, gz, 0.0)
-    if NORM != 0:
-        hhat = tl.load(hhat_ptr + off)
-        r = tl.load(hr_ptr + k)
-        gw = tl.load(gw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        sg = tl.sum(gz, 0)
-        sgh = tl.sum(gz * hhat, 0)
-        tl.store(ggw_ptr + k, sgh, mask=km)
-        tl.store(ggb_ptr + k, sg, mask=km)
-        if NORM == 1:
-            g_h = (gw * r / B)[None, :] * (B * gz - sg[None, :] - hhat * sgh[None, :])
-            g_h = tl.where(mask, g_h, 0.0)
-        elif NORM == 3:  # per sample over K: the same formula along the other axis
-            gzw = gz * gw[None, :]
-            rs = tl.load(hr_ptr + BLOCK_K + b)
-            s1 = tl.sum(gzw, 1)
-            s2 = tl.sum(gzw * hhat, 1)
-            g_h = (rs / K)[:, None] * (K * gzw - s1[:, None] - hhat * s2[:, None])
-            g_h = tl.where(mask, g_h, 0.0)
-        else:
-            g_h = gz * (gw * r)[None, :]
-    else:
-        g_h = gz
-    if HAS_BIAS:
-        tl.store(gbias_ptr + k, tl.sum(g_h, 0), mask=km)
-    tl.store(gh_ptr + off, g_h)
 
 
 @triton.jit(do_not_specialize=["B", "C", "K", "N"])

@@ -1,4 +1,5 @@
-"""A BatchNorm-based AttentiveNorm site on a GPU as ten Triton launches (``_triton_kernels.py``).
+"""A BatchNorm-based AttentiveNorm site on a GPU as ten Triton launches (``_triton_kernels.py``,
+``_triton_head.py``).
 
 Eager AN on a GPU is bound by kernel launches and Python: a site ran ~30 small ops and
 autograd nodes, 1.3-1.7 ms per training step at batch 32 on an H200 against BatchNorm2d's
@@ -8,10 +9,10 @@ backward is five more; running statistics and ``num_batches_tracked`` (site and 
 updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 
 Covered: an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the ``meanstd`` and ``avg``
-pools, the linear heads with or without a norm (``default``, ``bn-sigmoid``, ``bn-softmax``,
-``gn-hsigmoid``, ``linear-sigmoid``, ``linear-hsigmoid``), K <= 64, batch <= 256, contiguous
-or channels-last float32/float16/bfloat16 feature maps with float32 parameters (bfloat16
-autocast included).
+pools, every head of :data:`~.heads.HEADS` (one or two linear layers, BatchNorm1d or
+GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64, batch <= 256,
+contiguous or channels-last float32/float16/bfloat16 feature maps with float32 parameters
+(bfloat16 autocast included).
 
 Opt-in (``AN_SEARCH_TRITON=1``) until measured on a GPU: the kernels are tested on the CPU by
 Triton's interpreter against the reference path, but no GPU was lent since they were written.
@@ -30,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from ._eval_plan import _GATES
 
-__all__ = ["ENV", "triton_available", "triton_site"]
+__all__ = ["ENV", "triton_available", "triton_requested", "triton_site"]
 
 ENV = "AN_SEARCH_TRITON"  # "1": eager CUDA sites take the Triton kernels
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,7 +41,12 @@ _MAX_B, _MAX_K = 256, 64
 _FLAT_BLOCK = 1024
 _CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CL_TILE = (64, 32)  # positions x channels a step of the channels-last row kernels
-_state: dict[str, ModuleType | None] = {}
+_state: dict[str, tuple[ModuleType, ModuleType] | None] = {}
+
+
+def triton_requested() -> bool:
+    """``AN_SEARCH_TRITON=1`` is set."""
+    return os.environ.get(ENV) == "1"
 
 
 def triton_available() -> bool:
@@ -48,10 +54,14 @@ def triton_available() -> bool:
     return _kernels() is not None
 
 
-def _kernels() -> ModuleType | None:
+def _kernels() -> tuple[ModuleType, ModuleType] | None:
+    """The (feature-map and (B, C), head) kernel modules, imported on first use."""
     if "k" not in _state:
         try:
-            _state["k"] = importlib.import_module("an_search.layers._triton_kernels")
+            _state["k"] = (
+                importlib.import_module("an_search.layers._triton_kernels"),
+                importlib.import_module("an_search.layers._triton_head"),
+            )
         except ImportError:
             _state["k"] = None
     return _state["k"]
@@ -62,20 +72,89 @@ def _pow2(n: int) -> int:
 
 
 @dataclass
+class _Layer:
+    """One linear layer of the head and its norm, with the kernels' flags."""
+
+    fc: nn.Linear
+    norm: nn.Module | None  # BatchNorm1d or GroupNorm(1, width)
+    code: int  # 0 none, 1 batch statistics, 2 running statistics, 3 GroupNorm
+    update: bool  # batch statistics with running ones: update them and the counter
+
+    def args(self, part: torch.Tensor) -> list:
+        """Pointers of the norm (weight, bias, running mean/var, counter), ``part`` where none."""
+        n = self.norm
+        if n is None:
+            return [part] * 5
+        running = self.code == 2 or self.update
+        return [n.weight, n.bias, n.running_mean if running else part,
+                n.running_var if running else part,
+                n.num_batches_tracked if self.update else part]  # fmt: skip
+
+    def scalars(self) -> tuple[float, float]:
+        """(eps, momentum) of the norm; momentum 0 where there is none (cumulative: a flag)."""
+        n = self.norm
+        return (n.eps, getattr(n, "momentum", None) or 0.0) if n is not None else (0.0, 0.0)
+
+    def flags(self) -> tuple[bool, int, bool, bool]:
+        """BIAS, NORM, UPD, CUM of the head kernel."""
+        cum = self.update and self.norm.momentum is None
+        return self.fc.bias is not None, self.code, self.update, cum
+
+
+def _layer(fc: nn.Module, norm: nn.Module | None, b: int) -> _Layer | None:
+    if type(fc) is not nn.Linear or fc.weight.dtype != torch.float32:
+        return None
+    if norm is None:
+        return _Layer(fc, None, 0, False)
+    if type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.affine:
+        return _Layer(fc, norm, 3, False)
+    if type(norm) is not nn.BatchNorm1d or not norm.affine:
+        return None
+    batch = norm.training or norm.running_mean is None
+    if batch and b < 2:
+        return None  # BatchNorm1d raises its own error
+    return _Layer(fc, norm, 1 if batch else 2, norm.training and norm.running_mean is not None)
+
+
+def _head(head: nn.Module, b: int) -> tuple[list[_Layer], int] | None:
+    """The head's layers and gate code (``_GATES``), or None where it has another form."""
+    mods = list(head.children())
+    gate = _GATES.get(type(mods[-1])) if mods else None
+    if gate is None or (gate == 2 and mods[-1].dim not in (1, -1)):
+        return None
+    body, layers = mods[:-1], []
+    while body:  # Linear [norm] (ReLU Linear [norm])
+        fc, body = body[0], body[1:]
+        norm = body[0] if body and isinstance(body[0], (nn.BatchNorm1d, nn.GroupNorm)) else None
+        body = body[1:] if norm is not None else body
+        layer = _layer(fc, norm, b)
+        if layer is None:
+            return None
+        layers.append(layer)
+        if body and (len(layers) == 2 or type(body[0]) is not nn.ReLU or len(body) == 1):
+            return None  # a ReLU only between two layers
+        body = body[1:]
+    return (layers, gate) if layers else None
+
+
+@dataclass
 class _Site:
     """What one call needs besides the tensors: modules, flags and block sizes."""
 
     an: nn.Module
     bn: nn.Module  # inner BatchNorm
-    hn: nn.Module | None  # head norm: BatchNorm1d or GroupNorm(1, K)
+    layers: list[_Layer]
     gate: int
     use_running: bool  # normalise with the running statistics
     update: bool  # training with running statistics: update them
-    head_norm: int  # 0 none, 1 batch statistics, 2 running statistics, 3 GroupNorm(1, K)
-    head_update: bool
-    blocks: tuple[int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_K
+    blocks: tuple[int, int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_H (layer 1), BLOCK_K
     n: int
     cl: bool  # channels-last memory format: (B, N, C) in memory
+
+    @property
+    def width(self) -> int:
+        """Layer 1's width H (K for one layer)."""
+        return self.layers[0].fc.out_features
 
 
 def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
@@ -83,46 +162,29 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
     bn = an._modules["norm"]
     if type(bn) not in _BN_TYPES or bn.affine or an.pool_name not in _POOLS:
         return None
-    mods = list(an.attn.head.children())
-    fc, gate_mod = mods[0], mods[-1]
-    hn = mods[1] if len(mods) == 3 else None
-    gate = _GATES.get(type(gate_mod))
-    if type(fc) is not nn.Linear or gate is None or len(mods) not in (2, 3):
-        return None
-    if gate == 2 and gate_mod.dim not in (1, -1):
-        return None
-    group = type(hn) is nn.GroupNorm and hn.num_groups == 1
-    if hn is not None and not ((type(hn) is nn.BatchNorm1d or group) and hn.affine):
-        return None
     if x.dtype not in _MAP_DTYPES or x.dim() < 2 or x.numel() == 0:
         return None
     fmt = _CL_FORMATS.get(x.dim())
     cl = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
     if not cl and not x.is_contiguous():
         return None
-    params = [an.weight, an.bias, fc.weight, fc.bias, *([] if hn is None else [hn.weight, hn.bias])]
-    if any(p is not None and p.dtype != torch.float32 for p in params):
-        return None
     b, c, k = x.shape[0], x.shape[1], an.weight.shape[0]
     n = x.numel() // (b * c)
     if b > _MAX_B or k > _MAX_K or c != an.weight.shape[1]:
         return None
+    if an.weight.dtype != torch.float32 or an.bias.dtype != torch.float32:
+        return None
+    head = _head(an.attn.head, b)
+    if head is None:
+        return None
     use_running = not an.training and bn.running_mean is not None
-    update = an.training and bn.running_mean is not None
-    head_norm, head_update = 0, False
-    if group:
-        head_norm = 3
-    elif hn is not None:
-        head_norm = 1 if hn.training or hn.running_mean is None else 2
-        head_update = hn.training and hn.running_mean is not None
-        if head_norm == 1 and b < 2:
-            return None  # BatchNorm1d raises its own error
     if not use_running and b * n < 2:
         return None
-    bb, bk = max(16, _pow2(b)), max(16, _pow2(k))
+    update = an.training and bn.running_mean is not None
+    width = head[0][0].fc.out_features
+    bb, bh, bk = max(16, _pow2(b)), max(16, _pow2(width)), max(16, _pow2(k))
     bc = block_c or max(16, min(128, 4096 // bb))
-    blocks = (bb, bc, bk)
-    return _Site(an, bn, hn, gate, use_running, update, head_norm, head_update, blocks, n, cl)
+    return _Site(an, bn, *head, use_running, update, (bb, bc, bh, bk), n, cl)
 
 
 def _row_tile(n: int) -> tuple[int, int]:
@@ -132,11 +194,10 @@ def _row_tile(n: int) -> tuple[int, int]:
 
 
 def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    kern = _kernels()
-    an, bn, hn = s.an, s.bn, s.hn
-    fc = an.attn.head.fc
-    b, c, k, n = x.shape[0], x.shape[1], an.weight.shape[0], s.n
-    bb, bc, bk = s.blocks
+    kern, hk = _kernels()
+    an, bn = s.an, s.bn
+    b, c, k, n, h = x.shape[0], x.shape[1], an.weight.shape[0], s.n, s.width
+    bb, bc, bh, bk = s.blocks
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
     m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
@@ -146,35 +207,34 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     else:
         rows, block_n = _row_tile(n)
         kern.moments_kernel[(-(-b * c // rows),)](x, m, v, b * c, n, R=rows, BLOCK_N=block_n)
-    part = torch.empty(nblk, bb, bk, **f32)
+    part = torch.empty(nblk, bb, bh, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
-    count = b * n
+    count, nbt = b * n, bn.num_batches_tracked
     kern.channels_kernel[(nblk,)](
-        m, v, fc.weight, part, mean, r,
+        m, v, s.layers[0].fc.weight, part, mean, r,
         bn.running_mean if bn.running_mean is not None else mean,
-        bn.running_var if bn.running_var is not None else r,
-        bn.num_batches_tracked if bn.num_batches_tracked is not None else m,
-        b, c, k, n, bn.eps, bn.momentum or 0.0, n / max(n - 1, 1),
+        bn.running_var if bn.running_var is not None else r, nbt if nbt is not None else m,
+        b, c, h, n, bn.eps, bn.momentum or 0.0, n / max(n - 1, 1),
         getattr(an.attn.pool, "eps", 0.0), count / max(count - 1, 1),
         USE_RUNNING=s.use_running, UPDATE=s.update,
-        CUMULATIVE=bn.momentum is None and bn.num_batches_tracked is not None,
-        POOL=_POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
+        CUMULATIVE=bn.momentum is None and nbt is not None,
+        POOL=_POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
     )  # fmt: skip
-    lam, z, hhat = (torch.empty(bb, bk, **f32) for _ in range(3))
-    hr = torch.empty(bk + bb, **f32)  # the head norm's 1/std: per logit, or per sample (GN)
-    hn_ = hn if hn is not None else bn  # placeholders where there is no head norm
-    h_nbt = hn_.num_batches_tracked if hn is not None and s.head_update else part
-    kern.head_kernel[(1,)](
-        part, nblk, fc.bias if fc.bias is not None else part,
-        hn.weight if hn is not None else part, hn.bias if hn is not None else part,
-        hn.running_mean if s.head_update or s.head_norm == 2 else part,
-        hn.running_var if s.head_update or s.head_norm == 2 else part, h_nbt,
-        bn.num_batches_tracked if s.update and bn.num_batches_tracked is not None else part,
-        lam, z, hhat, hr, b, k, hn_.eps, getattr(hn, "momentum", None) or 0.0,
-        b / max(b - 1, 1), HAS_BIAS=fc.bias is not None, NORM=s.head_norm,
-        H_UPDATE=s.head_update, H_CUMULATIVE=s.head_update and hn.momentum is None,
-        SITE_COUNT=s.update and bn.num_batches_tracked is not None, GATE=s.gate,
-        BLOCK_B=bb, BLOCK_K=bk,
+    one, two = s.layers[0], s.layers[-1]
+    ws1 = torch.empty(hk.workspace_size(bb, bh), **f32)
+    ws2 = torch.empty(hk.workspace_size(bb, bk), **f32) if len(s.layers) == 2 else ws1
+    lam = torch.empty(bb, bk, **f32)
+    b1, n1 = one.fc.bias if one.fc.bias is not None else part, one.args(part)
+    b2, n2 = two.fc.bias if two.fc.bias is not None else part, two.args(part)
+    bias1, norm1, upd1, cum1 = one.flags()
+    bias2, norm2, upd2, cum2 = two.flags()
+    site_count = s.update and nbt is not None
+    hk.head_kernel[(1,)](
+        part, nblk, b1, *n1, ws1, two.fc.weight, b2, *n2, ws2, nbt if site_count else part,
+        lam, b, h, k, *one.scalars(), *two.scalars(), b / max(b - 1, 1),
+        LAYERS=len(s.layers), BIAS1=bias1, NORM1=norm1, UPD1=upd1, CUM1=cum1, BIAS2=bias2,
+        NORM2=norm2, UPD2=upd2, CUM2=cum2, SITE_COUNT=site_count, GATE=s.gate,
+        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
     )  # fmt: skip
     scale, shift = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     kern.mix_kernel[(nblk,)](
@@ -185,64 +245,92 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     total = x.numel()
     grid = (-(-total // _FLAT_BLOCK),)
     kern.affine_kernel[grid](x, y, scale, shift, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
-    return y, (m, v, mean, r, lam, z, hhat, hr, scale)
+    return y, (m, v, mean, r, lam, ws1, ws2, scale)
 
 
-def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> tuple:
-    """Gradients of (x, head weight, head bias, head-norm weight and bias, Gamma, Beta)."""
-    kern = _kernels()
-    x, w, hbias, gnw, wm, bm, m, v, mean, r, lam, z, hhat, hr, scale = saved
-    b, c, k, n = x.shape[0], x.shape[1], wm.shape[0], s.n
-    bb, bc, bk = s.blocks
+def _head_params(s: _Site) -> list[torch.Tensor | None]:
+    """Per layer (two slots, the second None for one layer): weight, bias, norm weight, bias."""
+    out: list[torch.Tensor | None] = []
+    for i in range(2):
+        layer = s.layers[i] if i < len(s.layers) else None
+        if layer is None:
+            out += [None] * 4
+            continue
+        norm = layer.norm
+        out += [layer.fc.weight, layer.fc.bias, None if norm is None else norm.weight,
+                None if norm is None else norm.bias]  # fmt: skip
+    return out
+
+
+def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> list:
+    """Gradients of (x, Gamma, Beta, *:func:`_head_params`)."""
+    kern, hk = _kernels()
+    x, wm, bm, w1, n1w, w2, n2w, m, v, mean, r, lam, ws1, ws2, scale = saved
+    b, c, k, n, h = x.shape[0], x.shape[1], wm.shape[0], s.n, s.width
+    bb, bc, bh, bk = s.blocks
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
     g = g.contiguous(memory_format=_CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
     ga, gt = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
-        bn_, bc_ = _CL_TILE
-        kern.rowdots_cl_kernel[grid](g, x, ga, gt, b, c, n, BLOCK_N=bn_, BLOCK_C=bc_)
+        kern.rowdots_cl_kernel[grid](
+            g, x, ga, gt, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1]
+        )
     else:
         rows, block_n = _row_tile(n)
         kern.rowdots_kernel[(-(-b * c // rows),)](g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n)
-    gwm, gbm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
+    g_wm, g_bm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
     part = torch.empty(nblk, bb, bk, **f32)
     gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     kern.tail_bwd_kernel[(nblk,)](
-        ga, gt, lam, wm, bm, m, mean, r, scale, gwm, gbm, part, gm, gv, b, c, k,
+        ga, gt, lam, wm, bm, m, mean, r, scale, g_wm, g_bm, part, gm, gv, b, c, k,
         BATCH_STATS=not s.use_running, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
     )  # fmt: skip
-    gh = torch.empty(bb, bk, **f32)
-    ggw, ggb, gbias = (torch.empty(bk, **f32) for _ in range(3))
-    kern.head_bwd_kernel[(1,)](
-        part, nblk, lam, z, hhat, hr, gnw if gnw is not None else part, gh, ggw, ggb,
-        gbias, b, k, NORM=s.head_norm, GATE=s.gate, HAS_BIAS=hbias is not None,
-        BLOCK_B=bb, BLOCK_K=bk,
+    one, two = s.layers[0], s.layers[-1]
+    two_layers = len(s.layers) == 2
+    grads1 = [torch.empty(bh, **f32) for _ in range(3)]  # norm weight, norm bias, bias
+    grads2 = [torch.empty(bk, **f32) for _ in range(3)] if two_layers else grads1
+    g_w2 = torch.empty(k, h, **f32) if two_layers else part
+    gh1 = torch.empty(bb, bh, **f32)
+    hk.head_bwd_kernel[(1,)](
+        part, nblk, lam, ws1, n1w if n1w is not None else part, *grads1,
+        ws2, w2 if w2 is not None else part, n2w if n2w is not None else part, *grads2, g_w2,
+        gh1, b, h, k,
+        LAYERS=len(s.layers), BIAS1=one.fc.bias is not None, NORM1=one.code,
+        BIAS2=two.fc.bias is not None, NORM2=two.code, GATE=s.gate,
+        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
     )  # fmt: skip
-    gw = torch.empty(k, c, **f32)
+    g_w1 = torch.empty(h, c, **f32)
     kern.pool_bwd_kernel[(nblk,)](
-        gh, w, m, v, gm, gv, gw, b, c, k, n, n / max(n - 1, 1),
+        gh1, w1, m, v, gm, gv, g_w1, b, c, h, n, n / max(n - 1, 1),
         getattr(s.an.attn.pool, "eps", 0.0), POOL=_POOLS[s.an.pool_name],
-        BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
+        BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
     )  # fmt: skip
     dx = torch.empty_like(x)
     total = x.numel()
     grid = (-(-total // _FLAT_BLOCK),)
     kern.dx_kernel[grid](g, x, scale, gv, gm, dx, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
-    has_bias, has_norm = hbias is not None, gnw is not None
-    return (
-        dx, gw, gbias[:k] if has_bias else None, ggw[:k] if has_norm else None,
-        ggb[:k] if has_norm else None, gwm, gbm,
-    )  # fmt: skip
+    out = [dx, g_wm, g_bm]
+    for i, g_w, (g_nw, g_nb, g_b), width in ((0, g_w1, grads1, h), (1, g_w2, grads2, k)):
+        if i == len(s.layers):
+            out += [None] * 4
+            continue
+        layer = s.layers[i]
+        has_norm = layer.norm is not None
+        out += [g_w, g_b[:width] if layer.fc.bias is not None else None,
+                g_nw[:width] if has_norm else None, g_nb[:width] if has_norm else None]  # fmt: skip
+    return out
 
 
 class _TritonSite(torch.autograd.Function):
-    """(x, head weight, head bias, head-norm weight, head-norm bias, Gamma, Beta) -> y."""
+    """(x, Gamma, Beta, *:func:`_head_params`) -> y."""
 
     @staticmethod
-    def forward(ctx, s: _Site, x, w, hbias, gw, gb, wm, bm):  # type: ignore[override]
+    def forward(ctx, s: _Site, x, wm, bm, *head):  # type: ignore[override]
         y, saved = _forward(s, x)
-        ctx.save_for_backward(x, w, hbias, gw, wm, bm, *saved)  # (in-place edits: caught)
+        w1, _, n1w, _, w2, _, n2w, _ = head
+        ctx.save_for_backward(x, wm, bm, w1, n1w, w2, n2w, *saved)  # (in-place edits: caught)
         ctx.site = s
         return y
 
@@ -261,15 +349,8 @@ def triton_site(an: nn.Module, x: torch.Tensor, block_c: int | None = None) -> t
     s = _site(an, x, block_c)
     if s is None:
         return None
-    fc, hn = an.attn.head.fc, s.hn
-    params = (fc.weight, fc.bias, None if hn is None else hn.weight,
-              None if hn is None else hn.bias, an.weight, an.bias)  # fmt: skip
+    params = [an.weight, an.bias, *_head_params(s)]
     tracked = [t for t in (x, *params) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         return _TritonSite.apply(s, x, *params)
     return _forward(s, x)[0]
-
-
-def triton_requested() -> bool:
-    """``AN_SEARCH_TRITON=1`` is set."""
-    return os.environ.get(ENV) == "1"

@@ -40,8 +40,8 @@ two feature-map passes is three autograd nodes with C forwards and backwards (``
 the head's ``Linear`` + ``BatchNorm1d`` in ``_head_train.py``, ``_SiteTail``). On a GPU (H200,
 eager) the ~20 small ops of a site are launch-bound: compile there, or (opt-in,
 ``AN_SEARCH_TRITON=1`` or ``an.triton = True``) run BatchNorm-based sites as ten Triton
-kernels, one autograd node (``_triton_site.py``; tested by Triton's interpreter, not yet timed
-on a GPU).
+kernels, one autograd node, any head (``_triton_site.py``; tested by Triton's interpreter, not
+yet timed on a GPU).
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """

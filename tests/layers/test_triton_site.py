@@ -21,7 +21,7 @@ from an_search.layers import AttentiveNorm
 triton = pytest.importorskip("triton")
 _site_mod = importlib.import_module("an_search.layers._triton_site")
 triton_site = _site_mod.triton_site
-HEADS = ["default", "bn-sigmoid", "bn-softmax", "gn-hsigmoid", "linear-sigmoid", "linear-hsigmoid"]
+HEADS = list(__import__("an_search.layers.heads", fromlist=["HEADS"]).HEADS)  # all eight
 
 
 if not triton.knobs.runtime.interpret:  # tests/conftest.py sets it where there is no GPU
@@ -147,8 +147,15 @@ def _declined(an: nn.Module, x: torch.Tensor) -> bool:
 def test_declines_what_it_does_not_cover() -> None:
     x = torch.randn(4, 16, 3, 3)
     assert _declined(AttentiveNorm(16, 4, base="groupnorm", num_groups=4), x)
-    assert _declined(AttentiveNorm(16, 4, head="mlp"), x)
-    assert _declined(AttentiveNorm(16, 4, head="mlp-bn"), x)
+    odd = AttentiveNorm(16, 4, head="linear-sigmoid")
+    odd.attn.head.gate = nn.Tanh()  # not one of the three gates
+    assert _declined(odd, x)
+    odd.attn.head = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Sigmoid())  # ReLU, no layer 2
+    assert _declined(odd, x)
+    odd.attn.head = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4), nn.Sigmoid())  # no ReLU
+    assert _declined(odd, x)
+    odd.attn.head = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8), nn.Sigmoid())
+    assert _declined(odd, x)
     assert _declined(AttentiveNorm(16, 4, pool="avgmax"), x)
     an = AttentiveNorm(16, 4)
     assert _declined(an, x.double())
