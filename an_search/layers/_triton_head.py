@@ -105,28 +105,29 @@ def _norm_bwd(
     j = tl.arange(0, BLOCK_W)
     jm = j < W
     mask = (b < B)[:, None] & jm[None, :]
-    gz = tl.where(mask, gz, 0.0)
-    if NORM == 0:
-        return gz
-    off = b[:, None] * BLOCK_W + j[None, :]
-    hhat = tl.load(ws_ptr + BLOCK_B * BLOCK_W + off)
-    r = tl.load(ws_ptr + 2 * BLOCK_B * BLOCK_W + j)
-    gw = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32)
-    sg = tl.sum(gz, 0)
-    sgh = tl.sum(gz * hhat, 0)
-    tl.store(ggw_ptr + j, sgh, mask=jm)
-    tl.store(ggb_ptr + j, sg, mask=jm)
-    if NORM == 1:
-        g_h = (gw * r / B)[None, :] * (B * gz - sg[None, :] - hhat * sgh[None, :])
-    elif NORM == 3:  # per sample over W: the same formula along the other axis
-        gzw = gz * gw[None, :]
-        rs = tl.load(ws_ptr + 2 * BLOCK_B * BLOCK_W + BLOCK_W + b)
-        s1 = tl.sum(gzw, 1)
-        s2 = tl.sum(gzw * hhat, 1)
-        g_h = (rs / W)[:, None] * (W * gzw - s1[:, None] - hhat * s2[:, None])
-    else:
-        g_h = gz * (gw * r)[None, :]
-    return tl.where(mask, g_h, 0.0)
+    g_h = tl.where(mask, gz, 0.0)
+    if NORM != 0:
+        gz = g_h
+        off = b[:, None] * BLOCK_W + j[None, :]
+        hhat = tl.load(ws_ptr + BLOCK_B * BLOCK_W + off)
+        r = tl.load(ws_ptr + 2 * BLOCK_B * BLOCK_W + j)
+        gw = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32)
+        sg = tl.sum(gz, 0)
+        sgh = tl.sum(gz * hhat, 0)
+        tl.store(ggw_ptr + j, sgh, mask=jm)
+        tl.store(ggb_ptr + j, sg, mask=jm)
+        if NORM == 1:
+            g_h = (gw * r / B)[None, :] * (B * gz - sg[None, :] - hhat * sgh[None, :])
+        elif NORM == 3:  # per sample over W: the same formula along the other axis
+            gzw = gz * gw[None, :]
+            rs = tl.load(ws_ptr + 2 * BLOCK_B * BLOCK_W + BLOCK_W + b)
+            s1 = tl.sum(gzw, 1)
+            s2 = tl.sum(gzw * hhat, 1)
+            g_h = (rs / W)[:, None] * (W * gzw - s1[:, None] - hhat * s2[:, None])
+        else:
+            g_h = gz * (gw * r)[None, :]
+        g_h = tl.where(mask, g_h, 0.0)
+    return g_h  # (one return: the Triton compiler's rule for jit helpers)
 
 
 @triton.jit

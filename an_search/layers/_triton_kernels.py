@@ -61,9 +61,10 @@ def moments_kernel(x_ptr, m_ptr, v_ptr, n_rows, N, R: tl.constexpr, BLOCK_N: tl.
 
 @triton.jit
 def _pooled(m, v, bessel, pool_eps, POOL: tl.constexpr):
+    out = m  # avg
     if POOL == 0:  # meanstd: mean / sqrt(unbiased var + eps)
-        return m * tl.rsqrt(v * bessel + pool_eps)
-    return m  # avg
+        out = m * tl.rsqrt(v * bessel + pool_eps)
+    return out  # (one return: the Triton compiler's rule for jit helpers)
 
 
 @triton.jit(do_not_specialize=["B", "C", "K", "N"])
@@ -143,8 +144,10 @@ def mix_kernel(
 def _row_of(idx, N, C, CL: tl.constexpr):
     """The (sample, channel) row of flat index ``idx``: (B, C, N) order, or (B, N, C) (CL)."""
     if CL:
-        return (idx // (N * C)) * C + idx % C
-    return idx // N
+        row = (idx // (N * C)) * C + idx % C
+    else:
+        row = idx // N
+    return row
 
 
 @triton.jit(do_not_specialize=["total", "N", "C"])
