@@ -10,7 +10,7 @@ updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 
 Covered: an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the ``meanstd`` and ``avg``
 pools, every head of :data:`~.heads.HEADS` (one or two linear layers, BatchNorm1d or
-GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64, batch <= 256,
+GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64, batch <= 128,
 contiguous or channels-last float32/float16/bfloat16 feature maps with float32 parameters
 (bfloat16 autocast included).
 
@@ -37,10 +37,12 @@ ENV = "AN_SEARCH_TRITON"  # "1": eager CUDA sites take the Triton kernels
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _POOLS = {"meanstd": 0, "avg": 1}
 _MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_B, _MAX_K = 256, 64
+_MAX_B, _MAX_K = 128, 64  # beyond, the one-program head spills registers to memory
 _FLAT_BLOCK = 1024
 _CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CL_TILE = (64, 32)  # positions x channels a step of the channels-last row kernels
+_BC_TILE = 2048  # batch x channels of a block of the (B, C) kernels (beyond: registers spill)
+_WARPS = 8  # for the tiled kernels: 4 warps spill registers at batch 64, K 20 (sm_90 cubins)
 _state: dict[str, tuple[ModuleType, ModuleType] | None] = {}
 
 
@@ -183,8 +185,14 @@ def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
     update = an.training and bn.running_mean is not None
     width = head[0][0].fc.out_features
     bb, bh, bk = max(16, _pow2(b)), max(16, _pow2(width)), max(16, _pow2(k))
-    bc = block_c or max(16, min(128, 4096 // bb))
+    bc = block_c or max(16, min(128, _BC_TILE // bb))
     return _Site(an, bn, *head, use_running, update, (bb, bc, bh, bk), n, cl)
+
+
+def _head_warps(s: _Site) -> int:
+    """Warps of the one-program head kernels: 16 from (128, 64) arrays up, where 8 spill."""
+    bb, _, bh, bk = s.blocks
+    return 16 if bb * max(bh, bk) >= 8192 else _WARPS
 
 
 def _row_tile(n: int) -> tuple[int, int]:
@@ -203,10 +211,14 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
-        kern.moments_cl_kernel[grid](x, m, v, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1])
+        kern.moments_cl_kernel[grid](
+            x, m, v, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1], num_warps=_WARPS
+        )
     else:
         rows, block_n = _row_tile(n)
-        kern.moments_kernel[(-(-b * c // rows),)](x, m, v, b * c, n, R=rows, BLOCK_N=block_n)
+        kern.moments_kernel[(-(-b * c // rows),)](
+            x, m, v, b * c, n, R=rows, BLOCK_N=block_n, num_warps=_WARPS
+        )
     part = torch.empty(nblk, bb, bh, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
     count, nbt = b * n, bn.num_batches_tracked
@@ -219,6 +231,7 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
         USE_RUNNING=s.use_running, UPDATE=s.update,
         CUMULATIVE=bn.momentum is None and nbt is not None,
         POOL=_POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
+        num_warps=_WARPS,
     )  # fmt: skip
     one, two = s.layers[0], s.layers[-1]
     ws1 = torch.empty(hk.workspace_size(bb, bh), **f32)
@@ -235,11 +248,13 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
         LAYERS=len(s.layers), BIAS1=bias1, NORM1=norm1, UPD1=upd1, CUM1=cum1, BIAS2=bias2,
         NORM2=norm2, UPD2=upd2, CUM2=cum2, SITE_COUNT=site_count, GATE=s.gate,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+        num_warps=_head_warps(s),
     )  # fmt: skip
     scale, shift = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     kern.mix_kernel[(nblk,)](
         lam, an.weight, an.bias, mean, r, scale, shift, b, c, k,
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
+        num_warps=_WARPS,
     )  # fmt: skip
     y = torch.empty_like(x)
     total = x.numel()
@@ -275,17 +290,29 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
         kern.rowdots_cl_kernel[grid](
-            g, x, ga, gt, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1]
+            g,
+            x,
+            ga,
+            gt,
+            b,
+            c,
+            n,
+            BLOCK_N=_CL_TILE[0],
+            BLOCK_C=_CL_TILE[1],
+            num_warps=_WARPS,
         )
     else:
         rows, block_n = _row_tile(n)
-        kern.rowdots_kernel[(-(-b * c // rows),)](g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n)
+        kern.rowdots_kernel[(-(-b * c // rows),)](
+            g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n, num_warps=_WARPS
+        )
     g_wm, g_bm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
     part = torch.empty(nblk, bb, bk, **f32)
     gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     kern.tail_bwd_kernel[(nblk,)](
         ga, gt, lam, wm, bm, m, mean, r, scale, g_wm, g_bm, part, gm, gv, b, c, k,
         BATCH_STATS=not s.use_running, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
+        num_warps=_WARPS,
     )  # fmt: skip
     one, two = s.layers[0], s.layers[-1]
     two_layers = len(s.layers) == 2
@@ -300,12 +327,14 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
         LAYERS=len(s.layers), BIAS1=one.fc.bias is not None, NORM1=one.code,
         BIAS2=two.fc.bias is not None, NORM2=two.code, GATE=s.gate,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+        num_warps=_head_warps(s),
     )  # fmt: skip
     g_w1 = torch.empty(h, c, **f32)
     kern.pool_bwd_kernel[(nblk,)](
         gh1, w1, m, v, gm, gv, g_w1, b, c, h, n, n / max(n - 1, 1),
         getattr(s.an.attn.pool, "eps", 0.0), POOL=_POOLS[s.an.pool_name],
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
+        num_warps=_WARPS,
     )  # fmt: skip
     dx = torch.empty_like(x)
     total = x.numel()

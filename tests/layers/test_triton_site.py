@@ -167,6 +167,7 @@ def test_declines_what_it_does_not_cover() -> None:
     assert _declined(an, x.transpose(2, 3))  # not contiguous
     assert _declined(an, torch.randn(1, 16, 3, 3))  # the head's BatchNorm1d raises itself
     assert _declined(AttentiveNorm(16, 65), x)  # K above 64
+    assert _declined(an, torch.randn(129, 16, 2, 2))  # batch above 128
     assert not _declined(an, x)
 
 
@@ -190,15 +191,20 @@ def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_every_variant_compiles_for_the_gpu() -> None:
     """The real compiler (NVIDIA backend and ptxas ship with Triton), no GPU: every kernel
-    variant the site launches over all heads, pools, modes, layouts and dtypes, for sm_90."""
+    variant the site launches over all heads, pools, modes, layouts and dtypes, for sm_90,
+    none spilling registers to local memory (cuobjdump's STACK)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     script = Path(__file__).with_name("triton_aot.py")
     out = subprocess.run(
-        [sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
+        [sys.executable, str(script), "--resources"], env=env, cwd=root, capture_output=True,
+        text=True,
         timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     found = re.search(r"compiled (\d+) variants of (\d+) kernels", out.stdout)
     assert found and int(found[1]) > 50 and int(found[2]) == 12, out.stdout
+    usage = re.findall(r"REG +(\d+) STACK +(\d+) +(.*)", out.stdout)
+    assert len(usage) == int(found[1])
+    assert all(stack == "0" for _, stack, _ in usage), [u for u in usage if u[1] != "0"]

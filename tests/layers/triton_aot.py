@@ -8,6 +8,7 @@ launched), for every head, pool, mode, layout and dtype below, and each distinct
 signature, constexprs) is compiled to a cubin for each target.
 
     python tests/layers/triton_aot.py [--targets 90 80]     # prints "compiled N variants ..."
+    python tests/layers/triton_aot.py --resources [--large]  # + registers and spills each
 
 Run without ``TRITON_INTERPRET`` (tests/layers/test_triton_site.py starts it in a subprocess).
 """
@@ -16,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from triton.runtime.jit import JITFunction, mangle_type
@@ -31,7 +37,9 @@ from an_search.layers import _triton_kernels as map_kernels
 from an_search.layers._triton_site import triton_site
 from an_search.layers.heads import HEADS
 
-Call = tuple[JITFunction, dict[str, str], dict[str, object]]
+Call = tuple[JITFunction, dict[str, str], dict[str, object], dict[str, int]]
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 class _Recorder:
@@ -44,6 +52,7 @@ class _Recorder:
         return self._record
 
     def _record(self, *args: object, **kwargs: object) -> None:
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
         names = [p.name for p in self.fn.params]
         values = dict(zip(names, args, strict=False)) | kwargs
         assert set(values) == set(names), (self.fn.fn.__name__, set(names) ^ set(values))
@@ -54,10 +63,12 @@ class _Recorder:
             else:
                 signature[p.name] = mangle_type(values[p.name])
         key = f"{self.fn.fn.__name__} {sorted(signature.items())} {sorted(constexprs.items())}"
-        self.calls.setdefault(key, (self.fn, signature, constexprs))
+        self.calls.setdefault(
+            f"{key} {sorted(options.items())}", (self.fn, signature, constexprs, options)
+        )
 
 
-def record(calls: dict[str, Call]) -> None:
+def record(calls: dict[str, Call], large: bool = False) -> None:
     """Run the site over the configurations below with the kernels replaced by recorders."""
     for mod in (map_kernels, head_kernels):
         for name, fn in vars(mod).items():
@@ -71,9 +82,13 @@ def record(calls: dict[str, Call]) -> None:
         ("mlp-bn", "meanstd", (8, 24, 4, 4, 4), torch.float32, torch.channels_last_3d),
         ("default", "meanstd", (5, 12), torch.float32, torch.contiguous_format),
     ]
+    if large:  # the largest the site takes: batch 128, K 64 (mlp-bn: a 128-wide layer 1)
+        configs += [(head, "meanstd", (128, 128, 2, 2), torch.float32, torch.contiguous_format)
+                    for head in ("default", "mlp-bn")]  # fmt: skip
     for head, pool, shape, dtype, fmt in configs:
         base = {2: "batchnorm1d", 4: "batchnorm", 5: "batchnorm3d"}[len(shape)]
-        an = AttentiveNorm(shape[1], 20 if shape[1] == 512 else 5, base=base, head=head, pool=pool)
+        k = {512: 20, 128: 64}.get(shape[1], 5)
+        an = AttentiveNorm(shape[1], k, base=base, head=head, pool=pool)
         an.norm.momentum = None if head == "bn-sigmoid" else an.norm.momentum
         for training in (True, False):
             an.train(training)
@@ -85,28 +100,44 @@ def record(calls: dict[str, Call]) -> None:
                 assert triton_site(an, x) is not None
 
 
-def _compile(job: tuple[Call, int]) -> tuple[str, bool]:
-    """(kernel name, whether a cubin came out) for one variant and target."""
-    (fn, signature, constexprs), arch = job
+def _compile(job: tuple[Call, int]) -> tuple[str, bytes]:
+    """(kernel name and launch, cubin) for one variant and target."""
+    (fn, signature, constexprs, options), arch = job
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
-    kernel = compile(src, target=GPUTarget("cuda", arch, 32))
-    return fn.fn.__name__, bool(kernel.asm.get("cubin"))
+    kernel = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("R", "LAYERS")}
+    return f"sm_{arch} {fn.fn.__name__} {blocks} {options}", kernel.asm.get("cubin", b"")
+
+
+def _resources(cubin: bytes) -> str:
+    """Registers and stack (spills) per thread of a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", res.stdout)
+    return f"REG {found[1]:>3} STACK {found[2]:>5}" if found else res.stdout.strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=int, nargs="+", default=[90])
+    parser.add_argument("--resources", action="store_true", help="registers and spills")
+    parser.add_argument("--large", action="store_true", help="also batch 256 with K 64")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels, it does not interpret them")
     calls: dict[str, Call] = {}
-    record(calls)
+    record(calls, args.large)
     start = time.perf_counter()
     jobs = [(call, arch) for arch in args.targets for call in calls.values()]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # MLIR passes and ptxas: no GIL
-        for name, ok in pool.map(_compile, jobs):
-            assert ok, name
-    kernels = len({fn.fn.__name__ for fn, _, _ in calls.values()})
+        built = dict(pool.map(_compile, jobs))
+    assert all(built.values()), [name for name, cubin in built.items() if not cubin]
+    if args.resources:
+        for name, cubin in sorted(built.items()):
+            print(f"{_resources(cubin)}  {name}")
+    kernels = len({fn.fn.__name__ for fn, *_ in calls.values()})
     print(
         f"compiled {len(calls)} variants of {kernels} kernels for sm_"
         f"{', sm_'.join(map(str, args.targets))} in {time.perf_counter() - start:.1f} s"
