@@ -106,7 +106,9 @@ def _compile(job: tuple[Call, int]) -> tuple[str, bytes]:
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
     kernel = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("R", "LAYERS")}
-    return f"sm_{arch} {fn.fn.__name__} {blocks} {options}", kernel.asm.get("cubin", b"")
+    types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+    name = f"sm_{arch} {fn.fn.__name__} {blocks} {options} {types} #{id(constexprs)}"
+    return name, kernel.asm.get("cubin", b"")
 
 
 def _resources(cubin: bytes) -> str:
