@@ -17,7 +17,7 @@ from torch import nn
 
 from an_search import convert
 from an_search.layers import AttentiveNorm
-from an_search.layers._triton_site import _site
+from an_search.layers._triton_spec import site
 from an_search.train import TrainConfig, proxy_train, resolve_data
 
 pytestmark = [
@@ -146,7 +146,7 @@ def test_triton_site_on_cuda_matches_cpu_float64(
         x = torch.randn(shape, dtype=torch.double) * 3 + 1
         xc = x.float().cuda().contiguous(memory_format=fmt).requires_grad_()
         xr = x.clone().requires_grad_()
-        assert _site(an, xc, None) is not None  # the kernels take this input (checked only)
+        assert site(an, xc, None) is not None  # the kernels take this input (checked only)
         y, y_ref = an(xc), ref(xr)
         assert _rel(y, y_ref) < 1e-5
         g = torch.randn_like(x)

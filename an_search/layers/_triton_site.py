@@ -8,11 +8,11 @@ is five kernels (moments, per-channel statistics + logits, head, mixtures, affin
 backward is five more; running statistics and ``num_batches_tracked`` (site and head) are
 updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 
-Covered: an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the ``meanstd`` and ``avg``
-pools, every head of :data:`~.heads.HEADS` (one or two linear layers, BatchNorm1d or
-GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64, batch <= 128,
-contiguous or channels-last float32/float16/bfloat16 feature maps with float32 parameters
-(bfloat16 autocast included).
+Covered (``_triton_spec.py``): an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the
+``meanstd`` and ``avg`` pools, every head of :data:`~.heads.HEADS` (one or two linear layers,
+BatchNorm1d or GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64,
+batch <= 128, contiguous or channels-last float32/float16/bfloat16 feature maps with float32
+parameters (bfloat16 autocast included).
 
 Opt-in (``AN_SEARCH_TRITON=1``) until measured on a GPU: the kernels are tested on the CPU by
 Triton's interpreter against the reference path, but no GPU was lent since they were written.
@@ -22,26 +22,19 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._eval_plan import _GATES
+from ._triton_spec import CL_FORMATS, POOLS, Site, head_params, pow2, site
 
 __all__ = ["ENV", "triton_available", "triton_requested", "triton_site"]
 
 ENV = "AN_SEARCH_TRITON"  # "1": eager CUDA sites take the Triton kernels
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_POOLS = {"meanstd": 0, "avg": 1}
-_MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_B, _MAX_K = 128, 64  # beyond, the one-program head spills registers to memory
 _FLAT_BLOCK = 1024
-_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CL_TILE = (64, 32)  # positions x channels a step of the channels-last row kernels
-_BC_TILE = 2048  # batch x channels of a block of the (B, C) kernels (beyond: registers spill)
 _WARPS = 8  # for the tiled kernels: 4 warps spill registers at batch 64, K 20 (sm_90 cubins)
 _state: dict[str, tuple[ModuleType, ModuleType] | None] = {}
 
@@ -69,127 +62,7 @@ def _kernels() -> tuple[ModuleType, ModuleType] | None:
     return _state["k"]
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-@dataclass
-class _Layer:
-    """One linear layer of the head and its norm, with the kernels' flags."""
-
-    fc: nn.Linear
-    norm: nn.Module | None  # BatchNorm1d or GroupNorm(1, width)
-    code: int  # 0 none, 1 batch statistics, 2 running statistics, 3 GroupNorm
-    update: bool  # batch statistics with running ones: update them and the counter
-
-    def args(self, part: torch.Tensor) -> list:
-        """Pointers of the norm (weight, bias, running mean/var, counter), ``part`` where none."""
-        n = self.norm
-        if n is None:
-            return [part] * 5
-        running = self.code == 2 or self.update
-        return [n.weight, n.bias, n.running_mean if running else part,
-                n.running_var if running else part,
-                n.num_batches_tracked if self.update else part]  # fmt: skip
-
-    def scalars(self) -> tuple[float, float]:
-        """(eps, momentum) of the norm; momentum 0 where there is none (cumulative: a flag)."""
-        n = self.norm
-        return (n.eps, getattr(n, "momentum", None) or 0.0) if n is not None else (0.0, 0.0)
-
-    def flags(self) -> tuple[bool, int, bool, bool]:
-        """BIAS, NORM, UPD, CUM of the head kernel."""
-        cum = self.update and self.norm.momentum is None
-        return self.fc.bias is not None, self.code, self.update, cum
-
-
-def _layer(fc: nn.Module, norm: nn.Module | None, b: int) -> _Layer | None:
-    if type(fc) is not nn.Linear or fc.weight.dtype != torch.float32:
-        return None
-    if norm is None:
-        return _Layer(fc, None, 0, False)
-    if type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.affine:
-        return _Layer(fc, norm, 3, False)
-    if type(norm) is not nn.BatchNorm1d or not norm.affine:
-        return None
-    batch = norm.training or norm.running_mean is None
-    if batch and b < 2:
-        return None  # BatchNorm1d raises its own error
-    return _Layer(fc, norm, 1 if batch else 2, norm.training and norm.running_mean is not None)
-
-
-def _head(head: nn.Module, b: int) -> tuple[list[_Layer], int] | None:
-    """The head's layers and gate code (``_GATES``), or None where it has another form."""
-    mods = list(head.children())
-    gate = _GATES.get(type(mods[-1])) if mods else None
-    if gate is None or (gate == 2 and mods[-1].dim not in (1, -1)):
-        return None
-    body, layers = mods[:-1], []
-    while body:  # Linear [norm] (ReLU Linear [norm])
-        fc, body = body[0], body[1:]
-        norm = body[0] if body and isinstance(body[0], (nn.BatchNorm1d, nn.GroupNorm)) else None
-        body = body[1:] if norm is not None else body
-        layer = _layer(fc, norm, b)
-        if layer is None:
-            return None
-        layers.append(layer)
-        if body and (len(layers) == 2 or type(body[0]) is not nn.ReLU or len(body) == 1):
-            return None  # a ReLU only between two layers
-        body = body[1:]
-    return (layers, gate) if layers else None
-
-
-@dataclass
-class _Site:
-    """What one call needs besides the tensors: modules, flags and block sizes."""
-
-    an: nn.Module
-    bn: nn.Module  # inner BatchNorm
-    layers: list[_Layer]
-    gate: int
-    use_running: bool  # normalise with the running statistics
-    update: bool  # training with running statistics: update them
-    blocks: tuple[int, int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_H (layer 1), BLOCK_K
-    n: int
-    cl: bool  # channels-last memory format: (B, N, C) in memory
-
-    @property
-    def width(self) -> int:
-        """Layer 1's width H (K for one layer)."""
-        return self.layers[0].fc.out_features
-
-
-def _site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> _Site | None:
-    """The call's description, or None where the kernels do not apply."""
-    bn = an._modules["norm"]
-    if type(bn) not in _BN_TYPES or bn.affine or an.pool_name not in _POOLS:
-        return None
-    if x.dtype not in _MAP_DTYPES or x.dim() < 2 or x.numel() == 0:
-        return None
-    fmt = _CL_FORMATS.get(x.dim())
-    cl = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
-    if not cl and not x.is_contiguous():
-        return None
-    b, c, k = x.shape[0], x.shape[1], an.weight.shape[0]
-    n = x.numel() // (b * c)
-    if b > _MAX_B or k > _MAX_K or c != an.weight.shape[1]:
-        return None
-    if an.weight.dtype != torch.float32 or an.bias.dtype != torch.float32:
-        return None
-    head = _head(an.attn.head, b)
-    if head is None:
-        return None
-    use_running = not an.training and bn.running_mean is not None
-    if not use_running and b * n < 2:
-        return None
-    update = an.training and bn.running_mean is not None
-    width = head[0][0].fc.out_features
-    bb, bh, bk = max(16, _pow2(b)), max(16, _pow2(width)), max(16, _pow2(k))
-    bc = block_c or max(16, min(128, _BC_TILE // bb))
-    return _Site(an, bn, *head, use_running, update, (bb, bc, bh, bk), n, cl)
-
-
-def _head_warps(s: _Site) -> int:
+def _head_warps(s: Site) -> int:
     """Warps of the one-program head kernels: 16 from (128, 64) arrays up, where 8 spill."""
     bb, _, bh, bk = s.blocks
     return 16 if bb * max(bh, bk) >= 8192 else _WARPS
@@ -197,11 +70,11 @@ def _head_warps(s: _Site) -> int:
 
 def _row_tile(n: int) -> tuple[int, int]:
     """(rows per program, positions per step) of the row kernels: about 4096 values a step."""
-    block_n = min(1024, max(16, _pow2(n)))
+    block_n = min(1024, max(16, pow2(n)))
     return max(1, min(64, 4096 // block_n)), block_n
 
 
-def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     kern, hk = _kernels()
     an, bn = s.an, s.bn
     b, c, k, n, h = x.shape[0], x.shape[1], an.weight.shape[0], s.n, s.width
@@ -230,7 +103,7 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
         getattr(an.attn.pool, "eps", 0.0), count / max(count - 1, 1),
         USE_RUNNING=s.use_running, UPDATE=s.update,
         CUMULATIVE=bn.momentum is None and nbt is not None,
-        POOL=_POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
+        POOL=POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
     one, two = s.layers[0], s.layers[-1]
@@ -263,29 +136,15 @@ def _forward(s: _Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tenso
     return y, (m, v, mean, r, lam, ws1, ws2, scale)
 
 
-def _head_params(s: _Site) -> list[torch.Tensor | None]:
-    """Per layer (two slots, the second None for one layer): weight, bias, norm weight, bias."""
-    out: list[torch.Tensor | None] = []
-    for i in range(2):
-        layer = s.layers[i] if i < len(s.layers) else None
-        if layer is None:
-            out += [None] * 4
-            continue
-        norm = layer.norm
-        out += [layer.fc.weight, layer.fc.bias, None if norm is None else norm.weight,
-                None if norm is None else norm.bias]  # fmt: skip
-    return out
-
-
-def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> list:
-    """Gradients of (x, Gamma, Beta, *:func:`_head_params`)."""
+def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> list:
+    """Gradients of (x, Gamma, Beta, *:func:`~._triton_spec.head_params`)."""
     kern, hk = _kernels()
     x, wm, bm, w1, n1w, w2, n2w, m, v, mean, r, lam, ws1, ws2, scale = saved
     b, c, k, n, h = x.shape[0], x.shape[1], wm.shape[0], s.n, s.width
     bb, bc, bh, bk = s.blocks
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
-    g = g.contiguous(memory_format=_CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
+    g = g.contiguous(memory_format=CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
     ga, gt = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
@@ -332,7 +191,7 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
     g_w1 = torch.empty(h, c, **f32)
     kern.pool_bwd_kernel[(nblk,)](
         gh1, w1, m, v, gm, gv, g_w1, b, c, h, n, n / max(n - 1, 1),
-        getattr(s.an.attn.pool, "eps", 0.0), POOL=_POOLS[s.an.pool_name],
+        getattr(s.an.attn.pool, "eps", 0.0), POOL=POOLS[s.an.pool_name],
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
@@ -353,10 +212,10 @@ def _backward(s: _Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor)
 
 
 class _TritonSite(torch.autograd.Function):
-    """(x, Gamma, Beta, *:func:`_head_params`) -> y."""
+    """(x, Gamma, Beta, *:func:`~._triton_spec.head_params`) -> y."""
 
     @staticmethod
-    def forward(ctx, s: _Site, x, wm, bm, *head):  # type: ignore[override]
+    def forward(ctx, s: Site, x, wm, bm, *head):  # type: ignore[override]
         y, saved = _forward(s, x)
         w1, _, n1w, _, w2, _, n2w, _ = head
         ctx.save_for_backward(x, wm, bm, w1, n1w, w2, n2w, *saved)  # (in-place edits: caught)
@@ -375,10 +234,10 @@ def triton_site(an: nn.Module, x: torch.Tensor, block_c: int | None = None) -> t
     CPU under ``TRITON_INTERPRET=1`` (tests). ``block_c``: channels per block (tests)."""
     if _kernels() is None:
         return None
-    s = _site(an, x, block_c)
+    s = site(an, x, block_c)
     if s is None:
         return None
-    params = [an.weight, an.bias, *_head_params(s)]
+    params = [an.weight, an.bias, *head_params(s)]
     tracked = [t for t in (x, *params) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         return _TritonSite.apply(s, x, *params)

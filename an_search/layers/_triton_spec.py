@@ -1,0 +1,162 @@
+"""What the Triton site (``_triton_site.py``) takes: the checks of a call and its description.
+
+A site qualifies with an inner ``nn.BatchNorm1d/2d/3d`` (affine-free, not Sync, not frozen),
+the ``meanstd`` or ``avg`` pool, a head of one or two linear layers (each with a BatchNorm1d,
+a GroupNorm(1, width) or no norm, a ReLU between) ending in hard-sigmoid, sigmoid or softmax
+over K, K <= 64, batch <= 128, a contiguous or channels-last float32/float16/bfloat16 feature
+map, float32 parameters. :func:`site` answers None otherwise, and the module runs its other
+paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._eval_plan import _GATES
+
+__all__ = ["CL_FORMATS", "POOLS", "Site", "head_params", "pow2", "site"]
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+POOLS = {"meanstd": 0, "avg": 1}  # pool name -> the kernels' POOL code
+_MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_B, _MAX_K = 128, 64  # beyond, the one-program head spills registers to memory
+CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_BC_TILE = 2048  # batch x channels of a block of the (B, C) kernels (beyond: registers spill)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class _Layer:
+    """One linear layer of the head and its norm, with the kernels' flags."""
+
+    fc: nn.Linear
+    norm: nn.Module | None  # BatchNorm1d or GroupNorm(1, width)
+    code: int  # 0 none, 1 batch statistics, 2 running statistics, 3 GroupNorm
+    update: bool  # batch statistics with running ones: update them and the counter
+
+    def args(self, part: torch.Tensor) -> list:
+        """Pointers of the norm (weight, bias, running mean/var, counter), ``part`` where none."""
+        n = self.norm
+        if n is None:
+            return [part] * 5
+        running = self.code == 2 or self.update
+        return [n.weight, n.bias, n.running_mean if running else part,
+                n.running_var if running else part,
+                n.num_batches_tracked if self.update else part]  # fmt: skip
+
+    def scalars(self) -> tuple[float, float]:
+        """(eps, momentum) of the norm; momentum 0 where there is none (cumulative: a flag)."""
+        n = self.norm
+        return (n.eps, getattr(n, "momentum", None) or 0.0) if n is not None else (0.0, 0.0)
+
+    def flags(self) -> tuple[bool, int, bool, bool]:
+        """BIAS, NORM, UPD, CUM of the head kernel."""
+        cum = self.update and self.norm.momentum is None
+        return self.fc.bias is not None, self.code, self.update, cum
+
+
+def _layer(fc: nn.Module, norm: nn.Module | None, b: int) -> _Layer | None:
+    if type(fc) is not nn.Linear or fc.weight.dtype != torch.float32:
+        return None
+    if norm is None:
+        return _Layer(fc, None, 0, False)
+    if type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.affine:
+        return _Layer(fc, norm, 3, False)
+    if type(norm) is not nn.BatchNorm1d or not norm.affine:
+        return None
+    batch = norm.training or norm.running_mean is None
+    if batch and b < 2:
+        return None  # BatchNorm1d raises its own error
+    return _Layer(fc, norm, 1 if batch else 2, norm.training and norm.running_mean is not None)
+
+
+def _head(head: nn.Module, b: int) -> tuple[list[_Layer], int] | None:
+    """The head's layers and gate code (``_GATES``), or None where it has another form."""
+    mods = list(head.children())
+    gate = _GATES.get(type(mods[-1])) if mods else None
+    if gate is None or (gate == 2 and mods[-1].dim not in (1, -1)):
+        return None
+    body, layers = mods[:-1], []
+    while body:  # Linear [norm] (ReLU Linear [norm])
+        fc, body = body[0], body[1:]
+        norm = body[0] if body and isinstance(body[0], (nn.BatchNorm1d, nn.GroupNorm)) else None
+        body = body[1:] if norm is not None else body
+        layer = _layer(fc, norm, b)
+        if layer is None:
+            return None
+        layers.append(layer)
+        if body and (len(layers) == 2 or type(body[0]) is not nn.ReLU or len(body) == 1):
+            return None  # a ReLU only between two layers
+        body = body[1:]
+    return (layers, gate) if layers else None
+
+
+@dataclass
+class Site:
+    """What one call needs besides the tensors: modules, flags and block sizes."""
+
+    an: nn.Module
+    bn: nn.Module  # inner BatchNorm
+    layers: list[_Layer]
+    gate: int
+    use_running: bool  # normalise with the running statistics
+    update: bool  # training with running statistics: update them
+    blocks: tuple[int, int, int, int]  # BLOCK_B, BLOCK_C, BLOCK_H (layer 1), BLOCK_K
+    n: int
+    cl: bool  # channels-last memory format: (B, N, C) in memory
+
+    @property
+    def width(self) -> int:
+        """Layer 1's width H (K for one layer)."""
+        return self.layers[0].fc.out_features
+
+
+def site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> Site | None:
+    """The call's description, or None where the kernels do not apply."""
+    bn = an._modules["norm"]
+    if type(bn) not in _BN_TYPES or bn.affine or an.pool_name not in POOLS:
+        return None
+    if x.dtype not in _MAP_DTYPES or x.dim() < 2 or x.numel() == 0:
+        return None
+    fmt = CL_FORMATS.get(x.dim())
+    cl = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    if not cl and not x.is_contiguous():
+        return None
+    b, c, k = x.shape[0], x.shape[1], an.weight.shape[0]
+    n = x.numel() // (b * c)
+    if b > _MAX_B or k > _MAX_K or c != an.weight.shape[1]:
+        return None
+    if an.weight.dtype != torch.float32 or an.bias.dtype != torch.float32:
+        return None
+    head = _head(an.attn.head, b)
+    if head is None:
+        return None
+    use_running = not an.training and bn.running_mean is not None
+    if not use_running and b * n < 2:
+        return None
+    update = an.training and bn.running_mean is not None
+    width = head[0][0].fc.out_features
+    bb, bh, bk = max(16, pow2(b)), max(16, pow2(width)), max(16, pow2(k))
+    bc = block_c or max(16, min(128, _BC_TILE // bb))
+    return Site(an, bn, *head, use_running, update, (bb, bc, bh, bk), n, cl)
+
+
+def head_params(s: Site) -> list[torch.Tensor | None]:
+    """Per layer (two slots, the second None for one layer): weight, bias, norm weight, bias."""
+    out: list[torch.Tensor | None] = []
+    for i in range(2):
+        layer = s.layers[i] if i < len(s.layers) else None
+        if layer is None:
+            out += [None] * 4
+            continue
+        norm = layer.norm
+        out += [layer.fc.weight, layer.fc.bias, None if norm is None else norm.weight,
+                None if norm is None else norm.bias]  # fmt: skip
+    return out
