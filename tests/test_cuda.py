@@ -43,20 +43,29 @@ def test_layer_on_cuda_matches_cpu_float64(base: str, head: str) -> None:
         ref.train(training)
         x = torch.randn(8, C, 7, 7, dtype=torch.double) * 3 + 1
         xc = x.float().cuda().requires_grad_()
-        xr = x.clone().requires_grad_()
-        y, y_ref = an(xc), ref(xr)
-        assert y.is_cuda and _rel(y, y_ref) < 1e-5
-        g = torch.randn_like(x)
-        y.backward(g.float().cuda())
-        y_ref.backward(g)
-        assert _rel(xc.grad, xr.grad) < 1e-4
+        _step_matches(an, ref, xc, x)
+    _assert_grads_and_buffers(an, ref, batches=2)
+
+
+def _step_matches(an: nn.Module, ref: nn.Module, xc: torch.Tensor, x: torch.Tensor) -> None:
+    """One step of ``an`` on the GPU input ``xc`` against ``ref`` on the CPU float64 ``x``."""
+    xr = x.clone().requires_grad_()
+    y, y_ref = an(xc), ref(xr)
+    assert y.is_cuda and _rel(y, y_ref) < 1e-5
+    g = torch.randn_like(x)
+    y.backward(g.float().cuda())
+    y_ref.backward(g)
+    assert _rel(xc.grad, xr.grad) < 1e-4
+
+
+def _assert_grads_and_buffers(an: nn.Module, ref: nn.Module, batches: int) -> None:
     for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
         assert _rel(p.grad, p_ref.grad) < 1e-4, name
     for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
         if b.is_floating_point():
             assert _rel(b, b_ref) < 1e-5, name
         else:
-            assert int(b) == int(b_ref) == 2, name
+            assert int(b) == int(b_ref) == batches, name
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -145,21 +154,9 @@ def test_triton_site_on_cuda_matches_cpu_float64(
         ref.train(training)
         x = torch.randn(shape, dtype=torch.double) * 3 + 1
         xc = x.float().cuda().contiguous(memory_format=fmt).requires_grad_()
-        xr = x.clone().requires_grad_()
         assert site(an, xc, None) is not None  # the kernels take this input (checked only)
-        y, y_ref = an(xc), ref(xr)
-        assert _rel(y, y_ref) < 1e-5
-        g = torch.randn_like(x)
-        y.backward(g.float().cuda())
-        y_ref.backward(g)
-        assert _rel(xc.grad, xr.grad) < 1e-4
-    for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
-        assert _rel(p.grad, p_ref.grad) < 1e-4, name
-    for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
-        if b.is_floating_point():
-            assert _rel(b, b_ref) < 1e-5, name
-        else:
-            assert int(b) == int(b_ref), name
+        _step_matches(an, ref, xc, x)
+    _assert_grads_and_buffers(an, ref, batches=2)
 
 
 def test_triton_site_under_bfloat16_autocast() -> None:

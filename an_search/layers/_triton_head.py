@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_kernels import lerp_running
+
 # ruff: noqa: N803 (Triton's constexpr block sizes are upper case by convention)
 
 
@@ -65,10 +67,7 @@ def _norm_fwd(
                 f = 1.0 / (nbt.to(tl.float32) + 1.0)
             else:
                 f = momentum
-            rm = tl.load(rm_ptr + j, mask=jm, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + j, mask=jm, other=0.0).to(tl.float32)
-            tl.store(rm_ptr + j, rm + f * (mean - rm), mask=jm)
-            tl.store(rv_ptr + j, rv + f * (var * unbias - rv), mask=jm)
+            lerp_running(rm_ptr, rv_ptr, j, jm, mean, var, f, unbias)
     elif NORM == 2:
         rm = tl.load(rm_ptr + j, mask=jm, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.load(rv_ptr + j, mask=jm, other=1.0).to(tl.float32) + eps)

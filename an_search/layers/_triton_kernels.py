@@ -60,6 +60,26 @@ def moments_kernel(x_ptr, m_ptr, v_ptr, n_rows, N, R: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _bc_block(pid, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Indices of block ``pid`` of channels: samples, channels, mixtures, the channel mask, the
+    (sample, channel) mask and the offsets into a (B, C) array."""
+    b = tl.arange(0, BLOCK_B)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mask = (b < B)[:, None] & cm[None, :]
+    return b, c, tl.arange(0, BLOCK_K), cm, mask, b[:, None] * C + c[None, :]
+
+
+@triton.jit
+def lerp_running(rm_ptr, rv_ptr, idx, mask, mean, var, f, unbias):
+    """Running statistics as ``nn.BatchNorm``: ``r += f * (batch - r)``, variance unbiased."""
+    rm = tl.load(rm_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(rm_ptr + idx, rm + f * (mean - rm), mask=mask)
+    tl.store(rv_ptr + idx, rv + f * (var * unbias - rv), mask=mask)
+
+
+@triton.jit
 def _pooled(m, v, bessel, pool_eps, POOL: tl.constexpr):
     out = m  # avg
     if POOL == 0:  # meanstd: mean / sqrt(unbiased var + eps)
@@ -77,12 +97,7 @@ def channels_kernel(
     """One block of channels: normalisation statistics (and the running-stat update), and this
     block's share of the head's logits ``pooled @ W.T``."""
     pid = tl.program_id(0)
-    b = tl.arange(0, BLOCK_B)
-    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.arange(0, BLOCK_K)
-    cm = c < C
-    mask = (b < B)[:, None] & cm[None, :]
-    off = b[:, None] * C + c[None, :]
+    b, c, k, cm, mask, off = _bc_block(pid, B, C, BLOCK_B, BLOCK_C, BLOCK_K)
     m = tl.load(m_ptr + off, mask=mask, other=0.0)
     v = tl.load(v_ptr + off, mask=mask, other=0.0)
     if USE_RUNNING:
@@ -97,10 +112,7 @@ def channels_kernel(
                 f = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
             else:
                 f = momentum
-            rm = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + c, mask=cm, other=0.0).to(tl.float32)
-            tl.store(rm_ptr + c, rm + f * (mean - rm), mask=cm)
-            tl.store(rv_ptr + c, rv + f * (var * unbias - rv), mask=cm)
+            lerp_running(rm_ptr, rv_ptr, c, cm, mean, var, f, unbias)
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(r_ptr + c, tl.rsqrt(var + eps), mask=cm)
     pooled = tl.where(mask, _pooled(m, v, bessel, pool_eps, POOL), 0.0)
@@ -124,18 +136,13 @@ def mix_kernel(
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Per-sample ``scale = (lam @ Wm) * r`` and ``shift = lam @ Bm - scale * mean``."""
-    b = tl.arange(0, BLOCK_B)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.arange(0, BLOCK_K)
-    cm = c < C
+    b, c, k, cm, mask, off = _bc_block(tl.program_id(0), B, C, BLOCK_B, BLOCK_C, BLOCK_K)
     lam = tl.load(lam_ptr + b[:, None] * BLOCK_K + k[None, :])
     gamma = tl.dot(lam, _kc(wm_ptr, c, C, K, BLOCK_K), input_precision="ieee")
     beta = tl.dot(lam, _kc(bm_ptr, c, C, K, BLOCK_K), input_precision="ieee")
     r = tl.load(r_ptr + c, mask=cm, other=0.0)
     mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
     scale = gamma * r[None, :]
-    mask = (b < B)[:, None] & cm[None, :]
-    off = b[:, None] * C + c[None, :]
     tl.store(scale_ptr + off, scale, mask=mask)
     tl.store(shift_ptr + off, beta - scale * mean[None, :], mask=mask)
 
@@ -239,12 +246,7 @@ def tail_bwd_kernel(
     mixtures' gradients (whole), this block's share of the gradient of lambda, and the
     gradients of the moments through the batch statistics."""
     pid = tl.program_id(0)
-    b = tl.arange(0, BLOCK_B)
-    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.arange(0, BLOCK_K)
-    cm = c < C
-    mask = (b < B)[:, None] & cm[None, :]
-    off = b[:, None] * C + c[None, :]
+    b, c, k, cm, mask, off = _bc_block(pid, B, C, BLOCK_B, BLOCK_C, BLOCK_K)
     ga = tl.load(ga_ptr + off, mask=mask, other=0.0)
     gt = tl.load(gt_ptr + off, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + off, mask=mask, other=0.0)
@@ -285,12 +287,7 @@ def pool_bwd_kernel(
 ):  # fmt: skip
     """The head's weight gradient and the pool's backward for one block of channels; turns
     ``g_m``, ``g_v`` (in place) into the coefficients ``cc``, ``dd`` of ``dx``."""
-    b = tl.arange(0, BLOCK_B)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.arange(0, BLOCK_K)
-    cm = c < C
-    mask = (b < B)[:, None] & cm[None, :]
-    off = b[:, None] * C + c[None, :]
+    b, c, k, cm, mask, off = _bc_block(tl.program_id(0), B, C, BLOCK_B, BLOCK_C, BLOCK_K)
     gh = tl.load(gh_ptr + b[:, None] * BLOCK_K + k[None, :])
     gp = tl.dot(gh, _kc(w_ptr, c, C, K, BLOCK_K), input_precision="ieee")  # d pooled
     m = tl.load(m_ptr + off, mask=mask, other=0.0)

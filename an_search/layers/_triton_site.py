@@ -68,6 +68,11 @@ def _head_warps(s: Site) -> int:
     return 16 if bb * max(bh, bk) >= 8192 else _WARPS
 
 
+def _flat(x: torch.Tensor) -> tuple[int]:
+    """The grid of the flat kernels over ``x``."""
+    return (-(-x.numel() // _FLAT_BLOCK),)
+
+
 def _row_tile(n: int) -> tuple[int, int]:
     """(rows per program, positions per step) of the row kernels: about 4096 values a step."""
     block_n = min(1024, max(16, pow2(n)))
@@ -130,9 +135,7 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
         num_warps=_WARPS,
     )  # fmt: skip
     y = torch.empty_like(x)
-    total = x.numel()
-    grid = (-(-total // _FLAT_BLOCK),)
-    kern.affine_kernel[grid](x, y, scale, shift, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
+    kern.affine_kernel[_flat(x)](x, y, scale, shift, x.numel(), n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
     return y, (m, v, mean, r, lam, ws1, ws2, scale)
 
 
@@ -195,10 +198,9 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x)  # cc, dd: in gv, gm
     total = x.numel()
-    grid = (-(-total // _FLAT_BLOCK),)
-    kern.dx_kernel[grid](g, x, scale, gv, gm, dx, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
+    kern.dx_kernel[_flat(x)](g, x, scale, gv, gm, dx, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
     out = [dx, g_wm, g_bm]
     for i, g_w, (g_nw, g_nb, g_b), width in ((0, g_w1, grads1, h), (1, g_w2, grads2, k)):
         if i == len(s.layers):
