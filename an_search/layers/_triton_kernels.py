@@ -38,25 +38,44 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def moments_kernel(x_ptr, m_ptr, v_ptr, n_rows, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per-row mean and biased variance, one pass shifted by the row's first value."""
+def moments_kernel(
+    x_ptr, m_ptr, v_ptr, mx_ptr, cnt_ptr, n_rows, N, MAX: tl.constexpr, R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per-row mean and biased variance, one pass shifted by the row's first value; with MAX
+    also the row's maximum and how many values equal it (``amax`` shares its gradient)."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     rmask = rows < n_rows
     base = rows.to(tl.int64) * N
     shift = tl.load(x_ptr + base, mask=rmask, other=0.0).to(tl.float32)
     s1 = tl.zeros((R, BLOCK_N), tl.float32)
     s2 = tl.zeros((R, BLOCK_N), tl.float32)
+    lm = tl.full((R, BLOCK_N), float("-inf"), tl.float32)
+    lc = tl.zeros((R, BLOCK_N), tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols[None, :] < N)
-        xv = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
-        d = tl.where(mask, xv.to(tl.float32) - shift[:, None], 0.0)
+        xv = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, xv - shift[:, None], 0.0)
         s1 += d
         s2 += d * d
+        if MAX:
+            lm, lc = _max_count(tl.where(mask, xv, float("-inf")), lm, lc)
     t1 = tl.sum(s1, 1) / N
     t2 = tl.sum(s2, 1) / N
     tl.store(m_ptr + rows, shift + t1, mask=rmask)
     tl.store(v_ptr + rows, tl.maximum(t2 - t1 * t1, 0.0), mask=rmask)
+    if MAX:
+        mx = tl.max(lm, 1)
+        tl.store(mx_ptr + rows, mx, mask=rmask)
+        tl.store(cnt_ptr + rows, tl.sum(tl.where(lm == mx[:, None], lc, 0.0), 1), mask=rmask)
+
+
+@triton.jit
+def _max_count(xv, lm, lc):
+    """Running per-lane maximum ``lm`` and the count ``lc`` of values equal to it."""
+    lc = tl.where(xv > lm, 1.0, tl.where(xv == lm, lc + 1.0, lc))
+    return tl.maximum(lm, xv), lc
 
 
 @triton.jit
@@ -80,16 +99,18 @@ def lerp_running(rm_ptr, rv_ptr, idx, mask, mean, var, f, unbias):
 
 
 @triton.jit
-def _pooled(m, v, bessel, pool_eps, POOL: tl.constexpr):
+def _pooled(m, v, mx, bessel, pool_eps, POOL: tl.constexpr):
     out = m  # avg
     if POOL == 0:  # meanstd: mean / sqrt(unbiased var + eps)
         out = m * tl.rsqrt(v * bessel + pool_eps)
+    elif POOL == 2:  # avgmax: (mean + max) / 2
+        out = 0.5 * (m + mx)
     return out  # (one return: the Triton compiler's rule for jit helpers)
 
 
 @triton.jit(do_not_specialize=["B", "C", "K", "N"])
 def channels_kernel(
-    m_ptr, v_ptr, w_ptr, part_ptr, mean_ptr, r_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    m_ptr, v_ptr, mx_ptr, w_ptr, part_ptr, mean_ptr, r_ptr, rm_ptr, rv_ptr, nbt_ptr,
     B, C, K, N, eps, momentum, bessel, pool_eps, unbias,
     USE_RUNNING: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
     POOL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,7 +136,10 @@ def channels_kernel(
             lerp_running(rm_ptr, rv_ptr, c, cm, mean, var, f, unbias)
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(r_ptr + c, tl.rsqrt(var + eps), mask=cm)
-    pooled = tl.where(mask, _pooled(m, v, bessel, pool_eps, POOL), 0.0)
+    mx = m
+    if POOL == 2:
+        mx = tl.load(mx_ptr + off, mask=mask, other=0.0)
+    pooled = tl.where(mask, _pooled(m, v, mx, bessel, pool_eps, POOL), 0.0)
     wmask = cm[:, None] & (k < K)[None, :]
     w = tl.load(w_ptr + k[None, :] * C + c[:, None], mask=wmask, other=0.0).to(tl.float32)
     part = tl.dot(pooled, w, input_precision="ieee")  # (BLOCK_B, BLOCK_K)
@@ -171,7 +195,8 @@ def affine_kernel(x_ptr, y_ptr, a_ptr, t_ptr, total, N, C, CL: tl.constexpr, BLO
 
 @triton.jit(do_not_specialize=["B", "C"])
 def moments_cl_kernel(
-    x_ptr, m_ptr, v_ptr, B, C, N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+    x_ptr, m_ptr, v_ptr, mx_ptr, cnt_ptr, B, C, N, MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``moments_kernel`` for channels-last maps (B, N, C): one sample, a block of channels."""
     b = tl.program_id(0).to(tl.int64)
@@ -181,17 +206,26 @@ def moments_cl_kernel(
     shift = tl.load(x_ptr + base + c, mask=cm, other=0.0).to(tl.float32)
     s1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     s2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    lm = tl.full((BLOCK_N, BLOCK_C), float("-inf"), tl.float32)
+    lc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for start in range(0, N, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         mask = (pos < N)[:, None] & cm[None, :]
-        xv = tl.load(x_ptr + base + pos[:, None] * C + c[None, :], mask=mask, other=0.0)
-        d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
+        off = base + pos[:, None] * C + c[None, :]
+        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, xv - shift[None, :], 0.0)
         s1 += d
         s2 += d * d
+        if MAX:
+            lm, lc = _max_count(tl.where(mask, xv, float("-inf")), lm, lc)
     t1 = tl.sum(s1, 0) / N
     t2 = tl.sum(s2, 0) / N
     tl.store(m_ptr + b * C + c, shift + t1, mask=cm)
     tl.store(v_ptr + b * C + c, tl.maximum(t2 - t1 * t1, 0.0), mask=cm)
+    if MAX:
+        mx = tl.max(lm, 0)
+        tl.store(mx_ptr + b * C + c, mx, mask=cm)
+        tl.store(cnt_ptr + b * C + c, tl.sum(tl.where(lm == mx[None, :], lc, 0.0), 0), mask=cm)
 
 
 @triton.jit(do_not_specialize=["B", "C"])
@@ -282,7 +316,8 @@ def tail_bwd_kernel(
 
 @triton.jit(do_not_specialize=["B", "C", "K", "N"])
 def pool_bwd_kernel(
-    gh_ptr, w_ptr, m_ptr, v_ptr, gm_ptr, gv_ptr, gw_ptr, B, C, K, N, bessel, pool_eps,
+    gh_ptr, w_ptr, m_ptr, v_ptr, mx_ptr, cnt_ptr, gm_ptr, gv_ptr, gmx_ptr, gw_ptr,
+    B, C, K, N, bessel, pool_eps,
     POOL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The head's weight gradient and the pool's backward for one block of channels; turns
@@ -294,11 +329,18 @@ def pool_bwd_kernel(
     v = tl.load(v_ptr + off, mask=mask, other=0.0)
     gm = tl.load(gm_ptr + off, mask=mask, other=0.0)
     gv = tl.load(gv_ptr + off, mask=mask, other=0.0)
-    pooled = tl.where(mask, _pooled(m, v, bessel, pool_eps, POOL), 0.0)
+    mx = m
+    if POOL == 2:
+        mx = tl.load(mx_ptr + off, mask=mask, other=0.0)
+    pooled = tl.where(mask, _pooled(m, v, mx, bessel, pool_eps, POOL), 0.0)
     if POOL == 0:
         s = tl.rsqrt(v * bessel + pool_eps)
         gm += gp * s
         gv += gp * m * s * s * s * (-0.5 * bessel)
+    elif POOL == 2:  # half to the mean, half shared by the positions at the maximum
+        gm += 0.5 * gp
+        cnt = tl.load(cnt_ptr + off, mask=mask, other=1.0)
+        tl.store(gmx_ptr + off, 0.5 * gp / cnt, mask=mask)
     else:
         gm += gp
     gwh = tl.dot(tl.trans(gh), pooled, input_precision="ieee")
@@ -310,10 +352,11 @@ def pool_bwd_kernel(
 
 @triton.jit(do_not_specialize=["total", "N", "C"])
 def dx_kernel(
-    g_ptr, x_ptr, a_ptr, cc_ptr, dd_ptr, dx_ptr, total, N, C, CL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    g_ptr, x_ptr, a_ptr, cc_ptr, dd_ptr, mx_ptr, gmx_ptr, dx_ptr, total, N, C,
+    CL: tl.constexpr, MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``dx = g * a[row] + cc[row] * x + dd[row]`` over the flat map."""
+    """``dx = g * a[row] + cc[row] * x + dd[row]`` over the flat map, plus ``gmx[row]`` where
+    ``x`` is its row's maximum (MAX: the avgmax pool)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     row = _row_of(idx, N, C, CL)
@@ -322,4 +365,8 @@ def dx_kernel(
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     cc = tl.load(cc_ptr + row, mask=mask, other=0.0)
     dd = tl.load(dd_ptr + row, mask=mask, other=0.0)
-    tl.store(dx_ptr + idx, g * a + cc * xv + dd, mask=mask)
+    out = g * a + cc * xv + dd
+    if MAX:
+        peak = tl.load(mx_ptr + row, mask=mask, other=0.0)
+        out += tl.where(xv == peak, tl.load(gmx_ptr + row, mask=mask, other=0.0), 0.0)
+    tl.store(dx_ptr + idx, out, mask=mask)

@@ -9,7 +9,7 @@ backward is five more; running statistics and ``num_batches_tracked`` (site and 
 updated inside the kernels, with ``nn.BatchNorm``'s semantics.
 
 Covered (``_triton_spec.py``): an inner ``nn.BatchNorm1d/2d/3d`` (not Sync, not frozen), the
-``meanstd`` and ``avg`` pools, every head of :data:`~.heads.HEADS` (one or two linear layers,
+three pools, every head of :data:`~.heads.HEADS` (one or two linear layers,
 BatchNorm1d or GroupNorm(1, width) or no norm, ReLU between, any of the three gates), K <= 64,
 batch <= 128, contiguous or channels-last float32/float16/bfloat16 feature maps with float32
 parameters (bfloat16 autocast included).
@@ -87,21 +87,24 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     nblk = -(-c // bc)
     f32 = {"device": x.device, "dtype": torch.float32}
     m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
+    peak = POOLS[an.pool_name] == 2  # avgmax: each row's maximum and its count too
+    mx, cnt = (torch.empty(b, c, **f32), torch.empty(b, c, **f32)) if peak else (m, m)
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
         kern.moments_cl_kernel[grid](
-            x, m, v, b, c, n, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1], num_warps=_WARPS
-        )
+            x, m, v, mx, cnt, b, c, n, MAX=peak, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1],
+            num_warps=_WARPS,
+        )  # fmt: skip
     else:
         rows, block_n = _row_tile(n)
         kern.moments_kernel[(-(-b * c // rows),)](
-            x, m, v, b * c, n, R=rows, BLOCK_N=block_n, num_warps=_WARPS
+            x, m, v, mx, cnt, b * c, n, MAX=peak, R=rows, BLOCK_N=block_n, num_warps=_WARPS
         )
     part = torch.empty(nblk, bb, bh, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
     count, nbt = b * n, bn.num_batches_tracked
     kern.channels_kernel[(nblk,)](
-        m, v, s.layers[0].fc.weight, part, mean, r,
+        m, v, mx, s.layers[0].fc.weight, part, mean, r,
         bn.running_mean if bn.running_mean is not None else mean,
         bn.running_var if bn.running_var is not None else r, nbt if nbt is not None else m,
         b, c, h, n, bn.eps, bn.momentum or 0.0, n / max(n - 1, 1),
@@ -136,13 +139,13 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     )  # fmt: skip
     y = torch.empty_like(x)
     kern.affine_kernel[_flat(x)](x, y, scale, shift, x.numel(), n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
-    return y, (m, v, mean, r, lam, ws1, ws2, scale)
+    return y, (m, v, mx, cnt, mean, r, lam, ws1, ws2, scale)
 
 
 def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) -> list:
     """Gradients of (x, Gamma, Beta, *:func:`~._triton_spec.head_params`)."""
     kern, hk = _kernels()
-    x, wm, bm, w1, n1w, w2, n2w, m, v, mean, r, lam, ws1, ws2, scale = saved
+    x, wm, bm, w1, n1w, w2, n2w, m, v, mx, cnt, mean, r, lam, ws1, ws2, scale = saved
     b, c, k, n, h = x.shape[0], x.shape[1], wm.shape[0], s.n, s.width
     bb, bc, bh, bk = s.blocks
     nblk = -(-c // bc)
@@ -192,15 +195,19 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
         num_warps=_head_warps(s),
     )  # fmt: skip
     g_w1 = torch.empty(h, c, **f32)
+    peak = POOLS[s.an.pool_name] == 2
+    gmx = torch.empty(b, c, **f32) if peak else gm
     kern.pool_bwd_kernel[(nblk,)](
-        gh1, w1, m, v, gm, gv, g_w1, b, c, h, n, n / max(n - 1, 1),
+        gh1, w1, m, v, mx, cnt, gm, gv, gmx, g_w1, b, c, h, n, n / max(n - 1, 1),
         getattr(s.an.attn.pool, "eps", 0.0), POOL=POOLS[s.an.pool_name],
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
     dx = torch.empty_like(x)  # cc, dd: in gv, gm
     total = x.numel()
-    kern.dx_kernel[_flat(x)](g, x, scale, gv, gm, dx, total, n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
+    kern.dx_kernel[_flat(x)](
+        g, x, scale, gv, gm, mx, gmx, dx, total, n, c, CL=s.cl, MAX=peak, BLOCK=_FLAT_BLOCK
+    )
     out = [dx, g_wm, g_bm]
     for i, g_w, (g_nw, g_nb, g_b), width in ((0, g_w1, grads1, h), (1, g_w2, grads2, k)):
         if i == len(s.layers):

@@ -1,7 +1,7 @@
 """What the Triton site (``_triton_site.py``) takes: the checks of a call and its description.
 
 A site qualifies with an inner ``nn.BatchNorm1d/2d/3d`` (affine-free, not Sync, not frozen),
-the ``meanstd`` or ``avg`` pool, a head of one or two linear layers (each with a BatchNorm1d,
+any of the three pools, a head of one or two linear layers (each with a BatchNorm1d,
 a GroupNorm(1, width) or no norm, a ReLU between) ending in hard-sigmoid, sigmoid or softmax
 over K, K <= 64, batch <= 128, a contiguous or channels-last float32/float16/bfloat16 feature
 map, float32 parameters. :func:`site` answers None otherwise, and the module runs its other
@@ -20,7 +20,7 @@ from ._eval_plan import _GATES
 __all__ = ["CL_FORMATS", "POOLS", "Site", "head_params", "pow2", "site"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-POOLS = {"meanstd": 0, "avg": 1}  # pool name -> the kernels' POOL code
+POOLS = {"meanstd": 0, "avg": 1, "avgmax": 2}  # pool name -> the kernels' POOL code
 _MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_B, _MAX_K = 128, 64  # beyond, the one-program head spills registers to memory
 CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}

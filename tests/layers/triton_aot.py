@@ -75,10 +75,11 @@ def record(calls: dict[str, Call], large: bool = False) -> None:
             if name.endswith("_kernel") and isinstance(fn, JITFunction):
                 setattr(mod, name, _Recorder(fn, calls))
     configs = [(head, pool, (6, 40, 5, 5), torch.float32, torch.contiguous_format)
-               for head in HEADS for pool in ("meanstd", "avg")]  # fmt: skip
+               for head in HEADS for pool in ("meanstd", "avg", "avgmax")]  # fmt: skip
     configs += [
         ("default", "meanstd", (64, 512, 7, 7), torch.bfloat16, torch.contiguous_format),
         ("default", "meanstd", (32, 64, 56, 56), torch.float16, torch.channels_last),
+        ("default", "avgmax", (8, 64, 7, 7), torch.bfloat16, torch.channels_last),
         ("mlp-bn", "meanstd", (8, 24, 4, 4, 4), torch.float32, torch.channels_last_3d),
         ("default", "meanstd", (5, 12), torch.float32, torch.contiguous_format),
     ]
