@@ -48,34 +48,51 @@ def moments_kernel(
     rmask = rows < n_rows
     base = rows.to(tl.int64) * N
     shift = tl.load(x_ptr + base, mask=rmask, other=0.0).to(tl.float32)
-    s1 = tl.zeros((R, BLOCK_N), tl.float32)
-    s2 = tl.zeros((R, BLOCK_N), tl.float32)
-    lm = tl.full((R, BLOCK_N), float("-inf"), tl.float32)
-    lc = tl.zeros((R, BLOCK_N), tl.float32)
+    s1, s2, lm, lc = _moment_init(R, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols[None, :] < N)
         xv = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, xv - shift[:, None], 0.0)
-        s1 += d
-        s2 += d * d
-        if MAX:
-            lm, lc = _max_count(tl.where(mask, xv, float("-inf")), lm, lc)
-    t1 = tl.sum(s1, 1) / N
-    t2 = tl.sum(s2, 1) / N
-    tl.store(m_ptr + rows, shift + t1, mask=rmask)
-    tl.store(v_ptr + rows, tl.maximum(t2 - t1 * t1, 0.0), mask=rmask)
-    if MAX:
-        mx = tl.max(lm, 1)
-        tl.store(mx_ptr + rows, mx, mask=rmask)
-        tl.store(cnt_ptr + rows, tl.sum(tl.where(lm == mx[:, None], lc, 0.0), 1), mask=rmask)
+        s1, s2, lm, lc = _moment_step(xv, mask, shift[:, None], s1, s2, lm, lc, MAX)
+    _moment_store(s1, s2, lm, lc, shift, N, rows, rmask, m_ptr, v_ptr, mx_ptr, cnt_ptr, 1, MAX)
 
 
 @triton.jit
-def _max_count(xv, lm, lc):
-    """Running per-lane maximum ``lm`` and the count ``lc`` of values equal to it."""
-    lc = tl.where(xv > lm, 1.0, tl.where(xv == lm, lc + 1.0, lc))
-    return tl.maximum(lm, xv), lc
+def _moment_init(D0: tl.constexpr, D1: tl.constexpr):
+    """Zero sums, -inf maxima and zero counts, (D0, D1) lanes each."""
+    zero = tl.zeros((D0, D1), tl.float32)
+    return zero, zero, tl.full((D0, D1), float("-inf"), tl.float32), zero
+
+
+@triton.jit
+def _moment_step(xv, mask, shift, s1, s2, lm, lc, MAX: tl.constexpr):
+    """One tile into the shifted sums ``s1``, ``s2`` and (MAX) the running per-lane maximum
+    ``lm`` with the count ``lc`` of values equal to it."""
+    d = tl.where(mask, xv - shift, 0.0)
+    s1 += d
+    s2 += d * d
+    if MAX:
+        xm = tl.where(mask, xv, float("-inf"))
+        lc = tl.where(xm > lm, 1.0, tl.where(xm == lm, lc + 1.0, lc))
+        lm = tl.maximum(lm, xm)
+    return s1, s2, lm, lc
+
+
+@triton.jit
+def _moment_store(
+    s1, s2, lm, lc, shift, N, out, omask, m_ptr, v_ptr, mx_ptr, cnt_ptr, AXIS: tl.constexpr,
+    MAX: tl.constexpr,
+):  # fmt: skip
+    """Reduce the lanes along AXIS: mean, biased variance and (MAX) maximum and its count."""
+    t1 = tl.sum(s1, AXIS) / N
+    t2 = tl.sum(s2, AXIS) / N
+    tl.store(m_ptr + out, shift + t1, mask=omask)
+    tl.store(v_ptr + out, tl.maximum(t2 - t1 * t1, 0.0), mask=omask)
+    if MAX:
+        mx = tl.max(lm, AXIS)
+        ties = tl.where(lm == tl.expand_dims(mx, AXIS), lc, 0.0)
+        tl.store(mx_ptr + out, mx, mask=omask)
+        tl.store(cnt_ptr + out, tl.sum(ties, AXIS), mask=omask)
 
 
 @triton.jit
@@ -204,28 +221,14 @@ def moments_cl_kernel(
     cm = c < C
     base = b * N * C
     shift = tl.load(x_ptr + base + c, mask=cm, other=0.0).to(tl.float32)
-    s1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    s2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    lm = tl.full((BLOCK_N, BLOCK_C), float("-inf"), tl.float32)
-    lc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    s1, s2, lm, lc = _moment_init(BLOCK_N, BLOCK_C)
     for start in range(0, N, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         mask = (pos < N)[:, None] & cm[None, :]
-        off = base + pos[:, None] * C + c[None, :]
-        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, xv - shift[None, :], 0.0)
-        s1 += d
-        s2 += d * d
-        if MAX:
-            lm, lc = _max_count(tl.where(mask, xv, float("-inf")), lm, lc)
-    t1 = tl.sum(s1, 0) / N
-    t2 = tl.sum(s2, 0) / N
-    tl.store(m_ptr + b * C + c, shift + t1, mask=cm)
-    tl.store(v_ptr + b * C + c, tl.maximum(t2 - t1 * t1, 0.0), mask=cm)
-    if MAX:
-        mx = tl.max(lm, 0)
-        tl.store(mx_ptr + b * C + c, mx, mask=cm)
-        tl.store(cnt_ptr + b * C + c, tl.sum(tl.where(lm == mx[None, :], lc, 0.0), 0), mask=cm)
+        xv = tl.load(x_ptr + base + pos[:, None] * C + c[None, :], mask=mask, other=0.0)
+        s1, s2, lm, lc = _moment_step(xv.to(tl.float32), mask, shift[None, :], s1, s2, lm, lc, MAX)
+    out = b * C + c
+    _moment_store(s1, s2, lm, lc, shift, N, out, cm, m_ptr, v_ptr, mx_ptr, cnt_ptr, 0, MAX)
 
 
 @triton.jit(do_not_specialize=["B", "C"])
