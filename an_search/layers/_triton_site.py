@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,27 @@ def _row_tile(n: int) -> tuple[int, int]:
     return max(1, min(64, 4096 // block_n)), block_n
 
 
+def _per_row(
+    s: Site,
+    row_kernel: Any,
+    cl_kernel: Any,  # a Triton kernel (or a recorder, triton_aot.py)
+    b: int,
+    c: int,
+    *ptrs: torch.Tensor,
+    **flags: bool,
+) -> None:
+    """Launch a reduction over the positions of every (sample, channel): ``row_kernel`` on
+    (B*C, N) maps, ``cl_kernel`` on channels-last (B, N, C) ones."""
+    if s.cl:
+        grid = (b, -(-c // _CL_TILE[1]))
+        cl_kernel[grid](*ptrs, b, c, s.n, **flags, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1],
+                        num_warps=_WARPS)  # fmt: skip
+    else:
+        rows, block_n = _row_tile(s.n)
+        row_kernel[(-(-b * c // rows),)](*ptrs, b * c, s.n, **flags, R=rows, BLOCK_N=block_n,
+                                         num_warps=_WARPS)  # fmt: skip
+
+
 def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     kern, hk = _kernels()
     an, bn = s.an, s.bn
@@ -89,17 +111,7 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     peak = POOLS[an.pool_name] == 2  # avgmax: each row's maximum and its count too
     mx, cnt = (torch.empty(b, c, **f32), torch.empty(b, c, **f32)) if peak else (m, m)
-    if s.cl:
-        grid = (b, -(-c // _CL_TILE[1]))
-        kern.moments_cl_kernel[grid](
-            x, m, v, mx, cnt, b, c, n, MAX=peak, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1],
-            num_warps=_WARPS,
-        )  # fmt: skip
-    else:
-        rows, block_n = _row_tile(n)
-        kern.moments_kernel[(-(-b * c // rows),)](
-            x, m, v, mx, cnt, b * c, n, MAX=peak, R=rows, BLOCK_N=block_n, num_warps=_WARPS
-        )
+    _per_row(s, kern.moments_kernel, kern.moments_cl_kernel, b, c, x, m, v, mx, cnt, MAX=peak)
     part = torch.empty(nblk, bb, bh, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
     count, nbt = b * n, bn.num_batches_tracked
@@ -152,25 +164,7 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     f32 = {"device": x.device, "dtype": torch.float32}
     g = g.contiguous(memory_format=CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
     ga, gt = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    if s.cl:
-        grid = (b, -(-c // _CL_TILE[1]))
-        kern.rowdots_cl_kernel[grid](
-            g,
-            x,
-            ga,
-            gt,
-            b,
-            c,
-            n,
-            BLOCK_N=_CL_TILE[0],
-            BLOCK_C=_CL_TILE[1],
-            num_warps=_WARPS,
-        )
-    else:
-        rows, block_n = _row_tile(n)
-        kern.rowdots_kernel[(-(-b * c // rows),)](
-            g, x, ga, gt, b * c, n, R=rows, BLOCK_N=block_n, num_warps=_WARPS
-        )
+    _per_row(s, kern.rowdots_kernel, kern.rowdots_cl_kernel, b, c, g, x, ga, gt)
     g_wm, g_bm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
     part = torch.empty(nblk, bb, bk, **f32)
     gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
