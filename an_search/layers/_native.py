@@ -33,6 +33,7 @@ __all__ = [
     "native_available",
     "native_moments",
     "native_row_dots",
+    "native_eval_ahead",
     "native_eval_streams",
     "native_streams",
     "plain_tensors",
@@ -111,8 +112,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
     lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
     lib.an_eval_streams.argtypes, lib.an_eval_streams.restype = [p, i64, i64, i64, i64], i64
+    lib.an_eval_ahead.argtypes, lib.an_eval_ahead.restype = [i64], i32
     for suffix in ("f32", "f64"):
         getattr(lib, f"an_moments_{suffix}").argtypes = [p, i64, i64, p, p, i32]
+        getattr(lib, f"an_row_path_{suffix}").argtypes = [p, i64]
         getattr(lib, f"an_affine_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_affine_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"an_row_dots_{suffix}").argtypes = [p, p, p, p, i64, i64, i32]
@@ -280,3 +283,10 @@ def native_eval_streams(y: torch.Tensor) -> int:
         return 0
     b, c = y.shape[0], y.shape[1]
     return int(lib.an_eval_streams(y.data_ptr(), b, c, y.numel() // (b * c), y.element_size()))
+
+
+def native_eval_ahead(sample_bytes: int) -> bool:
+    """Whether the eval kernel reads the next sample while it writes this one, for samples
+    of ``sample_bytes`` (see ``eval_ahead`` in ``_native.c``)."""
+    lib = library()
+    return lib is not None and bool(lib.an_eval_ahead(sample_bytes))

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,20 +48,35 @@ def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, offset: float
 
 
 def test_moments_of_one_outlier_row_do_not_cancel() -> None:
-    """A row far from its shift (one large value among zeros) takes the two-pass branch."""
+    """A row far from its shift (one large value among zeros, where the shift samples it) is
+    read again about its mean: no cancellation in the variance (the shifted one-pass sums
+    lose ~1e-5 of it), a mean within float32 summation of the 1e4 (2e-6)."""
     x3 = torch.zeros(1, 2, 3136)
     x3[0, :, 0] = 1e4
     x3[0, 1] += torch.rand(3136)
     mean, var = _native.native_moments(x3)
     mean_ref, var_ref = _moments_ref(x3)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_far_from_their_shift_are_read_again_about_their_mean(dtype: torch.dtype) -> None:
+    """Which passes a row takes: one; read again about the mean the first pass found (the
+    shift sampled far from it); two-pass in double (NaN, where no shift helps)."""
+    path = getattr(_native.library(), "an_row_path_" + {torch.float32: "f32"}.get(dtype, "f64"))
+    row = torch.rand(3136, dtype=dtype)
+    assert path(row.data_ptr(), 3136) == 0
+    row[0] = 1e4  # sampled by the shift: the shifted mean comes out ~ -2500, variance ~ 3e4
+    assert path(row.data_ptr(), 3136) == 1
+    row[5] = float("nan")
+    assert path(row.data_ptr(), 3136) == 2
 
 
 @pytest.mark.parametrize("n", [49, 196])
 def test_short_rows_far_from_their_shift_inside_a_group_of_eight(n: int) -> None:
     """Rows 3 and 12 of 16 have large values exactly where the shift is sampled (0, n/4,
-    n/2, 3n/4): the shifted sums cancel, and those rows alone are redone two-pass."""
+    n/2, 3n/4): the shifted sums would cancel, and those rows alone are read again."""
     x3 = torch.rand(1, 16, n)
     for row in (3, 12):
         x3[0, row, [0, n // 4, n // 2, 3 * n // 4]] = 1e4
@@ -183,6 +199,37 @@ def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, b
         an.fused = False
         y_ref = an(x)
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+def _l2_bytes() -> int:
+    """This core's L2 from sysfs (glibc's sysconf reads cpuid), 1 MiB where sysfs lacks it."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == "2":
+            size = (index / "size").read_text().strip()
+            return int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]]
+    return 2**20
+
+
+def test_eval_reads_ahead_only_where_two_samples_fit_in_l2() -> None:
+    l2 = _l2_bytes()
+    assert _native.native_eval_ahead(l2 // 2)
+    assert not _native.native_eval_ahead(l2 // 2 + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ahead", [True, False])
+def test_eval_path_matches_reference_reading_ahead_or_not(dtype: torch.dtype, ahead: bool) -> None:
+    torch.set_num_threads(2)  # 5 samples: threads take 2 and 3, each past its first
+    itemsize = torch.finfo(dtype).bits // 8
+    n = 42 if ahead else _l2_bytes() // (2 * 16 * itemsize) + 3
+    an = _trained(AttentiveNorm(16, 5), dtype)
+    x = torch.randn(5, 16, 1, n, dtype=dtype) * 3 + 1
+    assert _native.native_eval_ahead(16 * n * itemsize) == ahead
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, dtype) is not None
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[dtype])
 
 
 @pytest.mark.parametrize("base,shape", [("batchnorm1d", (3, 16)), ("batchnorm1d", (3, 16, 9)),
