@@ -6,6 +6,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from math import comb
 
 import torch
 
@@ -33,6 +34,31 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     :func:`interleaved_times`): a slow stretch of the machine slows both calls of a repeat,
     so the ratio cancels it where a ratio of two medians or two minima would not."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median of ``values`` (sign test): the
+    order statistics ``x_(k)`` and ``x_(n+1-k)`` for the largest k with
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so it holds the median with probability at least
+    ``level`` whatever the noise's distribution (n = 9: 2nd and 8th, 96%). None where n is too
+    small for ``level`` (under 6 at 95%)."""
+    n, k, below = len(values), 0, 0.0
+    while k < n:
+        below += comb(n, k) / 2**n  # P(B <= k)
+        if below > (1.0 - level) / 2:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def paired_ratio_ci(a: list[float], b: list[float], level: float = 0.95) -> str:
+    """:func:`median_ci` of the within-repeat ratios a[i] / b[i], as ``[lo-hi]`` (``[n/a]``
+    for too few repeats): the range that the paired ratio's true median lies in."""
+    ci = median_ci([x / y for x, y in zip(a, b, strict=True)], level)
+    return "[n/a]" if ci is None else f"[{ci[0]:.3f}-{ci[1]:.3f}]"
 
 
 def interleaved_times(

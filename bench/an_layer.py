@@ -43,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import interleaved_times, paired_ratio  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _timing import interleaved_times, paired_ratio, paired_ratio_ci  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm, _native  # noqa: E402
@@ -158,6 +158,7 @@ def _ratio_rows(rows: list[dict], ks: list[int]) -> list[list[str]]:
                     f"{se['ms']:.2f}",
                     f"{an['ms']:.2f}",
                     f"{paired_ratio(an['times'], bn['times']):.2f}",
+                    paired_ratio_ci(an["times"], bn["times"]),
                     f"{paired_ratio(an['times'], se['times']):.2f}",
                     f"{bn['mb']:.1f}",
                     f"{se['mb']:.1f}",
@@ -167,8 +168,8 @@ def _ratio_rows(rows: list[dict], ks: list[int]) -> list[list[str]]:
     return table
 
 
-HEADER = ["shape", "mode", "K", "BN ms", "SE ms", "AN ms", "AN/BN", "AN/SE", "BN MB", "SE MB"]
-HEADER += ["AN MB"]
+HEADER = ["shape", "mode", "K", "BN ms", "SE ms", "AN ms", "AN/BN", "AN/BN 95% CI", "AN/SE"]
+HEADER += ["BN MB", "SE MB", "AN MB"]
 
 
 def _print(table: list[list[str]], plain: bool, title: str) -> None:

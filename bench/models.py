@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import timm
 import torch
-from _timing import interleaved_times, paired_ratio  # bench/ is on sys.path as a script
+from _timing import interleaved_times, paired_ratio, paired_ratio_ci  # bench/ on sys.path
 
 from an_search import convert
 from an_search.layers import AttentiveNorm, _native
@@ -107,13 +107,15 @@ def _report(
 ) -> None:
     """One line per mode: times (``stat`` over repeats) and the ratios, each the median over
     repeats of the two models' ratio within one repeat (a slow stretch of the machine slows
-    both); the ratio of the two ``stat``s follows in parentheses."""
+    both) with its 95% confidence interval (sign test, bench/_timing.py); the ratio of the two
+    ``stat``s follows in parentheses."""
     base, an, se = (times[f"{n}{suf}"] for n in ("resnet50", "an-resnet50", "seresnet50"))
 
     def ratios(a: list[float]) -> str:
         return (
-            f"AN/BN {paired_ratio(a, base):.3f}x ({stat(a) / stat(base):.3f}x)  "
-            f"AN/SE {paired_ratio(a, se):.3f}x ({stat(a) / stat(se):.3f}x)"
+            f"AN/BN {paired_ratio(a, base):.3f}x {paired_ratio_ci(a, base)} "
+            f"({stat(a) / stat(base):.3f}x)  AN/SE {paired_ratio(a, se):.3f}x "
+            f"{paired_ratio_ci(a, se)} ({stat(a) / stat(se):.3f}x)"
         )
 
     print(
