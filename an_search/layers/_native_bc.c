@@ -178,7 +178,48 @@ double an_dot_f64(const double *a, const double *b, long n);
         return 0;                                                                    \
     }
 
+/* The one-node training site's (_cpu_site.py) remaining (B, C) steps:
+ * an_site_coefs_*: the input gradient dx = g * scale + c * x + d per row, from the moments'
+ *     gradients g_m, g_v (the tail's) and the pooled statistic's g_p, which adds
+ *     (g_p * s, -bessel / 2 * g_p * m * s^3) for meanstd (pooled = m * s) or (g_p, 0) for the
+ *     average (pooled = m): c = 2 g_v / n, d = g_m / n - c * m (mean = sum x / n, var = sum x^2
+ *     / n - mean^2).
+ * an_running_*: BatchNorm's running statistics after a batch of `count` values per channel:
+ *     the counter (if any) goes up by one; f = momentum, or 1 / counter where momentum < 0
+ *     (None: the cumulative average; 0 without a counter); running += f * (batch - running)
+ *     as torch.lerp computes it, the variance unbiased by count / (count - 1). */
+#define DEFINE_SITE(T, SUFFIX)                                                       \
+    void an_site_coefs_##SUFFIX(const T *g_m, const T *g_v, const T *g_p, const T *m,   \
+                                const T *s, long rows, long n, double bessel, int meanstd, \
+                                T *c, T *d) {                                        \
+        const T inv_n = (T)(1.0 / (double)n), f = (T)(-0.5 * bessel);                \
+        for (long i = 0; i < rows; i++) {                                            \
+            T gm = g_m[i] + (meanstd ? g_p[i] * s[i] : g_p[i]), gv = g_v[i];         \
+            if (meanstd) gv += g_p[i] * m[i] * (s[i] * s[i] * s[i]) * f;             \
+            c[i] = (T)2 * gv * inv_n;                                                \
+            d[i] = gm * inv_n - c[i] * m[i];                                         \
+        }                                                                            \
+    }                                                                                \
+    static inline T lerp_##SUFFIX(T a, T b, T w) {                                   \
+        return (w < (T)0.5 && w > (T)-0.5) ? a + w * (b - a) : b - (b - a) * ((T)1 - w); \
+    }                                                                                \
+    void an_running_##SUFFIX(T *rm, T *rv, long long *counter, const T *mean,         \
+                             const T *var, long c, double momentum, double count) {  \
+        double f = momentum < 0.0 ? 0.0 : momentum;                                  \
+        if (counter != NULL) {                                                       \
+            *counter += 1;                                                           \
+            if (momentum < 0.0) f = 1.0 / (double)*counter;                          \
+        }                                                                            \
+        const T w = (T)f, unbias = (T)(count / (count - 1.0));                       \
+        for (long j = 0; j < c; j++) {                                               \
+            rm[j] = lerp_##SUFFIX(rm[j], mean[j], w);                                \
+            rv[j] = lerp_##SUFFIX(rv[j], var[j] * unbias, w);                        \
+        }                                                                            \
+    }
+
 DEFINE_BC(float, f32, sqrtf)
 DEFINE_BC(double, f64, sqrt)
+DEFINE_SITE(float, f32)
+DEFINE_SITE(double, f64)
 DEFINE_LINBN(float, f32, sqrtf)
 DEFINE_LINBN(double, f64, sqrt)

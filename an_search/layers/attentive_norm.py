@@ -54,6 +54,7 @@ from torch import nn
 
 from an_search.errors import InvalidKError, UnknownNameError
 
+from ._cpu_site import cpu_site
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
@@ -353,6 +354,10 @@ class AttentiveNorm(nn.Module):
         dims = _BN_INPUT_DIMS.get(self.base)
         if dims is not None and x.dim() not in dims:  # as the inner BatchNorm would
             raise ValueError(f"expected {' or '.join(map(str, dims))}D input (got {x.dim()}D)")
+        if self.base != "groupnorm" and self.training:
+            y = cpu_site(self, x)  # the whole site as one autograd node (_cpu_site.py)
+            if y is not None:
+                return y
         x3 = spatial_view(x, False)  # (B, C, n)
         link = grad_link(x)
         m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance

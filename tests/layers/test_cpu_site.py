@@ -1,0 +1,113 @@
+"""The one-node CPU training site (``_cpu_site.py``) against AttentiveNorm's reference path
+(``fused = False``: the inner BatchNorm module, the pool, the head's own modules, the mixture
+and the affine as autograd ops), over several training steps: outputs, the input's and every
+parameter's gradient, running statistics and counters of the site and of the head."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from an_search.layers import AttentiveNorm, _native
+
+pytestmark = pytest.mark.skipif(
+    _native.library() is None, reason=f"native kernels: {_native.unavailable_reason()}"
+)
+TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-11}}
+
+
+def _one_node(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == "_SiteBackward"
+
+
+def _compare(an: AttentiveNorm, x: torch.Tensor, steps: int = 3, node: bool = True) -> None:
+    ref = copy.deepcopy(an)
+    ref.fused = False
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    tol = TOL[x.dtype]
+    for _ in range(steps):
+        y, y_ref = an(x), ref(x_ref)
+        assert _one_node(y) == node
+        torch.testing.assert_close(y, y_ref, **tol)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+    if x.requires_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for (name, p), p_ref in zip(an.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name, **tol)
+    for (name, b), b_ref in zip(an.named_buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, msg=name, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("head", ["default", "bn-sigmoid", "bn-softmax"])
+def test_matches_reference(head: str, pool: str, dtype: torch.dtype) -> None:
+    an = AttentiveNorm(12, 5, head=head, pool=pool).to(dtype).train()
+    x = (torch.randn(6, 12, 5, 4, dtype=dtype) * 2 + 1).requires_grad_()
+    _compare(an, x)
+
+
+@pytest.mark.parametrize(
+    "base,shape",
+    [("batchnorm1d", (5, 12)), ("batchnorm1d", (5, 12, 7)), ("batchnorm3d", (3, 12, 2, 3, 2))],
+)
+def test_other_ranks(base: str, shape: tuple) -> None:
+    an = AttentiveNorm(12, 4, base=base).double().train()
+    _compare(an, (torch.randn(shape, dtype=torch.double) + 1).requires_grad_())
+
+
+def test_cumulative_momentum_no_running_stats_and_no_input_grad() -> None:
+    an = AttentiveNorm(12, 4, momentum=None).double().train()
+    an.attn.head.norm.momentum = None  # the head's BatchNorm1d too
+    _compare(an, torch.randn(4, 12, 3, 3, dtype=torch.double).requires_grad_(), steps=4)
+    assert int(an.norm.num_batches_tracked) == int(an.attn.head.norm.num_batches_tracked) == 4
+    free = AttentiveNorm(12, 4, track_running_stats=False).double().train()
+    assert free.norm.running_mean is None
+    _compare(free, torch.randn(4, 12, 3, 3, dtype=torch.double))  # parameters' grads only
+
+
+def test_running_statistics_match_batchnorm_in_float32() -> None:
+    """The C update (lerp, unbiased variance, counter) against nn.BatchNorm2d itself."""
+    an, bn = AttentiveNorm(12, 4).train(), nn.BatchNorm2d(12, affine=False).train()
+    for _ in range(5):
+        x = torch.randn(8, 12, 6, 6) * 3 + 2
+        assert _one_node(an(x.requires_grad_()))
+        bn(x)
+    torch.testing.assert_close(an.norm.running_mean, bn.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(an.norm.running_var, bn.running_var, rtol=1e-6, atol=0)
+    assert int(an.norm.num_batches_tracked) == int(bn.num_batches_tracked) == 5
+
+
+def test_gradcheck() -> None:
+    an = AttentiveNorm(4, 3).double().train()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.double, requires_grad=True)
+    assert _one_node(an(x))
+    assert torch.autograd.gradcheck(an, (x,))
+
+
+@pytest.mark.parametrize(
+    "why", ["avgmax", "mlp-bn", "linear-sigmoid", "groupnorm", "channels_last", "eval"]
+)
+def test_what_it_declines_takes_the_fused_path(why: str) -> None:
+    kwargs = {"avgmax": {"pool": "avgmax"}, "groupnorm": {"base": "groupnorm", "num_groups": 3}}
+    head = why if why in ("mlp-bn", "linear-sigmoid") else "default"
+    an = AttentiveNorm(12, 4, head=head, **kwargs.get(why, {})).double().train(why != "eval")
+    x = torch.randn(4, 12, 3, 5, dtype=torch.double)
+    if why == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare(an, x.requires_grad_(), steps=2, node=False)
+
+
+def test_dispatch_modes_see_the_ops() -> None:
+    """Under FlopCounterMode (fvcore-like counting) the site runs as ops the mode can see."""
+    an = AttentiveNorm(12, 4).train()
+    x = torch.randn(4, 12, 3, 5, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        y = an(x)
+    assert not _one_node(y) and counter.get_total_flops() > 0
