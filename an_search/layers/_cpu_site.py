@@ -31,6 +31,8 @@ __all__ = ["cpu_site"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _GATES = {nn.Hardsigmoid: "hsigmoid", nn.Sigmoid: "sigmoid", nn.Softmax: "softmax"}
+_POOLS = (MeanStdPool, AvgPool)
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _gate(kind: str, z: torch.Tensor) -> torch.Tensor:
@@ -48,12 +50,13 @@ def _gate_grad(kind: str, g: torch.Tensor, z: torch.Tensor, lam: torch.Tensor) -
 
 
 class _Site(torch.autograd.Function):
-    """(x, W, gw, gb, Wm, Bm) -> (y, head mean, head var, mean, var); ``cfg`` holds the
-    library's kernels for the dtype, the sizes, the eps and the pool's and gate's kinds."""
+    """(x, W, gw, gb, Wm, Bm) -> y; ``cfg`` holds the library's kernels for the dtype, the
+    sizes, the eps, the pool's and gate's kinds, and the running statistics to update (the
+    head's BatchNorm1d, the site's BatchNorm: ``an_running``'s arguments or None)."""
 
     @staticmethod
     def forward(ctx, x, w, gw, gb, wm, bm, cfg):  # type: ignore[override]
-        fns, (b, c, n, k), (bessel, pool_eps, head_eps, eps), meanstd, gate = cfg
+        fns, (b, c, n, k), (bessel, pool_eps, head_eps, eps), meanstd, gate, runs = cfg
         threads = torch.get_num_threads()
         bc = b * c
         # one workspace: m, v, pooled, s, gamma, scale, shift | z, hhat | hmean, hvar, hr,
@@ -71,24 +74,26 @@ class _Site(torch.autograd.Function):
         stat = pooled if meanstd else m
         fns["an_linbn_fwd"](stat, w.data_ptr(), gw.data_ptr(), gb.data_ptr(), b, c, k, head_eps,
                             z, hhat, hm, hv, hr)  # fmt: skip
+        if runs[0] is not None:
+            fns["an_running"](*runs[0][:3], hm, hv, k, *runs[0][3:])
         z_t = ws[7 * bc : 7 * bc + b * k].view(b, k)
         lam = _gate(gate, z_t)
         ins = (lam.data_ptr(), wm.data_ptr(), bm.data_ptr(), m, v)
         if fns["an_tail_fwd"](*ins, b, c, k, eps, gamma, scale, shift, mean, var, r):
             raise MemoryError("AttentiveNorm batch statistics: out of memory")
+        if runs[1] is not None:
+            fns["an_running"](*runs[1][:3], mean, var, c, *runs[1][3:])
         y = torch.empty_like(x)
         fns["an_affine"](x.data_ptr(), scale, shift, y.data_ptr(), bc, n, threads)
         ctx.save_for_backward(x, w, gw, wm, bm, ws, lam)
         ctx.cfg = cfg
-        stats = ws[at:].split([k, k, k, c, c, c])
-        ctx.mark_non_differentiable(*stats)
-        return y, stats[0], stats[1], stats[3], stats[4]
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy, *_):  # type: ignore[override]
+    def backward(ctx, gy):  # type: ignore[override]
         x, w, gw, wm, bm, ws, lam = ctx.saved_tensors
-        fns, (b, c, n, k), (bessel, *_eps), meanstd, gate = ctx.cfg
+        fns, (b, c, n, k), (bessel, *_eps), meanstd, gate, _ = ctx.cfg
         threads = torch.get_num_threads()
         bc, size, base = b * c, x.element_size(), ws.data_ptr()
         m, _, pooled, s, gamma, scale = (base + i * bc * size for i in range(6))
@@ -123,15 +128,6 @@ class _Site(torch.autograd.Function):
         return gx, g_w, g_gw, g_gb, g_wm, g_bm, None
 
 
-def _running(fns: dict, bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """``bn``'s running statistics and counter after a batch (``an_running``)."""
-    counter = bn.num_batches_tracked
-    momentum = -1.0 if bn.momentum is None else float(bn.momentum)
-    fns["an_running"](bn.running_mean.data_ptr(), bn.running_var.data_ptr(),
-                      None if counter is None else counter.data_ptr(), mean.data_ptr(),
-                      var.data_ptr(), mean.numel(), momentum, float(count))  # fmt: skip
-
-
 def _kernels(dtype: torch.dtype) -> dict | None:
     lib, suffix = library(), _SUFFIX.get(dtype)
     if lib is None or suffix is None:
@@ -142,73 +138,55 @@ def _kernels(dtype: torch.dtype) -> dict | None:
     return {name: getattr(lib, f"{name}_{suffix}") for name in names}
 
 
-def _buffers_fit(bn: nn.Module, dtype: torch.dtype) -> bool:
-    """``bn``'s running statistics, where it has them, are contiguous CPU tensors of ``dtype``
-    (what ``an_running`` writes)."""
-    return all(
-        t is None or (t.dtype == dtype and t.is_contiguous() and t.is_cpu)
-        for t in (bn.running_mean, bn.running_var)
-    )
-
-
-def _tracks(bn: nn.Module) -> bool:
-    return bn.track_running_stats and bn.running_mean is not None
+def _run(bn: nn.Module, dtype: torch.dtype, count: int) -> tuple | bool | None:
+    """``an_running``'s arguments but the statistics (running mean, running var, counter;
+    momentum, or -1 for the cumulative average; values per channel) where ``bn`` keeps
+    running statistics, None where it does not, False where C cannot write them."""
+    buffers = bn._buffers
+    mean, var, counter = (buffers.get(name) for name in _RUNNING)
+    if not bn.track_running_stats or mean is None:
+        return None
+    for t in (mean, var):
+        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_contiguous() or not t.is_cpu:
+            return False
+    momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+    counter = None if counter is None else counter.data_ptr()
+    return mean.data_ptr(), var.data_ptr(), counter, momentum, float(count)
 
 
 def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The training-mode output of AttentiveNorm ``an`` for ``x`` (B, C, *) as one autograd
     node, updating its running statistics; None where it does not apply (see the module)."""
-    cfg = _config(an, x)
-    if cfg is None:
+    if not an.training or type(x) is not torch.Tensor or not x.is_cpu or x.dim() < 2:
         return None
-    mods = an._modules
-    norm, head = mods["norm"], mods["attn"]._modules["head"]._modules
-    fc, hbn = head["fc"], head["norm"]
-    y, hmean, hvar, mean, var = _Site.apply(
-        x, fc.weight, hbn.weight, hbn.bias, an.weight, an.bias, cfg
-    )
-    fns, (b, _, n, _) = cfg[0], cfg[1]
-    with torch.no_grad():
-        if _tracks(hbn):
-            _running(fns, hbn, hmean, hvar, b)
-        if an.training and _tracks(norm):
-            _running(fns, norm, mean, var, b * n)
-    return y
-
-
-def _config(an: nn.Module, x: torch.Tensor) -> tuple | None:
-    """``_Site``'s ``cfg`` for this layer and input, or None where the node does not apply."""
-    mods = an._modules
-    norm, attn = mods["norm"], mods["attn"]
-    pool, head = attn._modules["pool"], attn._modules["head"]._modules
-    fc, hbn, gate = head.get("fc"), head.get("norm"), head.get("gate")
-    kind = _GATES.get(type(gate))
-    if type(norm) not in _BATCHNORMS or not (an.training or norm.running_mean is None):
-        return None
-    if type(pool) not in (MeanStdPool, AvgPool) or len(head) != 3 or kind is None:
-        return None
-    if type(fc) is not nn.Linear or fc.bias is not None or type(hbn) is not nn.BatchNorm1d:
-        return None
-    if kind == "softmax" and gate.dim not in (1, -1):
-        return None
-    if not hbn.training or not hbn.affine or x.dim() < 2 or x.shape[0] < 2:
-        return None
-    if type(x) is not torch.Tensor or not x.is_cpu or not x.is_contiguous():
-        return None
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not x.is_contiguous() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     if torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu"):
         return None
-    fns = _kernels(x.dtype)
-    params = (fc.weight, hbn.weight, hbn.bias, an.weight, an.bias)
-    if fns is None or any(p.dtype != x.dtype or not p.is_contiguous() for p in params):
+    mods, params = an._modules, an._parameters
+    norm, attn = mods["norm"], mods["attn"]._modules
+    pool, head = attn["pool"], attn["head"]._modules
+    fc, hbn, gate = head.get("fc"), head.get("norm"), head.get("gate")
+    kind = _GATES.get(type(gate))
+    if type(norm) not in _BATCHNORMS or type(pool) not in _POOLS or len(head) != 3 or not kind:
         return None
-    if not (_buffers_fit(norm, x.dtype) and _buffers_fit(hbn, x.dtype)):
+    if type(fc) is not nn.Linear or type(hbn) is not nn.BatchNorm1d or not hbn.training:
+        return None
+    if fc._parameters["bias"] is not None or not hbn.affine or x.shape[0] < 2:
+        return None
+    if kind == "softmax" and gate.dim not in (1, -1):
+        return None
+    weights = (fc._parameters["weight"], hbn._parameters["weight"], hbn._parameters["bias"])
+    weights += (params["weight"], params["bias"])
+    dtype, fns = x.dtype, _kernels(x.dtype)
+    if fns is None or any(p.dtype != dtype or not p.is_contiguous() for p in weights):
         return None
     b, c = x.shape[:2]
     n = x.numel() // (b * c)
-    if n == 0:
+    runs = (_run(hbn, dtype, b), _run(norm, dtype, b * n))
+    if n == 0 or False in runs:
         return None
-    k = fc.weight.shape[0]
     eps = (n / max(n - 1, 1), getattr(pool, "eps", 0.0), hbn.eps, norm.eps)
-    return fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind
+    k = weights[0].shape[0]
+    cfg = (fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind, runs)
+    return _Site.apply(x, *weights, cfg)
