@@ -205,7 +205,33 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
 
 /* Moments of `rows` consecutive rows of n values into double arrays: eight rows at a time
  * where that kernel applies (float32, AVX2, short rows), else row by row. */
+/* Rows shorter than one vector (1x1 to 2x3 maps: the last stages of small-image proxies):
+ * the vector kernels' per-row setup (shift, accumulators, masks, calls) costs several times
+ * the data, so these take plain loops over the rows, two-pass in double (exact, and cheap
+ * for so few values); the row-wise kernels below do the same. Threads only from
+ * SHORT_PARALLEL values: the fork costs more than such passes. */
+#define SHORT_PARALLEL (1L << 16)
+#define DEFINE_SHORT_MOMENTS(T, SUFFIX)                                              \
+    static void short_moments_##SUFFIX(const T *p, long rows, long n, double *mean,  \
+                                       double *var) {                                \
+        const double inv_n = 1.0 / (double)n;                                        \
+        for (long r = 0; r < rows; r++, p += n) {                                    \
+            double s = 0.0, d = 0.0;                                                 \
+            for (long j = 0; j < n; j++) s += p[j];                                  \
+            const double mu = s / (double)n; /* exact for a constant row */          \
+            for (long j = 0; j < n; j++) d += ((double)p[j] - mu) * ((double)p[j] - mu); \
+            mean[r] = mu;                                                            \
+            var[r] = d * inv_n;                                                      \
+        }                                                                            \
+    }
+DEFINE_SHORT_MOMENTS(float, f32)
+DEFINE_SHORT_MOMENTS(double, f64)
+
 static void rows_moments_f32(const float *p, long rows, long n, double *mean, double *var) {
+    if (n < 8) {
+        short_moments_f32(p, rows, n, mean, var);
+        return;
+    }
     long r = 0;
 #ifdef HAVE_AVX2
     if (n <= ROWS8_MAX)
@@ -215,6 +241,10 @@ static void rows_moments_f32(const float *p, long rows, long n, double *mean, do
 }
 
 static void rows_moments_f64(const double *p, long rows, long n, double *mean, double *var) {
+    if (n < 4) {
+        short_moments_f64(p, rows, n, mean, var);
+        return;
+    }
     for (long r = 0; r < rows; r++) row_moments_f64(p + r * n, n, mean + r, var + r);
 }
 
@@ -222,8 +252,13 @@ static void rows_moments_f64(const double *p, long rows, long n, double *mean, d
 #define DEFINE_MOMENTS(T, SUFFIX)                                                    \
     void an_moments_##SUFFIX(const T *x, long rows, long n, T *mean, T *var,         \
                              int threads) {                                          \
+        if (n == 1) { /* 1x1 maps: each value is its row's mean */                   \
+            for (long r = 0; r < rows; r++) mean[r] = x[r], var[r] = 0;              \
+            return;                                                                  \
+        }                                                                            \
         const long groups = (rows + 7) / 8;                                          \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
+        const int par = rows * n >= SHORT_PARALLEL;                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
         for (long g = 0; g < groups; g++) {                                          \
             const long r0 = g * 8, m = rows - r0 < 8 ? rows - r0 : 8;                \
             double mu[8], va[8];                                                     \
@@ -660,6 +695,17 @@ DEFINE_EVAL(double, f64)
 #define DEFINE_ROWWISE(T, V, SUFFIX)                                                 \
     void an_affine_##SUFFIX(const T *x, const T *a, const T *t, T *y, long rows,     \
                             long n, int threads) {                                   \
+        if (n == 1) {                                                                \
+            for (long r = 0; r < rows; r++) y[r] = x[r] * a[r] + t[r];               \
+            return;                                                                  \
+        }                                                                            \
+        if (n < (long)(sizeof(V) / sizeof(T))) {                                     \
+            const int par = rows * n >= SHORT_PARALLEL;                              \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)") \
+            for (long r = 0; r < rows; r++)                                          \
+                for (long j = r * n; j < (r + 1) * n; j++) y[j] = x[j] * a[r] + t[r]; \
+            return;                                                                  \
+        }                                                                            \
         const int stream = use_stream(y, rows, n, sizeof(T));                        \
         _Pragma("omp parallel num_threads(threads)")                                 \
         {                                                                            \
@@ -671,6 +717,18 @@ DEFINE_EVAL(double, f64)
     }                                                                                \
     void an_affine_grad_##SUFFIX(const T *g, const T *x, const T *a, const T *c,     \
                                  const T *d, T *y, long rows, long n, int threads) { \
+        if (n == 1) {                                                                \
+            for (long r = 0; r < rows; r++) y[r] = g[r] * a[r] + x[r] * c[r] + d[r]; \
+            return;                                                                  \
+        }                                                                            \
+        if (n < (long)(sizeof(V) / sizeof(T))) {                                     \
+            const int par = rows * n >= SHORT_PARALLEL;                              \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)") \
+            for (long r = 0; r < rows; r++)                                          \
+                for (long j = r * n; j < (r + 1) * n; j++)                           \
+                    y[j] = g[j] * a[r] + x[j] * c[r] + d[r];                         \
+            return;                                                                  \
+        }                                                                            \
         const int stream = use_stream(y, rows, n, sizeof(T));                        \
         _Pragma("omp parallel num_threads(threads)")                                 \
         {                                                                            \
@@ -684,6 +742,24 @@ DEFINE_EVAL(double, f64)
     void an_row_dots_##SUFFIX(const T *g, const T *x, T *sgx, T *sg, long rows,      \
                               long n, int threads) {                                 \
         enum { W = sizeof(V) / sizeof(T) };                                          \
+        if (n == 1) {                                                                \
+            for (long r = 0; r < rows; r++) sgx[r] = g[r] * x[r], sg[r] = g[r];      \
+            return;                                                                  \
+        }                                                                            \
+        if (n < W) {                                                                 \
+            const int par = rows * n >= SHORT_PARALLEL;                              \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)") \
+            for (long r = 0; r < rows; r++) {                                        \
+                double s1 = 0.0, s2 = 0.0;                                           \
+                for (long j = r * n; j < (r + 1) * n; j++) {                         \
+                    s1 += (double)g[j] * x[j];                                       \
+                    s2 += g[j];                                                      \
+                }                                                                    \
+                sgx[r] = (T)s1;                                                      \
+                sg[r] = (T)s2;                                                       \
+            }                                                                        \
+            return;                                                                  \
+        }                                                                            \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
         for (long r = 0; r < rows; r++) {                                            \
             const T *gr = g + r * n, *xr = x + r * n;                                \

@@ -23,7 +23,7 @@ double an_dot_f64(const double *a, const double *b, long n);
 #define DEFINE_BC(T, SUFFIX, SQRT)                                                   \
     /* out[i, :] = sum_j coef[i, j] * rows[j, :] for (r, k) coef and (k, c) rows. */ \
     static void mix_rows_##SUFFIX(const T *coef, const T *rows, long r, long k, long c, \
-                                  T *out) {                                          \
+                                  T *restrict out) {                                 \
         for (long i = 0; i < r; i++) {                                               \
             T *o = out + i * c;                                                      \
             for (long j = 0; j < c; j++) o[j] = 0;                                   \
@@ -35,7 +35,7 @@ double an_dot_f64(const double *a, const double *b, long n);
     }                                                                                \
     /* out[q, :] = sum_i coef[i, q] * rows[i, :] for (r, k) coef and (r, c) rows. */   \
     static void mix_cols_##SUFFIX(const T *coef, const T *rows, long r, long k, long c, \
-                                  T *out) {                                          \
+                                  T *restrict out) {                                 \
         for (long q = 0; q < k * c; q++) out[q] = 0;                                 \
         for (long i = 0; i < r; i++)                                                 \
             for (long q = 0; q < k; q++) {                                           \
@@ -45,8 +45,9 @@ double an_dot_f64(const double *a, const double *b, long n);
             }                                                                        \
     }                                                                                \
     int an_tail_fwd_##SUFFIX(const T *lam, const T *wm, const T *bm, const T *m, const T *v, \
-                             long b, long c, long k, double eps, T *gamma, T *scale, \
-                             T *shift, T *mean, T *var, T *r) {                      \
+                             long b, long c, long k, double eps, T *restrict gamma, \
+                             T *restrict scale, T *restrict shift, T *restrict mean, \
+                             T *restrict var, T *restrict r) {                       \
         double *acc = calloc(2 * c, sizeof(double));                                 \
         if (acc == NULL) return -1;                                                  \
         mix_rows_##SUFFIX(lam, wm, b, k, c, gamma);                                  \
@@ -76,8 +77,9 @@ double an_dot_f64(const double *a, const double *b, long n);
      * g_m, g_v (B, C); the gradient of beta is g_shift. */                          \
     int an_tail_bwd_##SUFFIX(const T *g_scale, const T *g_shift, const T *lam, const T *wm, \
                              const T *bm, const T *m, const T *mean, const T *gamma, \
-                             const T *r, const T *scale, long b, long c, long k, T *g_lam, \
-                             T *g_wm, T *g_bm, T *g_m, T *g_v) {                     \
+                             const T *r, const T *scale, long b, long c, long k,    \
+                             T *restrict g_lam, T *restrict g_wm, T *restrict g_bm,  \
+                             T *restrict g_m, T *restrict g_v) {                     \
         double *acc = calloc(2 * c, sizeof(double)); /* d/dr, d/dmean (direct) */    \
         T *g_gamma = malloc(sizeof(T) * b * c), *g_beta = malloc(sizeof(T) * b * c); \
         if (acc == NULL || g_gamma == NULL || g_beta == NULL) {                      \
@@ -191,14 +193,19 @@ double an_dot_f64(const double *a, const double *b, long n);
 #define DEFINE_SITE(T, SUFFIX)                                                       \
     void an_site_coefs_##SUFFIX(const T *g_m, const T *g_v, const T *g_p, const T *m,   \
                                 const T *s, long rows, long n, double bessel, int meanstd, \
-                                T *c, T *d) {                                        \
+                                T *restrict c, T *restrict d) {                      \
         const T inv_n = (T)(1.0 / (double)n), f = (T)(-0.5 * bessel);                \
-        for (long i = 0; i < rows; i++) {                                            \
-            T gm = g_m[i] + (meanstd ? g_p[i] * s[i] : g_p[i]), gv = g_v[i];         \
-            if (meanstd) gv += g_p[i] * m[i] * (s[i] * s[i] * s[i]) * f;             \
-            c[i] = (T)2 * gv * inv_n;                                                \
-            d[i] = gm * inv_n - c[i] * m[i];                                         \
-        }                                                                            \
+        if (meanstd)                                                                 \
+            for (long i = 0; i < rows; i++) {                                        \
+                const T gv = g_v[i] + g_p[i] * m[i] * (s[i] * s[i] * s[i]) * f;      \
+                c[i] = (T)2 * gv * inv_n;                                            \
+                d[i] = (g_m[i] + g_p[i] * s[i]) * inv_n - c[i] * m[i];               \
+            }                                                                        \
+        else                                                                         \
+            for (long i = 0; i < rows; i++) {                                        \
+                c[i] = (T)2 * g_v[i] * inv_n;                                        \
+                d[i] = (g_m[i] + g_p[i]) * inv_n - c[i] * m[i];                      \
+            }                                                                        \
     }                                                                                \
     static inline T lerp_##SUFFIX(T a, T b, T w) {                                   \
         return (w < (T)0.5 && w > (T)-0.5) ? a + w * (b - a) : b - (b - a) * ((T)1 - w); \

@@ -87,17 +87,24 @@ def test_short_rows_far_from_their_shift_inside_a_group_of_eight(n: int) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 9, 49, 600])
-def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int) -> None:
-    g, x = torch.randn(2, 4, 3, n, dtype=dtype)
-    a, c, d = torch.randn(3, 4, 3, dtype=dtype)
+@pytest.mark.parametrize(
+    "n,rows", [(1, 12), (3, 12), (5, 12), (9, 12), (49, 12), (600, 12), (1, 70000), (3, 30000)]
+)  # rows shorter than a vector (f32: 8, f64: 4) take plain loops, threaded from 65536 values
+def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int, rows: int) -> None:
+    torch.set_num_threads(2)
+    g, x = torch.randn(2, rows, n, dtype=dtype)
+    a, c, d = torch.randn(3, rows, dtype=dtype)
     e = (..., None)
     torch.testing.assert_close(_native.native_affine(x, a, d), x * a[e] + d[e], **TOL[dtype])
     want = g * a[e] + x * c[e] + d[e]
     torch.testing.assert_close(_native.native_affine_grad(g, x, a, c, d), want, **TOL[dtype])
-    sgx, sg = _native.native_row_dots(g, x, 12)
-    torch.testing.assert_close(sgx.view(4, 3), (g.double() * x).sum(2).to(dtype), **TOL[dtype])
-    torch.testing.assert_close(sg.view(4, 3), g.double().sum(2).to(dtype), **TOL[dtype])
+    sgx, sg = _native.native_row_dots(g, x, rows)
+    torch.testing.assert_close(sgx, (g.double() * x).sum(1).to(dtype), **TOL[dtype])
+    torch.testing.assert_close(sg, g.double().sum(1).to(dtype), **TOL[dtype])
+    mean, var = _native.native_moments(x.view(1, rows, n))
+    mean_ref, var_ref = _moments_ref(x.view(1, rows, n))
+    torch.testing.assert_close(mean.double(), mean_ref.view(1, rows), **TOL[dtype])
+    torch.testing.assert_close(var.double(), var_ref.view(1, rows), **TOL[dtype])
 
 
 def _avx2() -> bool:
