@@ -9,8 +9,11 @@ bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
     python bench/models.py --compile --device cuda --batch 64 [--amp]
     python bench/models.py --device cuda --batch 64 --triton   # + AN on the Triton kernels
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
+    python bench/models.py --model resnet10t --se-model none --placement all \
+        --img-size 32 --batch 64 --classes 10     # an-search's default proxy training
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
+``--model``, ``--se-model``, ``--placement`` swap the contenders (any timm model).
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ from an_search import convert
 from an_search.layers import AttentiveNorm, _native
 
 
-def _models(num_classes: int) -> dict[str, torch.nn.Module]:
-    base = timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
-    an = convert(copy.deepcopy(base), placement="paper", cost=False).model
-    se = timm.create_model("seresnet50", pretrained=False, num_classes=num_classes)
-    return {"resnet50": base, "an-resnet50": an, "seresnet50": se}
+def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The base model, its AN conversion and (unless ``--se-model none``) the SE model."""
+    base = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
+    an = convert(copy.deepcopy(base), placement=args.placement, cost=False).model
+    models = {args.model: base, f"an-{args.model}": an}
+    if args.se_model != "none":
+        models[args.se_model] = timm.create_model(
+            args.se_model, pretrained=False, num_classes=args.classes
+        )
+    return models
 
 
 def main() -> None:
@@ -47,17 +55,22 @@ def main() -> None:
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
     p.add_argument("--triton", action="store_true", help="also AN-resnet50 on Triton (CUDA)")
+    p.add_argument("--model", default="resnet50", help="the timm model AN converts")
+    p.add_argument("--se-model", default="seresnet50", help="the SE contender, or none")
+    p.add_argument("--placement", default="paper", help="an-convert's placement policy")
+    p.add_argument("--classes", type=int, default=1000)
     args = p.parse_args()
     if args.triton and not args.device.startswith("cuda"):
         p.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
-    y = torch.randint(0, 1000, (args.batch,), device=dev)
-    models = {k: m.to(dev) for k, m in _models(1000).items()}
+    y = torch.randint(0, args.classes, (args.batch,), device=dev)
+    models = {k: m.to(dev) for k, m in _models(args).items()}
+    names = list(models)  # base, AN, [SE]
     if args.triton:  # the same AN model, its sites switched to the Triton kernels
-        models["an-resnet50-triton"] = copy.deepcopy(models["an-resnet50"])
-        for mod in models["an-resnet50-triton"].modules():
+        models[f"{names[1]}-triton"] = copy.deepcopy(models[names[1]])
+        for mod in models[f"{names[1]}-triton"].modules():
             if isinstance(mod, AttentiveNorm):
                 mod.triton = True
     variants: dict[str, torch.nn.Module] = dict(models)
@@ -99,34 +112,39 @@ def main() -> None:
             device=dev,
         )
         for suf in ["", "+compile"] if args.compile else [""]:
-            _report(mode, suf, times, stat, args.batch, args.triton)
+            _report(mode, suf, times, stat, args.batch, names, args.triton)
 
 
 def _report(
-    mode: str, suf: str, times: dict[str, list[float]], stat: Callable, batch: int, triton: bool
+    mode: str,
+    suf: str,
+    times: dict[str, list[float]],
+    stat: Callable,
+    batch: int,
+    names: list[str],
+    triton: bool,
 ) -> None:
     """One line per mode: times (``stat`` over repeats) and the ratios, each the median over
     repeats of the two models' ratio within one repeat (a slow stretch of the machine slows
     both) with its 95% confidence interval (sign test, bench/_timing.py); the ratio of the two
-    ``stat``s follows in parentheses."""
-    base, an, se = (times[f"{n}{suf}"] for n in ("resnet50", "an-resnet50", "seresnet50"))
+    ``stat``s follows in parentheses. ``names``: the base model, its AN model, [the SE model]."""
+    base, an = times[f"{names[0]}{suf}"], times[f"{names[1]}{suf}"]
+    se = times[f"{names[2]}{suf}"] if len(names) > 2 else None
 
-    def ratios(a: list[float]) -> str:
+    def ratio(a: list[float], b: list[float], label: str) -> str:
         return (
-            f"AN/BN {paired_ratio(a, base):.3f}x {paired_ratio_ci(a, base)} "
-            f"({stat(a) / stat(base):.3f}x)  AN/SE {paired_ratio(a, se):.3f}x "
-            f"{paired_ratio_ci(a, se)} ({stat(a) / stat(se):.3f}x)"
+            f"{label} {paired_ratio(a, b):.3f}x {paired_ratio_ci(a, b)} ({stat(a) / stat(b):.3f}x)"
         )
 
-    print(
-        f"{mode:10s}{suf:9s} resnet50 {stat(base) * 1e3:8.1f} ms  an-resnet50 "
-        f"{stat(an) * 1e3:8.1f} ms  seresnet50 {stat(se) * 1e3:8.1f} ms  | {ratios(an)}"
-        f"  | {batch / stat(an):.1f} img/s"
-    )
+    def ratios(a: list[float]) -> str:
+        return ratio(a, base, "AN/BN") + ("" if se is None else "  " + ratio(a, se, "AN/SE"))
+
+    cells = "  ".join(f"{n} {stat(times[n + suf]) * 1e3:8.1f} ms" for n in names)
+    print(f"{mode:10s}{suf:9s} {cells}  | {ratios(an)}  | {batch / stat(an):.1f} img/s")
     if triton:
-        tri = times[f"an-resnet50-triton{suf}"]
+        tri = times[f"{names[1]}-triton{suf}"]
         print(
-            f"{'':19s} an-resnet50-triton {stat(tri) * 1e3:8.1f} ms  | {ratios(tri)}  | "
+            f"{'':19s} {names[1]}-triton {stat(tri) * 1e3:8.1f} ms  | {ratios(tri)}  | "
             f"triton/plain AN {paired_ratio(tri, an):.3f}x"
         )
 

@@ -214,6 +214,10 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
 #define DEFINE_SHORT_MOMENTS(T, SUFFIX)                                              \
     static void short_moments_##SUFFIX(const T *p, long rows, long n, double *mean,  \
                                        double *var) {                                \
+        if (n == 1) {                                                                \
+            for (long r = 0; r < rows; r++) mean[r] = p[r], var[r] = 0.0;            \
+            return;                                                                  \
+        }                                                                            \
         const double inv_n = 1.0 / (double)n;                                        \
         for (long r = 0; r < rows; r++, p += n) {                                    \
             double s = 0.0, d = 0.0;                                                 \
@@ -591,6 +595,11 @@ STREAM_RUN(double, f64, __m256d, pd, __m256i, _mm256_setr_epi64x(0, 1, 2, 3),
     static void affine_range_##SUFFIX(const T *xs, T *ys, long n, long r0, long r1,  \
                                       const T *sc, const T *sh, long group) {        \
         STREAM_RUN_OR(SUFFIX, xs, ys, n, r0, r1, sc, sh)                             \
+        if (n * (long)sizeof(T) < 32) { /* rows under a vector: no per-row calls */  \
+            for (long r = r0; r < r1; r++)                                           \
+                for (long j = r * n; j < (r + 1) * n; j++) ys[j] = xs[j] * sc[r] + sh[r]; \
+            return;                                                                  \
+        }                                                                            \
         for (long r = r0; r < r1; r++)                                               \
             rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, sc[r], sh[r], 0);        \
     }

@@ -239,6 +239,20 @@ def test_eval_path_matches_reference_reading_ahead_or_not(dtype: torch.dtype, ah
         torch.testing.assert_close(y, an(x), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 16, 1, 1), (5, 16, 2, 2), (5, 16, 1, 3), (1, 16, 2, 1)])
+def test_eval_path_on_maps_shorter_than_a_vector(shape: tuple, dtype: torch.dtype) -> None:
+    """1x1 to 2x2 maps (small-image proxies' last stages): plain loops, no per-row calls."""
+    torch.set_num_threads(2)
+    an = _trained(AttentiveNorm(16, 5), dtype)
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, dtype) is not None
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[dtype])
+
+
 @pytest.mark.parametrize("base,shape", [("batchnorm1d", (3, 16)), ("batchnorm1d", (3, 16, 9)),
                                         ("batchnorm3d", (2, 16, 3, 4, 5))])  # fmt: skip
 def test_eval_path_other_ranks(base: str, shape: tuple) -> None:
