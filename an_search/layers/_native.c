@@ -701,20 +701,24 @@ DEFINE_EVAL(double, f64)
  * an_affine_*:      y = x * a[r] + t[r]
  * an_affine_grad_*: y = g * a[r] + x * c[r] + d[r]   (AN's input gradient, one pass)
  * an_row_dots_*:    sgx[r] = sum(g * x), sg[r] = sum(g)   (gradients of a and t) */
+/* Rows under a vector (see short_moments): `body` for value j of row r, as plain loops;
+ * 1x1 maps elementwise (vectorised). */
+#define SHORT_ROWWISE(T, V, body)                                                    \
+    if (n == 1) {                                                                    \
+        for (long r = 0, j = 0; r < rows; r++, j++) body;                            \
+        return;                                                                      \
+    }                                                                                \
+    if (n < (long)(sizeof(V) / sizeof(T))) {                                         \
+        const int par = rows * n >= SHORT_PARALLEL;                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
+        for (long r = 0; r < rows; r++)                                              \
+            for (long j = r * n; j < (r + 1) * n; j++) body;                         \
+        return;                                                                      \
+    }
 #define DEFINE_ROWWISE(T, V, SUFFIX)                                                 \
     void an_affine_##SUFFIX(const T *x, const T *a, const T *t, T *y, long rows,     \
                             long n, int threads) {                                   \
-        if (n == 1) {                                                                \
-            for (long r = 0; r < rows; r++) y[r] = x[r] * a[r] + t[r];               \
-            return;                                                                  \
-        }                                                                            \
-        if (n < (long)(sizeof(V) / sizeof(T))) {                                     \
-            const int par = rows * n >= SHORT_PARALLEL;                              \
-            _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)") \
-            for (long r = 0; r < rows; r++)                                          \
-                for (long j = r * n; j < (r + 1) * n; j++) y[j] = x[j] * a[r] + t[r]; \
-            return;                                                                  \
-        }                                                                            \
+        SHORT_ROWWISE(T, V, y[j] = x[j] * a[r] + t[r])                               \
         const int stream = use_stream(y, rows, n, sizeof(T));                        \
         _Pragma("omp parallel num_threads(threads)")                                 \
         {                                                                            \
@@ -726,18 +730,7 @@ DEFINE_EVAL(double, f64)
     }                                                                                \
     void an_affine_grad_##SUFFIX(const T *g, const T *x, const T *a, const T *c,     \
                                  const T *d, T *y, long rows, long n, int threads) { \
-        if (n == 1) {                                                                \
-            for (long r = 0; r < rows; r++) y[r] = g[r] * a[r] + x[r] * c[r] + d[r]; \
-            return;                                                                  \
-        }                                                                            \
-        if (n < (long)(sizeof(V) / sizeof(T))) {                                     \
-            const int par = rows * n >= SHORT_PARALLEL;                              \
-            _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)") \
-            for (long r = 0; r < rows; r++)                                          \
-                for (long j = r * n; j < (r + 1) * n; j++)                           \
-                    y[j] = g[j] * a[r] + x[j] * c[r] + d[r];                         \
-            return;                                                                  \
-        }                                                                            \
+        SHORT_ROWWISE(T, V, y[j] = g[j] * a[r] + x[j] * c[r] + d[r])                 \
         const int stream = use_stream(y, rows, n, sizeof(T));                        \
         _Pragma("omp parallel num_threads(threads)")                                 \
         {                                                                            \
