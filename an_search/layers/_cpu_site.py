@@ -23,16 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._native import library
+from ._native import _suffix, library
 from .pooling import AvgPool, MeanStdPool
 
 __all__ = ["cpu_site"]
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _GATES = {nn.Hardsigmoid: "hsigmoid", nn.Sigmoid: "sigmoid", nn.Softmax: "softmax"}
 _POOLS = (MeanStdPool, AvgPool)
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+_WS_BC = ("m", "v", "pooled", "s", "gamma", "scale", "shift")
+_WS_BK = ("z_ptr", "hhat")
+_WS_K = ("hmean", "hvar", "hr")
+_WS_C = ("mean", "var", "r")
+_FNS: dict[tuple[object, str], dict] = {}  # (library, dtype suffix) -> its kernels
 
 
 def _gate(kind: str, z: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,33 @@ def _gate_grad(kind: str, g: torch.Tensor, z: torch.Tensor, lam: torch.Tensor) -
     return torch.ops.aten._softmax_backward_data(g, lam, 1, lam.dtype)
 
 
+class _Workspace:
+    """The forward's workspace, one tensor of x's dtype, and the addresses of its arrays:
+    (B, C) m, v, pooled, s, gamma, scale, shift; (B, K) z_ptr, hhat; (K) hmean, hvar, hr;
+    (C) mean, var, r; and ``z``, the logits' (B, K) tensor view. The backward reads it back
+    through the same layout."""
+
+    __slots__ = ("tensor", "z", *_WS_BC, *_WS_BK, *_WS_K, *_WS_C)
+
+    def __init__(self, tensor: torch.Tensor, b: int, c: int, k: int) -> None:
+        self.tensor, size, at = tensor, tensor.element_size(), tensor.data_ptr()
+        for names, length in _groups(b, c, k):
+            for name in names:
+                setattr(self, name, at)
+                at += length * size
+        start = len(_WS_BC) * b * c
+        self.z = tensor[start : start + b * k].view(b, k)
+
+    @classmethod
+    def new(cls, x: torch.Tensor, b: int, c: int, k: int) -> _Workspace:
+        numel = sum(len(names) * length for names, length in _groups(b, c, k))
+        return cls(x.new_empty(numel), b, c, k)
+
+
+def _groups(b: int, c: int, k: int) -> tuple[tuple[tuple[str, ...], int], ...]:
+    return (_WS_BC, b * c), (_WS_BK, b * k), (_WS_K, k), (_WS_C, c)
+
+
 class _Site(torch.autograd.Function):
     """(x, W, gw, gb, Wm, Bm) -> y; ``cfg`` holds the library's kernels for the dtype, the
     sizes, the eps, the pool's and gate's kinds, and the running statistics to update (the
@@ -58,84 +89,74 @@ class _Site(torch.autograd.Function):
     def forward(ctx, x, w, gw, gb, wm, bm, cfg):  # type: ignore[override]
         fns, (b, c, n, k), (bessel, pool_eps, head_eps, eps), meanstd, gate, runs = cfg
         threads = torch.get_num_threads()
-        bc = b * c
-        # one workspace: m, v, pooled, s, gamma, scale, shift | z, hhat | hmean, hvar, hr,
-        # mean, var, r
-        ws = x.new_empty(7 * bc + 2 * b * k + 3 * k + 3 * c)
-        size, base = x.element_size(), ws.data_ptr()
-        m, v, pooled, s, gamma, scale, shift = (base + i * bc * size for i in range(7))
-        z, hhat = (base + (7 * bc + i * b * k) * size for i in range(2))
-        at = 7 * bc + 2 * b * k
-        hm, hv, hr = (base + (at + i * k) * size for i in range(3))
-        mean, var, r = (base + (at + 3 * k + i * c) * size for i in range(3))
-        fns["an_moments"](x.data_ptr(), bc, n, m, v, threads)
+        ws = _Workspace.new(x, b, c, k)
+        fns["an_moments"](x.data_ptr(), b * c, n, ws.m, ws.v, threads)
         if meanstd:
-            fns["an_meanstd_fwd"](m, v, bc, bessel, pool_eps, pooled, s)
-        stat = pooled if meanstd else m
+            fns["an_meanstd_fwd"](ws.m, ws.v, b * c, bessel, pool_eps, ws.pooled, ws.s)
+        stat = ws.pooled if meanstd else ws.m
         fns["an_linbn_fwd"](stat, w.data_ptr(), gw.data_ptr(), gb.data_ptr(), b, c, k, head_eps,
-                            z, hhat, hm, hv, hr)  # fmt: skip
+                            ws.z_ptr, ws.hhat, ws.hmean, ws.hvar, ws.hr)  # fmt: skip
         if runs[0] is not None:
-            fns["an_running"](*runs[0][:3], hm, hv, k, *runs[0][3:])
-        z_t = ws[7 * bc : 7 * bc + b * k].view(b, k)
-        lam = _gate(gate, z_t)
-        ins = (lam.data_ptr(), wm.data_ptr(), bm.data_ptr(), m, v)
-        if fns["an_tail_fwd"](*ins, b, c, k, eps, gamma, scale, shift, mean, var, r):
+            fns["an_running"](*runs[0][:3], ws.hmean, ws.hvar, k, *runs[0][3:])
+        lam = _gate(gate, ws.z)
+        ins = (lam.data_ptr(), wm.data_ptr(), bm.data_ptr(), ws.m, ws.v)
+        outs = (ws.gamma, ws.scale, ws.shift, ws.mean, ws.var, ws.r)
+        if fns["an_tail_fwd"](*ins, b, c, k, eps, *outs):
             raise MemoryError("AttentiveNorm batch statistics: out of memory")
         if runs[1] is not None:
-            fns["an_running"](*runs[1][:3], mean, var, c, *runs[1][3:])
+            fns["an_running"](*runs[1][:3], ws.mean, ws.var, c, *runs[1][3:])
         y = torch.empty_like(x)
-        fns["an_affine"](x.data_ptr(), scale, shift, y.data_ptr(), bc, n, threads)
-        ctx.save_for_backward(x, w, gw, wm, bm, ws, lam)
+        fns["an_affine"](x.data_ptr(), ws.scale, ws.shift, y.data_ptr(), b * c, n, threads)
+        ctx.save_for_backward(x, w, gw, wm, bm, ws.tensor, lam)
         ctx.cfg = cfg
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
-        x, w, gw, wm, bm, ws, lam = ctx.saved_tensors
+        x, w, gw, wm, bm, saved, lam = ctx.saved_tensors
         fns, (b, c, n, k), (bessel, *_eps), meanstd, gate, _ = ctx.cfg
-        threads = torch.get_num_threads()
-        bc, size, base = b * c, x.element_size(), ws.data_ptr()
-        m, _, pooled, s, gamma, scale = (base + i * bc * size for i in range(6))
-        at = 7 * bc + 2 * b * k
-        hhat, hr = base + (7 * bc + b * k) * size, base + (at + 2 * k) * size
-        mean, r = base + (at + 3 * k) * size, base + (at + 3 * k + 2 * c) * size
+        threads, bc = torch.get_num_threads(), b * c
+        ws = _Workspace(saved, b, c, k)
         gy = gy.contiguous()
         # backward workspace: sgx, sg, g_m, g_v, g_p, cc, dd | g_lam
         gws = x.new_empty(7 * bc + b * k)
-        g0 = gws.data_ptr()
+        g0, size = gws.data_ptr(), x.element_size()
         sgx, sg, g_m, g_v, g_p, cc, dd = (g0 + i * bc * size for i in range(7))
         fns["an_row_dots"](gy.data_ptr(), x.data_ptr(), sgx, sg, bc, n, threads)
         g_wm, g_bm, g_w = torch.empty_like(wm), torch.empty_like(bm), torch.empty_like(w)
         g_gw, g_gb = torch.empty_like(gw), torch.empty_like(gw)
         outs = (g0 + 7 * bc * size, g_wm.data_ptr(), g_bm.data_ptr(), g_m, g_v)
-        ins = (lam.data_ptr(), wm.data_ptr(), bm.data_ptr(), m, mean, gamma, r, scale)
-        if fns["an_tail_bwd"](sgx, sg, *ins, b, c, k, *outs):
+        ins = (lam.data_ptr(), wm.data_ptr(), bm.data_ptr(), ws.m, ws.mean, ws.gamma, ws.r)
+        if fns["an_tail_bwd"](sgx, sg, *ins, ws.scale, b, c, k, *outs):
             raise MemoryError("AttentiveNorm batch statistics: out of memory")
-        z = ws[7 * bc : 7 * bc + b * k].view(b, k)
-        g_z = _gate_grad(gate, gws[7 * bc :].view(b, k), z, lam).contiguous()
-        stat = pooled if meanstd else m
-        ins = (g_z.data_ptr(), stat, w.data_ptr(), gw.data_ptr(), hhat, hr)
+        g_z = _gate_grad(gate, gws[7 * bc :].view(b, k), ws.z, lam).contiguous()
+        stat = ws.pooled if meanstd else ws.m
+        ins = (g_z.data_ptr(), stat, w.data_ptr(), gw.data_ptr(), ws.hhat, ws.hr)
         if fns["an_linbn_bwd"](*ins, b, c, k, g_p, g_w.data_ptr(), g_gw.data_ptr(),
                                g_gb.data_ptr()):  # fmt: skip
             raise MemoryError("AttentiveNorm head: out of memory")
         gx = None
         if ctx.needs_input_grad[0]:
-            fns["an_site_coefs"](g_m, g_v, g_p, m, s, bc, n, bessel, meanstd, cc, dd)
+            fns["an_site_coefs"](g_m, g_v, g_p, ws.m, ws.s, bc, n, bessel, meanstd, cc, dd)
             gx = torch.empty_like(x)
-            fns["an_affine_grad"](gy.data_ptr(), x.data_ptr(), scale, cc, dd, gx.data_ptr(), bc,
+            fns["an_affine_grad"](gy.data_ptr(), x.data_ptr(), ws.scale, cc, dd, gx.data_ptr(), bc,
                                   n, threads)  # fmt: skip
         return gx, g_w, g_gw, g_gb, g_wm, g_bm, None
 
 
 def _kernels(dtype: torch.dtype) -> dict | None:
-    lib, suffix = library(), _SUFFIX.get(dtype)
+    """The library's kernels for ``dtype`` by name (looked up once per library and dtype)."""
+    lib, suffix = library(), _suffix(dtype)
     if lib is None or suffix is None:
         return None
-    names = ("an_moments", "an_meanstd_fwd", "an_linbn_fwd", "an_tail_fwd", "an_affine",
-             "an_row_dots", "an_tail_bwd", "an_linbn_bwd", "an_site_coefs", "an_affine_grad",
-             "an_running")  # fmt: skip
-    return {name: getattr(lib, f"{name}_{suffix}") for name in names}
+    fns = _FNS.get((lib, suffix))
+    if fns is None:
+        names = ("an_moments", "an_meanstd_fwd", "an_linbn_fwd", "an_tail_fwd", "an_affine",
+                 "an_row_dots", "an_tail_bwd", "an_linbn_bwd", "an_site_coefs",
+                 "an_affine_grad", "an_running")  # fmt: skip
+        fns = _FNS[(lib, suffix)] = {name: getattr(lib, f"{name}_{suffix}") for name in names}
+    return fns
 
 
 def _run(bn: nn.Module, dtype: torch.dtype, count: int) -> tuple | bool | None:

@@ -130,9 +130,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         linbn_bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, p, p]
         linbn_fwd.restype = linbn_bwd.restype = i32
         getattr(lib, f"an_meanstd_fwd_{suffix}").argtypes = [p, p, i64, f64, f64, p, p]
+        getattr(lib, f"an_meanstd_bwd_{suffix}").argtypes = [p, p, p, i64, f64, p, p]
         getattr(lib, f"an_site_coefs_{suffix}").argtypes = [p, p, p, p, p, i64, i64, f64, i32, p, p]
         getattr(lib, f"an_running_{suffix}").argtypes = [p, p, p, p, p, i64, f64, f64]
-        getattr(lib, f"an_meanstd_bwd_{suffix}").argtypes = [p, p, p, i64, f64, p, p]
         evaluate = getattr(lib, f"an_eval_{suffix}")
         evaluate.argtypes = [ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, i32]
         evaluate.restype = i32

@@ -354,10 +354,9 @@ class AttentiveNorm(nn.Module):
         dims = _BN_INPUT_DIMS.get(self.base)
         if dims is not None and x.dim() not in dims:  # as the inner BatchNorm would
             raise ValueError(f"expected {' or '.join(map(str, dims))}D input (got {x.dim()}D)")
-        if self.training and self.base != "groupnorm":
-            y = cpu_site(self, x)  # the whole site as one autograd node (_cpu_site.py)
-            if y is not None:
-                return y
+        y = cpu_site(self, x)  # training: the whole site as one autograd node (_cpu_site.py)
+        if y is not None:
+            return y
         x3 = spatial_view(x, False)  # (B, C, n)
         link = grad_link(x)
         m, v = moments(x3, link=link)  # (B, C) per-sample mean and biased variance

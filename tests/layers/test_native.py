@@ -64,7 +64,7 @@ def test_moments_of_one_outlier_row_do_not_cancel() -> None:
 def test_rows_far_from_their_shift_are_read_again_about_their_mean(dtype: torch.dtype) -> None:
     """Which passes a row takes: one; read again about the mean the first pass found (the
     shift sampled far from it); two-pass in double (NaN, where no shift helps)."""
-    path = getattr(_native.library(), "an_row_path_" + {torch.float32: "f32"}.get(dtype, "f64"))
+    path = getattr(_native.library(), f"an_row_path_{_native._suffix(dtype)}")
     row = torch.rand(3136, dtype=dtype)
     assert path(row.data_ptr(), 3136) == 0
     row[0] = 1e4  # sampled by the shift: the shifted mean comes out ~ -2500, variance ~ 3e4
