@@ -11,9 +11,10 @@
  * Moments are accumulated shifted by the mean of four of the row's values, in float vector
  * lanes over blocks of 512 values, folded into double; a row whose shifted mean^2 exceeds 4x
  * its variance (where the one-pass formula could cancel) is read again, shifted by the mean
- * just found, while it is still in cache (two-pass in double if even that could). Float32 rows of at most 1024 values (ResNet's
- * 28x28 to 7x7 maps) go eight at a time (AVX2): their sixteen horizontal sums and the final
- * arithmetic are done as vectors; at 7x7, row by row, they cost more than the data.
+ * just found, while it is still in cache (two-pass in double if even that could). Float32
+ * rows of at most 1024 values (ResNet's 28x28 to 7x7 maps) go eight at a time (AVX2): their
+ * sixteen horizontal sums and the final arithmetic are done as vectors; at 7x7, row by row,
+ * they cost more than the data.
  * Threads: OpenMP, the runtime torch already loaded (libgomp.so.1 is shared by soname).
  */
 #include <math.h>
@@ -203,8 +204,6 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
 }
 #endif
 
-/* Moments of `rows` consecutive rows of n values into double arrays: eight rows at a time
- * where that kernel applies (float32, AVX2, short rows), else row by row. */
 /* Rows shorter than one vector (1x1 to 2x3 maps: the last stages of small-image proxies):
  * the vector kernels' per-row setup (shift, accumulators, masks, calls) costs several times
  * the data, so these take plain loops over the rows, two-pass in double (exact, and cheap
@@ -231,6 +230,9 @@ static void rows8_moments_f32(const float *p, long n, double *mean, double *var)
 DEFINE_SHORT_MOMENTS(float, f32)
 DEFINE_SHORT_MOMENTS(double, f64)
 
+/* Moments of `rows` consecutive rows of n values into double arrays: rows under a vector
+ * plainly, eight rows at a time where that kernel applies (float32, AVX2, short rows), else
+ * row by row. */
 static void rows_moments_f32(const float *p, long rows, long n, double *mean, double *var) {
     if (n < 8) {
         short_moments_f32(p, rows, n, mean, var);
@@ -611,8 +613,8 @@ DEFINE_AFFINE_RANGE(double, f64)
  * where two samples fit in this core's L2, that overlap hides the next sample's reads (7x7
  * and 14x14 at ResNet-50's widths, 3-8% faster); larger samples (28x28, 56x56) crowd each
  * other out of L2 before the affine pass reads them again, so there a thread reads a sample
- * whole, then writes it from its last rows back, the ones still in L2 (7-9% faster, and
- * backwards another 0-5% at 56x56; side by side, batch 32, 2 threads, L2 of 512 KiB). */
+ * whole, then writes it from its last rows back, the ones still in L2 (2-12% faster in three
+ * side-by-side runs, backwards another 0-5% at 56x56; batch 32, 2 threads, L2 of 512 KiB). */
 static int eval_ahead(long bytes) {
     static long l2;
     if (l2 <= 0) {
