@@ -36,10 +36,19 @@ def _tail_ref(lam, wm, bm, m, v, eps):  # noqa: ANN001, ANN202  (plain ops, writ
     return scale, beta - scale * mean, mean, var
 
 
+# The kernels' register tiles (4 rows x 2 vectors of channels in the products, 2 x 4 rows in
+# the dot products) and their remainders: C not a multiple of the vector width, B odd, K
+# under and over one tile.
+SHAPES = [(6, 20, 3), (7, 37, 9), (9, 48, 8)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("upstream", ["both", "shift-only"])
-def test_site_tail_matches_plain_ops(dtype: torch.dtype, upstream: str) -> None:
-    b, c, k = 6, 20, 3  # C not a multiple of the vector width
+@pytest.mark.parametrize("shape", SHAPES)
+def test_site_tail_matches_plain_ops(
+    dtype: torch.dtype, upstream: str, shape: tuple[int, int, int]
+) -> None:
+    b, c, k = shape
     lam, wm, bm, m = _leaves(dtype, (b, k), (k, c), (k, c), (b, c))
     v = (torch.rand(b, c, dtype=dtype) + 0.1).requires_grad_()
     assert native_tail(lam, wm, bm, m, v, 1e-5) is not None  # the C kernels run
@@ -93,15 +102,19 @@ def test_meanstd_matches_plain_ops(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_linear_batchnorm_matches_the_modules(dtype: torch.dtype, momentum: float | None) -> None:
-    fc = nn.Linear(37, 5, bias=False).to(dtype)
-    bn = nn.BatchNorm1d(5, momentum=momentum).to(dtype)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_batchnorm_matches_the_modules(
+    dtype: torch.dtype, momentum: float | None, shape: tuple[int, int, int]
+) -> None:
+    b, c, k = shape
+    fc = nn.Linear(c, k, bias=False).to(dtype)
+    bn = nn.BatchNorm1d(k, momentum=momentum).to(dtype)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.normal_()
     fc2, bn2 = copy.deepcopy(fc), copy.deepcopy(bn)
     for step in range(3):  # running statistics over several steps
-        x = (torch.randn(8, 37, dtype=dtype) * 2 + step).requires_grad_()
+        x = (torch.randn(b, c, dtype=dtype) * 2 + step).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
         z = linear_batchnorm(fc, bn, x)
         assert z is not None
