@@ -626,6 +626,10 @@ STREAM_RUN(double, f64, __m256d, pd, __m256i, _mm256_setr_epi64x(0, 1, 2, 3),
     static void affine_range_##SUFFIX(const T *xs, T *ys, long n, long r0, long r1,  \
                                       const T *sc, const T *sh, long group) {        \
         STREAM_RUN_OR(SUFFIX, xs, ys, n, r0, r1, sc, sh)                             \
+        if (n == 1) { /* 1x1 maps: elementwise (vectorised) */                        \
+            for (long r = r0; r < r1; r++) ys[r] = xs[r] * sc[r] + sh[r];            \
+            return;                                                                  \
+        }                                                                            \
         if (n * (long)sizeof(T) < 32) { /* rows under a vector: no per-row calls */  \
             for (long r = r0; r < r1; r++)                                           \
                 for (long j = r * n; j < (r + 1) * n; j++) ys[j] = xs[j] * sc[r] + sh[r]; \
@@ -656,6 +660,19 @@ static int eval_ahead(long bytes) {
 /* The rule above, for diagnostics and tests. */
 int an_eval_ahead(long bytes) { return eval_ahead(bytes); }
 
+/* A sample of at most this many bytes (1x1 to 4x4 maps at ResNet widths) is one group: in
+ * groups of 8 rows, the calls per group cost more than its few values (512x1 at batch 64:
+ * the affine pass took a fifth of the kernel's time). */
+#ifndef WHOLE_SAMPLE_BYTES
+#define WHOLE_SAMPLE_BYTES (16L << 10)
+#endif
+static long eval_rows_per_group(long c, long n, long size) {
+    return c * n * size <= WHOLE_SAMPLE_BYTES ? c : 8;
+}
+
+/* The rule above (outputs not streamed), for the tests. */
+long an_eval_rows_per_group(long c, long n, long size) { return eval_rows_per_group(c, n, size); }
+
 /* Samples run in parallel when there are at least as many as threads (each thread reads
  * sample s + 1, a group of rows at a time, while it writes sample s where eval_ahead says so,
  * in two workspaces it alternates); otherwise each sample's rows do, in groups, with one
@@ -666,7 +683,8 @@ int an_eval_ahead(long bytes) { return eval_ahead(bytes); }
     int an_eval_##SUFFIX(const an_head *h, const T *x, T *y, long b, long c, long n, \
                          int threads) {                                              \
         const long group = eval_stream_group(y, b, c, n, sizeof(T));                 \
-        const long step = group ? group : 8, stride = WS_STRIDE(h, c);               \
+        const long bytes = c * n * (long)sizeof(T), stride = WS_STRIDE(h, c);        \
+        const long step = group ? group : eval_rows_per_group(c, n, sizeof(T));      \
         const int parallel_samples = b >= threads;                                   \
         double *ws = malloc(sizeof(double) * stride * (parallel_samples ? 2 * threads : 1)); \
         if (ws == NULL) return -1;                                                   \
@@ -678,7 +696,7 @@ int an_eval_ahead(long bytes) { return eval_ahead(bytes); }
                 double *slots[2] = {ws + 2 * tid * stride, ws + (2 * tid + 1) * stride}; \
                 if (s0 < s1)                                                         \
                     rows_moments_##SUFFIX(x + s0 * c * n, c, n, slots[0], slots[0] + c); \
-                const int ahead = eval_ahead(c * n * (long)sizeof(T));               \
+                const int ahead = eval_ahead(bytes);                                 \
                 const long groups = (c + step - 1) / step;                           \
                 for (long s = s0; s < s1; s++) {                                     \
                     const T *xs = x + s * c * n, *xn = xs + c * n;                   \

@@ -34,6 +34,7 @@ __all__ = [
     "native_moments",
     "native_row_dots",
     "native_eval_ahead",
+    "native_eval_rows_per_group",
     "native_eval_streams",
     "native_streams",
     "plain_tensors",
@@ -113,6 +114,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
     lib.an_eval_streams.argtypes, lib.an_eval_streams.restype = [p, i64, i64, i64, i64], i64
     lib.an_eval_ahead.argtypes, lib.an_eval_ahead.restype = [i64], i32
+    lib.an_eval_rows_per_group.argtypes = [i64, i64, i64]
+    lib.an_eval_rows_per_group.restype = i64
     for suffix in ("f32", "f64"):
         getattr(lib, f"an_moments_{suffix}").argtypes = [p, i64, i64, p, p, i32]
         getattr(lib, f"an_row_path_{suffix}").argtypes = [p, i64]
@@ -292,3 +295,11 @@ def native_eval_ahead(sample_bytes: int) -> bool:
     of ``sample_bytes`` (see ``eval_ahead`` in ``_native.c``)."""
     lib = library()
     return lib is not None and bool(lib.an_eval_ahead(sample_bytes))
+
+
+def native_eval_rows_per_group(channels: int, n: int, itemsize: int) -> int:
+    """Rows of a sample the eval kernel takes per step (outputs not streamed): the whole
+    sample where it is small, else 8 (see ``eval_rows_per_group`` in ``_native.c``); 0
+    without the kernels."""
+    lib = library()
+    return 0 if lib is None else int(lib.an_eval_rows_per_group(channels, n, itemsize))

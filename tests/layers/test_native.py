@@ -223,15 +223,28 @@ def test_eval_reads_ahead_only_where_two_samples_fit_in_l2() -> None:
     assert not _native.native_eval_ahead(l2 // 2 + 1)
 
 
+def test_eval_takes_small_samples_whole() -> None:
+    """Samples up to 16 KiB in one step; larger ones 8 rows at a time (channels x n x size)."""
+    assert _native.native_eval_rows_per_group(512, 1, 4) == 512
+    assert _native.native_eval_rows_per_group(256, 16, 4) == 256  # 16 KiB
+    assert _native.native_eval_rows_per_group(256, 16, 8) == 8
+    assert _native.native_eval_rows_per_group(64, 65, 4) == 8
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ahead", [True, False])
-def test_eval_path_matches_reference_reading_ahead_or_not(dtype: torch.dtype, ahead: bool) -> None:
+@pytest.mark.parametrize("ahead,whole", [(True, True), (True, False), (False, False)])
+def test_eval_path_matches_reference_reading_ahead_or_not(
+    dtype: torch.dtype, ahead: bool, whole: bool
+) -> None:
     torch.set_num_threads(2)  # 5 samples: threads take 2 and 3, each past its first
     itemsize = torch.finfo(dtype).bits // 8
-    n = 42 if ahead else _l2_bytes() // (2 * 16 * itemsize) + 3
+    # 16 channels of n values: 2.7 KiB for float32, 20 KiB, or over half the L2
+    n = {(True, True): 42, (True, False): 20480 // (16 * itemsize)}.get((ahead, whole))
+    n = n or _l2_bytes() // (2 * 16 * itemsize) + 3
     an = _trained(AttentiveNorm(16, 5), dtype)
     x = torch.randn(5, 16, 1, n, dtype=dtype) * 3 + 1
     assert _native.native_eval_ahead(16 * n * itemsize) == ahead
+    assert (_native.native_eval_rows_per_group(16, n, itemsize) == 16) == whole
     with torch.no_grad():
         y = an(x)
         assert eval_plan(an, dtype) is not None
