@@ -405,6 +405,10 @@ DEFINE_ATTENTION(double, f64, sqrt)
  * as (K, C) float64 rows, a block touched 2K lines 8*C bytes apart, which at C = 512 share
  * cache sets and missed; float32 halves what the float32 kernel reads per sample. */
 #define MIX_BLOCK 16
+/* The packed mixtures (80 KiB at C 512, K 20, float32) are read again for every sample, from
+ * L2: prefetched like the feature maps, the 7x7 site with K 20 took 3-7% less (side by side,
+ * three runs). */
+#define MIX_PREFETCH(q) do { PREFETCH(q); PREFETCH((q) + MIX_BLOCK); } while (0)
 #define DEFINE_MIXTURE(T, V, SUFFIX)                                                 \
     static void mixture_##SUFFIX(const an_head *h, const double *lam, long c, T *scale, \
                                  T *shift) {                                         \
@@ -414,6 +418,7 @@ DEFINE_ATTENTION(double, f64, sqrt)
             const T *m = (const T *)h->mix + i * k * 2;                              \
             V sa[U] = {{0}}, st[U] = {{0}};                                          \
             for (long j = 0; j < k; j++, m += 2 * MIX_BLOCK) {                       \
+                MIX_PREFETCH(m);                                                     \
                 const V vl = (T)lam[j] - (V){0};                                     \
                 for (int u = 0; u < U; u++) {                                        \
                     V va, vt;                                                        \
