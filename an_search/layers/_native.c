@@ -44,9 +44,9 @@ static inline double hsum_vf64(vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 /* The passes that read a feature map from memory ask for the line PREFETCH_AHEAD bytes
  * ahead of the one they read (one prefetch per 64-byte line). This machine's hardware
  * prefetcher left the 7x7 and 14x14 eval sites waiting on each row: side by side (rotating
- * inputs that live in L3, batch 32, ResNet-50 sites), AN/BN went from 1.14 to 0.87 at 7x7 and
- * from 1.00 to 0.80 at 14x14, 3-13% at 28x28 and 56x56; 4-16 KiB ahead did alike, 8 KiB
- * best. -DPREFETCH_AHEAD=0 builds without. */
+ * inputs that live in L3, batch 32, ResNet-50 sites, three runs), AN/BN went from 1.14-1.42
+ * to 0.87-1.00 at 7x7 and from 1.00-1.14 to 0.73-0.85 at 14x14, 3-13% less at 28x28 and
+ * 56x56; 4-16 KiB ahead did alike, 8 KiB best. -DPREFETCH_AHEAD=0 builds without. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
@@ -681,7 +681,8 @@ long an_eval_rows_per_group(long c, long n, long size) { return eval_rows_per_gr
 /* Samples run in parallel when there are at least as many as threads (each thread reads
  * sample s + 1, a group of rows at a time, while it writes sample s where eval_ahead says so,
  * in two workspaces it alternates); otherwise each sample's rows do, in groups, with one
- * workspace. A group is 8 rows, or the streamed run's G (eval_stream_group). The workspaces
+ * workspace. A group is 8 rows (a whole sample where eval_rows_per_group says so), or the
+ * streamed run's G (eval_stream_group). The workspaces
  * (WS_STRIDE doubles each, see sample_scale_shift) are one malloc here: returns 0, or -1 when
  * that fails (nothing written). */
 #define DEFINE_EVAL(T, SUFFIX)                                                       \
