@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("_native.c", "_native_bc.c")]
+_HEADERS = [Path(__file__).with_name("_native_vec.h")]  # in the build key, not the command
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -97,7 +98,7 @@ def _cpu_key() -> str:
 
 
 def _build(cc: str) -> Path:
-    sources = [path.read_bytes() for path in _SOURCES]
+    sources = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), _cpu_key().encode()]))
     target = _cache_dir() / f"an_native-{key.hexdigest()[:16]}.so"
     if target.exists():

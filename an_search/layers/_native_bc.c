@@ -17,11 +17,11 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "_native_vec.h"
+
 double an_dot_f32(const float *a, const float *b, long n); /* _native.c */
 double an_dot_f64(const double *a, const double *b, long n);
 
-typedef float bc_vf32 __attribute__((vector_size(32)));
-typedef double bc_vf64 __attribute__((vector_size(32)));
 
 /* out[a, :] = sum_t A[a * sa + t * st] * rows[t, :] for a < na, t < nt, (nt, c) rows, as
  * register tiles of four output rows by two vectors of channels: each pass over t loads two
@@ -94,14 +94,8 @@ typedef double bc_vf64 __attribute__((vector_size(32)));
         }                                                                            \
     }
 
-DEFINE_SMALL_GEMM(float, bc_vf32, f32)
-DEFINE_SMALL_GEMM(double, bc_vf64, f64)
-
-static inline double bc_hsum_f32(bc_vf32 v) {
-    return ((double)v[0] + v[4]) + ((double)v[1] + v[5]) + ((double)v[2] + v[6]) +
-           ((double)v[3] + v[7]);
-}
-static inline double bc_hsum_f64(bc_vf64 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+DEFINE_SMALL_GEMM(float, vf32, f32)
+DEFINE_SMALL_GEMM(double, vf64, f64)
 
 /* out[a * nb + q] = A[a, :] . B[q, :] (summed in double; added to out where `add`) for
  * (na, c) A and (nb, c) B, as tiles of two rows of A by four of B: eight independent sums,
@@ -130,10 +124,8 @@ static inline double bc_hsum_f64(bc_vf64 v) { return (v[0] + v[2]) + (v[1] + v[3
                     s0 += u0 * v0, s1 += u0 * v1, s2 += u0 * v2, s3 += u0 * v3;      \
                     s4 += u1 * v0, s5 += u1 * v1, s6 += u1 * v2, s7 += u1 * v3;      \
                 }                                                                    \
-                double r[8] = {bc_hsum_##SUFFIX(s0), bc_hsum_##SUFFIX(s1),           \
-                               bc_hsum_##SUFFIX(s2), bc_hsum_##SUFFIX(s3),           \
-                               bc_hsum_##SUFFIX(s4), bc_hsum_##SUFFIX(s5),           \
-                               bc_hsum_##SUFFIX(s6), bc_hsum_##SUFFIX(s7)};          \
+                double r[8] = {hsum_##V(s0), hsum_##V(s1), hsum_##V(s2), hsum_##V(s3), \
+                               hsum_##V(s4), hsum_##V(s5), hsum_##V(s6), hsum_##V(s7)}; \
                 for (; j < c; j++)                                                   \
                     for (int t = 0; t < 8; t++)                                      \
                         r[t] += (double)(t < 4 ? x0 : x1)[j] * (w0 + (t & 3) * c)[j]; \
@@ -155,8 +147,8 @@ static inline double bc_hsum_f64(bc_vf64 v) { return (v[0] + v[2]) + (v[1] + v[3
             }                                                                        \
     }
 
-DEFINE_SMALL_DOTS(float, bc_vf32, f32)
-DEFINE_SMALL_DOTS(double, bc_vf64, f64)
+DEFINE_SMALL_DOTS(float, vf32, f32)
+DEFINE_SMALL_DOTS(double, vf64, f64)
 
 #define DEFINE_BC(T, SUFFIX, SQRT)                                                   \
     /* out[i, :] = sum_j coef[i, j] * rows[j, :] for (r, k) coef and (k, c) rows. */ \
