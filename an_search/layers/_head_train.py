@@ -57,11 +57,14 @@ class _LinearBatchNorm(torch.autograd.Function):
 def linear_batchnorm(fc: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``bn(fc(x))`` for a bias-free ``nn.Linear`` and an affine ``nn.BatchNorm1d`` in training
     mode, as one node (updates ``bn``'s running statistics); None where it does not apply
-    (other modules or modes, graph capture, autocast, no C kernels, dtypes, batch of 1)."""
+    (other modules or modes, graph capture, autocast, off the CPU, no C kernels, dtypes,
+    batch of 1)."""
     if type(fc) is not nn.Linear or type(bn) is not nn.BatchNorm1d or fc.bias is not None:
         return None
     if not bn.training or not bn.affine or x.dim() != 2 or x.shape[0] < 2:
         return None  # (a batch of 1: BatchNorm1d raises its own error)
+    if not x.is_cpu:  # the C kernels are CPU's; elsewhere stock BatchNorm1d is one kernel
+        return None
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return None
     dtypes = {x.dtype, fc.weight.dtype, bn.weight.dtype, bn.bias.dtype}

@@ -180,6 +180,8 @@ def site_tail(
         return None
     if not (lam.dtype == wm.dtype == bm.dtype == m.dtype) or not native_available():
         return None  # (layout: the kernels check it; _SiteTail falls back to ATen ops)
+    if not m.is_cpu:
+        return None
     scale, shift, mean, var = _SiteTail.apply(lam, wm, bm, m, v, bn.eps)
     if training and bn.track_running_stats:
         update_running_stats(bn, mean, var, m.shape[0] * n)
