@@ -17,6 +17,7 @@ from torch import nn
 
 from an_search import convert
 from an_search.layers import AttentiveNorm
+from an_search.layers._device_eval import DEVICE_PLAN_ATTR
 from an_search.layers._triton_spec import site
 from an_search.train import TrainConfig, proxy_train, resolve_data
 
@@ -85,6 +86,24 @@ def test_bfloat16_autocast_on_cuda_follows_float32(training: bool) -> None:
         y_ref.square().sum().backward()
         assert _rel(an.weight.grad, ref.weight.grad) < 5e-2
         assert _rel(an.norm.running_var, ref.norm.running_var) < 1e-2
+
+
+@pytest.mark.parametrize("head", ["default", "mlp", "bn-softmax"])
+def test_folded_eval_on_cuda_matches_cpu(head: str) -> None:
+    """Eval without autograd on a GPU takes the folded site (_device_eval.py), any layout."""
+    an = AttentiveNorm(C, K, head=head)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics other than their init
+            an(torch.randn(8, C, 5, 5) * 2 + 0.5)
+    an.eval()
+    x = torch.randn(8, C, 14, 14) * 2 + 1
+    gpu = copy.deepcopy(an).cuda()
+    with torch.no_grad():
+        y = gpu(x.cuda())
+        y_cl = gpu(x.cuda().to(memory_format=torch.channels_last))
+        ref = copy.deepcopy(an).double()(x.double())
+    assert DEVICE_PLAN_ATTR in gpu.__dict__
+    assert _rel(y, ref) < 1e-5 and _rel(y_cl, ref) < 1e-5
 
 
 def test_converted_resnet_on_cuda_matches_cpu() -> None:

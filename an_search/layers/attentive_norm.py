@@ -41,7 +41,8 @@ the head's ``Linear`` + ``BatchNorm1d`` in ``_head_train.py``, ``_SiteTail``). O
 eager) the ~20 small ops of a site are launch-bound: compile there, or (opt-in,
 ``AN_SEARCH_TRITON=1`` or ``an.triton = True``) run BatchNorm-based sites as ten Triton
 kernels, one autograd node, any head (``_triton_site.py``; tested by Triton's interpreter, not
-yet timed on a GPU).
+yet timed on a GPU). Eval without autograd there is the folded site in nine ops instead of
+fifteen (``_device_eval.py``).
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
@@ -55,6 +56,7 @@ from torch import nn
 from an_search.errors import InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
+from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
@@ -256,6 +258,7 @@ class AttentiveNorm(nn.Module):
         """The pickled (and deep-copied) state, without the cached eval plan (ctypes)."""
         state = self.__dict__.copy()
         state.pop(PLAN_ATTR, None)
+        state.pop(DEVICE_PLAN_ATTR, None)
         return state
 
     # ------------------------------------------------------------------ forward
@@ -294,7 +297,8 @@ class AttentiveNorm(nn.Module):
         return None if torch._C._len_torch_dispatch_stack() else triton_site(self, x)
 
     def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Eval-mode BatchNorm-based AN as one native call (``_eval_plan.py``); None if n/a.
+        """Eval-mode BatchNorm-based AN as one native call on the CPU (``_eval_plan.py``), as
+        the folded site in nine ops on a GPU (``_device_eval.py``); None if n/a.
 
         At 7x7 the Python around the kernel is a fifth of the site's time, and it runs with
         the caches just flushed by the previous layer's feature maps: the checks are ordered
@@ -305,6 +309,10 @@ class AttentiveNorm(nn.Module):
             return None
         if torch.compiler.is_compiling():  # an opaque operator in the graph
             return self._compiled_native_eval(x, dims)
+        if x.device.type in FOLDED_DEVICES:  # a GPU: the folded site in few launches
+            if type(x) is not torch.Tensor or torch.jit.is_tracing() or x.dim() not in dims:
+                return None
+            return device_eval(self, x)
         if (
             type(x) is not torch.Tensor
             or torch.jit.is_tracing()

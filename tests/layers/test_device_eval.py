@@ -1,0 +1,150 @@
+"""The folded eval site for GPUs (``_device_eval.py``) against the module's reference path.
+
+Its arithmetic is device-agnostic: here it runs on CPU tensors (called directly) and is
+compared with the unfused module; the meta device (shapes only, no GPU needed) shows which ops
+the module's own forward launches off the CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from an_search.layers import AttentiveNorm
+from an_search.layers._device_eval import DEVICE_PLAN_ATTR, device_eval
+from an_search.layers.heads import HEADS
+
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-11, "atol": 1e-12}}
+
+
+def _trained(an: AttentiveNorm, dtype: torch.dtype, dims: int = 2) -> AttentiveNorm:
+    """Running statistics (of the norm and the head) other than their init, then eval."""
+    an.to(dtype).train()
+    with torch.no_grad():
+        for _ in range(3):
+            an(torch.randn(8, an.num_features, *(5,) * dims, dtype=dtype) * 2 + 0.5)
+    return an.eval()
+
+
+def _reference(an: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
+    an.fused = False  # the unfused module: inner BatchNorm, head modules, mixtures
+    try:
+        return an(x)
+    finally:
+        an.fused = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_matches_reference(head: str, pool: str, dtype: torch.dtype) -> None:
+    an = _trained(AttentiveNorm(12, 5, head=head, pool=pool), dtype)
+    x = torch.randn(6, 12, 5, 7, dtype=dtype) * 3 + 1
+    with torch.no_grad():
+        y = device_eval(an, x)
+        assert y is not None
+        torch.testing.assert_close(y, _reference(an, x), **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "base,shape", [("batchnorm1d", (4, 12, 9)), ("batchnorm3d", (3, 12, 2, 3, 4)),
+                   ("batchnorm", (5, 12, 1, 1))])  # fmt: skip
+def test_other_ranks_and_one_position(base: str, shape: tuple) -> None:
+    an = _trained(AttentiveNorm(12, 4, base=base), torch.float64, dims=len(shape) - 2)
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(device_eval(an, x), _reference(an, x), **TOL[torch.float64])
+
+
+def test_channels_last_input_keeps_its_layout() -> None:
+    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    x = torch.randn(4, 12, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = device_eval(an, x)
+        torch.testing.assert_close(y, _reference(an, x.contiguous()), **TOL[torch.float32])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_refolds_after_parameter_and_attribute_changes() -> None:
+    an = _trained(AttentiveNorm(12, 5), torch.float64)
+    x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        before = device_eval(an, x)
+        an.weight.mul_(2.0)  # in place
+        an.attn.head.fc.weight.add_(0.3)
+        an.norm.eps = 0.5  # a plain attribute fold reads
+        after = device_eval(an, x)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, _reference(an, x), **TOL[torch.float64])
+
+
+def test_declines_what_it_cannot_fold_or_differentiate() -> None:
+    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    x = torch.randn(3, 12, 4, 4)
+    assert device_eval(an, x) is None  # autograd records: the folded tensors are detached
+    with torch.no_grad():
+        assert device_eval(an, x.bfloat16()) is None
+        assert device_eval(an, x[:, :, 0, 0]) is None  # (B, C): no positions to pool
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert device_eval(an, x) is None
+        an.norm.track_running_stats, running = False, an.norm.running_mean
+        an.norm.running_mean = None  # batch statistics in eval: nothing to fold
+        assert device_eval(an, x) is None
+        an.norm.track_running_stats, an.norm.running_mean = True, running
+        assert device_eval(an, x) is not None
+
+
+def test_copies_leave_the_plan_behind() -> None:
+    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    with torch.no_grad():
+        device_eval(an, torch.randn(2, 12, 3, 3))
+    assert DEVICE_PLAN_ATTR in an.__dict__
+    assert DEVICE_PLAN_ATTR not in copy.deepcopy(an).__dict__
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops that compute (a kernel launch each on a GPU)."""
+
+    _SKIP = frozenset({"view", "t", "expand", "unsqueeze", "detach", "select", "slice"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name not in self._SKIP and not name.startswith("empty"):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_off_the_cpu_runs_nine_ops() -> None:
+    """The module's eval forward on a non-CPU device takes the folded site: nine launches for
+    the default head (it was fifteen: the head's BatchNorm1d, two mixtures, the batch-norm
+    scale and shift), none of them folding again on the second call."""
+    an = AttentiveNorm(16, 6).eval().to("meta")
+    x = torch.empty(8, 16, 7, 7, device="meta")
+    with torch.no_grad():
+        an(x)  # folds
+        with _CountOps() as counted:
+            y = an(x)
+    assert y.shape == x.shape and DEVICE_PLAN_ATTR in an.__dict__
+    assert counted.ops == {"var_mean": 1, "mul": 2, "add": 1, "rsqrt": 1, "addmm": 1,
+                           "hardsigmoid": 1, "mm": 1, "addcmul": 1}, counted.ops  # fmt: skip
+    cpu = AttentiveNorm(16, 6).eval()
+    with torch.no_grad(), _CountOps() as counted:
+        cpu(torch.randn(2, 16, 3, 3))  # the CPU keeps its own paths
+    assert "addmm" not in counted.ops and DEVICE_PLAN_ATTR not in cpu.__dict__
+
+
+def test_module_off_the_cpu_keeps_the_plain_ops_where_it_declines() -> None:
+    an = AttentiveNorm(16, 6).to("meta").eval()
+    x = torch.empty(8, 16, 7, 7, device="meta", requires_grad=True)
+    with _CountOps() as counted:
+        an(x)  # autograd records
+    assert "addmm" not in counted.ops and DEVICE_PLAN_ATTR not in an.__dict__
+    assert counted.ops["native_batch_norm"] == 1  # the head's BatchNorm1d, as a module
