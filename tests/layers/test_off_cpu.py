@@ -1,8 +1,9 @@
-"""The folded eval site for GPUs (``_device_eval.py``) against the module's reference path.
+"""AttentiveNorm off the CPU: the folded eval site for GPUs (``_device_eval.py``) against the
+module's reference path, and the ops a site launches there.
 
-Its arithmetic is device-agnostic: here it runs on CPU tensors (called directly) and is
-compared with the unfused module; the meta device (shapes only, no GPU needed) shows which ops
-the module's own forward launches off the CPU.
+The folded site's arithmetic is device-agnostic: here it runs on CPU tensors (called directly)
+and is compared with the unfused module. The meta device (shapes only, no GPU needed) takes the
+same branches as CUDA and shows which ops the module's own forward and backward launch.
 """
 
 from __future__ import annotations
@@ -148,3 +149,22 @@ def test_module_off_the_cpu_keeps_the_plain_ops_where_it_declines() -> None:
         an(x)  # autograd records
     assert "addmm" not in counted.ops and DEVICE_PLAN_ATTR not in an.__dict__
     assert counted.ops["native_batch_norm"] == 1  # the head's BatchNorm1d, as a module
+
+
+def test_off_the_cpu_training_uses_stock_batchnorms() -> None:
+    """Off the CPU (the meta device stands in for a GPU: shapes only) the eager training
+    site is launch-bound: the head's Linear + BatchNorm1d must be stock modules (one kernel,
+    running statistics updated in it), not the CPU kernels' fallback in elementwise ops (ten
+    ops forward, four running-stat updates; it was, and made the forward 26 ops)."""
+    an = AttentiveNorm(12, 5).to("meta").train()
+    x = torch.empty(8, 12, 5, 5, device="meta", requires_grad=True)
+    with _CountOps() as counted:
+        y = an(x)
+    ops = counted.ops
+    assert ops["native_batch_norm"] == 2  # the site's norm and the head's
+    assert ops["mm"] == 3 and ops["var_mean"] == 1  # head; the two mixtures; the moments
+    assert sum(ops.values()) <= 15, ops
+    with _CountOps() as counted:
+        y.backward(torch.empty_like(y))
+    assert counted.ops["native_batch_norm_backward"] == 2, counted.ops
+    assert sum(counted.ops.values()) <= 36, counted.ops
