@@ -394,7 +394,10 @@ DEFINE_ATTENTION(double, f64, sqrt)
  * held in registers over the K components. The mixtures are packed block by block, in the
  * kernel's dtype (the K scale rows and K shift rows of a block are one contiguous run): read
  * as (K, C) float64 rows, a block touched 2K lines 8*C bytes apart, which at C = 512 share
- * cache sets and missed; float32 halves what the float32 kernel reads per sample. */
+ * cache sets and missed; float32 halves what the float32 kernel reads per sample. Two samples
+ * per read of a block (tried, with the linear layers likewise) took as long: the loop is
+ * bound by multiply-adds, not by those reads (four independent chains already run as fast as
+ * eight on this machine's cores). */
 #define MIX_BLOCK 16
 /* The packed mixtures (80 KiB at C 512, K 20, float32) are read again for every sample, from
  * L2: prefetched like the feature maps, the 7x7 site with K 20 took 3-7% less (side by side,
