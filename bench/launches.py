@@ -4,8 +4,10 @@ On a GPU an eager site at ResNet widths is bound by launches and Python, not mem
 "On a GPU"). This counts the ATen ops that compute (one launch each on CUDA; views and
 allocations left out) on PyTorch's ``meta`` device, which takes the same branches as CUDA and
 needs no GPU: training forward, its backward, and evaluation without autograd (second call,
-after any caching). Counts do not depend on the shape; time does, so a lent GPU still has the
-last word (``bench/an_layer.py --device cuda``).
+after any caching) of a float32 and of a bfloat16 map (as under autocast; float32
+parameters; the meta device has no autocast, so its casts are not counted). Counts do not
+depend on the shape; time does, so a lent GPU still has the last word (``bench/an_layer.py
+--device cuda``).
 
     .venv/bin/python bench/launches.py
     .venv/bin/python bench/launches.py --heads default mlp bn-softmax --k 20
@@ -46,8 +48,22 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def launches(module: nn.Module, channels: int) -> tuple[int, int, int]:
-    """(training forward, its backward, eval) ops of ``module`` on the meta device."""
+def _eval_ops(module: nn.Module, x: torch.Tensor) -> int | None:
+    """Ops of the second eval call; None where ``module`` takes no such input (SE's convs
+    want autocast for a bfloat16 map, which the meta device lacks)."""
+    with torch.no_grad():
+        try:
+            module(x)  # builds what the module caches
+        except RuntimeError:
+            return None
+        with CountOps() as ev:
+            module(x)
+    return sum(ev.ops.values())
+
+
+def launches(module: nn.Module, channels: int) -> tuple[int, int, int | None, int | None]:
+    """(training forward, its backward, eval, eval of a bfloat16 map) ops of ``module`` (float32
+    parameters) on the meta device."""
     module = module.to("meta").train()
     x = torch.empty(8, channels, 7, 7, device="meta", requires_grad=True)
     with CountOps() as fwd:
@@ -56,11 +72,9 @@ def launches(module: nn.Module, channels: int) -> tuple[int, int, int]:
     with CountOps() as bwd:
         y.backward(grad)
     module.eval()
-    with torch.no_grad():
-        module(x)  # builds what the module caches
-        with CountOps() as ev:
-            module(x)
-    return sum(fwd.ops.values()), sum(bwd.ops.values()), sum(ev.ops.values())
+    x = x.detach()
+    ev, ev16 = _eval_ops(module, x), _eval_ops(module, x.bfloat16())
+    return sum(fwd.ops.values()), sum(bwd.ops.values()), ev, ev16
 
 
 def main() -> None:
@@ -75,10 +89,11 @@ def main() -> None:
     for head in args.heads:
         mods[f"an-{head}"] = AttentiveNorm(c, args.k, head=head)
     print(f"ATen ops per call on the meta device (as CUDA launches), K {args.k}")
-    print(f"{'module':22s} {'train fwd':>9s} {'train bwd':>9s} {'eval':>5s}")
+    print(f"{'module':22s} {'train fwd':>9s} {'train bwd':>9s} {'eval':>5s} {'eval bf16':>9s}")
     for name, module in mods.items():
-        fwd, bwd, ev = launches(module, c)
-        print(f"{name:22s} {fwd:9d} {bwd:9d} {ev:5d}")
+        fwd, bwd, ev, ev16 = launches(module, c)
+        print(f"{name:22s} {fwd:9d} {bwd:9d} {ev if ev is not None else '-':>5} "
+              f"{ev16 if ev16 is not None else '-':>9}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def test_bfloat16_autocast_on_cuda_follows_float32(training: bool) -> None:
 
 @pytest.mark.parametrize("head", ["default", "mlp", "bn-softmax"])
 def test_folded_eval_on_cuda_matches_cpu(head: str) -> None:
-    """Eval without autograd on a GPU takes the folded site (_device_eval.py), any layout."""
+    """Eval without autograd on a GPU takes the folded site (_device_eval.py): any layout,
+    bfloat16 under autocast."""
     an = AttentiveNorm(C, K, head=head)
     with torch.no_grad():
         for _ in range(3):  # running statistics other than their init
@@ -101,9 +102,12 @@ def test_folded_eval_on_cuda_matches_cpu(head: str) -> None:
     with torch.no_grad():
         y = gpu(x.cuda())
         y_cl = gpu(x.cuda().to(memory_format=torch.channels_last))
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # an AMP validation pass
+            y16 = gpu(x.cuda().bfloat16())
         ref = copy.deepcopy(an).double()(x.double())
     assert DEVICE_PLAN_ATTR in gpu.__dict__
     assert _rel(y, ref) < 1e-5 and _rel(y_cl, ref) < 1e-5
+    assert y16.dtype == torch.bfloat16 and _rel(y16, ref) < 1e-2
 
 
 def test_converted_resnet_on_cuda_matches_cpu() -> None:

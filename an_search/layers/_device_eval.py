@@ -9,11 +9,18 @@ them), it is nine for the default head: ``var_mean``; the pooled statistic (four
 ops, none for ``avg``); ``addmm``; the gate; one ``mm`` for the scales and shifts together;
 ``addcmul``. The folded tensors are cached per module like the CPU plan (the same key: any
 parameter, buffer, submodule or folded attribute that changes refolds).
+
+Half and bfloat16 maps (an AMP validation pass, a half model): the statistics accumulate in
+float32 (``E[x^2] - E[x]^2`` from ``mean`` and ``vector_norm``, as ``_fused``'s device
+moments), the head and the mixtures run in float32 with autocast switched off inside the site
+(under autocast each would cast the weights again, every call), and the scales and shifts are
+rounded once to the map's dtype: fourteen ops.
 """
 
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,7 @@ __all__ = ["DEVICE_PLAN_ATTR", "FOLDED_DEVICES", "device_eval"]
 
 DEVICE_PLAN_ATTR = "_an_device_plan"  # where a module keeps it (left out of its pickled state)
 _GRAD = operator.attrgetter("requires_grad")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 FOLDED_DEVICES = ("cuda", "meta")  # fold in float64; meta: the tests count the ops there
 
 
@@ -59,25 +67,43 @@ def _plan(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
     return plan
 
 
+def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
+    """The head's input (B, C): the per-sample mean, or ``meanstd``'s mean / sqrt(unbiased
+    var + eps), accumulated in float32 for half/bfloat16 maps (no float32 copy of the map)."""
+    dims, n = tuple(range(2, x.dim())), x[0, 0].numel()
+    acc = torch.float32 if x.dtype in _LOW_PRECISION else None
+    if sc["pool"] == 1:  # avg
+        return x.mean(dims, dtype=acc)
+    bessel = n / max(n - 1, 1)
+    if acc is None:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        return mean * torch.rsqrt(var * bessel + sc["pool_eps"])
+    mean = x.mean(dims, dtype=acc)  # E[x^2] - E[x]^2 in float32, as _fused's device moments
+    sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square_().mul_(bessel / n)
+    var = torch.addcmul(sq, mean, mean, value=-bessel).clamp_min_(0.0)  # unbiased
+    return mean * var.add_(sc["pool_eps"]).rsqrt_()
+
+
 def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``an(x)`` for an eval-mode batchnorm-based AttentiveNorm and a float32/float64
-    (B, C, *) ``x`` with at least one spatial dim, on any layout, as the folded ops above;
-    None where the plan does not apply (no folded form, autocast, autograd recording)."""
-    if x.dim() < 3 or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    """``an(x)`` for an eval-mode batchnorm-based AttentiveNorm and a (B, C, *) ``x`` with at
+    least one spatial dim, of any float dtype and layout, as the folded ops above (half and
+    bfloat16 maps: statistics, head and mixtures in float32, autocast or not; the output in
+    ``x``'s dtype); None where the plan does not apply (no folded form, autocast recording)."""
+    if x.dim() < 3 or not x.is_floating_point() or x.numel() == 0:
         return None
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return None  # (meta has no autocast)
     if torch.is_grad_enabled() and (x.requires_grad or any(map(_GRAD, an.parameters()))):
         return None  # the folded tensors are detached
-    plan = _plan(an, x.dtype)
+    plan = _plan(an, torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
     if plan.mix is None:
         return None
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
+        return _run(plan, x)
+
+
+def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     sc = plan.scalars
-    var, mean = torch.var_mean(x, tuple(range(2, x.dim())), correction=0)  # (B, C)
-    h = mean
-    if sc["pool"] == 0:  # meanstd: mean / sqrt(unbiased var + eps)
-        n = x[0, 0].numel()
-        h = mean * torch.rsqrt(var * (n / max(n - 1, 1)) + sc["pool_eps"])
+    h = _pooled(x, sc)
     for i, (wt, bias) in enumerate(plan.layers):
         h = torch.addmm(bias, h, wt)
         if i + 1 < len(plan.layers):
@@ -87,6 +113,7 @@ def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     gate = sc["gate"]
     lam = F.hardsigmoid(h) if gate == 0 else torch.sigmoid(h) if gate == 1 else h.softmax(1)
     coef = (lam @ plan.mix).view(x.shape[0], 2, x.shape[1])  # scale, shift: (B, C) each
+    coef = coef.to(x.dtype)  # (no op where they agree)
     tail = (None,) * (x.dim() - 2)  # (B, C, 1, ...) views
     return torch.addcmul(coef[(slice(None), 1, slice(None), *tail)], x,
                          coef[(slice(None), 0, slice(None), *tail)])  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from an_search.layers import AttentiveNorm
-from an_search.layers._device_eval import DEVICE_PLAN_ATTR, device_eval
+from an_search.layers._device_eval import DEVICE_PLAN_ATTR, _pooled, device_eval
 from an_search.layers.heads import HEADS
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -95,15 +95,56 @@ def test_declines_what_it_cannot_fold_or_differentiate() -> None:
     x = torch.randn(3, 12, 4, 4)
     assert device_eval(an, x) is None  # autograd records: the folded tensors are detached
     with torch.no_grad():
-        assert device_eval(an, x.bfloat16()) is None
         assert device_eval(an, x[:, :, 0, 0]) is None  # (B, C): no positions to pool
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert device_eval(an, x) is None
+        assert device_eval(an, x.int()) is None
         an.norm.track_running_stats, running = False, an.norm.running_mean
         an.norm.running_mean = None  # batch statistics in eval: nothing to fold
         assert device_eval(an, x) is None
         an.norm.track_running_stats, an.norm.running_mean = True, running
         assert device_eval(an, x) is not None
+
+
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_maps_compute_in_float32(dtype: torch.dtype, pool: str) -> None:
+    """Statistics, head and mixtures in float32 (a float32 model, or a converted half one),
+    the output rounded once to the map's dtype: within one rounding of the float32 site."""
+    an = _trained(AttentiveNorm(12, 5, pool=pool), torch.float32)
+    x = (torch.randn(6, 12, 5, 7) * 3 + 1).to(dtype)
+    with torch.no_grad():
+        y = device_eval(an, x)
+        want = _reference(an, x.float())
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+        halved = copy.deepcopy(an).to(dtype)  # parameters rounded to the map's dtype too
+        torch.testing.assert_close(device_eval(halved, x).float(), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pooled_statistic_of_any_dtype_matches_float64(dtype: torch.dtype) -> None:
+    """The head's input from the map's own values (rounded to its dtype), against the formula
+    in float64: half-precision maps accumulate in float32 (E[x^2] - E[x]^2, Bessel-corrected)."""
+    x = (torch.randn(5, 7, 4, 6) * 2 + 3).to(dtype)  # mean^2 ~ 2 var: the terms matter
+    xd = x.double().flatten(2)
+    for pool, eps in ((0, 1e-3), (1, 0.0)):
+        got = _pooled(x, {"pool": pool, "pool_eps": eps})
+        mean = xd.mean(2)
+        want = mean / (xd.var(2, correction=1) + eps).sqrt() if pool == 0 else mean
+        assert got.dtype == (torch.float32 if dtype != torch.float64 else dtype)
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+
+
+def test_autocast_is_switched_off_inside() -> None:
+    """Under autocast (an AMP validation pass) the folded site runs as without it: its head and
+    mixtures stay float32 (no casts of the weights), the output keeps the map's dtype."""
+    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    x = torch.randn(4, 12, 6, 6) * 2 + 1
+    with torch.no_grad():
+        plain = device_eval(an, x.bfloat16()), device_eval(an, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = device_eval(an, x.bfloat16()), device_eval(an, x)
+    for a, b in zip(plain, cast, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_copies_leave_the_plan_behind() -> None:
@@ -117,7 +158,8 @@ def test_copies_leave_the_plan_behind() -> None:
 def test_module_off_the_cpu_runs_nine_ops() -> None:
     """The module's eval forward on a non-CPU device takes the folded site: nine launches for
     the default head (it was fifteen: the head's BatchNorm1d, two mixtures, the batch-norm
-    scale and shift), none of them folding again on the second call."""
+    scale and shift), none of them folding again on the second call; fourteen for a bfloat16
+    map (it was 22, before autocast's casts)."""
     an = AttentiveNorm(16, 6).eval().to("meta")
     x = torch.empty(8, 16, 7, 7, device="meta")
     with torch.no_grad():
@@ -127,6 +169,15 @@ def test_module_off_the_cpu_runs_nine_ops() -> None:
     assert y.shape == x.shape and DEVICE_PLAN_ATTR in an.__dict__
     assert counted.ops == {"var_mean": 1, "mul": 2, "add": 1, "rsqrt": 1, "addmm": 1,
                            "hardsigmoid": 1, "mm": 1, "addcmul": 1}, counted.ops  # fmt: skip
+    with torch.no_grad():
+        x16 = x.to(torch.bfloat16)
+        an(x16)  # folds for float32 compute
+        with CountOps() as counted:
+            an(x16)
+    want = {"mean": 1, "linalg_vector_norm": 1, "pow_": 1, "mul_": 1, "addcmul": 2,
+            "clamp_min_": 1, "add_": 1, "rsqrt_": 1, "mul": 1, "addmm": 1, "hardsigmoid": 1,
+            "mm": 1, "_to_copy": 1}  # fmt: skip
+    assert counted.ops == want, counted.ops
     cpu = AttentiveNorm(16, 6).eval()
     with torch.no_grad(), CountOps() as counted:
         cpu(torch.randn(2, 16, 3, 3))  # the CPU keeps its own paths
