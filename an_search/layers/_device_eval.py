@@ -34,6 +34,7 @@ __all__ = ["DEVICE_PLAN_ATTR", "FOLDED_DEVICES", "device_eval"]
 DEVICE_PLAN_ATTR = "_an_device_plan"  # where a module keeps it (left out of its pickled state)
 _GRAD = operator.attrgetter("requires_grad")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_DTYPES = (*_LOW_PRECISION, torch.float32, torch.float64)
 FOLDED_DEVICES = ("cuda", "meta")  # fold in float64; meta: the tests count the ops there
 
 
@@ -88,8 +89,8 @@ def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``an(x)`` for an eval-mode batchnorm-based AttentiveNorm and a (B, C, *) ``x`` with at
     least one spatial dim, of any float dtype and layout, as the folded ops above (half and
     bfloat16 maps: statistics, head and mixtures in float32, autocast or not; the output in
-    ``x``'s dtype); None where the plan does not apply (no folded form, autocast recording)."""
-    if x.dim() < 3 or not x.is_floating_point() or x.numel() == 0:
+    ``x``'s dtype); None where the plan does not apply (no folded form, autograd recording)."""
+    if x.dim() < 3 or x.dtype not in _DTYPES or x.numel() == 0:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(map(_GRAD, an.parameters()))):
         return None  # the folded tensors are detached
