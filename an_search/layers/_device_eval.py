@@ -19,7 +19,6 @@ rounded once to the map's dtype: fourteen ops.
 
 from __future__ import annotations
 
-import operator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -27,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._eval_plan import _Key, fold
+from ._eval_plan import _Key, cached_plan, fold, records_grad
 
 __all__ = ["DEVICE_PLAN_ATTR", "FOLDED_DEVICES", "device_eval"]
 
 DEVICE_PLAN_ATTR = "_an_device_plan"  # where a module keeps it (left out of its pickled state)
-_GRAD = operator.attrgetter("requires_grad")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _DTYPES = (*_LOW_PRECISION, torch.float32, torch.float64)
 FOLDED_DEVICES = ("cuda", "meta")  # fold in float64; meta: the tests count the ops there
@@ -61,13 +59,6 @@ def _build(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
     return _DevicePlan(key, layers, mix, scalars)
 
 
-def _plan(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
-    plan = an.__dict__.get(DEVICE_PLAN_ATTR)
-    if plan is None or not plan.key.matches(dtype):
-        plan = an.__dict__[DEVICE_PLAN_ATTR] = _build(an, dtype)
-    return plan
-
-
 def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     """The head's input (B, C): the per-sample mean, or ``meanstd``'s mean / sqrt(unbiased
     var + eps), accumulated in float32 for half/bfloat16 maps (no float32 copy of the map)."""
@@ -92,9 +83,11 @@ def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     ``x``'s dtype); None where the plan does not apply (no folded form, autograd recording)."""
     if x.dim() < 3 or x.dtype not in _DTYPES or x.numel() == 0:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(map(_GRAD, an.parameters()))):
-        return None  # the folded tensors are detached
-    plan = _plan(an, torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
+    if records_grad(an, x):
+        return None
+    plan = cached_plan(
+        an, DEVICE_PLAN_ATTR, torch.float32 if x.dtype in _LOW_PRECISION else x.dtype, _build
+    )
     if plan.mix is None:
         return None
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)

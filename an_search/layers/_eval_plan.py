@@ -22,13 +22,23 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ._native import HeadSpec, library
 
-__all__ = ["PLAN_ATTR", "compiled_eval", "eval_plan", "eval_site", "fold", "run_eval_plan"]
+__all__ = [
+    "PLAN_ATTR",
+    "cached_plan",
+    "compiled_eval",
+    "eval_plan",
+    "eval_site",
+    "fold",
+    "records_grad",
+    "run_eval_plan",
+]
 
 _GATES = {nn.Hardsigmoid: 0, nn.Sigmoid: 1, nn.Softmax: 2}
 _POOLS = {"meanstd": 0, "avg": 1}
@@ -105,6 +115,7 @@ class _Key:
 _SCALARS = ("eps", "training", "affine", "num_groups", "dim", "pool_name")
 _VERSION = operator.attrgetter("_version")
 _PTR = torch.Tensor.data_ptr
+_P = TypeVar("_P")  # a plan type (with a ``key``)
 PLAN_ATTR = "_an_eval_plan"  # where a module keeps its plan (left out of its pickled state)
 
 
@@ -237,10 +248,26 @@ def eval_plan(an: nn.Module, dtype: torch.dtype) -> _Plan | None:
     """The folded plan of ``an`` (an eval-mode batchnorm-based AttentiveNorm) for ``dtype``
     inputs, cached in the module's ``__dict__``; None where the site has no native form (that
     answer is cached too, under the same key)."""
-    plan = an.__dict__.get(PLAN_ATTR)
-    if plan is None or not plan.key.matches(dtype):
-        plan = an.__dict__[PLAN_ATTR] = _build(an, dtype)
+    plan = cached_plan(an, PLAN_ATTR, dtype, _build)
     return None if plan.fn is None else plan
+
+
+def cached_plan(
+    an: nn.Module, attr: str, dtype: torch.dtype, build: Callable[[nn.Module, torch.dtype], _P]
+) -> _P:
+    """``build(an, dtype)``, kept in ``an.__dict__[attr]`` and rebuilt when its ``key`` (a
+    :class:`_Key`) no longer matches: the one cache of the CPU plan and the GPU one."""
+    plan = an.__dict__.get(attr)
+    if plan is None or not plan.key.matches(dtype):
+        plan = an.__dict__[attr] = build(an, dtype)
+    return plan
+
+
+def records_grad(an: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd records through the site: the plans' folded tensors are detached."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in an.parameters())
+    )
 
 
 def _run(fn: Callable[..., int], spec: object, x: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from an_search.errors import InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
 from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
-from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan
+from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
@@ -309,14 +309,12 @@ class AttentiveNorm(nn.Module):
             return None
         if torch.compiler.is_compiling():  # an opaque operator in the graph
             return self._compiled_native_eval(x, dims)
+        if type(x) is not torch.Tensor or torch.jit.is_tracing():
+            return None
         if x.device.type in FOLDED_DEVICES:  # a GPU: the folded site in few launches
-            if type(x) is not torch.Tensor or torch.jit.is_tracing() or x.dim() not in dims:
-                return None
-            return device_eval(self, x)
+            return device_eval(self, x) if x.dim() in dims else None
         if (
-            type(x) is not torch.Tensor
-            or torch.jit.is_tracing()
-            or torch._C._len_torch_dispatch_stack()  # FlopCounterMode etc. must see the ops
+            torch._C._len_torch_dispatch_stack()  # FlopCounterMode etc. must see the ops
             or not x.is_cpu
             or not self._native_eval_input(x, dims)
         ):
@@ -337,9 +335,7 @@ class AttentiveNorm(nn.Module):
             return False
         if x.numel() == 0:
             return False
-        return not torch.is_grad_enabled() or not (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
+        return not records_grad(self, x)
 
     def _mixture(self, stat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mix(self.attn.head(stat))  # head: (B, K)
