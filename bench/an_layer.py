@@ -19,7 +19,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
     .venv/bin/python bench/an_layer.py --ks 10 --repeats 31 --threads 1
     AN_SEARCH_NATIVE=0 .venv/bin/python bench/an_layer.py   # stock ATen ops, no C kernels
     python bench/an_layer.py --device cuda --repeats 50      # a GPU; --unfused: reference path
-    python bench/an_layer.py --device cuda --triton          # AN on the Triton kernels
+    python bench/an_layer.py --device cuda --triton off      # AN without the Triton kernels
 
 On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
 OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
@@ -51,6 +51,7 @@ from an_search.layers import AttentiveNorm, _native  # noqa: E402
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 MODES = ("eval", "train-fwd", "train")
 STATS = {"median": statistics.median, "min": min}
+_TRITON = {"auto": None, "on": True, "off": False}  # AttentiveNorm.triton
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable:
@@ -92,7 +93,7 @@ def _peak_bytes(fn: Callable, device: torch.device) -> int:
 
 
 def _modules(
-    channels: int, ks: list[int], fused: bool = True, triton: bool = False
+    channels: int, ks: list[int], fused: bool = True, triton: bool | None = None
 ) -> dict[str, nn.Module]:
     mods: dict[str, nn.Module] = {
         "bn": nn.BatchNorm2d(channels),
@@ -210,10 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         "--unfused", dest="fused", action="store_false",
         help="AN on its reference path (inner BatchNorm module, then the affine)",
     )  # fmt: skip
-    parser.add_argument("--triton", action="store_true", help="AN on the Triton kernels (CUDA)")
+    parser.add_argument(
+        "--triton", choices=sorted(_TRITON), default="auto",
+        help="CUDA: AN on the Triton kernels in training only (auto), always (on), never (off)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.triton and not args.device.startswith("cuda"):
+    if args.triton != "auto" and not args.device.startswith("cuda"):
         parser.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
+    args.triton = _TRITON[args.triton]
     filter_torchscript_warning()
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # quiet the CPU profiler used for memory
     load = os.getloadavg()[0]  # other processes on the machine distort multi-thread timings
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}, {args.threads} threads, {args.stat} of {args.repeats}, "
         f"load before {load:.1f}, C kernels: {_native.unavailable_reason() or 'on'}"
         f"{'' if args.fused else ', AN unfused (reference path)'}"
-        f"{', AN on Triton kernels' if args.triton else ''}"
+        f"{'' if args.triton is None else f', AN Triton kernels: {args.triton}'}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks and figures in one run, for a machine lent with one CUDA GPU (about 8 minutes):
-# the tests marked `gpu`, bench/an_layer.py (fused and reference AN paths), bench/models.py
-# (eager float32 and bfloat16 autocast, then torch.compile), and a short `an-search run` on CUDA.
+# GPU checks and figures in one run, for a machine lent with one CUDA GPU (about 8 minutes),
+# most wanted first, each step capped by what is left of BUDGET_S (skipped under its minimum):
+# the tests marked `gpu` (Triton's after the benchmarks: their first run compiles every kernel
+# variant), bench/models.py eager (float32, then bfloat16 autocast; AN as by default, whose
+# training step takes the Triton kernels, and on plain ops), bench/an_layer.py (the same two),
+# a short `an-search run` on CUDA, and last bench/models.py under torch.compile.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs land in OUT_DIR (default: $OUT or /tmp/an-gpu)
 #
@@ -14,38 +17,40 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export PYTHONPATH="$ROOT/.devsite:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET_S:-500}  # seconds for the whole script; the compile step gets what is left
+BUDGET=${BUDGET_S:-470}  # seconds for the whole script
 START=$SECONDS
-step() { echo "=== $* (t=$((SECONDS - START)) s)"; }
 left() { echo $((BUDGET - (SECONDS - START))); }
+# capped MIN CAP LOG CMD...: run CMD (output appended to LOG) for at most CAP seconds and at most
+# what is left, or skip it when less than MIN seconds are left.
+capped() {
+  local min=$1 cap=$2 log=$3 t
+  shift 3
+  t=$(left)
+  echo "=== $* (t=$((SECONDS - START)) s, $t s left)"
+  if [ "$t" -lt "$min" ]; then echo "skipped: under $min s left"; return; fi
+  [ "$t" -gt "$cap" ] && t=$cap
+  timeout "$t" "$@" 2>&1 | tee -a "$OUT_DIR/$log"
+}
 
-step environment
 nvidia-smi -L
-"$PY" -c "import torch, timm, optuna, fvcore; print('torch', torch.__version__, 'timm', \
-timm.__version__, 'optuna', optuna.__version__, torch.cuda.get_device_name())"
+"$PY" -c "import torch, timm, optuna, fvcore, triton; print('torch', torch.__version__, 'timm', \
+timm.__version__, 'optuna', optuna.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name())"
 
-step "tests marked gpu"
-timeout 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py \
-  tests/search/test_ddp.py 2>&1 | tee "$OUT_DIR/pytest_gpu.log" | tail -n 12
-
-step "bench/an_layer.py (fused, reference path, Triton kernels)"
-for flag in "" --unfused --triton; do
-  timeout 50 "$PY" bench/an_layer.py --device cuda --repeats 50 --warmup 5 --plain $flag 2>&1 \
-    | tee -a "$OUT_DIR/an_layer.txt"
+PYTEST=("$PY" -m pytest -p no:cacheprovider -m gpu -rfE)
+capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton" tests/test_cuda.py \
+  tests/search/test_ddp.py
+for amp in "" --amp; do
+  capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 --repeats 15 \
+    --warmup 3 --ops $amp
 done
-
-step "bench/models.py eager (float32, then bfloat16 autocast), plain and Triton AN"
-for flag in "" --amp; do
-  timeout 100 "$PY" bench/models.py --device cuda --batch 64 --repeats 15 --warmup 3 --triton $flag 2>&1 \
-    | tee -a "$OUT_DIR/models.txt"
+for mode in auto off; do
+  capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 --warmup 5 \
+    --plain --triton $mode
 done
-
-step "an-search run on CUDA"
-timeout 80 "$PY" -m cli.search run resnet10t --device cuda --n-trials 4 --epochs 2 \
-  --batches-per-epoch 20 --val-fraction 0.25 --output /tmp/an-gpu-run -q 2>&1 \
-  | tee "$OUT_DIR/search.log" | tail -n 25
-
-step "bench/models.py with torch.compile (bfloat16 autocast), $(left) s left"
-timeout "$(left)" "$PY" bench/models.py --device cuda --batch 64 --repeats 15 --warmup 3 \
-  --compile --amp 2>&1 | tee -a "$OUT_DIR/models_compile.txt"
-step done
+capped 40 100 pytest_triton.log "${PYTEST[@]}" -q -k triton tests/test_cuda.py
+capped 50 70 search.log "$PY" -m cli.search run resnet10t --device cuda --n-trials 4 \
+  --epochs 2 --batches-per-epoch 20 --val-fraction 0.25 --output /tmp/an-gpu-run -q
+capped 60 200 models_compile.txt "$PY" bench/models.py --device cuda --batch 64 --repeats 15 \
+  --warmup 3 --compile --amp
+echo "=== done (t=$((SECONDS - START)) s)"

@@ -7,7 +7,7 @@ bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
     python bench/models.py --compile --device cuda --batch 64 [--amp]
-    python bench/models.py --device cuda --batch 64 --triton   # + AN on the Triton kernels
+    python bench/models.py --device cuda --batch 64 --ops   # + AN without the Triton kernels
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
     python bench/models.py --model resnet10t --se-model none --placement all \
         --img-size 32 --batch 64 --classes 10     # an-search's default proxy training
@@ -54,25 +54,27 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
-    p.add_argument("--triton", action="store_true", help="also AN-resnet50 on Triton (CUDA)")
+    p.add_argument(
+        "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
+    )
     p.add_argument("--model", default="resnet50", help="the timm model AN converts")
     p.add_argument("--se-model", default="seresnet50", help="the SE contender, or none")
     p.add_argument("--placement", default="paper", help="an-convert's placement policy")
     p.add_argument("--classes", type=int, default=1000)
     args = p.parse_args()
-    if args.triton and not args.device.startswith("cuda"):
-        p.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
+    if args.ops and not args.device.startswith("cuda"):
+        p.error("--ops needs --device cuda (the Triton site runs on CUDA tensors only)")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
     y = torch.randint(0, args.classes, (args.batch,), device=dev)
     models = {k: m.to(dev) for k, m in _models(args).items()}
     names = list(models)  # base, AN, [SE]
-    if args.triton:  # the same AN model, its sites switched to the Triton kernels
-        models[f"{names[1]}-triton"] = copy.deepcopy(models[names[1]])
-        for mod in models[f"{names[1]}-triton"].modules():
+    if args.ops:  # the same AN model, its sites kept off the Triton kernels (AN_SEARCH_TRITON=0)
+        models[f"{names[1]}-ops"] = copy.deepcopy(models[names[1]])
+        for mod in models[f"{names[1]}-ops"].modules():
             if isinstance(mod, AttentiveNorm):
-                mod.triton = True
+                mod.triton = False
     variants: dict[str, torch.nn.Module] = dict(models)
     if args.compile:
         variants.update({f"{k}+compile": torch.compile(m) for k, m in models.items()})
@@ -112,7 +114,7 @@ def main() -> None:
             device=dev,
         )
         for suf in ["", "+compile"] if args.compile else [""]:
-            _report(mode, suf, times, stat, args.batch, names, args.triton)
+            _report(mode, suf, times, stat, args.batch, names, args.ops)
 
 
 def _report(
@@ -122,7 +124,7 @@ def _report(
     stat: Callable,
     batch: int,
     names: list[str],
-    triton: bool,
+    ops: bool,
 ) -> None:
     """One line per mode: times (``stat`` over repeats) and the ratios, each the median over
     repeats of the two models' ratio within one repeat (a slow stretch of the machine slows
@@ -141,11 +143,11 @@ def _report(
 
     cells = "  ".join(f"{n} {stat(times[n + suf]) * 1e3:8.1f} ms" for n in names)
     print(f"{mode:10s}{suf:9s} {cells}  | {ratios(an)}  | {batch / stat(an):.1f} img/s")
-    if triton:
-        tri = times[f"{names[1]}-triton{suf}"]
+    if ops:
+        plain = times[f"{names[1]}-ops{suf}"]
         print(
-            f"{'':19s} {names[1]}-triton {stat(tri) * 1e3:8.1f} ms  | {ratios(tri)}  | "
-            f"triton/plain AN {paired_ratio(tri, an):.3f}x"
+            f"{'':19s} {names[1]}-ops {stat(plain) * 1e3:8.1f} ms  | {ratios(plain)}  | "
+            f"AN/AN-ops {paired_ratio(an, plain):.3f}x"
         )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._native import _suffix, library
+from ._norm_stats import mark_updated
 from .pooling import AvgPool, MeanStdPool
 
 __all__ = ["cpu_site"]
@@ -210,4 +211,6 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     eps = (n / max(n - 1, 1), getattr(pool, "eps", 0.0), hbn.eps, norm.eps)
     k = weights[0].shape[0]
     cfg = (fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind, runs)
-    return _Site.apply(x, *weights, cfg)
+    y = _Site.apply(x, *weights, cfg)
+    mark_updated(*(bn for bn, run in zip((hbn, norm), runs, strict=True) if run is not None))
+    return y

@@ -27,6 +27,7 @@ __all__ = [
     "batch_scale_shift",
     "batch_stats",
     "group_stats",
+    "mark_updated",
     "scale_shift",
     "site_tail",
     "update_running_stats",
@@ -222,3 +223,19 @@ def update_running_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, c
             factor = 1.0 / float(bn.num_batches_tracked)
     bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
     bn.running_var.lerp_(var.to(bn.running_var.dtype) * (count / (count - 1)), factor)
+
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def mark_updated(*norms: nn.Module) -> None:
+    """Record a kernel's write (C or Triton, through a data pointer) into the running statistics
+    and counter of each BatchNorm as the in-place update it is: their version counters move,
+    as ``nn.BatchNorm``'s own update moves them, so the folded eval plans keyed on them
+    (``_eval_plan._Key``) fold again instead of keeping the statistics they were folded from."""
+    for bn in norms:
+        buffers = bn._buffers
+        for name in _RUNNING:
+            t = buffers.get(name)
+            if t is not None:
+                torch.autograd.graph.increment_version(t)

@@ -38,11 +38,11 @@ and 56x56, 0.33-0.70x SE's; a train step (forward + backward) 0.66-1.10x BatchNo
 14x14 and 1.04-1.33x at 7x7, 0.45-0.85x SE's. In training the (B, C)-level work between the
 two feature-map passes is three autograd nodes with C forwards and backwards (``_MeanStd``,
 the head's ``Linear`` + ``BatchNorm1d`` in ``_head_train.py``, ``_SiteTail``). On a GPU (H200,
-eager) the ~20 small ops of a site are launch-bound: compile there, or (opt-in,
-``AN_SEARCH_TRITON=1`` or ``an.triton = True``) run BatchNorm-based sites as ten Triton
-kernels, one autograd node, any head (``_triton_site.py``; tested by Triton's interpreter, not
-yet timed on a GPU). Eval without autograd there is the folded site in nine ops instead of
-fifteen (``_device_eval.py``).
+eager) the ~20 small ops of a site are launch-bound: a training step there runs
+BatchNorm-based sites as ten Triton kernels, one autograd node, any head, where Triton imports
+(``_triton_site.py``; ``AN_SEARCH_TRITON=0`` or ``an.triton = False``: the ops above). Eval
+without autograd there is the folded site in eight ops instead of fifteen
+(``_device_eval.py``).
 Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
 on the fused path.
 """
@@ -61,7 +61,7 @@ from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
-from ._triton_site import triton_requested, triton_site
+from ._triton_site import triton_site, triton_wanted
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -118,7 +118,7 @@ class AttentiveNorm(nn.Module):
     """
 
     fused: bool = True  # set False on an instance to force the reference path
-    triton: bool | None = None  # CUDA: Triton kernels (True), not (False), None: $AN_SEARCH_TRITON
+    triton: bool | None = None  # CUDA: Triton kernels (True), not (False), None: triton_wanted
 
     def __init__(
         self,
@@ -289,8 +289,9 @@ class AttentiveNorm(nn.Module):
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor | None:
         """The site as Triton kernels (``_triton_site.py``), eager only; None if n/a or off."""
-        wanted = triton_requested() if self.triton is None else self.triton
-        if not wanted or not self.fused or type(x) is not torch.Tensor:
+        if not triton_wanted(self.triton, self.training):
+            return None
+        if not self.fused or type(x) is not torch.Tensor:
             return None
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
@@ -298,7 +299,7 @@ class AttentiveNorm(nn.Module):
 
     def _forward_native_eval(self, x: torch.Tensor) -> torch.Tensor | None:
         """Eval-mode BatchNorm-based AN as one native call on the CPU (``_eval_plan.py``), as
-        the folded site in nine ops on a GPU (``_device_eval.py``); None if n/a.
+        the folded site in eight ops on a GPU (``_device_eval.py``); None if n/a.
 
         At 7x7 the Python around the kernel is a fifth of the site's time, and it runs with
         the caches just flushed by the previous layer's feature maps: the checks are ordered

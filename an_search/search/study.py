@@ -158,8 +158,10 @@ def prepare_search(
             (e.g. a ``functools.partial`` of a subclass that trains under torchrun).
 
     Raises:
-        BudgetError, StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError.
+        TrainConfigError, BudgetError, StorageError, SpaceError, DataError, UnknownModelError,
+        UnknownNameError.
     """
+    cfg.train.validate()  # (before anything is built on its device)
     space = load_space(cfg.space)
     data = resolve_data(None if cfg.data is None else str(cfg.data))
     objectives = parse_objectives(cfg.objectives)

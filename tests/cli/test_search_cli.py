@@ -67,6 +67,12 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
         (["run", "resnet10t", "--data", "/nonexistent/data"], "/nonexistent/data"),
         (["run", "resnet10t", "--max-params", "1000"], "params"),
         (["run", "resnet10t", "--objectives", "top1,speed"], "speed"),
+        (["run", "resnet10t", "--epochs", "0"], "epochs"),
+        pytest.param(
+            ["run", "resnet10t", "--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),  # (it was an "internal error" after the baseline's build)
         (["report", "/nonexistent/run"], "/nonexistent/run"),
     ],
 )

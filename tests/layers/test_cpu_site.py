@@ -111,3 +111,33 @@ def test_dispatch_modes_see_the_ops() -> None:
     with FlopCounterMode(display=False) as counter:
         y = an(x)
     assert not _one_node(y) and counter.get_total_flops() > 0
+
+
+def test_evaluation_after_more_training_refolds() -> None:
+    """The C kernels write the running statistics through pointers; the site records those
+    writes (version counters), so the eval plan folded after the first step folds again after
+    more training steps with no optimizer step between (BatchNorm recalibration): it had kept
+    the first statistics (eval output off by ~2.5 here)."""
+    torch.manual_seed(0)
+    an = AttentiveNorm(16, 4)
+    x = torch.randn(8, 16, 5, 5)
+
+    def eval_error() -> float:
+        an.eval()
+        ref = copy.deepcopy(an)
+        ref.fused = False
+        with torch.no_grad():
+            err = float((an(x) - ref(x)).abs().max())
+        an.train()
+        return err
+
+    versions = [t._version for t in (an.norm.running_var, an.attn.head.norm.running_mean)]
+    assert _one_node(an(x * 3 + 1))
+    assert [t._version for t in (an.norm.running_var, an.attn.head.norm.running_mean)] == [
+        v + 1 for v in versions
+    ]
+    assert eval_error() < 1e-5
+    with torch.no_grad():
+        for _ in range(3):
+            an(x * 3 + 2)  # recalibration: statistics move, parameters do not
+    assert eval_error() < 1e-5

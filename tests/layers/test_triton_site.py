@@ -192,18 +192,40 @@ def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> N
     an = AttentiveNorm(16, 4)  # (forward calls _forward_triton for CUDA inputs only)
     x = torch.randn(4, 16, 3, 3)
     monkeypatch.delenv(_site_mod.ENV, raising=False)
-    assert an._forward_triton(x) is None  # off by default
-    monkeypatch.setenv(_site_mod.ENV, "1")
     before = int(an.norm.num_batches_tracked)
-    assert an._forward_triton(x) is not None
+    assert an._forward_triton(x) is not None  # by default in training
     assert int(an.norm.num_batches_tracked) == before + 1  # the kernels counted the batch
-    an.triton = False  # the attribute wins over the environment
-    assert an._forward_triton(x) is None
-    monkeypatch.delenv(_site_mod.ENV)
-    an.triton = True
+    an.eval()
+    assert an._forward_triton(x) is None  # ... and not in evaluation (the folded site)
+    monkeypatch.setenv(_site_mod.ENV, "1")
+    assert an._forward_triton(x) is not None  # "1": evaluation too
+    an.train()
+    monkeypatch.setenv(_site_mod.ENV, "0")
+    assert an._forward_triton(x) is None  # "0": never
+    an.triton = True  # the attribute wins over the environment
     assert an._forward_triton(x) is not None
+    monkeypatch.setenv(_site_mod.ENV, "1")
+    an.triton = False
+    assert an._forward_triton(x) is None
+    an.triton = True
     an.fused = False
     assert an._forward_triton(x) is None
+
+
+def test_running_statistics_writes_are_recorded() -> None:
+    """The kernels write the site's and the head's running statistics through pointers; their
+    version counters move as BatchNorm's own update moves them (the eval plans refold on it),
+    and not in evaluation, where nothing is written."""
+    an = AttentiveNorm(16, 4)
+    x = torch.randn(4, 16, 3, 3)
+    bufs = [an.norm.running_mean, an.norm.running_var, an.norm.num_batches_tracked,
+            an.attn.head.norm.running_var, an.attn.head.norm.num_batches_tracked]  # fmt: skip
+    before = [t._version for t in bufs]
+    assert triton_site(an, x) is not None
+    assert [t._version for t in bufs] == [v + 1 for v in before]
+    an.eval()
+    assert triton_site(an, x) is not None
+    assert [t._version for t in bufs] == [v + 1 for v in before]
 
 
 def test_every_variant_compiles_for_the_gpu() -> None:
