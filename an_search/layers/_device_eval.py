@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._eval_plan import _Key, cached_plan, fold, records_grad
+from ._fused import _device_moments
 
 __all__ = ["DEVICE_PLAN_ATTR", "FOLDED_DEVICES", "device_eval"]
 
@@ -64,8 +65,8 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     var + eps); float32 for half and bfloat16 maps, accumulated in float32 without a float32
     copy of the map. bfloat16 (autocast's dtype on a GPU, float32's range): ``var_mean``'s one
     pass, whose float32 accumulators are rounded once to bfloat16 on the way out (both within
-    2^-8 relative); float16, whose variance can overflow: ``E[x^2] - E[x]^2`` from ``mean`` and
-    ``vector_norm`` in float32, as ``_fused``'s device moments."""
+    2^-8 relative); float16, whose variance can overflow: ``_fused``'s device moments,
+    ``E[x^2] - E[x]^2`` from ``mean`` and ``vector_norm`` in float32."""
     dims, n = tuple(range(2, x.dim())), x[0, 0].numel()
     if sc["pool"] == 1:  # avg
         return x.mean(dims, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None)
@@ -74,11 +75,8 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
         var, mean = torch.var_mean(x, dims, correction=correction)
         var = var.float() if x.dtype == torch.bfloat16 else var
         return var.add_(sc["pool_eps"]).rsqrt_().mul_(mean)
-    bessel = n / max(n - 1, 1)
-    mean = x.mean(dims, dtype=torch.float32)
-    sq = torch.linalg.vector_norm(x, 2, dims, dtype=torch.float32).square_().mul_(bessel / n)
-    var = torch.addcmul(sq, mean, mean, value=-bessel).clamp_min_(0.0)  # unbiased
-    return mean * var.add_(sc["pool_eps"]).rsqrt_()
+    mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
+    return mean * var.mul_(n / max(n - 1, 1)).add_(sc["pool_eps"]).rsqrt_()
 
 
 def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
