@@ -14,15 +14,17 @@ BatchNorm1d or GroupNorm(1, width) or no norm, ReLU between, any of the three ga
 batch <= 128, contiguous or channels-last float32/float16/bfloat16 feature maps with float32
 parameters (bfloat16 autocast included).
 
-On by default for eager CUDA training steps (:func:`triton_wanted`): on an H100, batch 64,
-AN-ResNet-50's training step took 0.89x the time of the plain ops in float32 and 0.80x under
-bfloat16 autocast, while its inference took 1.08x (float32) and 1.00x of the folded eval
-site (``_device_eval.py``), which evaluation keeps. ``AN_SEARCH_TRITON=1`` takes the kernels
-in evaluation too, ``0`` never; ``an.triton`` (True or False) wins over both.
+On by default for eager CUDA training steps on Ampere and later GPUs (:func:`triton_wanted`):
+on an H100, batch 64, AN-ResNet-50's training step took 0.88-0.89x the time of the plain ops in
+float32 and 0.78-0.80x under bfloat16 autocast (two machines), while its inference took 1.08x
+(float32) and 1.00x of the folded eval site (``_device_eval.py``), which evaluation keeps.
+``AN_SEARCH_TRITON=1`` takes the kernels in evaluation too, ``0`` never; ``an.triton`` (True
+or False) wins over both.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -44,13 +46,21 @@ _WARPS = 8  # for the tiled kernels: 4 warps spill registers at batch 64, K 20 (
 _state: dict[str, tuple[ModuleType, ModuleType] | None] = {}
 
 
-def triton_wanted(flag: bool | None, training: bool) -> bool:
-    """Whether an eager CUDA site takes the Triton kernels: ``flag`` (``an.triton``) where set,
-    else ``AN_SEARCH_TRITON`` where it is "1" (always) or "0" (never), else in training only."""
+def triton_wanted(flag: bool | None, training: bool, device: torch.device) -> bool:
+    """Whether an eager site takes the Triton kernels: ``flag`` (``an.triton``) where set, else
+    ``AN_SEARCH_TRITON`` where it is "1" (always) or "0" (never), else in training only, on
+    GPUs of compute capability 8.0 and up (Ampere on, as bfloat16 needs; run on sm_90)."""
     if flag is not None:
         return flag
     env = os.environ.get(ENV)
-    return env == "1" if env in ("0", "1") else training
+    if env in ("0", "1"):
+        return env == "1"
+    return training and (device.type != "cuda" or _ampere_on(device.index))
+
+
+@functools.cache
+def _ampere_on(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def triton_available() -> bool:

@@ -289,7 +289,7 @@ class AttentiveNorm(nn.Module):
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor | None:
         """The site as Triton kernels (``_triton_site.py``), eager only; None if n/a or off."""
-        if not triton_wanted(self.triton, self.training):
+        if not triton_wanted(self.triton, self.training, x.device):
             return None
         if not self.fused or type(x) is not torch.Tensor:
             return None

@@ -212,6 +212,23 @@ def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert an._forward_triton(x) is None
 
 
+def test_default_needs_ampere_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default only GPUs of compute capability 8.0 and up take the kernels (built for sm_80
+    and sm_90); the attribute and the environment still choose on any GPU."""
+    wanted, cuda = _site_mod.triton_wanted, torch.device("cuda", 0)
+    monkeypatch.delenv(_site_mod.ENV, raising=False)
+    for capability, default in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=capability: c)
+        _site_mod._ampere_on.cache_clear()
+        assert wanted(None, True, cuda) is default, capability
+        assert wanted(None, False, cuda) is False  # evaluation: the folded site
+        assert wanted(True, False, cuda) is True and wanted(False, True, cuda) is False
+        monkeypatch.setenv(_site_mod.ENV, "1")
+        assert wanted(None, True, cuda) is True
+        monkeypatch.delenv(_site_mod.ENV)
+    _site_mod._ampere_on.cache_clear()
+
+
 def test_running_statistics_writes_are_recorded() -> None:
     """The kernels write the site's and the head's running statistics through pointers; their
     version counters move as BatchNorm's own update moves them (the eval plans refold on it),
