@@ -12,10 +12,12 @@ key: any parameter, buffer, submodule or folded attribute that changes refolds).
 
 Half and bfloat16 maps (an AMP validation pass, a half model): the statistics accumulate in
 float32 (:func:`_pooled`), the head and the mixtures run in float32 with autocast switched off
-inside the site (under autocast each would cast the weights again, every call), and the scales
-and shifts are rounded once to the map's dtype: ten ops for bfloat16 (it was fourteen, with
-float16's ``E[x^2] - E[x]^2``: under bfloat16 autocast an H100 ran AN-ResNet-50's inference
-at the pace of the CPU's launches, 1.9x ResNet-50's time).
+inside the site (under autocast each would cast the weights again, every call), and the output
+is computed from the float32 scales and shifts and rounded once to the map's dtype. The mixed
+dtypes cost no launch (CUDA kernels cast as they load and store): eight ops for bfloat16 as
+for float32 (it was fourteen, with float16's ``E[x^2] - E[x]^2`` and two casts; under bfloat16
+autocast an H100 ran AN-ResNet-50's inference at the pace of the CPU's launches, 1.9x
+ResNet-50's time with fourteen, 1.6x with ten), 13 for float16.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _DevicePlan:
     key: _Key
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (W^T with the norm's scale, bias)
     mix: torch.Tensor | None  # (K, 2C): the scale mixtures, then the shift mixtures
-    scalars: dict[str, int | float]
+    scalars: dict[str, int | float | torch.Tensor]  # eps_t: the pool's eps, a (1,) tensor
 
 
 def _build(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
@@ -56,7 +58,8 @@ def _build(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
     pairs = [(w1, s1, b1), (w2, s2, b2)][: int(scalars["layers"])]
     layers = [((w * s[:, None]).T.to(dtype).contiguous(), b.to(dtype)) for w, s, b in pairs]
     mix = torch.cat([mix_a, mix_t], 1).to(dtype)
-    scalars = {**scalars, "gn_w": gn_w.to(dtype), "gn_b": gn_b.to(dtype)}
+    eps = torch.full((1,), float(scalars.get("pool_eps", 0.0)), dtype=dtype, device=mix.device)
+    scalars = {**scalars, "gn_w": gn_w.to(dtype), "gn_b": gn_b.to(dtype), "eps_t": eps}
     return _DevicePlan(key, layers, mix, scalars)
 
 
@@ -73,8 +76,11 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     if x.dtype != torch.float16:
         correction = 1 if n > 1 else 0  # (a single value: variance 0, as the pool has it)
         var, mean = torch.var_mean(x, dims, correction=correction)
-        var = var.float() if x.dtype == torch.bfloat16 else var
-        return var.add_(sc["pool_eps"]).rsqrt_().mul_(mean)
+        eps = sc.get("eps_t")
+        if eps is None:
+            acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+            eps = torch.full((1,), float(sc["pool_eps"]), dtype=acc, device=x.device)
+        return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
     return mean * var.mul_(n / max(n - 1, 1)).add_(sc["pool_eps"]).rsqrt_()
 
@@ -115,7 +121,7 @@ def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     gate = sc["gate"]
     lam = F.hardsigmoid(h) if gate == 0 else torch.sigmoid(h) if gate == 1 else h.softmax(1)
     coef = (lam @ plan.mix).view(x.shape[0], 2, x.shape[1])  # scale, shift: (B, C) each
-    coef = coef.to(x.dtype)  # (no op where they agree)
     tail = (None,) * (x.dim() - 2)  # (B, C, 1, ...) views
+    y = torch.empty_like(x)  # (a half map: computed with the float32 coefficients, rounded once)
     return torch.addcmul(coef[(slice(None), 1, slice(None), *tail)], x,
-                         coef[(slice(None), 0, slice(None), *tail)])  # fmt: skip
+                         coef[(slice(None), 0, slice(None), *tail)], out=y)  # fmt: skip

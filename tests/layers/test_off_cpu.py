@@ -163,8 +163,10 @@ def test_copies_leave_the_plan_behind() -> None:
 def test_module_off_the_cpu_runs_eight_ops() -> None:
     """The module's eval forward on a non-CPU device takes the folded site: eight launches for
     the default head (it was fifteen: the head's BatchNorm1d, two mixtures, the batch-norm
-    scale and shift), none of them folding again on the second call; ten for a bfloat16 map
-    (22 before autocast's casts, 14 with float16's moments), fourteen for float16."""
+    scale and shift), none of them folding again on the second call; eight for a bfloat16 map
+    too (22 before autocast's casts, 14 with float16's moments and casts), 13 for float16. The
+    mixed-dtype ops (bfloat16 variance + float32 eps, the float32 coefficients into a bfloat16
+    output) are one kernel each on CUDA, which casts as it loads and stores."""
     an = AttentiveNorm(16, 6).eval().to("meta")
     x = torch.empty(8, 16, 7, 7, device="meta")
     with torch.no_grad():
@@ -172,15 +174,15 @@ def test_module_off_the_cpu_runs_eight_ops() -> None:
         with CountOps() as counted:
             y = an(x)
     assert y.shape == x.shape and DEVICE_PLAN_ATTR in an.__dict__
-    assert counted.ops == {"var_mean": 1, "add_": 1, "rsqrt_": 1, "mul_": 1, "addmm": 1,
+    assert counted.ops == {"var_mean": 1, "add": 1, "rsqrt_": 1, "mul_": 1, "addmm": 1,
                            "hardsigmoid": 1, "mm": 1, "addcmul": 1}, counted.ops  # fmt: skip
     with torch.no_grad():
         x16 = x.to(torch.bfloat16)
         an(x16)  # folds for float32 compute
         with CountOps() as counted:
             an(x16)
-    want = {"var_mean": 1, "_to_copy": 2, "add_": 1, "rsqrt_": 1, "mul_": 1, "addmm": 1,
-            "hardsigmoid": 1, "mm": 1, "addcmul": 1}  # fmt: skip
+    want = {"var_mean": 1, "add": 1, "rsqrt_": 1, "mul_": 1, "addmm": 1, "hardsigmoid": 1,
+            "mm": 1, "addcmul": 1}  # fmt: skip
     assert counted.ops == want, counted.ops
     with torch.no_grad():
         x16 = x.to(torch.float16)
@@ -189,7 +191,7 @@ def test_module_off_the_cpu_runs_eight_ops() -> None:
             an(x16)
     want = {"mean": 1, "linalg_vector_norm": 1, "pow": 1, "div": 1, "addcmul": 2,
             "clamp_min": 1, "mul_": 1, "add_": 1, "rsqrt_": 1, "mul": 1, "addmm": 1,
-            "hardsigmoid": 1, "mm": 1, "_to_copy": 1}  # fmt: skip
+            "hardsigmoid": 1, "mm": 1}  # fmt: skip
     assert counted.ops == want, counted.ops
     cpu = AttentiveNorm(16, 6).eval()
     with torch.no_grad(), CountOps() as counted:
