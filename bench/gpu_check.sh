@@ -9,7 +9,16 @@
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs land in OUT_DIR (default: $OUT or /tmp/an-gpu)
 #
 # Where the project is not installed (a bare machine), put its dependencies on PYTHONPATH first;
-# `.devsite/` beside this repository, if present, is used for that.
+# `.devsite/` beside this repository, if present, is used for that. A machine with PyTorch,
+# Triton, timm, typer and rich but no Optuna or fvcore (Python 3.12) takes this one, built
+# where pip works (git-ignore it locally, carry it along):
+#   pip download -d /tmp/w --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+#     optuna alembic sqlalchemy greenlet mako colorlog yacs termcolor
+#   pip download -d /tmp/w --no-deps --no-binary=:all: fvcore iopath
+#   for w in /tmp/w/*.whl; do unzip -qo "$w" -d .devsite; done
+#   for s in /tmp/w/*.tar.gz; do tar xzf "$s" -C /tmp/w; done
+#   cp -r /tmp/w/fvcore-*/fvcore /tmp/w/iopath-*/iopath .devsite/
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/an-gpu}}
 mkdir -p "$OUT_DIR"
