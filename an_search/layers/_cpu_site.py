@@ -192,6 +192,8 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     kind = _GATES.get(type(gate))
     if type(norm) not in _BATCHNORMS or type(pool) not in _POOLS or len(head) != 3 or not kind:
         return None
+    if not norm.training:
+        return None  # frozen by norm.eval() in a training model: running statistics normalise
     if type(fc) is not nn.Linear or type(hbn) is not nn.BatchNorm1d or not hbn.training:
         return None
     if fc._parameters["bias"] is not None or not hbn.affine or x.shape[0] < 2:

@@ -138,10 +138,10 @@ def site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> Site | None:
     head = _head(an.attn.head, b)
     if head is None:
         return None
-    use_running = not an.training and bn.running_mean is not None
-    if not use_running and b * n < 2:
+    use_running = not bn.training and bn.running_mean is not None  # (its own mode: frozen
+    if not use_running and b * n < 2:  # by bn.eval() in a training model, it normalises so)
         return None
-    update = an.training and bn.running_mean is not None
+    update = bn.training and bn.running_mean is not None
     width = head[0][0].fc.out_features
     bb, bh, bk = max(16, pow2(b)), max(16, pow2(width)), max(16, pow2(k))
     bc = block_c or max(16, min(128, _BC_TILE // bb))

@@ -283,7 +283,7 @@ class AttentiveNorm(nn.Module):
             return self.base == "groupnorm"
         if isinstance(self.norm, nn.SyncBatchNorm):
             return False  # batch statistics must be all-reduced: let SyncBatchNorm do it
-        if self.training and x.numel() // x.shape[1] <= 1:
+        if self._modules["norm"].training and x.numel() // x.shape[1] <= 1:
             return False  # the inner BatchNorm raises its usual error
         return True
 
@@ -370,7 +370,9 @@ class AttentiveNorm(nn.Module):
             mean, var = group_stats(m, v, self.norm.num_groups)  # (B, C) each
             scale, shift = scale_shift(*self._mix(lam), mean, var, self.norm.eps)
             return channel_affine(x, scale, shift, link)
-        n, training = x3.shape[2], self.training
+        # the inner BatchNorm's own mode, as the reference path calls it: it may be frozen
+        # (``norm.eval()``) inside a training model, then its running statistics normalise
+        n, training = x3.shape[2], self._modules["norm"].training
         tail = site_tail(self.norm, m, v, lam, self.weight, self.bias, n, training)  # one node
         if tail is None:
             tail = batch_scale_shift(self.norm, m, v, *self._mix(lam), n, training)

@@ -49,13 +49,19 @@ def _unfused(ref: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
     return gamma.view(shape) * x_hat + beta.view(shape)
 
 
-def _run_pair(an: AttentiveNorm, x: torch.Tensor, modes: list[bool]) -> AttentiveNorm:
-    """Run fused ``an`` and the unfused reference on a copy through ``modes``; compare all."""
+def _run_pair(
+    an: AttentiveNorm, x: torch.Tensor, modes: list[bool], frozen_norm: bool = False
+) -> AttentiveNorm:
+    """Run fused ``an`` and the unfused reference on a copy through ``modes``; compare all.
+    ``frozen_norm``: the inner BatchNorm in eval mode whatever the site's mode."""
     ref = copy.deepcopy(an)
     x_ref = x.detach().clone().requires_grad_(x.requires_grad)
     for training in modes:
         an.train(training)
         ref.train(training)
+        if frozen_norm:
+            an.norm.eval()
+            ref.norm.eval()
         y, y_ref = an(x), _unfused(ref, x_ref)
         torch.testing.assert_close(y, y_ref)
         g = torch.randn_like(y)
@@ -80,6 +86,23 @@ def test_batchnorm_fused_matches_unfused(base: str, shape: tuple, momentum: floa
     x = (torch.randn(shape, dtype=torch.double) * 2 + 1).requires_grad_()
     ref = _run_pair(an, x, [True, True, True, False])
     assert int(an.norm.num_batches_tracked) == int(ref.norm.num_batches_tracked) == 3
+
+
+def test_frozen_inner_batchnorm_in_a_training_site() -> None:
+    """``norm.eval()`` inside a training site (a frozen BatchNorm, as fine-tuning recipes do):
+    its running statistics normalise and stay as they are while the head trains, as the
+    reference calls the module. The fused paths had taken the site's mode: batch statistics,
+    running ones updated, the output off by ~2 (the C one-node site now declines)."""
+    an = AttentiveNorm(C, K).double()
+    with torch.no_grad():
+        for _ in range(2):
+            an(torch.randn(5, C, 4, 3, dtype=torch.double) * 2 + 1)  # statistics != init
+    running = [b.clone() for b in an.norm.buffers()]
+    head = an.attn.head.norm.running_mean.clone()
+    x = (torch.randn(5, C, 4, 3, dtype=torch.double) * 3 - 1).requires_grad_()
+    _run_pair(an, x, [True, True], frozen_norm=True)
+    assert all(torch.equal(a, b) for a, b in zip(an.norm.buffers(), running, strict=True))
+    assert not torch.equal(an.attn.head.norm.running_mean, head)  # the head still trains
 
 
 def test_groupnorm_fused_matches_unfused() -> None:

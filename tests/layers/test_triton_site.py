@@ -212,6 +212,28 @@ def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert an._forward_triton(x) is None
 
 
+def test_frozen_inner_batchnorm_in_a_training_site() -> None:
+    """``norm.eval()`` in a training site: the kernels normalise with the running statistics
+    and leave them (and the counter) alone, as the reference module does; gradients agree."""
+    an = AttentiveNorm(16, 4)
+    with torch.no_grad():
+        for _ in range(2):
+            triton_site(an, torch.randn(6, 16, 3, 3) * 2 + 1)  # statistics != init
+    an.norm.eval()
+    ref = copy.deepcopy(an).double()
+    ref.fused = False
+    running = [b.clone() for b in an.norm.buffers()]
+    x = (torch.randn(6, 16, 3, 3) * 3 - 1).requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    y, yr = triton_site(an, x), ref(xr)
+    assert y is not None and _rel(y, yr) < 1e-5
+    g = torch.randn_like(yr)
+    y.backward(g.float())
+    yr.backward(g)
+    assert _rel(x.grad, xr.grad) < 1e-5 and _rel(an.weight.grad, ref.weight.grad) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(an.norm.buffers(), running, strict=True))
+
+
 def test_default_needs_ampere_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default only GPUs of compute capability 8.0 and up take the kernels (built for sm_80
     and sm_90); the attribute and the environment still choose on any GPU."""
