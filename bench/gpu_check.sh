@@ -7,6 +7,8 @@
 # a short `an-search run` on CUDA, and last bench/models.py under torch.compile.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs land in OUT_DIR (default: $OUT or /tmp/an-gpu)
+#   STEPS="compile" BUDGET_S=500 bash bench/gpu_check.sh   # some steps only (names below); the
+#                                  # compile rows took over 200 s on an H100 (3 models, 2 modes)
 #
 # Where the project is not installed (a bare machine), put its dependencies on PYTHONPATH first;
 # `.devsite/` beside this repository, if present, is used for that. A machine with PyTorch,
@@ -27,8 +29,10 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT/.devsite:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-470}  # seconds for the whole script
+STEPS=" ${STEPS:-tests models layer triton search compile} "
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 # capped MIN CAP LOG CMD...: run CMD (output appended to LOG) for at most CAP seconds and at most
 # what is left, or skip it when less than MIN seconds are left.
 capped() {
@@ -47,19 +51,19 @@ timm.__version__, 'optuna', optuna.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name())"
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -m gpu -rfE)
-capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton" tests/test_cuda.py \
-  tests/search/test_ddp.py
+want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton" \
+  tests/test_cuda.py tests/search/test_ddp.py
 for amp in "" --amp; do
-  capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 --repeats 15 \
-    --warmup 3 --ops $amp
+  want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
+    --repeats 15 --warmup 3 --ops $amp
 done
 for mode in auto off; do
-  capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 --warmup 5 \
-    --plain --triton $mode
+  want layer && capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 \
+    --warmup 5 --plain --triton $mode
 done
-capped 40 100 pytest_triton.log "${PYTEST[@]}" -q -k triton tests/test_cuda.py
-capped 50 70 search.log "$PY" -m cli.search run resnet10t --device cuda --n-trials 4 \
-  --epochs 2 --batches-per-epoch 20 --val-fraction 0.25 --output /tmp/an-gpu-run -q
-capped 60 200 models_compile.txt "$PY" bench/models.py --device cuda --batch 64 --repeats 15 \
-  --warmup 3 --compile --amp
+want triton && capped 40 100 pytest_triton.log "${PYTEST[@]}" -q -k triton tests/test_cuda.py
+want search && capped 50 70 search.log "$PY" -m cli.search run resnet10t --device cuda \
+  --n-trials 4 --epochs 2 --batches-per-epoch 20 --val-fraction 0.25 --output /tmp/an-gpu-run -q
+want compile && capped 60 600 models_compile.txt "$PY" bench/models.py --device cuda --batch 64 \
+  --repeats 15 --warmup 3 --compile --amp
 echo "=== done (t=$((SECONDS - START)) s)"
