@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from an_search._compat import filter_torchscript_warning
+from an_search._modes import eval_mode
 from an_search.layers import AttentiveNorm
 
 from .handles import Handle, extra_handles
@@ -122,18 +122,6 @@ def _example_input(model: nn.Module, input_size: tuple[int, ...], batch: int) ->
     return torch.randn(batch, *input_size, device=device, dtype=dtype, generator=generator)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, then restore each module's own mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -168,7 +156,7 @@ def count_cost(
 
     x = _example_input(model, tuple(input_size), batch_size)
     an_names = _an_module_names(model)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         analysis = FlopCountAnalysis(model, (x,))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         # fvcore keeps the ops it skips silently (relu, clamp, ...) in a private set; without it

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from an_search._modes import eval_mode
+
 __all__ = ["SiteTracer", "TraceResult", "is_norm_module", "norm_classes", "trace_model"]
 
 # Generic torch bases: every subclass is a norm (BatchNorm*, SyncBatchNorm, InstanceNorm*, ...).
@@ -143,15 +145,12 @@ def _autowrap_functions() -> tuple[Callable[..., Any], ...]:
 @contextmanager
 def _eval_and_restore(model: nn.Module) -> Iterator[None]:
     """Eval mode while tracing; put back every module's mode and the root's attribute dicts."""
-    modes = [(m, m.training) for m in model.modules()]
     saved = {k: dict(getattr(model, k)) for k in ("_parameters", "_buffers", "_modules")}
     plain = set(vars(model))
-    model.eval()
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        for m, training in modes:
-            m.training = training
         for k, d in saved.items():
             getattr(model, k).clear()
             getattr(model, k).update(d)
