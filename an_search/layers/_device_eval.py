@@ -73,16 +73,13 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     dims, n = tuple(range(2, x.dim())), x[0, 0].numel()
     if sc["pool"] == 1:  # avg
         return x.mean(dims, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None)
+    eps = sc["eps_t"]  # (1,), the plan's dtype: float32 for half and bfloat16 maps
     if x.dtype != torch.float16:
         correction = 1 if n > 1 else 0  # (a single value: variance 0, as the pool has it)
         var, mean = torch.var_mean(x, dims, correction=correction)
-        eps = sc.get("eps_t")
-        if eps is None:
-            acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-            eps = torch.full((1,), float(sc["pool_eps"]), dtype=acc, device=x.device)
         return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
-    return mean * var.mul_(n / max(n - 1, 1)).add_(sc["pool_eps"]).rsqrt_()
+    return mean * var.mul_(n / max(n - 1, 1)).add_(eps).rsqrt_()
 
 
 def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -138,8 +138,9 @@ def site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> Site | None:
     head = _head(an.attn.head, b)
     if head is None:
         return None
-    use_running = not bn.training and bn.running_mean is not None  # (its own mode: frozen
-    if not use_running and b * n < 2:  # by bn.eval() in a training model, it normalises so)
+    # the norm's own mode: frozen by bn.eval() in a training model, its running stats normalise
+    use_running = not bn.training and bn.running_mean is not None
+    if not use_running and b * n < 2:
         return None
     update = bn.training and bn.running_mean is not None
     width = head[0][0].fc.out_features

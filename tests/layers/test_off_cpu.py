@@ -128,13 +128,14 @@ def test_pooled_statistic_of_any_dtype_matches_float64(dtype: torch.dtype) -> No
     x = (torch.randn(5, 7, 4, 6) * 2 + 3).to(dtype)  # mean^2 ~ 2 var: the terms matter
     xd = x.double().flatten(2)
     rtol = 2**-8 * 1.5 if dtype == torch.bfloat16 else 2e-6  # mean's rounding, half var's
+    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # the plan's
     for pool, eps in ((0, 1e-3), (1, 0.0)):
-        got = _pooled(x, {"pool": pool, "pool_eps": eps})
+        got = _pooled(x, {"pool": pool, "eps_t": torch.full((1,), eps, dtype=acc)})
         mean = xd.mean(2)
         want = mean / (xd.var(2, correction=1) + eps).sqrt() if pool == 0 else mean
         assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
-    one = _pooled(x[:, :, :1, :1], {"pool": 0, "pool_eps": 1e-3})  # one value: variance 0
+    one = _pooled(x[:, :, :1, :1], {"pool": 0, "eps_t": torch.full((1,), 1e-3, dtype=acc)})
     torch.testing.assert_close(one.double(), xd[:, :, 0] / 1e-3**0.5, rtol=rtol, atol=1e-6)
 
 
