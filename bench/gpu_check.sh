@@ -3,7 +3,8 @@
 # most wanted first, each step capped by what is left of BUDGET_S (skipped under its minimum):
 # the tests marked `gpu` (Triton's after the benchmarks: their first run compiles every kernel
 # variant), bench/models.py eager (float32, then bfloat16 autocast; AN as by default, whose
-# training step takes the Triton kernels, and on plain ops), bench/an_layer.py (the same two),
+# training step takes the Triton kernels, and on plain ops), bench/profile_step.py (how much of
+# a step the GPU computes, and AN's extra kernels), bench/an_layer.py (the same two),
 # a short `an-search run` on CUDA, and last bench/models.py under torch.compile.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs land in OUT_DIR (default: $OUT or /tmp/an-gpu)
@@ -29,7 +30,7 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT/.devsite:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-470}  # seconds for the whole script
-STEPS=" ${STEPS:-tests models layer triton search compile} "
+STEPS=" ${STEPS:-tests models profile layer triton search compile} "
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -56,6 +57,10 @@ want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton" \
 for amp in "" --amp; do
   want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
     --repeats 15 --warmup 3 --ops $amp
+done
+for amp in "" --amp; do
+  want profile && capped 40 60 profile.txt "$PY" bench/profile_step.py --device cuda --batch 64 \
+    --steps 10 $amp
 done
 for mode in auto off; do
   want layer && capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 \

@@ -31,7 +31,9 @@ from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm  # noqa: E402
 from an_search.layers.heads import HEADS  # noqa: E402
 
-_SKIP = frozenset({"view", "t", "expand", "unsqueeze", "detach", "select", "slice", "alias"})
+_SKIP = frozenset(
+    {"view", "t", "expand", "unsqueeze", "detach", "select", "slice", "alias", "unbind"}
+)
 
 
 class CountOps(TorchDispatchMode):

@@ -23,52 +23,29 @@ import copy
 import statistics
 from collections.abc import Callable
 
-import timm
 import torch
-from _timing import interleaved_times, paired_ratio, paired_ratio_ci  # bench/ on sys.path
+from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
+from _timing import interleaved_times, paired_ratio, paired_ratio_ci
 
-from an_search import convert
 from an_search.layers import AttentiveNorm, _native
-
-
-def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    """The base model, its AN conversion and (unless ``--se-model none``) the SE model."""
-    base = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
-    an = convert(copy.deepcopy(base), placement=args.placement, cost=False).model
-    models = {args.model: base, f"an-{args.model}": an}
-    if args.se_model != "none":
-        models[args.se_model] = timm.create_model(
-            args.se_model, pretrained=False, num_classes=args.classes
-        )
-    return models
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=224)
+    add_arguments(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
     p.add_argument(
         "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
     )
-    p.add_argument("--model", default="resnet50", help="the timm model AN converts")
-    p.add_argument("--se-model", default="seresnet50", help="the SE contender, or none")
-    p.add_argument("--placement", default="paper", help="an-convert's placement policy")
-    p.add_argument("--classes", type=int, default=1000)
     args = p.parse_args()
     if args.ops and not args.device.startswith("cuda"):
         p.error("--ops needs --device cuda (the Triton site runs on CUDA tensors only)")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=dev)
-    y = torch.randint(0, args.classes, (args.batch,), device=dev)
-    models = {k: m.to(dev) for k, m in _models(args).items()}
+    models = build_models(args)
     names = list(models)  # base, AN, [SE]
     if args.ops:  # the same AN model, its sites kept off the Triton kernels (AN_SEARCH_TRITON=0)
         models[f"{names[1]}-ops"] = copy.deepcopy(models[names[1]])
@@ -78,26 +55,7 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = dict(models)
     if args.compile:
         variants.update({f"{k}+compile": torch.compile(m) for k, m in models.items()})
-    loss_fn = torch.nn.CrossEntropyLoss()
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
-
-    def autocast() -> torch.autocast:
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
-
-    def train_step(name: str) -> None:
-        m = variants[name]
-        m.train()
-        opts[name].zero_grad(set_to_none=True)
-        with autocast():
-            loss = loss_fn(m(x), y)
-        loss.backward()
-        opts[name].step()
-
-    def infer(name: str) -> None:
-        m = variants[name]
-        m.eval()
-        with torch.inference_mode(), autocast():
-            m(x)
+    train_step, infer = step_functions(variants, args)
 
     kernels = _native.unavailable_reason() or "on"
     print(

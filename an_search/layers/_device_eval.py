@@ -117,8 +117,8 @@ def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
         h = F.group_norm(h, 1, sc["gn_w"], sc["gn_b"], float(sc["gn_eps"]))
     gate = sc["gate"]
     lam = F.hardsigmoid(h) if gate == 0 else torch.sigmoid(h) if gate == 1 else h.softmax(1)
-    coef = (lam @ plan.mix).view(x.shape[0], 2, x.shape[1])  # scale, shift: (B, C) each
-    tail = (None,) * (x.dim() - 2)  # (B, C, 1, ...) views
+    # scale, shift: (B, C, 1, ...) each (one unbind: half the host time of two indexings)
+    coef = (lam @ plan.mix).view((x.shape[0], 2, x.shape[1]) + (1,) * (x.dim() - 2))
+    scale, shift = coef.unbind(1)
     y = torch.empty_like(x)  # (a half map: computed with the float32 coefficients, rounded once)
-    return torch.addcmul(coef[(slice(None), 1, slice(None), *tail)], x,
-                         coef[(slice(None), 0, slice(None), *tail)], out=y)  # fmt: skip
+    return torch.addcmul(shift, x, scale, out=y)

@@ -1,0 +1,164 @@
+"""Where a step's time goes: the device's kernels against the host's Python, dispatch and launches.
+
+For the contenders of bench/models.py (resnet50, AN-resnet50 with the paper's placement,
+seresnet50; same options), times ``--steps`` training steps and inference calls of each
+without the profiler, then profiles as many with torch.profiler, and prints per step:
+
+- ``wall``: the median step, synchronised, profiler off;
+- ``device``: on a GPU, the union of the kernels' intervals (the time the GPU computed); on the
+  CPU, the ATen ops' self time (profiler on; AN's C kernels are not ATen ops: wall only);
+- ``busy``: device / wall. Near 100%, the device bounds the step and only less work helps; far
+  below, the host does (Python, dispatch, launches): fewer launches or CUDA graphs help;
+- ``launches``: kernels, copies and sets a step on a GPU; on the CPU, the outermost ATen calls
+  but views and allocations (the C kernels of AN's sites not counted);
+
+then, by kernel (or op) name, what the AN model spends a step beyond the base model, largest
+first: the place to make cheaper. Compare rows of one run only. Meant for a GPU; on the CPU it
+is a smoke run whose launch counts hold but whose op times are the profiler's (it slows each
+op) and whose busy share can pass 100%.
+
+    python bench/profile_step.py --device cuda --batch 64 [--amp]
+    .venv/bin/python bench/profile_step.py --model resnet10t --se-model none --img-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
+from _timing import sync
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass
+class StepProfile:
+    """Per step: wall seconds (profiler off), device seconds, launches, and seconds by name."""
+
+    wall: float
+    device: float
+    launches: float
+    by_name: dict[str, float]
+
+    @property
+    def busy(self) -> float:
+        return self.device / self.wall
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of closed intervals ``(start, end)``: overlapping kernels (several
+    streams) count once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def device_events(events: Iterable, cuda: bool) -> list:
+    """What the device ran: CUDA kernels, copies and sets; or the CPU's ATen ops."""
+    if cuda:
+        return [e for e in events if e.device_type == DeviceType.CUDA]
+    return [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+
+
+def _seconds(e: object, cuda: bool) -> float:
+    """A device event's duration; a CPU op's self time (its children's taken out)."""
+    return (e.time_range.elapsed_us() if cuda else e.self_cpu_time_total) * 1e-6
+
+
+_VIEWS = frozenset(f"aten::{n}" for n in ("view", "t", "expand", "unsqueeze", "squeeze", "detach",
+                                         "select", "slice", "alias", "as_strided", "permute",
+                                         "transpose", "unbind", "split", "narrow"))  # fmt: skip
+
+
+def _launches(events: list, cuda: bool) -> int:
+    """CUDA: the events. CPU: the outermost ATen calls (from Python or autograd's engine; what
+    runs inside one is part of it), views and allocations left out."""
+    if cuda:
+        return len(events)
+    return sum(
+        not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+        and e.name not in _VIEWS
+        and not e.name.startswith("aten::empty")
+        for e in events
+    )
+
+
+def profile_step(fn: Callable[[], None], steps: int, device: torch.device) -> StepProfile:
+    """``fn`` timed ``steps`` times (median wall), then run ``steps`` times under the profiler."""
+    walls = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    events = device_events(prof.events(), cuda)
+    if cuda:
+        busy = union_length((e.time_range.start, e.time_range.end) for e in events) * 1e-6
+    else:
+        busy = sum(_seconds(e, cuda) for e in events)
+    by_name: Counter[str] = Counter()
+    for e in events:
+        by_name[e.name] += _seconds(e, cuda) / steps
+    return StepProfile(
+        statistics.median(walls), busy / steps, _launches(events, cuda) / steps, by_name
+    )
+
+
+def extra(an: StepProfile, base: StepProfile, top: int) -> list[tuple[str, float]]:
+    """The ``top`` names on which ``an`` spends the most seconds a step beyond ``base``."""
+    names = set(an.by_name) | set(base.by_name)
+    gaps = {n: an.by_name.get(n, 0.0) - base.by_name.get(n, 0.0) for n in names}
+    return sorted(gaps.items(), key=lambda kv: -kv[1])[:top]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("--steps", type=int, default=10, help="timed and profiled steps each")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=12, help="names in the AN model's extra")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    models = build_models(args)
+    names = list(models)  # base, AN, [SE]
+    train_step, infer = step_functions(models, args)
+    print(
+        f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
+        f"torch={torch.__version__} steps={args.steps}{' amp=bfloat16' if args.amp else ''}"
+    )
+    for mode, fn in (("train step", train_step), ("inference", infer)):
+        for _ in range(args.warmup):
+            for name in names:
+                fn(name)
+        prof = {n: profile_step(lambda n=n, fn=fn: fn(n), args.steps, dev) for n in names}
+        print(f"\n{mode}: {'model':>18s} {'wall ms':>9s} {'device ms':>10s} {'busy':>6s} "
+              f"{'launches':>9s}")  # fmt: skip
+        for n in names:
+            r = prof[n]
+            print(f"{'':12s}{n:>18s} {r.wall * 1e3:9.2f} {r.device * 1e3:10.2f} "
+                  f"{r.busy:6.0%} {r.launches:9.0f}")  # fmt: skip
+        an, base = prof[names[1]], prof[names[0]]
+        print(f"{'':12s}{names[1]} beyond {names[0]}, ms a step (device time by name):")
+        for name, gap in extra(an, base, args.top):
+            print(f"{'':14s}{gap * 1e3:8.3f}  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()

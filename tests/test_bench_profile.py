@@ -1,0 +1,49 @@
+"""bench/profile_step.py's arithmetic: the union of kernel intervals, the launch count and the
+AN model's extra by name, against independent computations written here."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+_BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(_BENCH))  # profile_step imports its siblings as the scripts do
+_SPEC = importlib.util.spec_from_file_location("bench_profile", _BENCH / "profile_step.py")
+prof = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = prof  # (its dataclass looks its module up there)
+_SPEC.loader.exec_module(prof)
+
+
+def test_union_length_counts_overlaps_once() -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        spans = []
+        for _ in range(rng.randint(0, 8)):
+            start = rng.randint(0, 90)
+            spans.append((start, start + rng.randint(0, 15)))
+        covered = {t for a, b in spans for t in range(a, b)}  # unit cells [t, t + 1)
+        assert prof.union_length(spans) == len(covered)
+
+
+def test_profile_step_counts_each_op_of_a_step() -> None:
+    x = torch.randn(64, 64)
+
+    def step() -> None:  # three ops that compute, and one view (not counted)
+        torch.mm(x, x).add_(1.0).relu_().view(-1)
+
+    r = prof.profile_step(step, steps=4, device=torch.device("cpu"))
+    assert r.launches == 3
+    assert {"aten::mm", "aten::add_", "aten::relu_"} <= set(r.by_name)
+    assert r.wall > 0 and r.device > 0
+
+
+def test_extra_ranks_the_names_by_the_gap() -> None:
+    base = prof.StepProfile(1.0, 0.5, 3, {"conv": 0.4, "bn": 0.1})
+    an = prof.StepProfile(1.2, 0.7, 6, {"conv": 0.41, "bn": 0.05, "moments": 0.2, "mm": 0.04})
+    gaps = prof.extra(an, base, top=3)
+    assert [n for n, _ in gaps] == ["moments", "mm", "conv"]
+    assert abs(gaps[0][1] - 0.2) < 1e-12 and abs(gaps[2][1] - 0.01) < 1e-12
