@@ -25,19 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.layers import evo_norm
 from timm.layers import norm as timm_norm
 from timm.layers import norm_act as timm_norm_act
-from timm.layers.evo_norm import (
-    EvoNorm2dB0,
-    EvoNorm2dB1,
-    EvoNorm2dB2,
-    EvoNorm2dS0,
-    EvoNorm2dS0a,
-    EvoNorm2dS1,
-    EvoNorm2dS1a,
-    EvoNorm2dS2,
-    EvoNorm2dS2a,
-)
 from timm.layers.filter_response_norm import FilterResponseNormAct2d, FilterResponseNormTlu2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.inplace_abn import InplaceAbn
@@ -114,16 +104,12 @@ SUPPORTED_NORM_CLASSES: dict[type[nn.Module], str] = {
     _TNA.RmsNormAct2d: "rmsnorm2d",
     _TNA.RmsNormAct2dFp32: "rmsnorm2d",
 }
+# EvoNorm2d{B0..B2,S0..S2a}: every EvoNorm of timm (normalisation fused with its activation)
+_EVO_NORMS = tuple(
+    c for name, c in vars(evo_norm).items() if name.startswith("EvoNorm2d") and isinstance(c, type)
+)
 UNSUPPORTED_NORM_CLASSES: tuple[type[nn.Module], ...] = (
-    EvoNorm2dB0,
-    EvoNorm2dB1,
-    EvoNorm2dB2,
-    EvoNorm2dS0,
-    EvoNorm2dS0a,
-    EvoNorm2dS1,
-    EvoNorm2dS1a,
-    EvoNorm2dS2,
-    EvoNorm2dS2a,
+    *_EVO_NORMS,
     FilterResponseNormAct2d,
     FilterResponseNormTlu2d,
     GlobalResponseNorm,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_an import trained  # tests/layers on sys.path (pytest)
 
 from an_search.layers import AttentiveNorm, _native
 from an_search.layers._eval_plan import PLAN_ATTR, eval_plan
@@ -165,7 +166,7 @@ def test_eval_path_on_streamed_outputs_matches_reference(
     dtype: torch.dtype, shape: tuple[int, ...], group: int
 ) -> None:
     torch.set_num_threads(2)
-    an = _trained(AttentiveNorm(shape[1], 5), dtype)
+    an = trained(AttentiveNorm(shape[1], 5), dtype)
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     with torch.no_grad():
         y = an(x)
@@ -183,22 +184,13 @@ def test_kernels_decline_what_they_cannot_do() -> None:
     assert _native.native_affine_grad(x, x.double(), *torch.ones(3, 2, 3)) is None
 
 
-def _trained(an: AttentiveNorm, dtype: torch.dtype) -> AttentiveNorm:
-    """Give the running statistics (of the norm and the head) values other than their init."""
-    an.to(dtype).train()
-    with torch.no_grad():
-        for _ in range(3):
-            an(torch.randn(8, an.num_features, 5, 5, dtype=dtype) * 2 + 0.5)
-    return an.eval()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pool", ["meanstd", "avg"])
 @pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("batch", [1, 4])
 def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, batch: int) -> None:
     torch.set_num_threads(2)  # batch 1 < threads: rows in parallel; batch 4: samples
-    an = _trained(AttentiveNorm(16, 5, head=head, pool=pool), dtype)
+    an = trained(AttentiveNorm(16, 5, head=head, pool=pool), dtype)
     x = torch.randn(batch, 16, 6, 7, dtype=dtype) * 3 + 1
     with torch.no_grad():
         y = an(x)
@@ -241,7 +233,7 @@ def test_eval_path_matches_reference_reading_ahead_or_not(
     # 16 channels of n values: 2.7 KiB for float32, 20 KiB, or over half the L2
     n = {(True, True): 42, (True, False): 20480 // (16 * itemsize)}.get((ahead, whole))
     n = n or _l2_bytes() // (2 * 16 * itemsize) + 3
-    an = _trained(AttentiveNorm(16, 5), dtype)
+    an = trained(AttentiveNorm(16, 5), dtype)
     x = torch.randn(5, 16, 1, n, dtype=dtype) * 3 + 1
     assert _native.native_eval_ahead(16 * n * itemsize) == ahead
     assert (_native.native_eval_rows_per_group(16, n, itemsize) == 16) == whole
@@ -257,7 +249,7 @@ def test_eval_path_matches_reference_reading_ahead_or_not(
 def test_eval_path_on_maps_shorter_than_a_vector(shape: tuple, dtype: torch.dtype) -> None:
     """1x1 to 2x2 maps (small-image proxies' last stages): plain loops, no per-row calls."""
     torch.set_num_threads(2)
-    an = _trained(AttentiveNorm(16, 5), dtype)
+    an = trained(AttentiveNorm(16, 5), dtype)
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     with torch.no_grad():
         y = an(x)
@@ -279,7 +271,7 @@ def test_eval_path_other_ranks(base: str, shape: tuple) -> None:
 
 
 def test_eval_plan_follows_parameter_updates() -> None:
-    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
     x = torch.randn(2, 8, 4, 4)
     with torch.no_grad():
         before = an(x)
@@ -300,7 +292,7 @@ def _assert_follows_reference(an: AttentiveNorm, x: torch.Tensor) -> None:
 
 
 def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
-    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
     x = torch.randn(2, 8, 4, 4)
     _assert_follows_reference(an, x)
     plan = eval_plan(an, x.dtype)
@@ -323,7 +315,7 @@ def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
 def test_eval_plan_follows_plain_attributes() -> None:
     """eps of the site's norm, of the pool and of the head's BatchNorm1d, and softmax's dim
     are plain attributes (no tensor version): changing one refolds the plan."""
-    an = _trained(AttentiveNorm(8, 3, head="bn-softmax"), torch.float32)
+    an = trained(AttentiveNorm(8, 3, head="bn-softmax"), torch.float32)
     x = torch.randn(2, 8, 4, 4) * 3 + 1
     _assert_follows_reference(an, x)
     plan = eval_plan(an, x.dtype)
@@ -342,7 +334,7 @@ def test_eval_plan_follows_plain_attributes() -> None:
 def test_module_with_a_plan_copies_and_pickles() -> None:
     """The plan (ctypes) lives in the module's ``__dict__`` but not in its pickled or copied
     state; a copy builds its own, from its own tensors."""
-    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
     x = torch.randn(2, 8, 4, 4)
     with torch.no_grad():
         y = an(x)
@@ -362,12 +354,12 @@ def test_module_with_a_plan_copies_and_pickles() -> None:
 
 
 def test_eval_path_is_skipped_when_it_cannot_apply() -> None:
-    an = _trained(AttentiveNorm(8, 3, pool="avgmax"), torch.float32)
+    an = trained(AttentiveNorm(8, 3, pool="avgmax"), torch.float32)
     x = torch.randn(2, 8, 4, 4)
     with torch.no_grad():
         an(x)
     assert eval_plan(an, x.dtype) is None  # avgmax needs the max: the ATen path runs
-    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
     y = an(x)  # grad enabled, parameters require grad: autograd path
     assert y.requires_grad
 
@@ -409,7 +401,7 @@ def test_dispatch_modes_see_every_op(training: bool) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     b, c, k = 2, 8, 3
-    an = _trained(AttentiveNorm(c, k), torch.float32).train(training)
+    an = trained(AttentiveNorm(c, k), torch.float32).train(training)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         an(torch.randn(b, c, 4, 4))
     assert counter.get_total_flops() == 3 * (2 * b * c * k)  # head linear, lam @ Gamma, @ Beta
@@ -420,7 +412,7 @@ def test_torch_compile_calls_the_eval_operator(head: str) -> None:
     """Compiled eval graphs fold in the graph and call ``an_search::eval_site``: one graph,
     the reference's numbers."""
     torch._dynamo.reset()
-    an = _trained(AttentiveNorm(16, 4, head=head), torch.float32)
+    an = trained(AttentiveNorm(16, 4, head=head), torch.float32)
     x = torch.randn(3, 16, 6, 6)
     with torch.no_grad():
         explained = torch._dynamo.explain(an)(x)
@@ -435,6 +427,6 @@ def test_torch_compile_calls_the_eval_operator(head: str) -> None:
 def test_eval_operator_passes_opcheck() -> None:
     from an_search.layers._eval_plan import eval_site, fold
 
-    an = _trained(AttentiveNorm(8, 3), torch.float32)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
     tensors, scalars = fold(an)
     torch.library.opcheck(eval_site, (torch.randn(2, 8, 4, 4), *tensors), scalars)

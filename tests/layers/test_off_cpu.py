@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_an import trained  # tests/layers on sys.path (pytest)
 
 from an_search.layers import AttentiveNorm
 from an_search.layers._device_eval import DEVICE_PLAN_ATTR, _pooled, device_eval
@@ -29,15 +30,6 @@ CountOps = _LAUNCHES.CountOps  # ATen ops that compute: a launch each on a GPU
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-11, "atol": 1e-12}}
 
 
-def _trained(an: AttentiveNorm, dtype: torch.dtype, dims: int = 2) -> AttentiveNorm:
-    """Running statistics (of the norm and the head) other than their init, then eval."""
-    an.to(dtype).train()
-    with torch.no_grad():
-        for _ in range(3):
-            an(torch.randn(8, an.num_features, *(5,) * dims, dtype=dtype) * 2 + 0.5)
-    return an.eval()
-
-
 def _reference(an: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
     an.fused = False  # the unfused module: inner BatchNorm, head modules, mixtures
     try:
@@ -50,7 +42,7 @@ def _reference(an: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("pool", ["meanstd", "avg"])
 @pytest.mark.parametrize("head", list(HEADS))
 def test_matches_reference(head: str, pool: str, dtype: torch.dtype) -> None:
-    an = _trained(AttentiveNorm(12, 5, head=head, pool=pool), dtype)
+    an = trained(AttentiveNorm(12, 5, head=head, pool=pool), dtype)
     x = torch.randn(6, 12, 5, 7, dtype=dtype) * 3 + 1
     with torch.no_grad():
         y = device_eval(an, x)
@@ -62,14 +54,14 @@ def test_matches_reference(head: str, pool: str, dtype: torch.dtype) -> None:
     "base,shape", [("batchnorm1d", (4, 12, 9)), ("batchnorm3d", (3, 12, 2, 3, 4)),
                    ("batchnorm", (5, 12, 1, 1))])  # fmt: skip
 def test_other_ranks_and_one_position(base: str, shape: tuple) -> None:
-    an = _trained(AttentiveNorm(12, 4, base=base), torch.float64, dims=len(shape) - 2)
+    an = trained(AttentiveNorm(12, 4, base=base), torch.float64, dims=len(shape) - 2)
     x = torch.randn(shape, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(device_eval(an, x), _reference(an, x), **TOL[torch.float64])
 
 
 def test_channels_last_input_keeps_its_layout() -> None:
-    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    an = trained(AttentiveNorm(12, 5), torch.float32)
     x = torch.randn(4, 12, 6, 6).to(memory_format=torch.channels_last)
     with torch.no_grad():
         y = device_eval(an, x)
@@ -78,7 +70,7 @@ def test_channels_last_input_keeps_its_layout() -> None:
 
 
 def test_refolds_after_parameter_and_attribute_changes() -> None:
-    an = _trained(AttentiveNorm(12, 5), torch.float64)
+    an = trained(AttentiveNorm(12, 5), torch.float64)
     x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         before = device_eval(an, x)
@@ -91,7 +83,7 @@ def test_refolds_after_parameter_and_attribute_changes() -> None:
 
 
 def test_declines_what_it_cannot_fold_or_differentiate() -> None:
-    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    an = trained(AttentiveNorm(12, 5), torch.float32)
     x = torch.randn(3, 12, 4, 4)
     assert device_eval(an, x) is None  # autograd records: the folded tensors are detached
     with torch.no_grad():
@@ -109,7 +101,7 @@ def test_declines_what_it_cannot_fold_or_differentiate() -> None:
 def test_half_precision_maps_compute_in_float32(dtype: torch.dtype, pool: str) -> None:
     """Statistics, head and mixtures in float32 (a float32 model, or a converted half one),
     the output rounded once to the map's dtype: within one rounding of the float32 site."""
-    an = _trained(AttentiveNorm(12, 5, pool=pool), torch.float32)
+    an = trained(AttentiveNorm(12, 5, pool=pool), torch.float32)
     x = (torch.randn(6, 12, 5, 7) * 3 + 1).to(dtype)
     with torch.no_grad():
         y = device_eval(an, x)
@@ -142,7 +134,7 @@ def test_pooled_statistic_of_any_dtype_matches_float64(dtype: torch.dtype) -> No
 def test_autocast_is_switched_off_inside() -> None:
     """Under autocast (an AMP validation pass) the folded site runs as without it: its head and
     mixtures stay float32 (no casts of the weights), the output keeps the map's dtype."""
-    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    an = trained(AttentiveNorm(12, 5), torch.float32)
     x = torch.randn(4, 12, 6, 6) * 2 + 1
     with torch.no_grad():
         plain = device_eval(an, x.bfloat16()), device_eval(an, x)
@@ -154,7 +146,7 @@ def test_autocast_is_switched_off_inside() -> None:
 
 
 def test_copies_leave_the_plan_behind() -> None:
-    an = _trained(AttentiveNorm(12, 5), torch.float32)
+    an = trained(AttentiveNorm(12, 5), torch.float32)
     with torch.no_grad():
         device_eval(an, torch.randn(2, 12, 3, 3))
     assert DEVICE_PLAN_ATTR in an.__dict__
