@@ -69,6 +69,8 @@ done
 want triton && capped 40 100 pytest_triton.log "${PYTEST[@]}" -q -k triton tests/test_cuda.py
 want search && capped 50 70 search.log "$PY" -m cli.search run resnet10t --device cuda \
   --n-trials 4 --epochs 2 --batches-per-epoch 20 --val-fraction 0.25 --output /tmp/an-gpu-run -q
-want compile && capped 60 600 models_compile.txt "$PY" bench/models.py --device cuda --batch 64 \
-  --repeats 15 --warmup 3 --compile --amp
+for mode in infer train; do  # inference first: its graphs compile without a backward
+  want compile && capped 60 600 models_compile.txt "$PY" bench/models.py --device cuda \
+    --batch 64 --repeats 15 --warmup 3 --compile --amp --modes $mode
+done
 echo "=== done (t=$((SECONDS - START)) s)"

@@ -6,7 +6,7 @@ or a GPU. Ratios are the median over repeats of the two models' ratio within one
 bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
 
     python bench/models.py --batch 8 --img-size 224 --repeats 5
-    python bench/models.py --compile --device cuda --batch 64 [--amp]
+    python bench/models.py --compile --device cuda --batch 64 [--amp] [--modes infer]
     python bench/models.py --device cuda --batch 64 --ops   # + AN without the Triton kernels
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
     python bench/models.py --model resnet10t --se-model none --placement all \
@@ -40,6 +40,13 @@ def main() -> None:
     p.add_argument(
         "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
     )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["train", "infer"],
+        choices=["train", "infer"],
+        help="training step, inference, or both (each compiles its own graphs)",
+    )
     args = p.parse_args()
     if args.ops and not args.device.startswith("cuda"):
         p.error("--ops needs --device cuda (the Triton site runs on CUDA tensors only)")
@@ -64,7 +71,8 @@ def main() -> None:
         f"{' amp=bfloat16' if args.amp else ''}"
     )
     stat = min if args.stat == "min" else statistics.median
-    for mode, fn in (("train step", train_step), ("inference", infer)):
+    steps = {"train": ("train step", train_step), "infer": ("inference", infer)}
+    for mode, fn in (steps[m] for m in dict.fromkeys(args.modes)):
         times = interleaved_times(
             {k: (lambda k=k, fn=fn: fn(k)) for k in variants},
             repeats=args.repeats,
