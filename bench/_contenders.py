@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (as an-search on CUDA)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="NHWC models and input (an-search on CUDA)"
+    )
     p.add_argument("--model", default="resnet50", help="the timm model AN converts")
     p.add_argument("--se-model", default="seresnet50", help="the SE contender, or none")
     p.add_argument("--placement", default="paper", help="an-convert's placement policy")
@@ -28,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The base model, its AN conversion and (unless ``--se-model none``) the SE model, in
-    that order, on ``args.device``."""
+    that order, on ``args.device`` (channels-last with ``args.channels_last``)."""
     base = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
     an = convert(copy.deepcopy(base), placement=args.placement, cost=False).model
     models = {args.model: base, f"an-{args.model}": an}
@@ -36,7 +39,8 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         models[args.se_model] = timm.create_model(
             args.se_model, pretrained=False, num_classes=args.classes
         )
-    return {name: m.to(args.device) for name, m in models.items()}
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return {name: m.to(args.device, memory_format=fmt) for name, m in models.items()}
 
 
 def step_functions(
@@ -48,6 +52,8 @@ def step_functions(
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(dev)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, args.classes, (args.batch,), generator=gen).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss()
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}

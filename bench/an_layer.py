@@ -20,6 +20,7 @@ CPU profiler's memory events (CUDA: ``max_memory_allocated``), input excluded.
     AN_SEARCH_NATIVE=0 .venv/bin/python bench/an_layer.py   # stock ATen ops, no C kernels
     python bench/an_layer.py --device cuda --repeats 50      # a GPU; --unfused: reference path
     python bench/an_layer.py --device cuda --triton off      # AN without the Triton kernels
+    .venv/bin/python bench/an_layer.py --channels-last       # NHWC maps (C kernels of _native_cl.c)
 
 On a machine whose cores are shared with other jobs, multi-threaded timings are dominated by
 OpenMP barrier stalls (a parallel region waits for a descheduled worker: ~4-8 ms each), which
@@ -110,10 +111,11 @@ def bench_shape(
     channels: int, size: int, args: argparse.Namespace, device: torch.device
 ) -> list[dict]:
     """Time every module at one shape; returns one row per (mode, module)."""
-    x = torch.randn(args.batch, channels, size, size, device=device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, channels, size, size, device=device).contiguous(memory_format=fmt)
     grad = torch.randn_like(x)
     mods = {
-        name: m.to(device)
+        name: m.to(device, memory_format=fmt)
         for name, m in _modules(channels, args.ks, args.fused, args.triton).items()
     }
     rows = []
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--plain", action="store_true", help="plain-text table (no rich)")
     parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC feature maps (and SE's convs)"
+    )
+    parser.add_argument(
         "--unfused", dest="fused", action="store_false",
         help="AN on its reference path (inner BatchNorm module, then the affine)",
     )  # fmt: skip
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load before {load:.1f}, C kernels: {_native.unavailable_reason() or 'on'}"
         f"{'' if args.fused else ', AN unfused (reference path)'}"
         f"{'' if args.triton is None else f', AN Triton kernels: {args.triton}'}"
+        f"{', channels-last' if args.channels_last else ''}"
     )
     _print(_ratio_rows(rows, args.ks), args.plain, title)
 

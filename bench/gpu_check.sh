@@ -62,6 +62,8 @@ for amp in "" --amp; do
   want profile && capped 40 60 profile.txt "$PY" bench/profile_step.py --device cuda --batch 64 \
     --steps 10 $amp
 done
+want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
+  --repeats 15 --warmup 3 --amp --channels-last  # as an-search trains on CUDA
 for mode in auto off; do
   want layer && capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 \
     --warmup 5 --plain --triton $mode

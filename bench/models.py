@@ -68,7 +68,7 @@ def main() -> None:
     print(
         f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
         f"torch={torch.__version__} {args.stat} of {args.repeats} C kernels: {kernels}"
-        f"{' amp=bfloat16' if args.amp else ''}"
+        f"{' amp=bfloat16' if args.amp else ''}{' channels_last' if args.channels_last else ''}"
     )
     stat = min if args.stat == "min" else statistics.median
     steps = {"train": ("train step", train_step), "infer": ("inference", infer)}

@@ -142,6 +142,7 @@ def main() -> None:
     print(
         f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
         f"torch={torch.__version__} steps={args.steps}{' amp=bfloat16' if args.amp else ''}"
+        f"{' channels_last' if args.channels_last else ''}"
     )
     for mode, fn in (("train step", train_step), ("inference", infer)):
         for _ in range(args.warmup):

@@ -53,14 +53,17 @@ class _Plan:
     tensors: list[torch.Tensor] = field(default_factory=list)  # keeps the pointers alive
     ref: object = None  # ctypes.byref(spec), made once
     fn: Callable[..., int] | None = None  # an_eval_f32 or an_eval_f64
+    fn_cl: Callable[..., int] | None = None  # an_eval_cl_f32 or an_eval_cl_f64
 
     def __post_init__(self) -> None:
         if self.spec is not None:
             self.ref, self.fn = ctypes.byref(self.spec), _kernel(self.key.dtype)
+            self.fn_cl = _kernel(self.key.dtype, "an_eval_cl")
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The site over a contiguous CPU (B, C, *) ``x`` of the plan's dtype."""
-        return _run(self.fn, self.ref, x)
+        """The site over a CPU (B, C, *) ``x`` of the plan's dtype, contiguous or, 4d and 5d,
+        channels-last (the output keeps the layout)."""
+        return _run(self.fn if x.is_contiguous() else self.fn_cl, self.ref, x)
 
 
 @dataclass
@@ -119,12 +122,12 @@ _P = TypeVar("_P")  # a plan type (with a ``key``)
 PLAN_ATTR = "_an_eval_plan"  # where a module keeps its plan (left out of its pickled state)
 
 
-def _kernel(dtype: torch.dtype) -> Callable[..., int] | None:
-    """an_eval_f32 or an_eval_f64 for inputs of ``dtype``; None without the library."""
+def _kernel(dtype: torch.dtype, name: str = "an_eval") -> Callable[..., int] | None:
+    """``name``_f32 or ``name``_f64 for inputs of ``dtype``; None without the library."""
     lib = library()
     if lib is None:
         return None
-    return lib.an_eval_f32 if dtype == torch.float32 else lib.an_eval_f64
+    return getattr(lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -271,8 +274,8 @@ def records_grad(an: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _run(fn: Callable[..., int], spec: object, x: torch.Tensor) -> torch.Tensor:
-    """``fn`` (an_eval_f32/f64) over a contiguous CPU (B, C, *) ``x`` of its dtype; ``spec`` is
-    ``ctypes.byref`` of a :class:`HeadSpec`."""
+    """``fn`` (an_eval_[cl_]f32/f64) over a CPU (B, C, *) ``x`` of its dtype in ``fn``'s layout,
+    into a new tensor of ``x``'s strides; ``spec`` is ``ctypes.byref`` of a :class:`HeadSpec`."""
     shape = x.shape
     b, c = shape[0], shape[1]
     y = torch.empty_like(x)

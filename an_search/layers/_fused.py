@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._native import native_affine, native_affine_grad, native_moments, native_row_dots
+from ._native import (
+    native_affine,
+    native_affine_grad,
+    native_moments,
+    native_moments_cl,
+    native_row_dots,
+)
 
 __all__ = ["GradLink", "channel_affine", "grad_link", "moments", "spatial_view"]
 
@@ -123,10 +129,14 @@ def _stats(x3: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x3.shape[dim] == 1:  # one position: the variance is exactly 0
         mean = x3.squeeze(dim).to(acc, copy=True)
         return mean, torch.zeros_like(mean)
-    if dim == 2:
-        out = native_moments(x3)  # one read, in C (``_native.c``), where it can be built
-        if out is not None:
-            return out
+    # one read, in C (``_native.c``, ``_native_cl.c``), where it can be built; a channels-last
+    # map's (B, C, n) view is its (B, n, C) memory transposed
+    out = native_moments(x3) if dim == 2 and x3.is_contiguous() else None
+    if out is None and x3.dim() == 3:
+        cols = x3 if dim == 1 else x3.transpose(1, 2)
+        out = native_moments_cl(cols) if cols.is_contiguous() else None
+    if out is not None:
+        return out
     mean = x3.mean(dim, dtype=acc)
     sq = torch.linalg.vector_norm(x3, 2, dim, dtype=acc).square_().mul_(1.0 / x3.shape[dim])
     var = torch.addcmul(sq, mean, mean, value=-1.0)  # E[x^2] - E[x]^2

@@ -31,6 +31,7 @@
 #define BLOCK 512
 
 #include "_native_vec.h"
+#include "_native_head.h"
 
 /* The passes that read a feature map from memory ask for the line PREFETCH_AHEAD bytes
  * ahead of the one they read (one prefetch per 64-byte line). This machine's hardware
@@ -286,24 +287,6 @@ static void rows_moments_f64(const double *p, long rows, long n, double *mean, d
 DEFINE_MOMENTS(float, f32)
 DEFINE_MOMENTS(double, f64)
 
-/* Head description: up to two folded linear layers z = (W h) * s + b, ReLU between them,
- * an optional GroupNorm(1, K) after the last, then a gate. */
-typedef struct {
-    int pool;          /* 0: mean / sqrt(var_unbiased + pool_eps), 1: mean */
-    double pool_eps;
-    int layers;        /* 1 or 2 */
-    long hidden;       /* outputs of layer 1 (K when layers == 1) */
-    long k;
-    const void *w1;             /* (hidden, C), kernel dtype */
-    const double *s1, *b1;      /* (hidden), (hidden) */
-    const void *w2;             /* (K, hidden), kernel dtype */
-    const double *s2, *b2;      /* (K), (K) */
-    int gn;            /* GroupNorm(1, K) on the logits */
-    double gn_eps;
-    const double *gn_w, *gn_b;
-    int gate;          /* 0: hard-sigmoid, 1: sigmoid, 2: softmax */
-    const void *mix;   /* folded mixtures, (ceil(C / MIX_BLOCK), K, 2, MIX_BLOCK), kernel dtype */
-} an_head;
 
 /* Dot product of two rows of the kernel's dtype in four vector accumulators (independent
  * chains), summed in double; the linear layers' weights are stored in the kernel's dtype
@@ -445,10 +428,17 @@ DEFINE_ATTENTION(double, f64, sqrt)
         mixture_##SUFFIX(h, lam, c, (T *)w, (T *)(w + c));                           \
     }
 
-#define WS_STRIDE(h, c) (3 * (c) + (h)->k + 2 * (h)->hidden)
 
 DEFINE_MIXTURE(float, vf32, f32)
 DEFINE_MIXTURE(double, vf64, f64)
+
+/* For the channels-last kernels (_native_cl.c): the same per-sample step. */
+void an_sample_scale_shift_f32(const an_head *h, double *w, long c, long n) {
+    sample_scale_shift_f32(h, w, c, n);
+}
+void an_sample_scale_shift_f64(const an_head *h, double *w, long c, long n) {
+    sample_scale_shift_f64(h, w, c, n);
+}
 
 /* Streaming (non-temporal) stores write an output line without first reading it in (the
  * read-for-ownership): a third less memory traffic in a pass that reads x and writes y. Used

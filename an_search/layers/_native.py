@@ -32,7 +32,9 @@ __all__ = [
     "native_affine_grad",
     "native_available",
     "native_moments",
+    "native_moments_cl",
     "native_row_dots",
+    "native_cl_streams",
     "native_eval_ahead",
     "native_eval_rows_per_group",
     "native_eval_streams",
@@ -41,8 +43,8 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("_native.c", "_native_bc.c")]
-_HEADERS = [Path(__file__).with_name("_native_vec.h")]  # in the build key, not the command
+_SOURCES = [Path(__file__).with_name(n) for n in ("_native.c", "_native_bc.c", "_native_cl.c")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("_native_vec.h", "_native_head.h")]  # (key)
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -115,6 +117,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.an_streams.argtypes, lib.an_streams.restype = [p, i64, i64, i64], i32
     lib.an_eval_streams.argtypes, lib.an_eval_streams.restype = [p, i64, i64, i64, i64], i64
     lib.an_eval_ahead.argtypes, lib.an_eval_ahead.restype = [i64], i32
+    lib.an_cl_streams.argtypes, lib.an_cl_streams.restype = [p, i64, i64, i64], i32
     lib.an_eval_rows_per_group.argtypes = [i64, i64, i64]
     lib.an_eval_rows_per_group.restype = i64
     for suffix in ("f32", "f64"):
@@ -137,9 +140,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"an_meanstd_bwd_{suffix}").argtypes = [p, p, p, i64, f64, p, p]
         getattr(lib, f"an_site_coefs_{suffix}").argtypes = [p, p, p, p, p, i64, i64, f64, i32, p, p]
         getattr(lib, f"an_running_{suffix}").argtypes = [p, p, p, p, p, i64, f64, f64]
-        evaluate = getattr(lib, f"an_eval_{suffix}")
-        evaluate.argtypes = [ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, i32]
-        evaluate.restype = i32
+        for layout in ("", "_cl"):  # (B, C, n) maps; channels-last (B, n, C) ones
+            evaluate = getattr(lib, f"an_eval{layout}_{suffix}")
+            evaluate.argtypes = [ctypes.POINTER(HeadSpec), p, p, i64, i64, i64, i32]
+            evaluate.restype = i32
+        moments_cl = getattr(lib, f"an_moments_cl_{suffix}")
+        moments_cl.argtypes, moments_cl.restype = [p, i64, i64, i64, p, p, i32], i32
     return lib
 
 
@@ -201,6 +207,19 @@ def native_moments(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     mean = x3.new_empty(b, c)
     var = x3.new_empty(b, c)
     fn(x3.data_ptr(), b * c, n, mean.data_ptr(), var.data_ptr(), torch.get_num_threads())
+    return mean, var
+
+
+def native_moments_cl(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-(sample, channel) mean and biased variance of a contiguous CPU (B, n, C) tensor
+    (a channels-last map's memory), one read (``_native_cl.c``); None where n/a."""
+    fn = _kernel("an_moments_cl", x3)
+    if fn is None:
+        return None
+    b, n, c = x3.shape
+    mean, var = x3.new_empty(b, c), x3.new_empty(b, c)
+    if fn(x3.data_ptr(), b, n, c, mean.data_ptr(), var.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("AttentiveNorm moments: no memory for the kernel's workspace")
     return mean, var
 
 
@@ -279,6 +298,15 @@ def native_streams(y: torch.Tensor) -> bool:
         return False
     rows = y.shape[0] * y.shape[1]
     return bool(lib.an_streams(y.data_ptr(), rows, y.numel() // rows, y.element_size()))
+
+
+def native_cl_streams(y: torch.Tensor) -> bool:
+    """Whether the channels-last eval kernel writes ``y``, a (B, C, *) channels-last output,
+    with streaming stores (see ``_native_cl.c``)."""
+    lib = library()
+    if lib is None or y.dim() < 2 or y.numel() == 0:
+        return False
+    return bool(lib.an_cl_streams(y.data_ptr(), y.numel(), y.shape[1], y.element_size()))
 
 
 def native_eval_streams(y: torch.Tensor) -> int:

@@ -71,6 +71,7 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # native eval takes these too
 
 
 class AttentionWeights(nn.Module):
@@ -324,16 +325,21 @@ class AttentiveNorm(nn.Module):
         return None if plan is None else plan.run(x)
 
     def _compiled_native_eval(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
-        """Under torch.compile: the folded site as ``an_search::eval_site``; None if n/a."""
-        if x.device.type != "cpu" or not self._native_eval_input(x, dims):
+        """Under torch.compile: the folded site as ``an_search::eval_site`` (contiguous maps);
+        None if n/a."""
+        if x.device.type != "cpu" or not x.is_contiguous() or not self._native_eval_input(x, dims):
             return None
         return compiled_eval(self, x) if native_available() else None
 
     def _native_eval_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """The checks of a CPU ``x`` shared by the eager and compiled native eval: dtype, rank,
-        layout, not empty, and no autograd recording through the site."""
-        if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims or not x.is_contiguous():
+        layout (contiguous, or channels-last 4d/5d), not empty, and no autograd recording."""
+        if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims:
             return False
+        if not x.is_contiguous():
+            fmt = _CL_FORMATS.get(x.dim())
+            if fmt is None or not x.is_contiguous(memory_format=fmt):
+                return False
         if x.numel() == 0:
             return False
         return not records_grad(self, x)

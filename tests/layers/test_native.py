@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_an import trained  # tests/layers on sys.path (pytest)
+from layer_helpers import avx2, trained  # tests/layers on sys.path (pytest)
 
 from an_search.layers import AttentiveNorm, _native
 from an_search.layers._eval_plan import PLAN_ATTR, eval_plan
@@ -108,18 +108,10 @@ def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int, rows: int) -
     torch.testing.assert_close(var.double(), var_ref.view(1, rows), **TOL[dtype])
 
 
-def _avx2() -> bool:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
 def test_streaming_store_rule() -> None:
     """Streaming stores only for outputs of at least 8 MiB whose rows are whole 64-byte lines."""
     big = torch.empty(2, 64, 128, 128)  # 8 MiB, rows of 64 KiB
-    assert _native.native_streams(big) == _avx2()
+    assert _native.native_streams(big) == avx2()
     assert not _native.native_streams(torch.empty(2, 64, 64, 64))  # 2 MiB
     assert not _native.native_streams(torch.empty(2, 1024, 49 * 21))  # 8.4 MiB, rows of 4116 B
     assert not _native.native_streams(big.view(-1)[1:].view(1, 1, -1))  # not line-aligned
@@ -131,7 +123,7 @@ def test_kernels_on_streamed_outputs_match_formulas(dtype: torch.dtype) -> None:
     a, c, d = torch.randn(3, 2, 64, dtype=dtype)
     e = (..., None, None)
     y = _native.native_affine(x, a, d)
-    assert _native.native_streams(y) == _avx2()
+    assert _native.native_streams(y) == avx2()
     torch.testing.assert_close(y, x * a[e] + d[e], **TOL[dtype])
     want = g * a[e] + x * c[e] + d[e]
     torch.testing.assert_close(_native.native_affine_grad(g, x, a, c, d), want, **TOL[dtype])
@@ -140,7 +132,7 @@ def test_kernels_on_streamed_outputs_match_formulas(dtype: torch.dtype) -> None:
 def test_eval_streaming_rule() -> None:
     """The eval kernel streams outputs of at least 1 MiB whose samples are whole 64-byte lines,
     in runs of 8 rows (16 for float32 rows of odd length) that start and end on a line."""
-    want = 16 if _avx2() else 0
+    want = 16 if avx2() else 0
     assert _native.native_eval_streams(torch.empty(32, 512, 7, 7)) == want  # 3.1 MiB
     assert _native.native_eval_streams(torch.empty(32, 256, 14, 14)) == want // 2
     assert _native.native_eval_streams(torch.empty(4, 512, 7, 7)) == 0  # 392 KiB
@@ -171,7 +163,7 @@ def test_eval_path_on_streamed_outputs_matches_reference(
     with torch.no_grad():
         y = an(x)
         assert eval_plan(an, x.dtype) is not None
-        assert _native.native_eval_streams(y) == (group if _avx2() else 0)
+        assert _native.native_eval_streams(y) == (group if avx2() else 0)
         an.fused = False
         torch.testing.assert_close(y, an(x), **TOL[dtype])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_an import trained  # tests/layers on sys.path (pytest)
+from layer_helpers import trained  # tests/layers on sys.path (pytest)
 
 from an_search.layers import AttentiveNorm
 from an_search.layers._device_eval import DEVICE_PLAN_ATTR, _pooled, device_eval

@@ -1,4 +1,4 @@
-"""The layer tests' common setup: an AttentiveNorm whose running statistics are not their init."""
+"""The layer tests' common helpers: a trained AttentiveNorm, and whether the CPU has AVX2."""
 
 from __future__ import annotations
 
@@ -15,3 +15,12 @@ def trained(an: AttentiveNorm, dtype: torch.dtype, dims: int = 2) -> AttentiveNo
         for _ in range(3):
             an(torch.randn(8, an.num_features, *(5,) * dims, dtype=dtype) * 2 + 0.5)
     return an.eval()
+
+
+def avx2() -> bool:
+    """Whether this CPU has AVX2 and FMA (the kernels' streaming stores need them)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags

@@ -1,0 +1,265 @@
+/* Channels-last kernels of Attentive Normalization (compiled with _native.c by _native.py).
+ *
+ * A channels-last map (torch.channels_last, channels_last_3d) holds each sample as an (n, C)
+ * array, channels contiguous: the per-channel reductions run down its columns, four vectors of
+ * channels at a time, and the affine pass multiplies vectors of channels by vectors of scales.
+ * ATen's reductions over such a map's positions are not vectorised (linalg.vector_norm over
+ * the positions of a channels-last 512x7x7 map took 3.7 ms, 14x BatchNorm2d's evaluation).
+ *
+ * an_moments_cl_*: per-(sample, channel) mean and biased variance of a (B, n, C) array.
+ * an_eval_cl_*:    a whole AttentiveNorm(BatchNorm) site in evaluation mode, sample by sample,
+ *                  as an_eval_* (_native.c) for (B, C, n) maps: moments, the shared per-sample
+ *                  head and mixtures (an_sample_scale_shift_*), then y = x * a + t while the
+ *                  sample is still in cache.
+ *
+ * Numerics as the row kernels': sums of x - s, s an estimate of the channel's mean (the mean
+ * of four of its values), in the kernel's dtype over CL_PB positions at a time, folded into
+ * double; a channel whose shifted mean^2 exceeds 4x its variance (where the one-pass formula
+ * could cancel), or whose variance is not >= 0 (NaN), is summed again two-pass in double.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+
+#include "_native_head.h"
+#include "_native_vec.h"
+
+#define CL_PB 64          /* positions summed in the kernel's dtype before folding into double */
+#define CL_PAR (1L << 16) /* values of a lone sample from which its passes take threads */
+#define CL_U 4            /* vectors of channels a column block holds */
+
+/* Outputs of at least CL_STREAM_MIN_BYTES are written with streaming stores (no read of each
+ * output line before it is written, as _native.c's eval kernel does) where every position's
+ * C values start on a vector boundary: each sample's (n, C) block is written whole, line by
+ * line. Each thread fences its streamed stores before its parallel region ends. */
+#define CL_STREAM_MIN_BYTES (1L << 20)
+#ifdef HAVE_AVX2
+static inline void cl_stream_f32(float *p, vf32 v) { _mm256_stream_ps(p, (__m256)v); }
+static inline void cl_stream_f64(double *p, vf64 v) { _mm256_stream_pd(p, (__m256d)v); }
+static void cl_fence(int stream) {
+    if (stream) _mm_sfence();
+}
+static int cl_streams(const void *y, long total, long c, long size) {
+    return total * size >= CL_STREAM_MIN_BYTES && (c * size) % 32 == 0 && ((uintptr_t)y & 31) == 0;
+}
+#else
+static inline void cl_stream_f32(float *p, vf32 v) { memcpy(p, &v, sizeof(v)); }
+static inline void cl_stream_f64(double *p, vf64 v) { memcpy(p, &v, sizeof(v)); }
+static void cl_fence(int stream) { (void)stream; }
+static int cl_streams(const void *y, long total, long c, long size) {
+    (void)y, (void)total, (void)c, (void)size;
+    return 0;
+}
+#endif
+
+/* The rule above, for the tests. */
+int an_cl_streams(const void *y, long total, long c, long size) {
+    return cl_streams(y, total, c, size);
+}
+
+/* Two-pass mean and biased variance, in double, of column j of an (n, C) sample. */
+#define DEFINE_CL_TWO_PASS(T, SUFFIX)                                                \
+    static void cl_two_pass_##SUFFIX(const T *x, long n, long c, long j, double *mean, \
+                                     double *var) {                                  \
+        double t = 0.0, d = 0.0;                                                     \
+        for (long p = 0; p < n; p++) t += x[p * c + j];                              \
+        const double mu = t / (double)n;                                             \
+        for (long p = 0; p < n; p++) {                                               \
+            const double e = (double)x[p * c + j] - mu;                              \
+            d += e * e;                                                              \
+        }                                                                            \
+        *mean = mu;                                                                  \
+        *var = d / (double)n;                                                        \
+    }
+
+/* Moments of the CL_U * W columns from j0 of an (n, C) sample into mean[j], var[j]. */
+#define DEFINE_CL_BLOCK(T, V, SUFFIX)                                                \
+    static void cl_block_##SUFFIX(const T *x, long n, long c, long j0, double *mean, \
+                                  double *var) {                                     \
+        enum { W = sizeof(V) / sizeof(T), CB = CL_U * W };                           \
+        const long at[4] = {0, n / 4, n / 2, 3 * n / 4};                             \
+        V sh[CL_U], a1[CL_U], a2[CL_U];                                              \
+        double s1[CB], s2[CB];                                                       \
+        for (int u = 0; u < CL_U; u++) {                                             \
+            V acc = {0}, v;                                                          \
+            for (int q = 0; q < 4; q++) {                                            \
+                memcpy(&v, x + at[q] * c + j0 + u * W, sizeof(v));                   \
+                acc += v;                                                            \
+            }                                                                        \
+            sh[u] = acc * (T)0.25;                                                   \
+        }                                                                            \
+        for (int i = 0; i < CB; i++) s1[i] = s2[i] = 0.0;                            \
+        for (long p0 = 0; p0 < n; p0 += CL_PB) {                                     \
+            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                         \
+            for (int u = 0; u < CL_U; u++) a1[u] = a2[u] = (V){0};                   \
+            for (long p = p0; p < p1; p++) {                                         \
+                const T *r = x + p * c + j0;                                         \
+                for (int u = 0; u < CL_U; u++) {                                     \
+                    V v;                                                             \
+                    memcpy(&v, r + u * W, sizeof(v));                                \
+                    v -= sh[u];                                                      \
+                    a1[u] += v;                                                      \
+                    a2[u] += v * v;                                                  \
+                }                                                                    \
+            }                                                                        \
+            for (int u = 0; u < CL_U; u++)                                           \
+                for (int q = 0; q < W; q++) {                                        \
+                    s1[u * W + q] += (double)a1[u][q];                               \
+                    s2[u * W + q] += (double)a2[u][q];                               \
+                }                                                                    \
+        }                                                                            \
+        for (int i = 0; i < CB; i++) {                                               \
+            const long j = j0 + i;                                                   \
+            const double m = s1[i] / (double)n, v = s2[i] / (double)n - m * m;       \
+            if (4.0 * v >= m * m && v >= 0.0) {                                      \
+                mean[j] = (double)sh[i / W][i % W] + m;                              \
+                var[j] = v;                                                          \
+            } else {                                                                 \
+                cl_two_pass_##SUFFIX(x, n, c, j, mean + j, var + j);                 \
+            }                                                                        \
+        }                                                                            \
+    }
+
+/* Moments of columns [j0, j1) of an (n, C) sample: whole blocks from j0, the rest (C not a
+ * multiple of a block) two-pass column by column. */
+#define DEFINE_CL_COLUMNS(T, V, SUFFIX)                                              \
+    static void cl_columns_##SUFFIX(const T *x, long n, long c, long j0, long j1,    \
+                                    double *mean, double *var) {                     \
+        enum { CB = CL_U * (sizeof(V) / sizeof(T)) };                                \
+        long j = j0;                                                                 \
+        for (; j + CB <= j1; j += CB) cl_block_##SUFFIX(x, n, c, j, mean, var);      \
+        for (; j < j1; j++) cl_two_pass_##SUFFIX(x, n, c, j, mean + j, var + j);     \
+    }
+
+/* y = x * a + t over positions [p0, p1) of an (n, C) sample, a and t per channel. */
+#define DEFINE_CL_AFFINE(T, V, SUFFIX)                                               \
+    static void cl_affine_##SUFFIX(const T *x, T *y, long p0, long p1, long c, const T *a, \
+                                   const T *t, int stream) {                         \
+        enum { W = sizeof(V) / sizeof(T) };                                          \
+        for (long p = p0; p < p1; p++) {                                             \
+            const T *xr = x + p * c;                                                 \
+            T *yr = y + p * c;                                                       \
+            long j = 0;                                                              \
+            for (; j + W <= c; j += W) {                                             \
+                V v, va, vt;                                                         \
+                memcpy(&v, xr + j, sizeof(v));                                       \
+                memcpy(&va, a + j, sizeof(va));                                      \
+                memcpy(&vt, t + j, sizeof(vt));                                      \
+                v = v * va + vt;                                                     \
+                if (stream)                                                          \
+                    cl_stream_##SUFFIX(yr + j, v);                                   \
+                else                                                                 \
+                    memcpy(yr + j, &v, sizeof(v));                                   \
+            }                                                                        \
+            for (; j < c; j++) yr[j] = xr[j] * a[j] + t[j];                          \
+        }                                                                            \
+    }
+
+/* One sample's moments with the team's threads over column blocks (a lone sample). */
+#define DEFINE_CL_SAMPLE_MOMENTS(T, V, SUFFIX)                                       \
+    static void cl_sample_moments_##SUFFIX(const T *xs, long n, long c, double *mean, \
+                                           double *var, int threads) {               \
+        enum { CB = CL_U * (sizeof(V) / sizeof(T)) };                                \
+        const long blocks = (c + CB - 1) / CB;                                       \
+        const int par = n * c >= CL_PAR;                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
+        for (long g = 0; g < blocks; g++) {                                          \
+            const long j1 = (g + 1) * CB < c ? (g + 1) * CB : c;                     \
+            cl_columns_##SUFFIX(xs, n, c, g * CB, j1, mean, var);                    \
+        }                                                                            \
+    }
+
+/* Samples in parallel when there are at least as many as threads, each in its thread's
+ * workspace (WS_STRIDE doubles); otherwise one sample at a time, its column blocks and then
+ * its positions shared by the threads. Returns 0, or -1 when the workspace's malloc fails
+ * (nothing written). */
+#define DEFINE_CL_EVAL(T, V, SUFFIX)                                                 \
+    int an_eval_cl_##SUFFIX(const an_head *h, const T *x, T *y, long b, long c, long n, \
+                            int threads) {                                           \
+        const long stride = WS_STRIDE(h, c);                                         \
+        const int per_sample = b >= threads;                                         \
+        const int stream = cl_streams(y, b * n * c, c, sizeof(T));                   \
+        double *ws = malloc(sizeof(double) * stride * (per_sample ? threads : 1));   \
+        if (ws == NULL) return -1;                                                   \
+        if (per_sample) {                                                            \
+            _Pragma("omp parallel num_threads(threads)")                             \
+            {                                                                        \
+                double *w = ws + omp_get_thread_num() * stride;                      \
+                _Pragma("omp for schedule(static)")                                  \
+                for (long s = 0; s < b; s++) {                                       \
+                    const T *xs = x + s * n * c;                                     \
+                    cl_columns_##SUFFIX(xs, n, c, 0, c, w, w + c);                   \
+                    an_sample_scale_shift_##SUFFIX(h, w, c, n);                      \
+                    cl_affine_##SUFFIX(xs, y + s * n * c, 0, n, c, (const T *)w,     \
+                                       (const T *)(w + c), stream);                  \
+                }                                                                    \
+                cl_fence(stream);                                                    \
+            }                                                                        \
+            free(ws);                                                                \
+            return 0;                                                                \
+        }                                                                            \
+        for (long s = 0; s < b; s++) {                                               \
+            const T *xs = x + s * n * c;                                             \
+            T *ys = y + s * n * c;                                                   \
+            cl_sample_moments_##SUFFIX(xs, n, c, ws, ws + c, threads);               \
+            an_sample_scale_shift_##SUFFIX(h, ws, c, n);                             \
+            const T *a = (const T *)ws, *t = (const T *)(ws + c);                    \
+            const int par = n * c >= CL_PAR;                                         \
+            _Pragma("omp parallel num_threads(threads) if(par)")                     \
+            {                                                                        \
+                _Pragma("omp for schedule(static)")                                  \
+                for (long p = 0; p < n; p += CL_PB)                                  \
+                    cl_affine_##SUFFIX(xs, ys, p, p + CL_PB < n ? p + CL_PB : n, c, a, t, \
+                                       stream);                                      \
+                cl_fence(stream);                                                    \
+            }                                                                        \
+        }                                                                            \
+        free(ws);                                                                    \
+        return 0;                                                                    \
+    }
+
+/* Moments of every (sample, channel) of a (B, n, C) array into (B, C) arrays of its dtype:
+ * samples in parallel where there are enough, else each sample's column blocks. */
+#define DEFINE_CL_MOMENTS(T, V, SUFFIX)                                              \
+    int an_moments_cl_##SUFFIX(const T *x, long b, long n, long c, T *mean, T *var,  \
+                               int threads) {                                        \
+        double *ws = malloc(sizeof(double) * 2 * c * (b >= threads ? threads : 1));  \
+        if (ws == NULL) return -1;                                                   \
+        if (b >= threads) {                                                          \
+            _Pragma("omp parallel num_threads(threads)")                             \
+            {                                                                        \
+                double *w = ws + 2 * c * omp_get_thread_num();                       \
+                _Pragma("omp for schedule(static)")                                  \
+                for (long s = 0; s < b; s++) {                                       \
+                    cl_columns_##SUFFIX(x + s * n * c, n, c, 0, c, w, w + c);        \
+                    for (long j = 0; j < c; j++)                                     \
+                        mean[s * c + j] = (T)w[j], var[s * c + j] = (T)w[c + j];     \
+                }                                                                    \
+            }                                                                        \
+        } else {                                                                     \
+            for (long s = 0; s < b; s++) {                                           \
+                cl_sample_moments_##SUFFIX(x + s * n * c, n, c, ws, ws + c, threads); \
+                for (long j = 0; j < c; j++)                                         \
+                    mean[s * c + j] = (T)ws[j], var[s * c + j] = (T)ws[c + j];       \
+            }                                                                        \
+        }                                                                            \
+        free(ws);                                                                    \
+        return 0;                                                                    \
+    }
+
+#define DEFINE_CL(T, V, SUFFIX)              \
+    DEFINE_CL_TWO_PASS(T, SUFFIX)            \
+    DEFINE_CL_BLOCK(T, V, SUFFIX)            \
+    DEFINE_CL_COLUMNS(T, V, SUFFIX)          \
+    DEFINE_CL_AFFINE(T, V, SUFFIX)           \
+    DEFINE_CL_SAMPLE_MOMENTS(T, V, SUFFIX)   \
+    DEFINE_CL_EVAL(T, V, SUFFIX)             \
+    DEFINE_CL_MOMENTS(T, V, SUFFIX)
+
+DEFINE_CL(float, vf32, f32)
+DEFINE_CL(double, vf64, f64)

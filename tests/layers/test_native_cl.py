@@ -1,0 +1,160 @@
+"""The channels-last C kernels (``_native_cl.c``) against float64 formulas written here, and
+AttentiveNorm's eval path on channels-last maps against its reference path on the same values
+in the contiguous layout."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from layer_helpers import avx2, trained  # tests/layers on sys.path (pytest)
+
+from an_search.layers import AttentiveNorm, _fused, _native
+from an_search.layers._eval_plan import eval_plan
+from an_search.layers.heads import HEADS
+
+pytestmark = pytest.mark.skipif(
+    _native.library() is None, reason=f"native kernels: {_native.unavailable_reason()}"
+)
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-13}}
+
+
+def _columns_ref(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over dim 1 of a (B, n, C) tensor, two-pass in float64."""
+    xd = x3.double()
+    mean = xd.sum(1) / xd.shape[1]
+    var = ((xd - mean[:, None]) ** 2).sum(1) / xd.shape[1]
+    return mean, var
+
+
+def _check_moments(x3: torch.Tensor, offset: float) -> None:
+    mean, var = _native.native_moments_cl(x3)
+    mean_ref, var_ref = _columns_ref(x3)
+    assert mean.dtype == var.dtype == x3.dtype and mean.shape == (x3.shape[0], x3.shape[2])
+    torch.testing.assert_close(mean.double(), mean_ref, **TOL[x3.dtype])
+    scale = var_ref.clamp(min=1.0 if offset else 0.0) if x3.dtype == torch.float32 else var_ref
+    assert ((var.double() - var_ref).abs() <= 3e-6 * scale + 1e-12).all()
+    assert (var >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 7, 49, 64, 65, 196])
+@pytest.mark.parametrize("c", [12, 40, 64])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
+def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, c: int, offset: float) -> None:
+    """Whole column blocks (32 float32 or 16 float64 channels) and the rest; sums folded every
+    64 positions; 3 samples over 2 threads (a sample each) and a lone one (column blocks)."""
+    torch.set_num_threads(2)
+    x3 = (torch.randn(3, n, c, dtype=torch.float64) + offset).to(dtype)
+    x3[0, :, 0] = 2.5  # a constant column: variance exactly 0
+    _check_moments(x3, offset)
+    _check_moments(x3[1:2].clone(), offset)
+    assert _native.native_moments_cl(x3)[1][0, 0] == 0
+
+
+def test_a_lone_large_sample_splits_its_columns_over_threads() -> None:
+    torch.set_num_threads(2)
+    x3 = torch.randn(1, 1024, 96) * 2 + 1  # 98304 values: from 65536 the passes take threads
+    _check_moments(x3, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_columns_far_from_their_shift_are_summed_again(dtype: torch.dtype) -> None:
+    """A large value where the shift samples the column, zeros elsewhere: the shifted one-pass
+    sums would cancel; the column is read again two-pass. A NaN column stays NaN."""
+    x3 = torch.zeros(2, 3136, 40, dtype=dtype)
+    x3[:, 0, :] = 1e4
+    x3[:, :, 1] += torch.rand(2, 3136, dtype=dtype)
+    x3[1, 5, 7] = float("nan")
+    mean, var = _native.native_moments_cl(x3)
+    mean_ref, var_ref = _columns_ref(x3)
+    ok = ~torch.isnan(var_ref)
+    torch.testing.assert_close(var.double()[ok], var_ref[ok], rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double()[ok], mean_ref[ok], rtol=2e-6, atol=0)
+    assert torch.isnan(var[1, 7]) and int(torch.isnan(var).sum()) == 1
+
+
+def _eval_pair(an: AttentiveNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``an(x)`` for a channels-last ``x``, the reference path's output on the same values,
+    and how many times the plan's channels-last kernel ran."""
+    calls = []
+    with torch.no_grad():
+        an(x.contiguous())  # builds the plan
+        plan = eval_plan(an, x.dtype)
+        kernel = plan.fn_cl
+        plan.fn_cl = lambda *args: calls.append(1) or kernel(*args)
+        y = an(x)
+        an.fused = False
+        y_ref = an(x.contiguous())
+        an.fused = True
+    return y, y_ref, len(calls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("batch", [1, 4])
+def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, batch: int) -> None:
+    torch.set_num_threads(2)  # batch 1 < threads: column blocks and positions; 4: samples
+    an = trained(AttentiveNorm(40, 5, head=head, pool=pool), dtype)
+    x = (torch.randn(batch, 40, 6, 7, dtype=dtype) * 3 + 1).to(memory_format=torch.channels_last)
+    y, y_ref, calls = _eval_pair(an, x)
+    assert calls == 1
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_path_on_channels_last_3d_maps(dtype: torch.dtype) -> None:
+    an = trained(AttentiveNorm(24, 4, base="batchnorm3d"), dtype, dims=3)
+    x = torch.randn(3, 24, 4, 5, 3, dtype=dtype).to(memory_format=torch.channels_last_3d)
+    y, y_ref, calls = _eval_pair(an, x)
+    assert calls == 1 and y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_eval_path_on_streamed_outputs(dtype: torch.dtype, batch: int) -> None:
+    """Outputs of 1 MiB and more whose positions start on a vector are streamed (AVX2);
+    batch 1: a lone sample of 1.2 MiB, its positions over the threads."""
+    torch.set_num_threads(2)
+    an = trained(AttentiveNorm(64, 6), dtype)
+    shape = (8, 64, 24, 24) if batch == 8 else (1, 64, 72, 72)  # 1.2-1.3 MiB in float32
+    x = torch.randn(*shape, dtype=dtype).to(memory_format=torch.channels_last)
+    y, y_ref, calls = _eval_pair(an, x)
+    assert calls == 1
+    assert _native.native_cl_streams(y) == avx2()
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+def test_streaming_store_rule() -> None:
+    big = torch.empty(2, 64, 64, 64).to(memory_format=torch.channels_last)  # 2 MiB
+    assert _native.native_cl_streams(big) == avx2()
+    assert not _native.native_cl_streams(torch.empty(2, 64, 32, 32))  # 512 KiB
+    odd = torch.empty(2, 36, 64, 64).to(memory_format=torch.channels_last)  # rows of 144 B
+    assert not _native.native_cl_streams(odd)
+
+
+def test_training_moments_of_a_channels_last_map_take_the_kernel(monkeypatch) -> None:
+    """The fused training path's statistics of a channels-last map: its (B, C, n) view is not
+    contiguous, its transpose is; the column kernel reads it (ATen's reductions over such a
+    view took 14x BatchNorm's time); the outputs and gradients match the contiguous map's."""
+    calls = []
+    kernel = _native.native_moments_cl
+    monkeypatch.setattr(_fused, "native_moments_cl", lambda x3: calls.append(1) or kernel(x3))
+    an = AttentiveNorm(40, 5).double()
+    x = torch.randn(4, 40, 6, 6, dtype=torch.double) * 2 + 1
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    x_ct = x.clone().requires_grad_()
+    twin = copy.deepcopy(an)
+    y = an(x_cl)
+    y_ref = twin(x_ct)
+    assert calls, "the channels-last moments kernel did not run"
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y_ref)
+    (gx,) = torch.autograd.grad(y, x_cl, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ct, g)
+    torch.testing.assert_close(gx, gx_ref)
