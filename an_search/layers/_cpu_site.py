@@ -11,7 +11,8 @@ calls and the gate's backward; every tensor check is done once, up front.
 
 Covered: inner ``nn.BatchNorm1d/2d/3d`` normalising with batch statistics, the ``meanstd`` and
 ``avg`` pools, the heads ``default``, ``bn-sigmoid`` and ``bn-softmax`` in training mode,
-contiguous float32/float64 inputs and parameters of one dtype, batch >= 2, no graph capture,
+float32/float64 inputs, contiguous or channels-last (the passes over the map then take
+``_native_cl.c``'s kernels), and parameters of one dtype, batch >= 2, no graph capture,
 dispatch mode or autocast. Anything else returns None: the fused path runs as before (same
 kernels, same numerics).
 """
@@ -38,6 +39,9 @@ _WS_BK = ("z_ptr", "hhat")
 _WS_K = ("hmean", "hvar", "hr")
 _WS_C = ("mean", "var", "r")
 _FNS: dict[tuple[object, str], dict] = {}  # (library, dtype suffix) -> its kernels
+# The passes over the map, in a row-wise (B * C, n) and a channels-last (B, n, C) version of
+# the same arguments but the sizes: (map pointers..., *sizes, threads).
+_PASSES = ("an_moments", "an_affine", "an_row_dots", "an_affine_grad")
 
 
 def _gate(kind: str, z: torch.Tensor) -> torch.Tensor:
@@ -88,10 +92,12 @@ class _Site(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, gw, gb, wm, bm, cfg):  # type: ignore[override]
-        fns, (b, c, n, k), (bessel, pool_eps, head_eps, eps), meanstd, gate, runs = cfg
-        threads = torch.get_num_threads()
+        fns, (b, c, n, k), (bessel, pool_eps, head_eps, eps), meanstd, gate, runs = cfg[:6]
+        (moments, affine, _, _), cl = cfg[6:]
+        threads, sizes = torch.get_num_threads(), ((b, n, c) if cl else (b * c, n))
         ws = _Workspace.new(x, b, c, k)
-        fns["an_moments"](x.data_ptr(), b * c, n, ws.m, ws.v, threads)
+        if moments(x.data_ptr(), *sizes, ws.m, ws.v, threads) and cl:
+            raise MemoryError("AttentiveNorm moments: no memory for the kernel's workspace")
         if meanstd:
             fns["an_meanstd_fwd"](ws.m, ws.v, b * c, bessel, pool_eps, ws.pooled, ws.s)
         stat = ws.pooled if meanstd else ws.m
@@ -107,7 +113,7 @@ class _Site(torch.autograd.Function):
         if runs[1] is not None:
             fns["an_running"](*runs[1][:3], ws.mean, ws.var, c, *runs[1][3:])
         y = torch.empty_like(x)
-        fns["an_affine"](x.data_ptr(), ws.scale, ws.shift, y.data_ptr(), b * c, n, threads)
+        affine(x.data_ptr(), ws.scale, ws.shift, y.data_ptr(), *sizes, threads)
         ctx.save_for_backward(x, w, gw, wm, bm, ws.tensor, lam)
         ctx.cfg = cfg
         return y
@@ -116,15 +122,20 @@ class _Site(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         x, w, gw, wm, bm, saved, lam = ctx.saved_tensors
-        fns, (b, c, n, k), (bessel, *_eps), meanstd, gate, _ = ctx.cfg
+        fns, (b, c, n, k), (bessel, *_eps), meanstd, gate, _ = ctx.cfg[:6]
+        (_, _, row_dots, affine_grad), cl = ctx.cfg[6:]
         threads, bc = torch.get_num_threads(), b * c
+        sizes = (b, n, c) if cl else (bc, n)
         ws = _Workspace(saved, b, c, k)
-        gy = gy.contiguous()
+        if cl:  # the map's own layout
+            gy = gy if gy.stride() == x.stride() else torch.empty_like(x).copy_(gy)
+        else:
+            gy = gy.contiguous()
         # backward workspace: sgx, sg, g_m, g_v, g_p, cc, dd | g_lam
         gws = x.new_empty(7 * bc + b * k)
         g0, size = gws.data_ptr(), x.element_size()
         sgx, sg, g_m, g_v, g_p, cc, dd = (g0 + i * bc * size for i in range(7))
-        fns["an_row_dots"](gy.data_ptr(), x.data_ptr(), sgx, sg, bc, n, threads)
+        row_dots(gy.data_ptr(), x.data_ptr(), sgx, sg, *sizes, threads)
         g_wm, g_bm, g_w = torch.empty_like(wm), torch.empty_like(bm), torch.empty_like(w)
         g_gw, g_gb = torch.empty_like(gw), torch.empty_like(gw)
         outs = (g0 + 7 * bc * size, g_wm.data_ptr(), g_bm.data_ptr(), g_m, g_v)
@@ -141,8 +152,8 @@ class _Site(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             fns["an_site_coefs"](g_m, g_v, g_p, ws.m, ws.s, bc, n, bessel, meanstd, cc, dd)
             gx = torch.empty_like(x)
-            fns["an_affine_grad"](gy.data_ptr(), x.data_ptr(), ws.scale, cc, dd, gx.data_ptr(), bc,
-                                  n, threads)  # fmt: skip
+            affine_grad(gy.data_ptr(), x.data_ptr(), ws.scale, cc, dd, gx.data_ptr(), *sizes,
+                        threads)  # fmt: skip
         return gx, g_w, g_gw, g_gb, g_wm, g_bm, None
 
 
@@ -153,9 +164,9 @@ def _kernels(dtype: torch.dtype) -> dict | None:
         return None
     fns = _FNS.get((lib, suffix))
     if fns is None:
-        names = ("an_moments", "an_meanstd_fwd", "an_linbn_fwd", "an_tail_fwd", "an_affine",
-                 "an_row_dots", "an_tail_bwd", "an_linbn_bwd", "an_site_coefs",
-                 "an_affine_grad", "an_running")  # fmt: skip
+        names = ("an_meanstd_fwd", "an_linbn_fwd", "an_tail_fwd", "an_tail_bwd",
+                 "an_linbn_bwd", "an_site_coefs", "an_running",
+                 *_PASSES, *(f"{name}_cl" for name in _PASSES))  # fmt: skip
         fns = _FNS[(lib, suffix)] = {name: getattr(lib, f"{name}_{suffix}") for name in names}
     return fns
 
@@ -181,7 +192,10 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     node, updating its running statistics; None where it does not apply (see the module)."""
     if not an.training or type(x) is not torch.Tensor or not x.is_cpu or x.dim() < 2:
         return None
-    if not x.is_contiguous() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    cl = not x.is_contiguous()  # channels-last maps take _native_cl.c's kernels
+    if cl and (x.dim() < 3 or not x.movedim(1, -1).is_contiguous()):
+        return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     if torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu"):
         return None
@@ -212,7 +226,8 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     eps = (n / max(n - 1, 1), getattr(pool, "eps", 0.0), hbn.eps, norm.eps)
     k = weights[0].shape[0]
-    cfg = (fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind, runs)
+    passes = tuple(fns[f"{name}_cl" if cl else name] for name in _PASSES)
+    cfg = (fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind, runs, passes, cl)
     y = _Site.apply(x, *weights, cfg)
     mark_updated(*(bn for bn, run in zip((hbn, norm), runs, strict=True) if run is not None))
     return y

@@ -146,6 +146,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             evaluate.restype = i32
         moments_cl = getattr(lib, f"an_moments_cl_{suffix}")
         moments_cl.argtypes, moments_cl.restype = [p, i64, i64, i64, p, p, i32], i32
+        getattr(lib, f"an_affine_cl_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"an_affine_grad_cl_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64,
+                                                                i32]  # fmt: skip
+        getattr(lib, f"an_row_dots_cl_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
     return lib
 
 
@@ -251,11 +255,36 @@ def _rows(x: torch.Tensor, *coefs: torch.Tensor) -> list[torch.Tensor] | None:
     return [t.reshape(rows).to(x.dtype).contiguous() for t in coefs]
 
 
-def native_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
-    """``x * a + t`` per (sample, channel) row of a (B, C, *) tensor; None where n/a."""
-    fn, coefs = _kernel("an_affine", x), _rows(x, a, t)
-    if fn is None or coefs is None:
+def _cl_kernel(name: str, *maps: torch.Tensor) -> tuple[object, tuple[int, int, int]] | None:
+    """The channels-last kernel ``name`` (``_native_cl.c``) and (B, n, C) where the (B, C, *)
+    ``maps`` share one channels-last layout (channels innermost, dense) and are plain CPU
+    float32/float64 tensors of one dtype; else None."""
+    x = maps[0]
+    lib, suffix = library(), _suffix(x.dtype)
+    if lib is None or suffix is None or x.dim() < 3 or x.numel() == 0 or x.is_contiguous():
         return None
+    if not x.movedim(1, -1).is_contiguous() or not plain_tensors(*maps):
+        return None
+    if any(t.shape != x.shape or t.stride() != x.stride() or t.dtype != x.dtype for t in maps):
+        return None
+    b, c = x.shape[0], x.shape[1]
+    return getattr(lib, f"{name}_cl_{suffix}"), (b, x.numel() // (b * c), c)
+
+
+def native_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """``x * a + t`` per (sample, channel) row of a (B, C, *) tensor, contiguous or
+    channels-last (the output keeps the layout); None where n/a."""
+    fn, coefs = _kernel("an_affine", x), _rows(x, a, t)
+    if coefs is None:
+        return None
+    if fn is None:
+        cl = _cl_kernel("an_affine", x)
+        if cl is None:
+            return None
+        y = torch.empty_like(x)
+        cl[0](x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), *cl[1],
+              torch.get_num_threads())  # fmt: skip
+        return y
     y = torch.empty_like(x)
     rows = coefs[0].numel()
     fn(x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), rows,
@@ -266,10 +295,19 @@ def native_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Te
 def native_affine_grad(
     g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
 ) -> torch.Tensor | None:
-    """``g * a + x * c + d`` per row, one pass (AttentiveNorm's input gradient); None if n/a."""
+    """``g * a + x * c + d`` per row, one pass (AttentiveNorm's input gradient), contiguous or
+    channels-last maps; None if n/a."""
     fn, coefs = _kernel("an_affine_grad", g, x), _rows(x, a, c, d)
-    if fn is None or coefs is None:
+    if coefs is None:
         return None
+    if fn is None:
+        cl = _cl_kernel("an_affine_grad", x, g)
+        if cl is None:
+            return None
+        y = torch.empty_like(x)
+        cl[0](g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(), *cl[1],
+              torch.get_num_threads())  # fmt: skip
+        return y
     y = torch.empty_like(x)
     rows = coefs[0].numel()
     fn(g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(), rows,
@@ -280,10 +318,19 @@ def native_affine_grad(
 def native_row_dots(
     g: torch.Tensor, x: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-row ``sum(g * x)`` and ``sum(g)`` over ``rows`` equal rows, one pass; None if n/a."""
+    """Per-row ``sum(g * x)`` and ``sum(g)`` over ``rows`` equal rows (B * C of channels-last
+    maps), one pass; None if n/a."""
     fn = _kernel("an_row_dots", g, x)
-    if fn is None or rows <= 0 or x.numel() % rows:
+    if rows <= 0 or x.numel() % rows:
         return None
+    if fn is None:
+        cl = _cl_kernel("an_row_dots", x, g)
+        if cl is None or cl[1][0] * cl[1][2] != rows:
+            return None
+        sgx, sg = x.new_empty(rows), x.new_empty(rows)
+        cl[0](g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), *cl[1],
+              torch.get_num_threads())  # fmt: skip
+        return sgx, sg
     sgx, sg = x.new_empty(rows), x.new_empty(rows)
     fn(g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), rows, x.numel() // rows,
        torch.get_num_threads())  # fmt: skip

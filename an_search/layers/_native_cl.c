@@ -7,6 +7,9 @@
  * the positions of a channels-last 512x7x7 map took 3.7 ms, 14x BatchNorm2d's evaluation).
  *
  * an_moments_cl_*: per-(sample, channel) mean and biased variance of a (B, n, C) array.
+ * an_affine_cl_*, an_affine_grad_cl_*, an_row_dots_cl_*: the training path's passes, as
+ *                  _native.c's row-wise kernels (per (sample, channel) coefficients):
+ *                  y = x * a + t; y = g * a + x * c + d; sum(g * x) and sum(g).
  * an_eval_cl_*:    a whole AttentiveNorm(BatchNorm) site in evaluation mode, sample by sample,
  *                  as an_eval_* (_native.c) for (B, C, n) maps: moments, the shared per-sample
  *                  head and mixtures (an_sample_scale_shift_*), then y = x * a + t while the
@@ -252,6 +255,101 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         return 0;                                                                    \
     }
 
+/* The training passes. Work is split into (sample, CL_PB positions) pieces over the
+ * threads (elementwise) or samples / column ranges (row dots, as the moments). */
+#define DEFINE_CL_TRAIN(T, V, SUFFIX)                                                \
+    void an_affine_cl_##SUFFIX(const T *x, const T *a, const T *t, T *y, long b, long n, \
+                               long c, int threads) {                                \
+        const long pieces = (n + CL_PB - 1) / CL_PB;                                 \
+        const int par = b * n * c >= CL_PAR;                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
+        for (long k = 0; k < b * pieces; k++) {                                      \
+            const long s = k / pieces, p0 = k % pieces * CL_PB;                      \
+            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                         \
+            cl_affine_##SUFFIX(x + s * n * c, y + s * n * c, p0, p1, c, a + s * c,   \
+                               t + s * c, 0);                                        \
+        }                                                                            \
+    }                                                                                \
+    void an_affine_grad_cl_##SUFFIX(const T *g, const T *x, const T *a, const T *cc, \
+                                    const T *dd, T *y, long b, long n, long c, int threads) { \
+        enum { W = sizeof(V) / sizeof(T) };                                          \
+        const long pieces = (n + CL_PB - 1) / CL_PB;                                 \
+        const int par = b * n * c >= CL_PAR;                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
+        for (long k = 0; k < b * pieces; k++) {                                      \
+            const long s = k / pieces, p0 = k % pieces * CL_PB;                      \
+            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                         \
+            const T *as = a + s * c, *cs = cc + s * c, *ds = dd + s * c;             \
+            for (long p = p0; p < p1; p++) {                                         \
+                const long o = (s * n + p) * c;                                      \
+                long j = 0;                                                          \
+                for (; j + W <= c; j += W) {                                         \
+                    V vg, vx, va, vc, vd;                                            \
+                    memcpy(&vg, g + o + j, sizeof(vg));                              \
+                    memcpy(&vx, x + o + j, sizeof(vx));                              \
+                    memcpy(&va, as + j, sizeof(va));                                 \
+                    memcpy(&vc, cs + j, sizeof(vc));                                 \
+                    memcpy(&vd, ds + j, sizeof(vd));                                 \
+                    vg = vg * va + (vx * vc + vd);                                   \
+                    memcpy(y + o + j, &vg, sizeof(vg));                              \
+                }                                                                    \
+                for (; j < c; j++) y[o + j] = g[o + j] * as[j] + (x[o + j] * cs[j] + ds[j]); \
+            }                                                                        \
+        }                                                                            \
+    }                                                                                \
+    /* Column sums of g * x and g over the positions of one sample, columns [j0, j1): four \
+     * vectors of columns at a time (the rest one by one), in the kernel's dtype over CL_PB \
+     * positions, folded into double. */                                            \
+    static void cl_dots_##SUFFIX(const T *g, const T *x, long n, long c, long j0, long j1, \
+                                 T *sgx, T *sg) {                                    \
+        enum { W = sizeof(V) / sizeof(T), U = 4, CB = U * W };                       \
+        long j = j0;                                                                 \
+        for (; j + CB <= j1; j += CB) {                                              \
+            double dgx[CB], dg[CB];                                                  \
+            for (int i = 0; i < CB; i++) dgx[i] = dg[i] = 0.0;                       \
+            for (long p0 = 0; p0 < n; p0 += CL_PB) {                                 \
+                const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                     \
+                V agx[U], ag[U];                                                     \
+                for (int u = 0; u < U; u++) agx[u] = ag[u] = (V){0};                 \
+                for (long p = p0; p < p1; p++)                                       \
+                    for (int u = 0; u < U; u++) {                                    \
+                        V vg, vx;                                                    \
+                        memcpy(&vg, g + p * c + j + u * W, sizeof(vg));              \
+                        memcpy(&vx, x + p * c + j + u * W, sizeof(vx));              \
+                        agx[u] += vg * vx;                                           \
+                        ag[u] += vg;                                                 \
+                    }                                                                \
+                for (int i = 0; i < CB; i++) {                                       \
+                    dgx[i] += (double)agx[i / W][i % W];                             \
+                    dg[i] += (double)ag[i / W][i % W];                               \
+                }                                                                    \
+            }                                                                        \
+            for (int i = 0; i < CB; i++) sgx[j + i] = (T)dgx[i], sg[j + i] = (T)dg[i]; \
+        }                                                                            \
+        for (; j < j1; j++) {                                                        \
+            double dgx = 0.0, dg = 0.0;                                              \
+            for (long p = 0; p < n; p++) {                                           \
+                dgx += (double)g[p * c + j] * (double)x[p * c + j];                  \
+                dg += (double)g[p * c + j];                                          \
+            }                                                                        \
+            sgx[j] = (T)dgx, sg[j] = (T)dg;                                          \
+        }                                                                            \
+    }                                                                                \
+    void an_row_dots_cl_##SUFFIX(const T *g, const T *x, T *sgx, T *sg, long b, long n, \
+                                 long c, int threads) {                              \
+        const int par = b * n * c >= CL_PAR;                                         \
+        _Pragma("omp parallel num_threads(threads) if(par)")                         \
+        {                                                                            \
+            const long t = omp_get_thread_num(), nt = omp_get_num_threads();         \
+            const long w = sizeof(V) / sizeof(T), vecs = c / w; /* whole vectors */  \
+            const long j0 = vecs * t / nt * w, j1 = t + 1 == nt ? c : vecs * (t + 1) / nt * w; \
+            for (long s = 0; s < b; s++) { /* each thread a range of columns */     \
+                cl_dots_##SUFFIX(g + s * n * c, x + s * n * c, n, c, j0, j1,         \
+                                 sgx + s * c, sg + s * c);                           \
+            }                                                                        \
+        }                                                                            \
+    }
+
 #define DEFINE_CL(T, V, SUFFIX)              \
     DEFINE_CL_TWO_PASS(T, SUFFIX)            \
     DEFINE_CL_BLOCK(T, V, SUFFIX)            \
@@ -259,7 +357,8 @@ int an_cl_streams(const void *y, long total, long c, long size) {
     DEFINE_CL_AFFINE(T, V, SUFFIX)           \
     DEFINE_CL_SAMPLE_MOMENTS(T, V, SUFFIX)   \
     DEFINE_CL_EVAL(T, V, SUFFIX)             \
-    DEFINE_CL_MOMENTS(T, V, SUFFIX)
+    DEFINE_CL_MOMENTS(T, V, SUFFIX)          \
+    DEFINE_CL_TRAIN(T, V, SUFFIX)
 
 DEFINE_CL(float, vf32, f32)
 DEFINE_CL(double, vf64, f64)

@@ -91,16 +91,29 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(an, (x,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "why", ["avgmax", "mlp-bn", "linear-sigmoid", "groupnorm", "channels_last", "eval"]
-)
+    "fmt,shape",
+    [(torch.channels_last, (6, 40, 5, 4)), (torch.channels_last, (6, 12, 1, 70)),
+     (torch.channels_last_3d, (6, 12, 2, 3, 2))],
+)  # fmt: skip
+def test_channels_last_maps(fmt: torch.memory_format, shape: tuple, dtype: torch.dtype) -> None:
+    """The same node with the channels-last passes (``_native_cl.c``): whole vectors of
+    channels and the rest, 70 positions (sums folded every 64); the output keeps the layout."""
+    base = "batchnorm3d" if len(shape) == 5 else "batchnorm"
+    an = AttentiveNorm(shape[1], 5, base=base).to(dtype).train()
+    x = (torch.randn(shape, dtype=dtype) * 2 + 1).contiguous(memory_format=fmt)
+    assert an(x).is_contiguous(memory_format=fmt)
+    _compare(an, x.requires_grad_())
+    assert x.grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("why", ["avgmax", "mlp-bn", "linear-sigmoid", "groupnorm", "eval"])
 def test_what_it_declines_takes_the_fused_path(why: str) -> None:
     kwargs = {"avgmax": {"pool": "avgmax"}, "groupnorm": {"base": "groupnorm", "num_groups": 3}}
     head = why if why in ("mlp-bn", "linear-sigmoid") else "default"
     an = AttentiveNorm(12, 4, head=head, **kwargs.get(why, {})).double().train(why != "eval")
     x = torch.randn(4, 12, 3, 5, dtype=torch.double)
-    if why == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
     _compare(an, x.requires_grad_(), steps=2, node=False)
 
 

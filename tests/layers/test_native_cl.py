@@ -138,23 +138,58 @@ def test_streaming_store_rule() -> None:
     assert not _native.native_cl_streams(odd)
 
 
-def test_training_moments_of_a_channels_last_map_take_the_kernel(monkeypatch) -> None:
-    """The fused training path's statistics of a channels-last map: its (B, C, n) view is not
-    contiguous, its transpose is; the column kernel reads it (ATen's reductions over such a
-    view took 14x BatchNorm's time); the outputs and gradients match the contiguous map's."""
-    calls = []
-    kernel = _native.native_moments_cl
-    monkeypatch.setattr(_fused, "native_moments_cl", lambda x3: calls.append(1) or kernel(x3))
-    an = AttentiveNorm(40, 5).double()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 40, 5, 6), (1, 12, 7, 7), (2, 64, 1, 130), (1, 96, 32, 32)])
+def test_training_kernels_match_formulas(dtype: torch.dtype, shape: tuple) -> None:
+    """y = x * a + t, y = g * a + x * c + d, sum(g * x) and sum(g) per (sample, channel) of
+    channels-last maps: whole vectors of channels and the rest, sums folded every 64 positions,
+    a lone sample of 98304 values over the threads."""
+    torch.set_num_threads(2)
+    b, c = shape[:2]
+    x, g = (torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last) for _ in "xg")
+    a, t, cc, d = (torch.randn(b, c, dtype=dtype) for _ in range(4))
+    col = (b, c, 1, 1)
+    y = _native.native_affine(x, a, t)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, x * a.view(col) + t.view(col), **TOL[dtype])
+    y = _native.native_affine_grad(g, x, a, cc, d)
+    ref = g * a.view(col) + x * cc.view(col) + d.view(col)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+    sgx, sg = _native.native_row_dots(g, x, b * c)
+    gd, xd = g.double(), x.double()
+    torch.testing.assert_close(sgx.double().view(b, c), (gd * xd).sum((2, 3)), **TOL[dtype])
+    torch.testing.assert_close(sg.double().view(b, c), gd.sum((2, 3)), **TOL[dtype])
+
+
+def test_training_on_a_channels_last_map_takes_its_kernels(monkeypatch) -> None:
+    """The fused training path of a channels-last map (a head the one-node site declines): its
+    moments, affine, row dots and input gradient in the channels-last kernels (ATen's
+    reductions and broadcasts over such a map took 2-14x BatchNorm's time); outputs, all
+    gradients and running statistics as the contiguous map's. (The one-node site's own
+    channels-last passes: test_cpu_site.py.)"""
+    kernels = []
+    moments_cl, cl_kernel = _native.native_moments_cl, _native._cl_kernel
+    monkeypatch.setattr(
+        _fused, "native_moments_cl", lambda x3: kernels.append("moments") or moments_cl(x3)
+    )
+    monkeypatch.setattr(
+        _native, "_cl_kernel", lambda name, *maps: kernels.append(name) or cl_kernel(name, *maps)
+    )
+    an = AttentiveNorm(40, 5, head="mlp-bn").double()
+    twin = copy.deepcopy(an)
     x = torch.randn(4, 40, 6, 6, dtype=torch.double) * 2 + 1
     x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
     x_ct = x.clone().requires_grad_()
-    twin = copy.deepcopy(an)
-    y = an(x_cl)
-    y_ref = twin(x_ct)
-    assert calls, "the channels-last moments kernel did not run"
+    y, y_ref = an(x_cl), twin(x_ct)
     torch.testing.assert_close(y, y_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(y_ref)
-    (gx,) = torch.autograd.grad(y, x_cl, g)
-    (gx_ref,) = torch.autograd.grad(y_ref, x_ct, g)
-    torch.testing.assert_close(gx, gx_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert {"moments", "an_affine", "an_row_dots", "an_affine_grad"} <= set(kernels), kernels
+    torch.testing.assert_close(x_cl.grad, x_ct.grad)
+    for (name, p), p_ref in zip(an.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    for buf, buf_ref in zip(an.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(buf, buf_ref)
