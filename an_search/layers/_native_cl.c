@@ -116,9 +116,10 @@ int an_cl_streams(const void *y, long total, long c, long size) {
                     s2[u * W + q] += (double)a2[u][q];                               \
                 }                                                                    \
         }                                                                            \
+        const double inv_n = 1.0 / (double)n;                                        \
         for (int i = 0; i < CB; i++) {                                               \
             const long j = j0 + i;                                                   \
-            const double m = s1[i] / (double)n, v = s2[i] / (double)n - m * m;       \
+            const double m = s1[i] * inv_n, v = s2[i] * inv_n - m * m;               \
             if (4.0 * v >= m * m && v >= 0.0) {                                      \
                 mean[j] = (double)sh[i / W][i % W] + m;                              \
                 var[j] = v;                                                          \
