@@ -5,6 +5,8 @@ gives lambda, and ``y = x * (lambda @ A) + lambda @ T`` with the running statist
 into the mixtures (``A = Gamma / sqrt(rv + eps)``, ``T = Beta - A * rm``) and the head's
 BatchNorm1d folded into its linears. The native kernel does all of it sample by sample while
 the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
+Channels-last maps (4d and 5d) take the same plan through ``_native_cl.c``'s kernel (eager
+only: under ``torch.compile`` the operator takes contiguous maps).
 
 The folded parameters (float64; the packed mixtures in the input's dtype) are cached per module
 and dtype and rebuilt when any parameter or buffer changes (version counter or storage), or
