@@ -256,47 +256,53 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         return 0;                                                                    \
     }
 
-/* The training passes. Work is split into (sample, CL_PB positions) pieces over the
- * threads (elementwise) or samples / column ranges (row dots, as the moments). */
+/* The training passes. The elementwise ones split the work into (sample, CL_PB positions)
+ * pieces over the threads; the row dots take column ranges, as the moments. */
 #define DEFINE_CL_TRAIN(T, V, SUFFIX)                                                \
-    void an_affine_cl_##SUFFIX(const T *x, const T *a, const T *t, T *y, long b, long n, \
-                               long c, int threads) {                                \
+    /* y = g * a + (x * cc + dd) over positions [p0, p1) of one sample. */          \
+    static void cl_affine_grad_##SUFFIX(const T *g, const T *x, T *y, long p0, long p1, \
+                                        long c, const T *a, const T *cc, const T *dd) { \
+        enum { W = sizeof(V) / sizeof(T) };                                          \
+        for (long p = p0; p < p1; p++) {                                             \
+            const long o = p * c;                                                    \
+            long j = 0;                                                              \
+            for (; j + W <= c; j += W) {                                             \
+                V vg, vx, va, vc, vd;                                                \
+                memcpy(&vg, g + o + j, sizeof(vg));                                  \
+                memcpy(&vx, x + o + j, sizeof(vx));                                  \
+                memcpy(&va, a + j, sizeof(va));                                      \
+                memcpy(&vc, cc + j, sizeof(vc));                                     \
+                memcpy(&vd, dd + j, sizeof(vd));                                     \
+                vg = vg * va + (vx * vc + vd);                                       \
+                memcpy(y + o + j, &vg, sizeof(vg));                                  \
+            }                                                                        \
+            for (; j < c; j++) y[o + j] = g[o + j] * a[j] + (x[o + j] * cc[j] + dd[j]); \
+        }                                                                            \
+    }                                                                                \
+    /* y = x * a + t (g NULL) or y = g * a + (x * t + dd), per (sample, channel) a, t, dd. */ \
+    static void cl_elementwise_##SUFFIX(const T *g, const T *x, const T *a, const T *t, \
+                                        const T *dd, T *y, long b, long n, long c,   \
+                                        int threads) {                               \
         const long pieces = (n + CL_PB - 1) / CL_PB;                                 \
         const int par = b * n * c >= CL_PAR;                                         \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
         for (long k = 0; k < b * pieces; k++) {                                      \
             const long s = k / pieces, p0 = k % pieces * CL_PB;                      \
-            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                         \
-            cl_affine_##SUFFIX(x + s * n * c, y + s * n * c, p0, p1, c, a + s * c,   \
-                               t + s * c, 0);                                        \
+            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n, o = s * n * c;          \
+            if (g == NULL)                                                           \
+                cl_affine_##SUFFIX(x + o, y + o, p0, p1, c, a + s * c, t + s * c, 0); \
+            else                                                                     \
+                cl_affine_grad_##SUFFIX(g + o, x + o, y + o, p0, p1, c, a + s * c,   \
+                                        t + s * c, dd + s * c);                      \
         }                                                                            \
+    }                                                                                \
+    void an_affine_cl_##SUFFIX(const T *x, const T *a, const T *t, T *y, long b, long n, \
+                               long c, int threads) {                                \
+        cl_elementwise_##SUFFIX(NULL, x, a, t, NULL, y, b, n, c, threads);           \
     }                                                                                \
     void an_affine_grad_cl_##SUFFIX(const T *g, const T *x, const T *a, const T *cc, \
                                     const T *dd, T *y, long b, long n, long c, int threads) { \
-        enum { W = sizeof(V) / sizeof(T) };                                          \
-        const long pieces = (n + CL_PB - 1) / CL_PB;                                 \
-        const int par = b * n * c >= CL_PAR;                                         \
-        _Pragma("omp parallel for schedule(static) num_threads(threads) if(par)")    \
-        for (long k = 0; k < b * pieces; k++) {                                      \
-            const long s = k / pieces, p0 = k % pieces * CL_PB;                      \
-            const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n;                         \
-            const T *as = a + s * c, *cs = cc + s * c, *ds = dd + s * c;             \
-            for (long p = p0; p < p1; p++) {                                         \
-                const long o = (s * n + p) * c;                                      \
-                long j = 0;                                                          \
-                for (; j + W <= c; j += W) {                                         \
-                    V vg, vx, va, vc, vd;                                            \
-                    memcpy(&vg, g + o + j, sizeof(vg));                              \
-                    memcpy(&vx, x + o + j, sizeof(vx));                              \
-                    memcpy(&va, as + j, sizeof(va));                                 \
-                    memcpy(&vc, cs + j, sizeof(vc));                                 \
-                    memcpy(&vd, ds + j, sizeof(vd));                                 \
-                    vg = vg * va + (vx * vc + vd);                                   \
-                    memcpy(y + o + j, &vg, sizeof(vg));                              \
-                }                                                                    \
-                for (; j < c; j++) y[o + j] = g[o + j] * as[j] + (x[o + j] * cs[j] + ds[j]); \
-            }                                                                        \
-        }                                                                            \
+        cl_elementwise_##SUFFIX(g, x, a, cc, dd, y, b, n, c, threads);               \
     }                                                                                \
     /* Column sums of g * x and g over the positions of one sample, columns [j0, j1): four \
      * vectors of columns at a time (the rest one by one), in the kernel's dtype over CL_PB \

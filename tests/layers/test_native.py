@@ -12,24 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from layer_helpers import avx2, trained  # tests/layers on sys.path (pytest)
+from layer_helpers import DTYPES, TOL, avx2, moments_ref, needs_native, trained
 
 from an_search.layers import AttentiveNorm, _native
 from an_search.layers._eval_plan import PLAN_ATTR, eval_plan
 from an_search.layers.heads import HEADS
 
-pytestmark = pytest.mark.skipif(
-    _native.library() is None, reason=f"native kernels: {_native.unavailable_reason()}"
-)
-DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-13}}
-
-
-def _moments_ref(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xd = x3.double()
-    mean = xd.sum(2) / xd.shape[2]
-    var = ((xd - mean[..., None]) ** 2).sum(2) / xd.shape[2]
-    return mean, var
+pytestmark = needs_native
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -40,7 +29,7 @@ def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, offset: float
     x3 = (torch.randn(3, 5, n, dtype=torch.float64) + offset).to(dtype)
     x3[0, 0] = 2.5  # a constant row: variance exactly 0
     mean, var = _native.native_moments(x3)
-    mean_ref, var_ref = _moments_ref(x3)
+    mean_ref, var_ref = moments_ref(x3, 2)
     assert mean.dtype == var.dtype == dtype
     torch.testing.assert_close(mean.double(), mean_ref, **TOL[dtype])
     scale = var_ref.clamp(min=1.0 if offset else 0.0) if dtype == torch.float32 else var_ref
@@ -56,7 +45,7 @@ def test_moments_of_one_outlier_row_do_not_cancel() -> None:
     x3[0, :, 0] = 1e4
     x3[0, 1] += torch.rand(3136)
     mean, var = _native.native_moments(x3)
-    mean_ref, var_ref = _moments_ref(x3)
+    mean_ref, var_ref = moments_ref(x3, 2)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(mean.double(), mean_ref, rtol=2e-6, atol=0)
 
@@ -82,7 +71,7 @@ def test_short_rows_far_from_their_shift_inside_a_group_of_eight(n: int) -> None
     for row in (3, 12):
         x3[0, row, [0, n // 4, n // 2, 3 * n // 4]] = 1e4
     mean, var = _native.native_moments(x3)
-    mean_ref, var_ref = _moments_ref(x3)
+    mean_ref, var_ref = moments_ref(x3, 2)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
 
@@ -103,7 +92,7 @@ def test_rowwise_kernels_match_formulas(dtype: torch.dtype, n: int, rows: int) -
     torch.testing.assert_close(sgx, (g.double() * x).sum(1).to(dtype), **TOL[dtype])
     torch.testing.assert_close(sg, g.double().sum(1).to(dtype), **TOL[dtype])
     mean, var = _native.native_moments(x.view(1, rows, n))
-    mean_ref, var_ref = _moments_ref(x.view(1, rows, n))
+    mean_ref, var_ref = moments_ref(x.view(1, rows, n), 2)
     torch.testing.assert_close(mean.double(), mean_ref.view(1, rows), **TOL[dtype])
     torch.testing.assert_close(var.double(), var_ref.view(1, rows), **TOL[dtype])
 

@@ -8,30 +8,18 @@ import copy
 
 import pytest
 import torch
-from layer_helpers import avx2, trained  # tests/layers on sys.path (pytest)
+from layer_helpers import DTYPES, TOL, avx2, moments_ref, needs_native, trained
 
 from an_search.layers import AttentiveNorm, _fused, _native
 from an_search.layers._eval_plan import eval_plan
 from an_search.layers.heads import HEADS
 
-pytestmark = pytest.mark.skipif(
-    _native.library() is None, reason=f"native kernels: {_native.unavailable_reason()}"
-)
-DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-13}}
-
-
-def _columns_ref(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance over dim 1 of a (B, n, C) tensor, two-pass in float64."""
-    xd = x3.double()
-    mean = xd.sum(1) / xd.shape[1]
-    var = ((xd - mean[:, None]) ** 2).sum(1) / xd.shape[1]
-    return mean, var
+pytestmark = needs_native
 
 
 def _check_moments(x3: torch.Tensor, offset: float) -> None:
     mean, var = _native.native_moments_cl(x3)
-    mean_ref, var_ref = _columns_ref(x3)
+    mean_ref, var_ref = moments_ref(x3, 1)
     assert mean.dtype == var.dtype == x3.dtype and mean.shape == (x3.shape[0], x3.shape[2])
     torch.testing.assert_close(mean.double(), mean_ref, **TOL[x3.dtype])
     scale = var_ref.clamp(min=1.0 if offset else 0.0) if x3.dtype == torch.float32 else var_ref
@@ -69,7 +57,7 @@ def test_columns_far_from_their_shift_are_summed_again(dtype: torch.dtype) -> No
     x3[:, :, 1] += torch.rand(2, 3136, dtype=dtype)
     x3[1, 5, 7] = float("nan")
     mean, var = _native.native_moments_cl(x3)
-    mean_ref, var_ref = _columns_ref(x3)
+    mean_ref, var_ref = moments_ref(x3, 1)
     ok = ~torch.isnan(var_ref)
     torch.testing.assert_close(var.double()[ok], var_ref[ok], rtol=1e-6, atol=0)
     torch.testing.assert_close(mean.double()[ok], mean_ref[ok], rtol=2e-6, atol=0)
