@@ -5,8 +5,9 @@ gives lambda, and ``y = x * (lambda @ A) + lambda @ T`` with the running statist
 into the mixtures (``A = Gamma / sqrt(rv + eps)``, ``T = Beta - A * rm``) and the head's
 BatchNorm1d folded into its linears. The native kernel does all of it sample by sample while
 the sample is in cache: one read from memory, one write, as BatchNorm's own evaluation.
-Channels-last maps (4d and 5d) take the same plan through ``_native_cl.c``'s kernel (eager
-only: under ``torch.compile`` the operator takes contiguous maps).
+Channels-last maps (memory (B, *, C): 4d/5d memory formats, a transposed 3d map) take the
+same plan through ``_native_cl.c``'s kernel (eager only: under ``torch.compile`` the operator
+takes contiguous maps).
 
 The folded parameters (float64; the packed mixtures in the input's dtype) are cached per module
 and dtype and rebuilt when any parameter or buffer changes (version counter or storage), or
@@ -63,8 +64,8 @@ class _Plan:
             self.fn_cl = _kernel(self.key.dtype, "an_eval_cl")
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The site over a CPU (B, C, *) ``x`` of the plan's dtype, contiguous or, 4d and 5d,
-        channels-last (the output keeps the layout)."""
+        """The site over a CPU (B, C, *) ``x`` of the plan's dtype, contiguous or channels-last
+        (memory (B, *, C); the output keeps the layout)."""
         return _run(self.fn if x.is_contiguous() else self.fn_cl, self.ref, x)
 
 

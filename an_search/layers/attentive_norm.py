@@ -71,7 +71,6 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # native eval takes these too
 
 
 class AttentionWeights(nn.Module):
@@ -333,13 +332,11 @@ class AttentiveNorm(nn.Module):
 
     def _native_eval_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """The checks of a CPU ``x`` shared by the eager and compiled native eval: dtype, rank,
-        layout (contiguous, or channels-last 4d/5d), not empty, and no autograd recording."""
+        layout (contiguous or channels-last), not empty, and no autograd recording."""
         if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims:
             return False
-        if not x.is_contiguous():
-            fmt = _CL_FORMATS.get(x.dim())
-            if fmt is None or not x.is_contiguous(memory_format=fmt):
-                return False
+        if not x.is_contiguous() and not x.movedim(1, -1).is_contiguous():
+            return False  # (channels-last: 4d/5d memory formats, a transposed (B, L, C) 3d map)
         if x.numel() == 0:
             return False
         return not records_grad(self, x)

@@ -104,6 +104,16 @@ def test_eval_path_on_channels_last_3d_maps(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_path_on_transposed_sequences(dtype: torch.dtype) -> None:
+    """A BatchNorm1d site fed (B, L, C) memory as (B, C, L) (``h.transpose(1, 2)``)."""
+    an = trained(AttentiveNorm(24, 4, base="batchnorm1d"), dtype, dims=1)
+    x = torch.randn(3, 30, 24, dtype=dtype).transpose(1, 2)
+    y, y_ref, calls = _eval_pair(an, x)
+    assert calls == 1 and y.stride() == x.stride()
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_eval_path_on_streamed_outputs(dtype: torch.dtype, batch: int) -> None:
     """Outputs of 1 MiB and more whose positions start on a vector are streamed (AVX2);
