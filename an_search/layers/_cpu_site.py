@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._native import _suffix, library
+from ._native import _suffix, as_layout_of, channels_last_map, library
 from ._norm_stats import mark_updated
 from .pooling import AvgPool, MeanStdPool
 
@@ -127,10 +127,7 @@ class _Site(torch.autograd.Function):
         threads, bc = torch.get_num_threads(), b * c
         sizes = (b, n, c) if cl else (bc, n)
         ws = _Workspace(saved, b, c, k)
-        if cl:  # the map's own layout
-            gy = gy if gy.stride() == x.stride() else torch.empty_like(x).copy_(gy)
-        else:
-            gy = gy.contiguous()
+        gy = as_layout_of(gy, x)
         # backward workspace: sgx, sg, g_m, g_v, g_p, cc, dd | g_lam
         gws = x.new_empty(7 * bc + b * k)
         g0, size = gws.data_ptr(), x.element_size()
@@ -192,8 +189,8 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     node, updating its running statistics; None where it does not apply (see the module)."""
     if not an.training or type(x) is not torch.Tensor or not x.is_cpu or x.dim() < 2:
         return None
-    cl = not x.is_contiguous()  # channels-last maps take _native_cl.c's kernels
-    if cl and (x.dim() < 3 or not x.movedim(1, -1).is_contiguous()):
+    cl = channels_last_map(x)  # channels-last maps take _native_cl.c's kernels
+    if not cl and not x.is_contiguous():
         return None
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._native import (
+    as_layout_of,
+    channels_last_map,
     native_affine,
     native_affine_grad,
     native_moments,
@@ -58,16 +60,6 @@ def _device_ops(x: torch.Tensor) -> bool:
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-
-
-def _channels_last_map(x: torch.Tensor) -> bool:
-    """A (B, C, *) map whose memory is (B, *, C), dense: the channels-last kernels' layout."""
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
-def _as_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` (``ref``'s shape) with ``ref``'s strides: itself, or a copy."""
-    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
 def spatial_view(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -189,10 +181,10 @@ class _Moments(torch.autograd.Function):
         d = torch.addcmul(g_mean * inv_n, c, mean, value=-1.0)
         if dim == 1:  # channels_last (B, n, C): broadcast over n
             return torch.addcmul(d.unsqueeze(1), x3, c.unsqueeze(1)).to(x3.dtype), None, None
-        if not x3.is_contiguous() and not _channels_last_map(x3):
+        if not x3.is_contiguous() and not channels_last_map(x3):
             return torch.addcmul(d.unsqueeze(2), x3, c.unsqueeze(2)).to(x3.dtype), None, None
         if link is not None and link.grad is not None:  # (x3 contiguous or channels-last)
-            g, a = _as_layout_of(link.grad.view(x3.shape), x3), link.scale
+            g, a = as_layout_of(link.grad.view(x3.shape), x3), link.scale
             link.grad = link.scale = None
             gx = native_affine_grad(g, x3, a, c, d)  # g * a + c * x + d in one pass
             if gx is not None:
@@ -216,7 +208,7 @@ class _ChannelAffine(torch.autograd.Function):
         need_x, need_a, need_t = ctx.needs_input_grad[:3]
         b, c = a.shape
         gx = ga = gt = None
-        gy = gy.contiguous() if x.is_contiguous() else _as_layout_of(gy, x)
+        gy = as_layout_of(gy, x)
         dots = native_row_dots(gy, x, b * c) if need_a or need_t else None
         if dots is not None:  # sum(g * x) and sum(g) per row, one pass
             ga = dots[0].view(b, c).to(a.dtype) if need_a else None
@@ -314,7 +306,7 @@ def channel_affine(
     if _device_ops(x):  # one broadcast kernel; autograd's own backward (no Python on the GPU)
         return torch.addcmul(t.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
     plain = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graph capture: ATen ops
-    if not plain and (x.is_contiguous() or _channels_last_map(x)) and x.numel() > 0:
+    if not plain and (x.is_contiguous() or channels_last_map(x)) and x.numel() > 0:
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or t.requires_grad):
             return _ChannelAffine.apply(x, a, t, link)
         return _affine_kernel(x, a, t)

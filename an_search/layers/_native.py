@@ -26,6 +26,8 @@ from an_search._atomic import replacing
 
 __all__ = [
     "HeadSpec",
+    "as_layout_of",
+    "channels_last_map",
     "kernel_for",
     "library",
     "native_affine",
@@ -255,40 +257,53 @@ def _rows(x: torch.Tensor, *coefs: torch.Tensor) -> list[torch.Tensor] | None:
     return [t.reshape(rows).to(x.dtype).contiguous() for t in coefs]
 
 
-def _cl_kernel(name: str, *maps: torch.Tensor) -> tuple[object, tuple[int, int, int]] | None:
-    """The channels-last kernel ``name`` (``_native_cl.c``) and (B, n, C) where the (B, C, *)
-    ``maps`` share one channels-last layout (channels innermost, dense) and are plain CPU
-    float32/float64 tensors of one dtype; else None."""
+def channels_last_map(x: torch.Tensor) -> bool:
+    """A (B, C, *) map whose memory is (B, *, C), dense, and not also contiguous: the layout of
+    the channels-last kernels (``_native_cl.c``): 4d/5d memory formats, a transposed 3d map."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def as_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (``ref``'s shape) in ``ref``'s layout, for the kernels: contiguous where ``ref``
+    is, else with ``ref``'s strides; itself where it already is, else a copy."""
+    if ref.is_contiguous():
+        return t.contiguous()
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+def _pass(name: str, rows: int, *maps: torch.Tensor) -> tuple[object, tuple[int, ...]] | None:
+    """The pass ``name`` over these same-shaped (B, C, *) maps with ``rows`` per-row
+    coefficients, and its size arguments: the row-wise kernel and (rows, n) for contiguous
+    maps, the channels-last one (``_native_cl.c``) and (B, n, C) for channels-last maps of one
+    layout (rows = B * C); None where neither applies. The two take the same arguments but
+    the sizes."""
     x = maps[0]
-    lib, suffix = library(), _suffix(x.dtype)
-    if lib is None or suffix is None or x.dim() < 3 or x.numel() == 0 or x.is_contiguous():
+    if rows <= 0 or x.numel() % rows:
         return None
-    if not x.movedim(1, -1).is_contiguous() or not plain_tensors(*maps):
+    fn = _kernel(name, *maps)
+    if fn is not None:
+        return fn, (rows, x.numel() // rows)
+    lib, suffix = library(), _suffix(x.dtype)
+    if lib is None or suffix is None or not channels_last_map(x) or not plain_tensors(*maps):
         return None
     if any(t.shape != x.shape or t.stride() != x.stride() or t.dtype != x.dtype for t in maps):
         return None
     b, c = x.shape[0], x.shape[1]
-    return getattr(lib, f"{name}_cl_{suffix}"), (b, x.numel() // (b * c), c)
+    if b * c != rows:
+        return None
+    return getattr(lib, f"{name}_cl_{suffix}"), (b, x.numel() // rows, c)
 
 
 def native_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
     """``x * a + t`` per (sample, channel) row of a (B, C, *) tensor, contiguous or
     channels-last (the output keeps the layout); None where n/a."""
-    fn, coefs = _kernel("an_affine", x), _rows(x, a, t)
-    if coefs is None:
+    coefs = _rows(x, a, t)
+    kernel = None if coefs is None else _pass("an_affine", coefs[0].numel(), x)
+    if kernel is None:
         return None
-    if fn is None:
-        cl = _cl_kernel("an_affine", x)
-        if cl is None:
-            return None
-        y = torch.empty_like(x)
-        cl[0](x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), *cl[1],
-              torch.get_num_threads())  # fmt: skip
-        return y
     y = torch.empty_like(x)
-    rows = coefs[0].numel()
-    fn(x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), rows,
-       x.numel() // rows, torch.get_num_threads())  # fmt: skip
+    kernel[0](x.data_ptr(), coefs[0].data_ptr(), coefs[1].data_ptr(), y.data_ptr(), *kernel[1],
+              torch.get_num_threads())  # fmt: skip
     return y
 
 
@@ -297,21 +312,13 @@ def native_affine_grad(
 ) -> torch.Tensor | None:
     """``g * a + x * c + d`` per row, one pass (AttentiveNorm's input gradient), contiguous or
     channels-last maps; None if n/a."""
-    fn, coefs = _kernel("an_affine_grad", g, x), _rows(x, a, c, d)
-    if coefs is None:
+    coefs = _rows(x, a, c, d)
+    kernel = None if coefs is None else _pass("an_affine_grad", coefs[0].numel(), x, g)
+    if kernel is None:
         return None
-    if fn is None:
-        cl = _cl_kernel("an_affine_grad", x, g)
-        if cl is None:
-            return None
-        y = torch.empty_like(x)
-        cl[0](g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(), *cl[1],
-              torch.get_num_threads())  # fmt: skip
-        return y
     y = torch.empty_like(x)
-    rows = coefs[0].numel()
-    fn(g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(), rows,
-       x.numel() // rows, torch.get_num_threads())  # fmt: skip
+    kernel[0](g.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in coefs), y.data_ptr(),
+              *kernel[1], torch.get_num_threads())  # fmt: skip
     return y
 
 
@@ -320,20 +327,12 @@ def native_row_dots(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-row ``sum(g * x)`` and ``sum(g)`` over ``rows`` equal rows (B * C of channels-last
     maps), one pass; None if n/a."""
-    fn = _kernel("an_row_dots", g, x)
-    if rows <= 0 or x.numel() % rows:
+    kernel = _pass("an_row_dots", rows, x, g)
+    if kernel is None:
         return None
-    if fn is None:
-        cl = _cl_kernel("an_row_dots", x, g)
-        if cl is None or cl[1][0] * cl[1][2] != rows:
-            return None
-        sgx, sg = x.new_empty(rows), x.new_empty(rows)
-        cl[0](g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), *cl[1],
-              torch.get_num_threads())  # fmt: skip
-        return sgx, sg
     sgx, sg = x.new_empty(rows), x.new_empty(rows)
-    fn(g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), rows, x.numel() // rows,
-       torch.get_num_threads())  # fmt: skip
+    kernel[0](g.data_ptr(), x.data_ptr(), sgx.data_ptr(), sg.data_ptr(), *kernel[1],
+              torch.get_num_threads())  # fmt: skip
     return sgx, sg
 
 

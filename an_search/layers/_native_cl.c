@@ -309,7 +309,7 @@ int an_cl_streams(const void *y, long total, long c, long size) {
      * positions, folded into double. */                                            \
     static void cl_dots_##SUFFIX(const T *g, const T *x, long n, long c, long j0, long j1, \
                                  T *sgx, T *sg) {                                    \
-        enum { W = sizeof(V) / sizeof(T), U = 4, CB = U * W };                       \
+        enum { W = sizeof(V) / sizeof(T), U = CL_U, CB = U * W };                    \
         long j = j0;                                                                 \
         for (; j + CB <= j1; j += CB) {                                              \
             double dgx[CB], dg[CB];                                                  \

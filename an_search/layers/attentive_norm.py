@@ -59,7 +59,7 @@ from ._cpu_site import cpu_site
 from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
-from ._native import native_available
+from ._native import channels_last_map, native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
@@ -335,8 +335,8 @@ class AttentiveNorm(nn.Module):
         layout (contiguous or channels-last), not empty, and no autograd recording."""
         if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims:
             return False
-        if not x.is_contiguous() and not x.movedim(1, -1).is_contiguous():
-            return False  # (channels-last: 4d/5d memory formats, a transposed (B, L, C) 3d map)
+        if not x.is_contiguous() and not channels_last_map(x):
+            return False
         if x.numel() == 0:
             return False
         return not records_grad(self, x)

@@ -167,13 +167,18 @@ def test_training_on_a_channels_last_map_takes_its_kernels(monkeypatch) -> None:
     gradients and running statistics as the contiguous map's. (The one-node site's own
     channels-last passes: test_cpu_site.py.)"""
     kernels = []
-    moments_cl, cl_kernel = _native.native_moments_cl, _native._cl_kernel
+    moments_cl, resolve = _native.native_moments_cl, _native._pass
+
+    def channels_last_pass(name: str, rows: int, *maps: torch.Tensor) -> tuple | None:
+        kernel = resolve(name, rows, *maps)
+        if kernel is not None and len(kernel[1]) == 3:  # sizes (B, n, C): a channels-last one
+            kernels.append(name)
+        return kernel
+
     monkeypatch.setattr(
         _fused, "native_moments_cl", lambda x3: kernels.append("moments") or moments_cl(x3)
     )
-    monkeypatch.setattr(
-        _native, "_cl_kernel", lambda name, *maps: kernels.append(name) or cl_kernel(name, *maps)
-    )
+    monkeypatch.setattr(_native, "_pass", channels_last_pass)
     an = AttentiveNorm(40, 5, head="mlp-bn").double()
     twin = copy.deepcopy(an)
     x = torch.randn(4, 40, 6, 6, dtype=torch.double) * 2 + 1
