@@ -58,9 +58,10 @@ for amp in "" --amp; do
   want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
     --repeats 15 --warmup 3 --ops $amp
 done
-for amp in "" --amp; do
+for opts in "" --amp "--amp --channels-last"; do
+  # shellcheck disable=SC2086  # (opts: words)
   want profile && capped 40 60 profile.txt "$PY" bench/profile_step.py --device cuda --batch 64 \
-    --steps 10 $amp
+    --steps 10 --top 16 $opts
 done
 want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
   --repeats 15 --warmup 3 --amp --channels-last  # as an-search trains on CUDA

@@ -9,6 +9,11 @@ without the profiler, then profiles as many with torch.profiler, and prints per 
   CPU, the ATen ops' self time (profiler on; AN's C kernels are not ATen ops: wall only);
 - ``busy``: device / wall. Near 100%, the device bounds the step and only less work helps; far
   below, the host does (Python, dispatch, launches): fewer launches or CUDA graphs help;
+- ``host``: the median time until the step's call returns, not synchronised: the host's
+  Python, dispatch and launches where nothing in the step waits for the device; near ``wall``
+  with ``busy`` high too, something waits (see ``syncs``);
+- ``syncs``: on a GPU, the host's waits for the device a step (stream, event and device
+  synchronisations; the profiled loop's final one counts 1 / steps), and copies to the host;
 - ``launches``: kernels, copies and sets a step on a GPU; on the CPU, the outermost ATen calls
   but views and allocations (the C kernels of AN's sites not counted);
 
@@ -45,6 +50,8 @@ class StepProfile:
     device: float
     launches: float
     by_name: dict[str, float]
+    host: float = 0.0
+    syncs: float = 0.0
 
     @property
     def busy(self) -> float:
@@ -92,13 +99,24 @@ def _launches(events: list, cuda: bool) -> int:
     )
 
 
+def sync_calls(events: Iterable) -> int:
+    """The host's waits for a GPU among profiler events: CUDA runtime/driver synchronisations
+    (host-side events) and device-to-host copies (device-side, which block a pageable host)."""
+    return sum(
+        ("Synchronize" in e.name and e.device_type == DeviceType.CPU)
+        or ("DtoH" in e.name and e.device_type == DeviceType.CUDA)
+        for e in events
+    )
+
+
 def profile_step(fn: Callable[[], None], steps: int, device: torch.device) -> StepProfile:
     """``fn`` timed ``steps`` times (median wall), then run ``steps`` times under the profiler."""
-    walls = []
+    walls, hosts = [], []
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
         fn()
+        hosts.append(time.perf_counter() - t0)
         sync(device)
         walls.append(time.perf_counter() - t0)
     cuda = device.type == "cuda"
@@ -107,6 +125,7 @@ def profile_step(fn: Callable[[], None], steps: int, device: torch.device) -> St
         for _ in range(steps):
             fn()
         sync(device)
+    syncs = sync_calls(prof.events()) if cuda else 0
     events = device_events(prof.events(), cuda)
     if cuda:
         busy = union_length((e.time_range.start, e.time_range.end) for e in events) * 1e-6
@@ -115,9 +134,11 @@ def profile_step(fn: Callable[[], None], steps: int, device: torch.device) -> St
     by_name: Counter[str] = Counter()
     for e in events:
         by_name[e.name] += _seconds(e, cuda) / steps
+    launches = _launches(events, cuda) / steps
     return StepProfile(
-        statistics.median(walls), busy / steps, _launches(events, cuda) / steps, by_name
-    )
+        statistics.median(walls), busy / steps, launches, by_name,
+        host=statistics.median(hosts), syncs=syncs / steps,
+    )  # fmt: skip
 
 
 def extra(an: StepProfile, base: StepProfile, top: int) -> list[tuple[str, float]]:
@@ -150,11 +171,11 @@ def main() -> None:
                 fn(name)
         prof = {n: profile_step(lambda n=n, fn=fn: fn(n), args.steps, dev) for n in names}
         print(f"\n{mode}: {'model':>18s} {'wall ms':>9s} {'device ms':>10s} {'busy':>6s} "
-              f"{'launches':>9s}")  # fmt: skip
+              f"{'host ms':>8s} {'launches':>9s} {'syncs':>6s}")  # fmt: skip
         for n in names:
             r = prof[n]
-            print(f"{'':12s}{n:>18s} {r.wall * 1e3:9.2f} {r.device * 1e3:10.2f} "
-                  f"{r.busy:6.0%} {r.launches:9.0f}")  # fmt: skip
+            ms = f"{r.wall * 1e3:9.2f} {r.device * 1e3:10.2f} {r.busy:6.0%} {r.host * 1e3:8.2f}"
+            print(f"{'':12s}{n:>18s} {ms} {r.launches:9.0f} {r.syncs:6.1f}")
         an, base = prof[names[1]], prof[names[0]]
         print(f"{'':12s}{names[1]} beyond {names[0]}, ms a step (device time by name):")
         for name, gap in extra(an, base, args.top):

@@ -7,6 +7,7 @@ import importlib.util
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -39,6 +40,22 @@ def test_profile_step_counts_each_op_of_a_step() -> None:
     assert r.launches == 3
     assert {"aten::mm", "aten::add_", "aten::relu_"} <= set(r.by_name)
     assert r.wall > 0 and r.device > 0
+    assert 0 < r.host <= r.wall and r.syncs == 0  # (host: each call's return, before its sync)
+
+
+def test_sync_calls_counts_the_hosts_waits() -> None:
+    cpu, cuda = prof.DeviceType.CPU, prof.DeviceType.CUDA
+    events = [
+        SimpleNamespace(name=n, device_type=d)
+        for n, d in [
+            ("cudaStreamSynchronize", cpu), ("cudaDeviceSynchronize", cpu),
+            ("cudaLaunchKernel", cpu),
+            ("Memcpy DtoH (Device -> Pageable)", cuda), ("Memcpy HtoD (Pageable -> Device)", cuda),
+            ("aten::add", cpu), ("void at::native::reduce_kernel<...>", cuda),
+            ("cudaEventSynchronize", cpu),
+        ]
+    ]  # fmt: skip
+    assert prof.sync_calls(events) == 4  # three synchronisations and the copy to the host
 
 
 def test_extra_ranks_the_names_by_the_gap() -> None:
