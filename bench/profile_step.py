@@ -18,9 +18,11 @@ without the profiler, then profiles as many with torch.profiler, and prints per 
   but views and allocations (the C kernels of AN's sites not counted);
 
 then, by kernel (or op) name, what the AN model spends a step beyond the base model, largest
-first: the place to make cheaper. Compare rows of one run only. Meant for a GPU; on the CPU it
-is a smoke run whose launch counts hold but whose op times are the profiler's (it slows each
-op) and whose busy share can pass 100%.
+first: the place to make cheaper; with ``--python N``, the N Python functions the AN model's
+host spends most of a step in (cProfile, own time; the main thread only: a GPU backward's
+Python runs in autograd's device thread). Compare rows of one run only. Meant for a GPU; on
+the CPU it is a smoke run whose launch counts hold but whose op times are the profiler's (it
+slows each op) and whose busy share can pass 100%.
 
     python bench/profile_step.py --device cuda --batch 64 [--amp]
     .venv/bin/python bench/profile_step.py --model resnet10t --se-model none --img-size 64
@@ -29,6 +31,9 @@ op) and whose busy share can pass 100%.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 from collections import Counter
@@ -148,12 +153,25 @@ def extra(an: StepProfile, base: StepProfile, top: int) -> list[tuple[str, float
     return sorted(gaps.items(), key=lambda kv: -kv[1])[:top]
 
 
+def python_top(fn: Callable[[], None], steps: int, top: int) -> str:
+    """cProfile's table of the ``top`` functions by own time over ``steps`` calls of ``fn``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        fn()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--steps", type=int, default=10, help="timed and profiled steps each")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="names in the AN model's extra")
+    p.add_argument("--python", type=int, default=0, help="the AN model's top Python functions")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -180,6 +198,8 @@ def main() -> None:
         print(f"{'':12s}{names[1]} beyond {names[0]}, ms a step (device time by name):")
         for name, gap in extra(an, base, args.top):
             print(f"{'':14s}{gap * 1e3:8.3f}  {name[:100]}")
+        if args.python:
+            print(python_top(lambda fn=fn: fn(names[1]), args.steps, args.python))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The host's time for one AN site on a GPU: what a host-bound step pays per site.
+
+A site at a small map (the GPU's work far below the host's), called in a loop with no
+synchronisation but at the end, takes its host time a call: Python, dispatch and launches. Per
+mode, BatchNorm2d's module and the AN site's (its default path: the folded site in
+evaluation, the Triton site in training; ``--triton off``: ATen ops), then, with ``--python N``,
+cProfile's top N functions of AN's evaluation, training forward and (called in the main thread,
+where cProfile sees it) Triton backward; and the host's cost of single launches for scale.
+
+    python bench/site_host.py --device cuda [--channels 256 --size 7 --batch 64] [--python 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from an_search.layers import AttentiveNorm  # noqa: E402
+from an_search.layers import _triton_site as ts  # noqa: E402
+
+_TRITON = {"auto": None, "on": True, "off": False}
+
+
+def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Microseconds a call of ``fn`` in a loop, synchronised only at its ends."""
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def top(fn: Callable[[], object], calls: int, n: int) -> str:
+    """cProfile's ``n`` functions by own time over ``calls`` calls of ``fn``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--size", type=int, default=7)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--triton", choices=list(_TRITON), default="auto")
+    p.add_argument("--python", type=int, default=0, help="cProfile's top functions")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    c, s = args.channels, args.size
+    x = torch.randn(args.batch, c, s, s, device=dev)
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    bn = nn.BatchNorm2d(c).to(dev)
+    an = AttentiveNorm(c, args.k).to(dev)
+    an.triton = _TRITON[args.triton]
+    print(f"device={dev} batch={args.batch} map={c}x{s}x{s} K={args.k} torch={torch.__version__}"
+          f" triton={args.triton}")  # fmt: skip
+
+    def modes(m: nn.Module) -> dict[str, Callable[[], object]]:
+        def ev() -> object:
+            with torch.no_grad():
+                return m(x)
+
+        def step() -> None:
+            m(xg).backward(g)
+
+        return {"eval": ev, "train forward": lambda: m(xg), "train step": step}
+
+    rows = {name: modes(m) for name, m in (("bn", bn), ("an", an))}
+    print(f"{'mode':>14s} {'BN us':>8s} {'AN us':>8s} {'AN - BN':>8s}")
+    for mode in rows["bn"]:
+        for m in (bn, an):
+            m.train(mode != "eval")
+        b_us, a_us = (host_us(rows[n][mode], args.calls, dev) for n in ("bn", "an"))
+        print(f"{mode:>14s} {b_us:8.1f} {a_us:8.1f} {a_us - b_us:8.1f}")
+    y, col = torch.empty_like(x), x[:, :, :1, :1].contiguous()
+    launches = {
+        "x.add_(1)": lambda: x.add_(1.0),
+        "torch.empty(64, 256)": lambda: torch.empty(64, 256, device=dev),
+        "torch.addcmul (B,C,1,1)": lambda: torch.addcmul(col, x, col, out=y),
+    }
+    for name, fn in launches.items():
+        print(f"{name:>28s} {host_us(fn, args.calls, dev):8.1f} us")
+    if not args.python:
+        return
+    an.eval()
+    print("\n=== eval\n" + top(rows["an"]["eval"], args.calls, args.python))
+    an.train()
+    print("=== train forward\n" + top(rows["an"]["train forward"], args.calls, args.python))
+    site = ts.site(an, xg, None)
+    if site is not None and dev.type == "cuda" and ts.triton_wanted(an.triton, True, dev):
+        with torch.no_grad():
+            y, saved = ts._forward(site, xg)
+        head = ts.head_params(site)
+        w1, _, n1w, _, w2, _, n2w, _ = head
+        full = (xg, an.weight, an.bias, w1, n1w, w2, n2w, *saved)
+        print("=== Triton backward (_backward in the main thread)\n"
+              + top(lambda: ts._backward(site, full, g), args.calls, args.python))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
