@@ -4,7 +4,8 @@
 # the tests marked `gpu` (Triton's after the benchmarks: their first run compiles every kernel
 # variant), bench/models.py eager (float32, then bfloat16 autocast; AN as by default, whose
 # training step takes the Triton kernels, and on plain ops), bench/profile_step.py (how much of
-# a step the GPU computes, and AN's extra kernels), bench/an_layer.py (the same two),
+# a step the GPU computes, and AN's extra kernels), bench/site_host.py (one site's host time),
+# bench/an_layer.py (the same two),
 # a short `an-search run` on CUDA, and last bench/models.py under torch.compile.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs land in OUT_DIR (default: $OUT or /tmp/an-gpu)
@@ -30,7 +31,7 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT/.devsite:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-470}  # seconds for the whole script
-STEPS=" ${STEPS:-tests models profile layer triton search compile} "
+STEPS=" ${STEPS:-tests models profile host layer triton search compile} "
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -52,7 +53,7 @@ timm.__version__, 'optuna', optuna.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name())"
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -m gpu -rfE)
-want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton" \
+want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton or direct" \
   tests/test_cuda.py tests/search/test_ddp.py
 for amp in "" --amp; do
   want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
@@ -65,6 +66,9 @@ for opts in "" --amp "--amp --channels-last"; do
 done
 want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
   --repeats 15 --warmup 3 --amp --channels-last  # as an-search trains on CUDA
+for mode in auto on; do  # one site's host time a call: folded eval vs Triton site
+  want host && capped 20 40 site_host.txt "$PY" bench/site_host.py --triton $mode
+done
 for mode in auto off; do
   want layer && capped 30 45 an_layer.txt "$PY" bench/an_layer.py --device cuda --repeats 50 \
     --warmup 5 --plain --triton $mode

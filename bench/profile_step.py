@@ -38,7 +38,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
@@ -57,6 +57,7 @@ class StepProfile:
     by_name: dict[str, float]
     host: float = 0.0
     syncs: float = 0.0
+    host_by_name: dict[str, float] = field(default_factory=dict)  # GPU: host events' self time
 
     @property
     def busy(self) -> float:
@@ -139,17 +140,24 @@ def profile_step(fn: Callable[[], None], steps: int, device: torch.device) -> St
     by_name: Counter[str] = Counter()
     for e in events:
         by_name[e.name] += _seconds(e, cuda) / steps
+    host_by_name: Counter[str] = Counter()
+    for e in prof.events() if cuda else ():
+        if e.device_type == DeviceType.CPU:
+            host_by_name[e.name] += e.self_cpu_time_total * 1e-6 / steps
     launches = _launches(events, cuda) / steps
     return StepProfile(
         statistics.median(walls), busy / steps, launches, by_name,
-        host=statistics.median(hosts), syncs=syncs / steps,
+        host=statistics.median(hosts), syncs=syncs / steps, host_by_name=host_by_name,
     )  # fmt: skip
 
 
-def extra(an: StepProfile, base: StepProfile, top: int) -> list[tuple[str, float]]:
-    """The ``top`` names on which ``an`` spends the most seconds a step beyond ``base``."""
-    names = set(an.by_name) | set(base.by_name)
-    gaps = {n: an.by_name.get(n, 0.0) - base.by_name.get(n, 0.0) for n in names}
+def extra(
+    an: StepProfile, base: StepProfile, top: int, of: str = "by_name"
+) -> list[tuple[str, float]]:
+    """The ``top`` names on which ``an`` spends the most seconds a step beyond ``base``, by
+    device time (``of="by_name"``) or by the host's self time (``"host_by_name"``)."""
+    a, b = getattr(an, of), getattr(base, of)
+    gaps = {n: a.get(n, 0.0) - b.get(n, 0.0) for n in set(a) | set(b)}
     return sorted(gaps.items(), key=lambda kv: -kv[1])[:top]
 
 
@@ -198,6 +206,10 @@ def main() -> None:
         print(f"{'':12s}{names[1]} beyond {names[0]}, ms a step (device time by name):")
         for name, gap in extra(an, base, args.top):
             print(f"{'':14s}{gap * 1e3:8.3f}  {name[:100]}")
+        if an.host_by_name:
+            print(f"{'':12s}{names[1]} beyond {names[0]}, ms a step (host self time by name):")
+            for name, gap in extra(an, base, args.top, "host_by_name"):
+                print(f"{'':14s}{gap * 1e3:8.3f}  {name[:100]}")
         if args.python:
             print(python_top(lambda fn=fn: fn(names[1]), args.steps, args.python))
 

@@ -64,3 +64,8 @@ def test_extra_ranks_the_names_by_the_gap() -> None:
     gaps = prof.extra(an, base, top=3)
     assert [n for n, _ in gaps] == ["moments", "mm", "conv"]
     assert abs(gaps[0][1] - 0.2) < 1e-12 and abs(gaps[2][1] - 0.01) < 1e-12
+    base.host_by_name, an.host_by_name = {"cudaLaunchKernel": 1e-3}, {"cudaLaunchKernel": 3e-3}
+    an.host_by_name["cuLaunchKernelEx"] = 1.5e-3
+    host = prof.extra(an, base, top=2, of="host_by_name")
+    assert [n for n, _ in host] == ["cudaLaunchKernel", "cuLaunchKernelEx"]
+    assert abs(host[0][1] - 2e-3) < 1e-12

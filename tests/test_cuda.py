@@ -199,3 +199,32 @@ def test_triton_site_under_bfloat16_autocast() -> None:
     y.float().square().sum().backward()
     y_ref.square().sum().backward()
     assert _rel(an.weight.grad, ref.weight.grad) < 5e-2
+
+
+def test_triton_direct_launches_match_the_usual_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from an_search.layers import _triton_launch as tl  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    an = AttentiveNorm(64, 10, head="mlp-bn").cuda()
+    an.triton = True
+    x, g = torch.randn(16, 64, 14, 14, device="cuda"), torch.randn(16, 64, 14, 14, device="cuda")
+
+    def step(direct: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(tl, "_DIRECT", direct)
+        m = copy.deepcopy(an)
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(g)
+        grads = [p.grad for p in m.parameters()]
+        return [y, xi.grad, *grads, *m.buffers()]
+
+    usual = step(False)
+    tl._cache.clear()
+    step(True)  # the first launch of each specialisation: the usual path, then kept
+    kept = len(tl._cache)
+    direct = step(True)
+    assert kept == 10 and not tl._refused  # all ten kernels of the site, each called directly
+    assert len(direct) == len(usual)
+    for a, b in zip(direct, usual, strict=True):
+        assert torch.equal(a, b)  # the same kernels on the same arguments (no atomics)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._norm_stats import mark_updated
+from ._triton_launch import launch
 from ._triton_spec import CL_FORMATS, POOLS, Site, head_params, pow2, site
 
 __all__ = ["ENV", "triton_available", "triton_site", "triton_wanted"]
@@ -111,12 +112,13 @@ def _per_row(
     (B*C, N) maps, ``cl_kernel`` on channels-last (B, N, C) ones."""
     if s.cl:
         grid = (b, -(-c // _CL_TILE[1]))
-        cl_kernel[grid](*ptrs, b, c, s.n, **flags, BLOCK_N=_CL_TILE[0], BLOCK_C=_CL_TILE[1],
-                        num_warps=_WARPS)  # fmt: skip
+        launch(cl_kernel, grid, *ptrs, b, c, s.n, **flags, BLOCK_N=_CL_TILE[0],
+               BLOCK_C=_CL_TILE[1], num_warps=_WARPS)  # fmt: skip
     else:
         rows, block_n = _row_tile(s.n)
-        row_kernel[(-(-b * c // rows),)](*ptrs, b * c, s.n, **flags, R=rows, BLOCK_N=block_n,
-                                         num_warps=_WARPS)  # fmt: skip
+        grid = (-(-b * c // rows),)
+        launch(row_kernel, grid, *ptrs, b * c, s.n, **flags, R=rows, BLOCK_N=block_n,
+               num_warps=_WARPS)  # fmt: skip
 
 
 def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -133,7 +135,8 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     part = torch.empty(nblk, bb, bh, **f32)
     mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
     count, nbt = b * n, bn.num_batches_tracked
-    kern.channels_kernel[(nblk,)](
+    launch(
+        kern.channels_kernel, (nblk,),
         m, v, mx, s.layers[0].fc.weight, part, mean, r,
         bn.running_mean if bn.running_mean is not None else mean,
         bn.running_var if bn.running_var is not None else r, nbt if nbt is not None else m,
@@ -153,7 +156,8 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     bias1, norm1, upd1, cum1 = one.flags()
     bias2, norm2, upd2, cum2 = two.flags()
     site_count = s.update and nbt is not None
-    hk.head_kernel[(1,)](
+    launch(
+        hk.head_kernel, (1,),
         part, nblk, b1, *n1, ws1, two.fc.weight, b2, *n2, ws2, nbt if site_count else part,
         lam, b, h, k, *one.scalars(), *two.scalars(), b / max(b - 1, 1),
         LAYERS=len(s.layers), BIAS1=bias1, NORM1=norm1, UPD1=upd1, CUM1=cum1, BIAS2=bias2,
@@ -162,13 +166,15 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
         num_warps=_head_warps(s),
     )  # fmt: skip
     scale, shift = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    kern.mix_kernel[(nblk,)](
+    launch(
+        kern.mix_kernel, (nblk,),
         lam, an.weight, an.bias, mean, r, scale, shift, b, c, k,
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
         num_warps=_WARPS,
     )  # fmt: skip
     y = torch.empty_like(x)
-    kern.affine_kernel[_flat(x)](x, y, scale, shift, x.numel(), n, c, CL=s.cl, BLOCK=_FLAT_BLOCK)
+    launch(kern.affine_kernel, _flat(x), x, y, scale, shift, x.numel(), n, c, CL=s.cl,
+           BLOCK=_FLAT_BLOCK)  # fmt: skip
     updated = [layer.norm for layer in s.layers if layer.update]  # the head's BatchNorm1d
     mark_updated(*([bn] if s.update else []), *updated)  # (the kernels wrote them)
     return y, (m, v, mx, cnt, mean, r, lam, ws1, ws2, scale)
@@ -188,7 +194,8 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     g_wm, g_bm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
     part = torch.empty(nblk, bb, bk, **f32)
     gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    kern.tail_bwd_kernel[(nblk,)](
+    launch(
+        kern.tail_bwd_kernel, (nblk,),
         ga, gt, lam, wm, bm, m, mean, r, scale, g_wm, g_bm, part, gm, gv, b, c, k,
         BATCH_STATS=not s.use_running, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
         num_warps=_WARPS,
@@ -199,7 +206,8 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     grads2 = [torch.empty(bk, **f32) for _ in range(3)] if two_layers else grads1
     g_w2 = torch.empty(k, h, **f32) if two_layers else part
     gh1 = torch.empty(bb, bh, **f32)
-    hk.head_bwd_kernel[(1,)](
+    launch(
+        hk.head_bwd_kernel, (1,),
         part, nblk, lam, ws1, n1w if n1w is not None else part, *grads1,
         ws2, w2 if w2 is not None else part, n2w if n2w is not None else part, *grads2, g_w2,
         gh1, b, h, k,
@@ -211,7 +219,8 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     g_w1 = torch.empty(h, c, **f32)
     peak = POOLS[s.an.pool_name] == 2
     gmx = torch.empty(b, c, **f32) if peak else gm
-    kern.pool_bwd_kernel[(nblk,)](
+    launch(
+        kern.pool_bwd_kernel, (nblk,),
         gh1, w1, m, v, mx, cnt, gm, gv, gmx, g_w1, b, c, h, n, n / max(n - 1, 1),
         getattr(s.an.attn.pool, "eps", 0.0), POOL=POOLS[s.an.pool_name],
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
@@ -219,9 +228,10 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     )  # fmt: skip
     dx = torch.empty_like(x)  # cc, dd: in gv, gm
     total = x.numel()
-    kern.dx_kernel[_flat(x)](
-        g, x, scale, gv, gm, mx, gmx, dx, total, n, c, CL=s.cl, MAX=peak, BLOCK=_FLAT_BLOCK
-    )
+    launch(
+        kern.dx_kernel, _flat(x),
+        g, x, scale, gv, gm, mx, gmx, dx, total, n, c, CL=s.cl, MAX=peak, BLOCK=_FLAT_BLOCK,
+    )  # fmt: skip
     out = [dx, g_wm, g_bm]
     for i, g_w, (g_nw, g_nb, g_b), width in ((0, g_w1, grads1, h), (1, g_w2, grads2, k)):
         if i == len(s.layers):
