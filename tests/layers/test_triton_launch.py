@@ -47,3 +47,11 @@ def test_keys_take_what_triton_specialises_on() -> None:
     assert key(1, 2.0, X=3) != key(1, 2.0, Y=3)  # which parameter a keyword fills
     assert key(torch.zeros(3), 1) is None  # a CPU tensor: the usual path
     assert key("text") is None and key((1, 2)) is None
+
+
+def test_an_empty_hook_chain_is_no_hook() -> None:
+    chain = pytest.importorskip("triton.knobs").HookChain
+    hooked = chain()
+    hooked.add(print)
+    assert tl._hookless(None) and tl._hookless(chain())  # Triton 3.6 on: an empty chain
+    assert not tl._hookless(hooked) and not tl._hookless(print)  # a profiler's: usual path
