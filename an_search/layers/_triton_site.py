@@ -19,7 +19,8 @@ on an H100, batch 64, AN-ResNet-50's training step took 0.88-0.89x the time of t
 float32 and 0.78-0.80x under bfloat16 autocast (two machines), while its inference took 1.08x
 (float32) and 1.00x of the folded eval site (``_device_eval.py``), which evaluation keeps.
 ``AN_SEARCH_TRITON=1`` takes the kernels in evaluation too, ``0`` never; ``an.triton`` (True
-or False) wins over both.
+or False) wins over both. Each launch goes through :func:`~._triton_launch.launch`, which
+calls the compiled kernel's launcher directly once its specialisation is known.
 """
 
 from __future__ import annotations
