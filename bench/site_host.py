@@ -2,8 +2,10 @@
 
 A site at a small map (the GPU's work far below the host's), called in a loop with no
 synchronisation but at the end, takes its host time a call: Python, dispatch and launches. Per
-mode, BatchNorm2d's module and the AN site's (its default path: the folded site in
-evaluation, the Triton site in training; ``--triton off``: ATen ops), then, with ``--python N``,
+mode, BatchNorm2d's module, the AN site's (its default path: the folded site in evaluation,
+the Triton site in training; ``--triton off``: ATen ops) and the same AN site with Triton's
+own launches (``kernel[grid]``, not ``_triton_launch``'s direct ones), timed interleaved in a
+new random order every repeat, with the paired ratio of the last two; then, with ``--python N``,
 cProfile's top N functions of AN's evaluation, training forward and (called in the main thread,
 where cProfile sees it) Triton backward; and the host's cost of single launches for scale.
 
@@ -16,6 +18,8 @@ import argparse
 import cProfile
 import io
 import pstats
+import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from an_search.layers import AttentiveNorm  # noqa: E402
+from an_search.layers import _triton_launch as tl  # noqa: E402
 from an_search.layers import _triton_site as ts  # noqa: E402
 
 _TRITON = {"auto": None, "on": True, "off": False}
@@ -65,7 +70,8 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--size", type=int, default=7)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--calls", type=int, default=100, help="calls a timing")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timings of each")
     p.add_argument("--triton", choices=list(_TRITON), default="auto")
     p.add_argument("--python", type=int, default=0, help="cProfile's top functions")
     args = p.parse_args()
@@ -91,12 +97,35 @@ def main() -> None:
         return {"eval": ev, "train forward": lambda: m(xg), "train step": step}
 
     rows = {name: modes(m) for name, m in (("bn", bn), ("an", an))}
-    print(f"{'mode':>14s} {'BN us':>8s} {'AN us':>8s} {'AN - BN':>8s}")
+
+    def usual(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:  # AN with Triton's own launches (kernel[grid]) for this call
+            tl._DIRECT = False
+            try:
+                return fn()
+            finally:
+                tl._DIRECT = direct
+
+        return run
+
+    direct = tl._DIRECT
+    rows["an, Triton's launches"] = {mode: usual(fn) for mode, fn in rows["an"].items()}
+    names = list(rows)
+    print(f"host us a call, median of {args.repeats} interleaved repeats of {args.calls} calls"
+          f"{'' if direct else ' (direct launches off: the last two rows alike)'}")  # fmt: skip
+    print(f"{'mode':>14s} {'BN':>8s} {'AN':>8s} {'AN-usual':>9s} {'AN - BN':>8s} "
+          f"{'AN/AN-usual':>12s}")  # fmt: skip
+    rng = random.Random(0)
     for mode in rows["bn"]:
         for m in (bn, an):
             m.train(mode != "eval")
-        b_us, a_us = (host_us(rows[n][mode], args.calls, dev) for n in ("bn", "an"))
-        print(f"{mode:>14s} {b_us:8.1f} {a_us:8.1f} {a_us - b_us:8.1f}")
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.repeats):
+            for n in rng.sample(names, len(names)):
+                times[n].append(host_us(rows[n][mode], args.calls, dev))
+        b_us, a_us, u_us = (statistics.median(times[n]) for n in names)
+        ratio = statistics.median(a / u for a, u in zip(times["an"], times[names[2]], strict=True))
+        print(f"{mode:>14s} {b_us:8.1f} {a_us:8.1f} {u_us:9.1f} {a_us - b_us:8.1f} {ratio:12.3f}")
     y, col = torch.empty_like(x), x[:, :, :1, :1].contiguous()
     launches = {
         "x.add_(1)": lambda: x.add_(1.0),
