@@ -254,6 +254,25 @@ class AttentiveNorm(nn.Module):
             an.init_preserve(spec.weight, spec.bias)
         return an.train(norm.training)
 
+    def train(self, mode: bool = True) -> AttentiveNorm:
+        """:meth:`torch.nn.Module.train`; a change of mode also drops the folded eval plans
+        (:meth:`refresh`), so that weights edited through ``.data`` while training are folded
+        afresh at the next evaluation."""
+        if mode != self.training:
+            self.refresh()
+        return super().train(mode)
+
+    def refresh(self) -> None:
+        """Drop the cached folded eval plans (CPU and GPU); the next eval call folds again.
+
+        A plan is refolded by itself when a parameter, buffer, submodule or folded attribute
+        changes through the usual means (in-place ops, ``copy_``, ``load_state_dict``, an
+        optimizer step, assignment): their version counters and identities are checked every
+        call. Edits through ``.data`` move no version counter: after such edits in eval mode,
+        call ``refresh()`` (a ``train()`` / ``eval()`` round trip does too)."""
+        self.__dict__.pop(PLAN_ATTR, None)
+        self.__dict__.pop(DEVICE_PLAN_ATTR, None)
+
     def __getstate__(self) -> dict:
         """The pickled (and deep-copied) state, without the cached eval plan (ctypes)."""
         state = self.__dict__.copy()

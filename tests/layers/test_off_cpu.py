@@ -218,3 +218,28 @@ def test_off_the_cpu_training_uses_stock_batchnorms() -> None:
         y.backward(torch.empty_like(y))
     assert counted.ops["native_batch_norm_backward"] == 2, counted.ops
     assert sum(counted.ops.values()) <= 30, counted.ops
+
+
+@pytest.mark.parametrize("site", ["cpu plan", "device plan"])
+def test_data_edits_fold_after_refresh_or_a_mode_round_trip(site: str) -> None:
+    """``.data`` edits move no version counter, so the cached plan cannot see them:
+    ``refresh()`` and a train/eval round trip (where such edits happen in training) drop it."""
+    an = trained(AttentiveNorm(12, 5), torch.float64)
+    x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
+
+    def run() -> torch.Tensor:
+        return an(x) if site == "cpu plan" else device_eval(an, x)
+
+    with torch.no_grad():
+        before = run()
+        an.weight.data.mul_(2.0)
+        assert torch.equal(run(), before)  # stale: what refresh() is for
+        an.refresh()
+        torch.testing.assert_close(run(), _reference(an, x), **TOL[torch.float64])
+        an.train()
+        an.bias.data.add_(0.5)
+        an.attn.head.fc.weight.data.add_(0.3)
+        an.eval()
+        after = run()
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, _reference(an, x), **TOL[torch.float64])
