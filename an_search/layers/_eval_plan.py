@@ -76,7 +76,9 @@ class _Key:
     data pointer (in-place updates and ``.data`` assignment), and the plain attributes that
     ``fold`` reads (:data:`_SCALARS`, e.g. a norm's ``eps``). Empty dicts are left out: what
     ``fold`` reads is in the others (an absent bias is a ``None`` entry). :meth:`matches` runs
-    once per call: its loops are ``map`` over C callables (about 3 us for a default site)."""
+    once per call: its loops are ``map`` over C callables (about 3 us for a default site).
+    In-place edits through ``.data`` move no version counter and are not seen:
+    ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan."""
 
     dtype: torch.dtype
     dicts: tuple[dict, ...]
