@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import random
 import statistics
 import time
@@ -87,3 +90,16 @@ def interleaved_times(
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def python_top(fn: Callable[[], object], calls: int, top: int) -> str:
+    """cProfile's table of the ``top`` functions by own time over ``calls`` calls of ``fn``
+    (this thread only)."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()

@@ -31,9 +31,6 @@ slows each op) and whose busy share can pass 100%.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import statistics
 import time
 from collections import Counter
@@ -42,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
-from _timing import sync
+from _timing import python_top, sync
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -159,18 +156,6 @@ def extra(
     a, b = getattr(an, of), getattr(base, of)
     gaps = {n: a.get(n, 0.0) - b.get(n, 0.0) for n in set(a) | set(b)}
     return sorted(gaps.items(), key=lambda kv: -kv[1])[:top]
-
-
-def python_top(fn: Callable[[], None], steps: int, top: int) -> str:
-    """cProfile's table of the ``top`` functions by own time over ``steps`` calls of ``fn``."""
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(steps):
-        fn()
-    pr.disable()
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
-    return out.getvalue()
 
 
 def main() -> None:

@@ -15,9 +15,6 @@ where cProfile sees it) Triton backward; and the host's cost of single launches 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import random
 import statistics
 import sys
@@ -26,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import python_top  # bench/ on sys.path (run as a script)
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,18 +47,6 @@ def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / calls * 1e6
-
-
-def top(fn: Callable[[], object], calls: int, n: int) -> str:
-    """cProfile's ``n`` functions by own time over ``calls`` calls of ``fn``."""
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(calls):
-        fn()
-    pr.disable()
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(n)
-    return out.getvalue()
 
 
 def main() -> None:
@@ -137,9 +123,9 @@ def main() -> None:
     if not args.python:
         return
     an.eval()
-    print("\n=== eval\n" + top(rows["an"]["eval"], args.calls, args.python))
+    print("\n=== eval\n" + python_top(rows["an"]["eval"], args.calls, args.python))
     an.train()
-    print("=== train forward\n" + top(rows["an"]["train forward"], args.calls, args.python))
+    print("=== train forward\n" + python_top(rows["an"]["train forward"], args.calls, args.python))
     site = ts.site(an, xg, None)
     if site is not None and dev.type == "cuda" and ts.triton_wanted(an.triton, True, dev):
         with torch.no_grad():
@@ -147,8 +133,8 @@ def main() -> None:
         head = ts.head_params(site)
         w1, _, n1w, _, w2, _, n2w, _ = head
         full = (xg, an.weight, an.bias, w1, n1w, w2, n2w, *saved)
-        print("=== Triton backward (_backward in the main thread)\n"
-              + top(lambda: ts._backward(site, full, g), args.calls, args.python))  # fmt: skip
+        table = python_top(lambda: ts._backward(site, full, g), args.calls, args.python)
+        print("=== Triton backward (_backward in the main thread)\n" + table)
 
 
 if __name__ == "__main__":
