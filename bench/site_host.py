@@ -9,7 +9,12 @@ new random order every repeat, with the paired ratio of the last two; then, with
 cProfile's top N functions of AN's evaluation, training forward and (called in the main thread,
 where cProfile sees it) Triton backward; and the host's cost of single launches for scale.
 
+``--noop`` (no GPU needed): the Triton site's own host work on the CPU, its kernels replaced by
+launches that do nothing: Python, allocations and the autograd node, what a change to
+``_triton_site.py``'s host side moves (launches excluded).
+
     python bench/site_host.py --device cuda [--channels 256 --size 7 --batch 64] [--python 20]
+    .venv/bin/python bench/site_host.py --noop [--python 20]
 """
 
 from __future__ import annotations
@@ -49,6 +54,46 @@ def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+class _Noop:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` launches nothing."""
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def noop_report(args: argparse.Namespace) -> None:
+    """The Triton site's host time a call on the CPU with no-op kernels (``--noop``)."""
+    from an_search.layers import _triton_head, _triton_kernels  # noqa: PLC0415
+
+    for mod in (_triton_kernels, _triton_head):
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                setattr(mod, name, _Noop())
+    torch.set_num_threads(1)
+    c, s = args.channels, args.size
+    an = AttentiveNorm(c, args.k).train()
+    x = torch.randn(args.batch, c, s, s, requires_grad=True)
+    g = torch.randn_like(x)
+
+    params = list(an.parameters())
+
+    def step() -> None:  # (grads set to None, as optimizer.zero_grad() does)
+        x.grad = None
+        for p in params:
+            p.grad = None
+        ts.triton_site(an, x).backward(g)
+
+    modes = {"forward": lambda: ts.triton_site(an, x), "step": step}
+    print(f"Triton site, no-op kernels, CPU host us a call (median of {args.repeats} x "
+          f"{args.calls}): batch {args.batch}, {c}x{s}x{s}, K {args.k}")  # fmt: skip
+    cpu = torch.device("cpu")
+    for mode, fn in modes.items():
+        times = sorted(host_us(fn, args.calls, cpu) for _ in range(args.repeats))
+        print(f"{mode:>10s} {statistics.median(times):8.1f}  (min {times[0]:.1f})")
+    if args.python:
+        print(python_top(step, args.calls, args.python))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -60,7 +105,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved timings of each")
     p.add_argument("--triton", choices=list(_TRITON), default="auto")
     p.add_argument("--python", type=int, default=0, help="cProfile's top functions")
+    p.add_argument("--noop", action="store_true", help="the Triton site's host work on a CPU")
     args = p.parse_args()
+    if args.noop:
+        noop_report(args)
+        return
     dev = torch.device(args.device)
     c, s = args.channels, args.size
     x = torch.randn(args.batch, c, s, s, device=dev)
