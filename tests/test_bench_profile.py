@@ -69,3 +69,17 @@ def test_extra_ranks_the_names_by_the_gap() -> None:
     host = prof.extra(an, base, top=2, of="host_by_name")
     assert [n for n, _ in host] == ["cudaLaunchKernel", "cuLaunchKernelEx"]
     assert abs(host[0][1] - 2e-3) < 1e-12
+
+
+def test_site_host_noop_times_the_triton_sites_host_work() -> None:
+    """bench/site_host.py --noop (in its own process: it replaces the kernels for good) runs the
+    Triton site's forward and training step with kernels that launch nothing, and times them."""
+    import subprocess  # noqa: PLC0415
+
+    out = subprocess.run(
+        [sys.executable, str(_BENCH / "site_host.py"), "--noop", "--calls", "5", "--repeats",
+         "2", "--batch", "4", "--channels", "16", "--size", "3", "--k", "3"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    times = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:] if line}
+    assert set(times) == {"forward", "step"} and all(t > 0 for t in times.values())
