@@ -40,6 +40,7 @@ _ALIGN = 16  # Triton specialises pointers (and ints) on divisibility by 16
 _EMPTY = inspect.Parameter.empty
 _Rest = tuple[tuple[str, Any], ...]  # the parameters after the positional ones, with defaults
 _cache: dict[tuple, tuple[Any, _Rest]] = {}  # key -> (CompiledKernel, its rest)
+_MAX_KEYS = 4096  # ints are keyed by value: many input shapes make many keys; then start over
 _refused: set[int] = set()  # ids of kernels whose direct call could not be set up
 
 
@@ -98,6 +99,14 @@ def _bound(args: tuple, kwargs: dict, rest: _Rest) -> list | None:
     return out
 
 
+def _keep(key: tuple, entry: tuple[Any, _Rest]) -> None:
+    """``_cache[key] = entry``, the cache emptied first once it holds ``_MAX_KEYS`` keys (a
+    dropped key's next launch takes the usual path and is kept again)."""
+    if len(_cache) >= _MAX_KEYS:
+        _cache.clear()
+    _cache[key] = entry
+
+
 def _prepare(kernel: Any, key: tuple, args: tuple, kwargs: dict, compiled: Any) -> None:
     """Keep ``compiled`` for ``key`` where the binder's bound arguments are those
     :func:`_bound` rebuilds (checked once, here); else never call ``kernel`` directly."""
@@ -115,7 +124,7 @@ def _prepare(kernel: Any, key: tuple, args: tuple, kwargs: dict, compiled: Any) 
             )
         )
         if same and callable(compiled.run):  # (.run loads the launcher where it is lazy)
-            _cache[key] = (compiled, rest)
+            _keep(key, (compiled, rest))
             return
     except Exception:  # noqa: BLE001, S110  (any surprise: the usual path, always)
         pass

@@ -55,3 +55,13 @@ def test_an_empty_hook_chain_is_no_hook() -> None:
     hooked.add(print)
     assert tl._hookless(None) and tl._hookless(chain())  # Triton 3.6 on: an empty chain
     assert not tl._hookless(hooked) and not tl._hookless(print)  # a profiler's: usual path
+
+
+def test_the_cache_starts_over_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tl, "_cache", {})
+    monkeypatch.setattr(tl, "_MAX_KEYS", 3)
+    for i in range(3):
+        tl._keep((i,), (None, ()))
+    assert list(tl._cache) == [(0,), (1,), (2,)]
+    tl._keep((3,), (None, ()))  # full: emptied, then this key
+    assert list(tl._cache) == [(3,)]
