@@ -20,7 +20,6 @@ launches that do nothing: Python, allocations and the autograd node, what a chan
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _timing import python_top  # bench/ on sys.path (run as a script)
+from _timing import interleaved_times, paired_ratio, python_top  # bench/ on sys.path
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +51,26 @@ def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def loops_us(
+    fns: dict[str, Callable[[], object]], calls: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Microseconds a call of each fn, per repeat: ``calls`` calls in a loop synchronised only
+    at its ends, the loops timed by :func:`_timing.interleaved_times` (a new random order every
+    repeat)."""
+
+    def loop(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    times = interleaved_times(
+        {n: loop(fn) for n, fn in fns.items()}, repeats=repeats, warmup=1, device=device
+    )
+    return {n: [t / calls * 1e6 for t in ts] for n, ts in times.items()}
 
 
 class _Noop:
@@ -86,10 +105,9 @@ def noop_report(args: argparse.Namespace) -> None:
     modes = {"forward": lambda: ts.triton_site(an, x), "step": step}
     print(f"Triton site, no-op kernels, CPU host us a call (median of {args.repeats} x "
           f"{args.calls}): batch {args.batch}, {c}x{s}x{s}, K {args.k}")  # fmt: skip
-    cpu = torch.device("cpu")
-    for mode, fn in modes.items():
-        times = sorted(host_us(fn, args.calls, cpu) for _ in range(args.repeats))
-        print(f"{mode:>10s} {statistics.median(times):8.1f}  (min {times[0]:.1f})")
+    times = loops_us(modes, args.calls, args.repeats, torch.device("cpu"))
+    for mode, ts_ in times.items():
+        print(f"{mode:>10s} {statistics.median(ts_):8.1f}  (min {min(ts_):.1f})")
     if args.python:
         print(python_top(step, args.calls, args.python))
 
@@ -150,16 +168,12 @@ def main() -> None:
           f"{'' if direct else ' (direct launches off: the last two rows alike)'}")  # fmt: skip
     print(f"{'mode':>14s} {'BN':>8s} {'AN':>8s} {'AN-usual':>9s} {'AN - BN':>8s} "
           f"{'AN/AN-usual':>12s}")  # fmt: skip
-    rng = random.Random(0)
     for mode in rows["bn"]:
         for m in (bn, an):
             m.train(mode != "eval")
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for _ in range(args.repeats):
-            for n in rng.sample(names, len(names)):
-                times[n].append(host_us(rows[n][mode], args.calls, dev))
+        times = loops_us({n: rows[n][mode] for n in names}, args.calls, args.repeats, dev)
         b_us, a_us, u_us = (statistics.median(times[n]) for n in names)
-        ratio = statistics.median(a / u for a, u in zip(times["an"], times[names[2]], strict=True))
+        ratio = paired_ratio(times["an"], times[names[2]])
         print(f"{mode:>14s} {b_us:8.1f} {a_us:8.1f} {u_us:9.1f} {a_us - b_us:8.1f} {ratio:12.3f}")
     y, col = torch.empty_like(x), x[:, :, :1, :1].contiguous()
     launches = {
