@@ -71,6 +71,7 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+_PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR)  # the cached folded eval plans in __dict__
 
 
 class AttentionWeights(nn.Module):
@@ -270,15 +271,12 @@ class AttentiveNorm(nn.Module):
         optimizer step, assignment): their version counters and identities are checked every
         call. Edits through ``.data`` move no version counter: after such edits in eval mode,
         call ``refresh()`` (a ``train()`` / ``eval()`` round trip does too)."""
-        self.__dict__.pop(PLAN_ATTR, None)
-        self.__dict__.pop(DEVICE_PLAN_ATTR, None)
+        for attr in _PLAN_ATTRS:
+            self.__dict__.pop(attr, None)
 
     def __getstate__(self) -> dict:
         """The pickled (and deep-copied) state, without the cached eval plan (ctypes)."""
-        state = self.__dict__.copy()
-        state.pop(PLAN_ATTR, None)
-        state.pop(DEVICE_PLAN_ATTR, None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in _PLAN_ATTRS}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
