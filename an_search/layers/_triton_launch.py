@@ -88,6 +88,12 @@ def _key(kernel: Any, args: tuple, kwargs: dict) -> tuple | None:
     return tuple(key) if ptrs % _ALIGN == 0 else None
 
 
+def _rest(kernel: Any, n_args: int) -> _Rest:
+    """The parameters of a JITFunction after its ``n_args`` positional ones, with their defaults
+    (``inspect.Parameter.empty`` where none)."""
+    return tuple((p.name, p._param.default) for p in kernel.params[n_args:])
+
+
 def _bound(args: tuple, kwargs: dict, rest: _Rest) -> list | None:
     """All of a kernel's parameters in declaration order, or None where one is missing."""
     out = list(args)
@@ -111,7 +117,7 @@ def _prepare(kernel: Any, key: tuple, args: tuple, kwargs: dict, compiled: Any) 
     """Keep ``compiled`` for ``key`` where the binder's bound arguments are those
     :func:`_bound` rebuilds (checked once, here); else never call ``kernel`` directly."""
     try:
-        rest = tuple((p.name, p._param.default) for p in kernel.params[len(args) :])
+        rest = _rest(kernel, len(args))
         params = _bound(args, kwargs, rest)
         binder = kernel.device_caches[key[0]][-1]
         bound = list(binder(*args, **kwargs)[0].values())

@@ -21,18 +21,14 @@ def _body(a_ptr, b_ptr, n, scale, X: triton.language.constexpr, Y: triton.langua
 KERNEL = JITFunction(_body)  # (not triton.jit: the tests run Triton's interpreter)
 
 
-def _rest(n_args: int) -> tuple:
-    return tuple((p.name, p._param.default) for p in KERNEL.params[n_args:])
-
-
 def test_bound_rebuilds_the_declared_order() -> None:
     a, b = torch.zeros(4), torch.ones(4)
-    rest = _rest(3)
-    assert [name for name, _ in rest] == ["scale", "X", "Y"]
+    rest = tl._rest(KERNEL, 3)
+    assert rest == (("scale", inspect.Parameter.empty), ("X", inspect.Parameter.empty), ("Y", 4))
     got = tl._bound((a, b, 7), {"X": 2, "scale": 0.5, "num_warps": 4}, rest)
     assert got[:2] == [a, b] and got[2:] == [7, 0.5, 2, 4]  # Y: its default; num_warps: none
     assert tl._bound((a, b, 7), {"scale": 0.5}, rest) is None  # X missing
-    assert tl._bound((a, b, 7, 0.5, 3, 9), {}, _rest(6)) == [a, b, 7, 0.5, 3, 9]
+    assert tl._bound((a, b, 7, 0.5, 3, 9), {}, tl._rest(KERNEL, 6)) == [a, b, 7, 0.5, 3, 9]
     assert [p.name for p in KERNEL.params] == list(inspect.signature(_body).parameters)
 
 
