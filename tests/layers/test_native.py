@@ -181,6 +181,26 @@ def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, b
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [40, 64, 100])
+@pytest.mark.parametrize("k", [3, 4, 9])
+@pytest.mark.parametrize("head", ["default", "mlp"])
+def test_eval_head_in_row_quads_and_block_pairs(
+    head: str, k: int, channels: int, dtype: torch.dtype
+) -> None:
+    """The head's linear layers take four rows at a time (K 3: none, 9: two quads and one
+    left), the mixtures two blocks of 16 channels (40: a pair and a part block; 64: two pairs;
+    100: three pairs and 4 channels); vector loops of 32 values leave 8, 0 and 4 behind."""
+    torch.set_num_threads(2)
+    an = trained(AttentiveNorm(channels, k, head=head), dtype)
+    x = torch.randn(4, channels, 5, 3, dtype=dtype) * 3 + 1
+    with torch.no_grad():
+        y = an(x)
+        assert eval_plan(an, dtype) is not None
+        an.fused = False
+        torch.testing.assert_close(y, an(x), **TOL[dtype])
+
+
 def _l2_bytes() -> int:
     """This core's L2 from sysfs (glibc's sysconf reads cpuid), 1 MiB where sysfs lacks it."""
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
