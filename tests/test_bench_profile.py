@@ -83,3 +83,26 @@ def test_site_host_noop_times_the_triton_sites_host_work() -> None:
     ).stdout  # fmt: skip
     times = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:] if line}
     assert set(times) == {"forward", "step"} and all(t > 0 for t in times.values())
+
+
+def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
+    """bench/native_ab.py builds HEAD's C kernels beside this tree's, checks that both give
+    the same site output (the script asserts it) and prints a row per (shape, K)."""
+    import subprocess  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from an_search.layers import _native  # noqa: PLC0415
+
+    root = _BENCH.parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+    if git.returncode != 0 or _native.library() is None:
+        pytest.skip("needs a git checkout and the C kernels")
+    out = subprocess.run(
+        [sys.executable, str(_BENCH / "native_ab.py"), "--shapes", "16x3,32x2", "--ks", "3",
+         "--batch", "4", "--repeats", "3", "--calls", "2"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+    assert [r[:2] for r in rows] == [["16x3", "3"], ["32x2", "3"]]
+    assert all(float(v) > 0 for r in rows for v in r[2:5])  # BN, this, base: us a call
