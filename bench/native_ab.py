@@ -1,17 +1,27 @@
-"""This tree's C eval kernel against a git revision's, side by side in one process.
+"""This tree's C kernels against a git revision's, side by side in one process.
 
 A change to ``_native*.c`` is measured here rather than in two runs minutes apart: the C
 sources of ``--base`` (a git revision, default HEAD) are built into a temporary library with
-the flags this tree uses, and per (shape, K) the eval site of one AttentiveNorm runs on either
-library (the same folded plan, only the kernel differs), interleaved with BatchNorm2d's module
-in a new random order every repeat. Each call is ``--calls`` kernel calls on one input (the
-site's own time, the Python around it left out: ``bench/an_layer.py`` times whole modules).
+the flags this tree uses, and the same work runs on either library, interleaved with the
+BatchNorm contender in a new random order every repeat:
+
+- ``--modes eval`` (per shape and K): one AttentiveNorm's eval site, the same folded plan on
+  either kernel, ``--calls`` kernel calls on one input (the Python around it left out:
+  ``bench/an_layer.py`` times whole modules), against BatchNorm2d's module;
+- ``--modes train``: the site's training step (forward and backward; the library swapped in
+  for the call), against BatchNorm2d's;
+- ``--model NAME``: a whole timm model converted to AN (``--placement``), its training step
+  or inference (``--modes train infer``) on either library, against the timm model.
+
 Prints each one's time a call and the paired ratios this/base, this/BN and base/BN with 95%
-intervals. Both outputs are checked against each other first (the head spec and the packing
-of the mixtures must not have changed between the revisions).
+intervals. A site's output (training: the input's gradient) on both libraries is checked
+first.
 
     .venv/bin/python bench/native_ab.py --base HEAD~1 --shapes 512x7,256x14 --ks 10 20
     .venv/bin/python bench/native_ab.py --channels-last
+    .venv/bin/python bench/native_ab.py --modes train --batch 64 --shapes 256x2,512x1
+    .venv/bin/python bench/native_ab.py --model resnet10t --placement all --img-size 32 \
+        --batch 64 --modes train infer
 """
 
 from __future__ import annotations
@@ -23,11 +33,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from _timing import interleaved_times, paired_ratio, paired_ratio_ci  # bench/ on sys.path
+from _contenders import build_models, step_functions  # bench/ on sys.path
+from _timing import interleaved_times, paired_ratio, paired_ratio_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,6 +49,7 @@ from an_search.layers import AttentiveNorm, _native  # noqa: E402
 from an_search.layers._eval_plan import eval_plan  # noqa: E402
 
 SHAPES = "64x56,128x28,256x14,512x7"
+Fns = dict[str, Callable[[], object]]
 
 
 def base_library(rev: str, workdir: Path) -> ctypes.CDLL:
@@ -56,10 +70,37 @@ def base_library(rev: str, workdir: Path) -> ctypes.CDLL:
     return _native._bind(ctypes.CDLL(str(target)))
 
 
-def contenders(
-    channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL
-) -> dict[str, Callable[[], object]]:
-    """BatchNorm2d's module, this tree's kernel and the base's, each ``args.calls`` calls."""
+@contextmanager
+def using(lib: ctypes.CDLL) -> Iterator[None]:
+    """``lib`` as the library the layers load (the training site looks it up every call; an
+    eval plan keeps the kernel it was built with)."""
+    _native.library()
+    this = _native._STATE["lib"]
+    _native._STATE["lib"] = lib
+    try:
+        yield
+    finally:
+        _native._STATE["lib"] = this
+
+
+def on(lib: ctypes.CDLL, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with using(lib):
+            return fn()
+
+    return run
+
+
+def repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL) -> Fns:
+    """BatchNorm2d's module, this tree's eval kernel and the base's, on one input."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
     bn = torch.nn.BatchNorm2d(channels).eval()
@@ -71,57 +112,102 @@ def contenders(
     suffix = "f32" if x.dtype == torch.float32 else "f64"
     old.fn, old.fn_cl = getattr(base, f"an_eval_{suffix}"), getattr(base, f"an_eval_cl_{suffix}")
     torch.testing.assert_close(plan.run(x), old.run(x), rtol=1e-5, atol=1e-5)
+    fns = {"bn": lambda: bn(x), "this": lambda: plan.run(x), "base": lambda: old.run(x)}
+    return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
-    def repeat(fn: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                for _ in range(args.calls):
-                    fn()
+
+def site_train(
+    channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL
+) -> Fns:
+    """BatchNorm2d's training step (forward, backward) and the AN site's on either library."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    bn, an = torch.nn.BatchNorm2d(channels), AttentiveNorm(channels, k)
+
+    def step(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            m(x).backward(grad)
+            return x.grad
 
         return run
 
+    this_grad = step(an)().clone()
+    torch.testing.assert_close(on(base, step(an))(), this_grad, rtol=1e-4, atol=1e-5)
+    return {"bn": step(bn), "this": step(an), "base": on(base, step(an))}
+
+
+def whole_model(mode: str, args: argparse.Namespace, base: ctypes.CDLL) -> Fns:
+    """The timm model, its AN conversion on this tree's kernels and a copy on the base's."""
+    opts = SimpleNamespace(**vars(args), se_model="none", device="cpu", amp=False)
+    first, an = build_models(opts).values()
+    variants = {"bn": first, "this": an, "base": copy.deepcopy(an)}
+    train_step, infer = step_functions(variants, opts)
+    fn = train_step if mode == "train" else infer
     return {
-        "bn": repeat(lambda: bn(x)),
-        "this": repeat(lambda: plan.run(x)),
-        "base": repeat(lambda: old.run(x)),
+        "bn": lambda: fn("bn"),
+        "this": lambda: fn("this"),
+        "base": on(base, lambda: fn("base")),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision to compare against")
+    parser.add_argument("--modes", nargs="+", default=["eval"], choices=["eval", "train", "infer"])
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=31)
-    parser.add_argument("--calls", type=int, default=10, help="kernel calls per timed call")
+    parser.add_argument("--calls", type=int, default=10, help="site calls per timed call")
     parser.add_argument("--channels-last", action="store_true", help="NHWC feature maps")
+    parser.add_argument("--model", help="a timm model, whole (its training step or inference)")
+    parser.add_argument("--placement", default="paper", help="--model: AN's placement policy")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    rows: list[tuple[str, str, Callable[[ctypes.CDLL], Fns], int]] = []
+    if args.model:
+        rows = [(args.model, m, lambda lib, m=m: whole_model(m, args, lib), 1) for m in args.modes]
+    else:
+        sites = {"eval": site_eval, "train": site_train}
+        for spec in args.shapes.split(","):
+            c, h = (int(v) for v in spec.split("x"))
+            for mode in args.modes:
+                for k in args.ks:
+                    build = sites.get(mode, site_eval)
+                    rows.append(
+                        (
+                            spec,
+                            f"{mode} {k}",
+                            lambda lib, b=build, c=c, h=h, k=k: b(c, h, k, args, lib),
+                            args.calls,
+                        )
+                    )
     with tempfile.TemporaryDirectory() as tmp:
         base = base_library(args.base, Path(tmp))
         print(
-            f"eval kernel: this tree vs {args.base}, batch {args.batch}, {args.threads} threads, "
-            f"median of {args.repeats} x {args.calls} calls"
-            f"{', channels-last' if args.channels_last else ''}"
+            f"C kernels: this tree vs {args.base}, batch {args.batch}, {args.threads} threads, "
+            f"median of {args.repeats} repeats{', channels-last' if args.channels_last else ''}"
         )
-        print(f"{'shape':>7} {'K':>3} {'BN us':>7} {'this':>7} {'base':>7}   this/base "
+        print(f"{'what':>9} {'mode':>8} {'BN us':>9} {'this':>9} {'base':>9}   this/base "
               f"{'':15} this/BN {'':15} base/BN")  # fmt: skip
-        for spec in args.shapes.split(","):
-            channels, size = (int(v) for v in spec.split("x"))
-            for k in args.ks:
-                fns = contenders(channels, size, k, args, base)
-                t = interleaved_times(fns, repeats=args.repeats, warmup=2,
-                                      device=torch.device("cpu"))  # fmt: skip
-                us = {n: statistics.median(v) / args.calls * 1e6 for n, v in t.items()}
-                ratios = "  ".join(
-                    f"{paired_ratio(t[a], t[b]):.3f} {paired_ratio_ci(t[a], t[b])}"
-                    for a, b in (("this", "base"), ("this", "bn"), ("base", "bn"))
-                )
-                print(f"{spec:>7} {k:>3} {us['bn']:7.1f} {us['this']:7.1f} {us['base']:7.1f}"
-                      f"   {ratios}")  # fmt: skip
+        for what, mode, build, calls in rows:
+            fns = {name: repeat(fn, calls) for name, fn in build(base).items()}
+            t = interleaved_times(fns, repeats=args.repeats, warmup=2, device=torch.device("cpu"))
+            us = {n: statistics.median(v) / calls * 1e6 for n, v in t.items()}
+            ratios = "  ".join(
+                f"{paired_ratio(t[a], t[b]):.3f} {paired_ratio_ci(t[a], t[b])}"
+                for a, b in (("this", "base"), ("this", "bn"), ("base", "bn"))
+            )
+            print(f"{what:>9} {mode:>8} {us['bn']:9.1f} {us['this']:9.1f} {us['base']:9.1f}"
+                  f"   {ratios}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def test_site_host_noop_times_the_triton_sites_host_work() -> None:
 
 def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
     """bench/native_ab.py builds HEAD's C kernels beside this tree's, checks that both give
-    the same site output (the script asserts it) and prints a row per (shape, K)."""
+    the same site output and input gradient (the script asserts it) and prints a row per
+    (shape, mode, K)."""
     import subprocess  # noqa: PLC0415
 
     import pytest  # noqa: PLC0415
@@ -100,9 +101,11 @@ def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
         pytest.skip("needs a git checkout and the C kernels")
     out = subprocess.run(
         [sys.executable, str(_BENCH / "native_ab.py"), "--shapes", "16x3,32x2", "--ks", "3",
-         "--batch", "4", "--repeats", "3", "--calls", "2"],
+         "--batch", "4", "--repeats", "3", "--calls", "2", "--modes", "eval", "train"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
-    assert [r[:2] for r in rows] == [["16x3", "3"], ["32x2", "3"]]
-    assert all(float(v) > 0 for r in rows for v in r[2:5])  # BN, this, base: us a call
+    assert [r[:3] for r in rows] == [
+        [s, m, "3"] for s in ("16x3", "32x2") for m in ("eval", "train")
+    ]
+    assert all(float(v) > 0 for r in rows for v in r[3:6])  # BN, this, base: us a call
