@@ -140,17 +140,22 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         for (; j < j1; j++) cl_two_pass_##SUFFIX(x, n, c, j, mean + j, var + j);     \
     }
 
-/* y = x * a + t over positions [p0, p1) of an (n, C) sample, a and t per channel. */
+/* y = x * a + t over positions [p0, p1) of an (n, C) sample, a and t per channel; where
+ * `ahead` is not NULL, each line of x read here asks for the same line of `ahead` (the next
+ * sample, which the moments read next, a column block at a time: strides of C values that the
+ * hardware prefetcher did not follow). */
 #define DEFINE_CL_AFFINE(T, V, SUFFIX)                                               \
     static void cl_affine_##SUFFIX(const T *x, T *y, long p0, long p1, long c, const T *a, \
-                                   const T *t, int stream) {                         \
-        enum { W = sizeof(V) / sizeof(T) };                                          \
+                                   const T *t, int stream, const T *ahead) {         \
+        enum { W = sizeof(V) / sizeof(T), LINE = 64 / sizeof(T) };                   \
         for (long p = p0; p < p1; p++) {                                             \
             const T *xr = x + p * c;                                                 \
             T *yr = y + p * c;                                                       \
             long j = 0;                                                              \
             for (; j + W <= c; j += W) {                                             \
                 V v, va, vt;                                                         \
+                if (ahead && (p * c + j) % LINE == 0)                                \
+                    __builtin_prefetch(ahead + p * c + j);                           \
                 memcpy(&v, xr + j, sizeof(v));                                       \
                 memcpy(&va, a + j, sizeof(va));                                      \
                 memcpy(&vt, t + j, sizeof(vt));                                      \
@@ -193,14 +198,16 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         if (per_sample) {                                                            \
             _Pragma("omp parallel num_threads(threads)")                             \
             {                                                                        \
-                double *w = ws + omp_get_thread_num() * stride;                      \
-                _Pragma("omp for schedule(static)")                                  \
-                for (long s = 0; s < b; s++) {                                       \
+                const int tid = omp_get_thread_num(), nth = omp_get_num_threads();   \
+                const long s0 = b * tid / nth, s1 = b * (tid + 1) / nth;             \
+                double *w = ws + tid * stride;                                       \
+                for (long s = s0; s < s1; s++) {                                     \
                     const T *xs = x + s * n * c;                                     \
                     cl_columns_##SUFFIX(xs, n, c, 0, c, w, w + c);                   \
                     an_sample_scale_shift_##SUFFIX(h, w, c, n);                      \
                     cl_affine_##SUFFIX(xs, y + s * n * c, 0, n, c, (const T *)w,     \
-                                       (const T *)(w + c), stream);                  \
+                                       (const T *)(w + c), stream,                   \
+                                       s + 1 < s1 ? xs + n * c : NULL);              \
                 }                                                                    \
                 cl_fence(stream);                                                    \
             }                                                                        \
@@ -219,7 +226,7 @@ int an_cl_streams(const void *y, long total, long c, long size) {
                 _Pragma("omp for schedule(static)")                                  \
                 for (long p = 0; p < n; p += CL_PB)                                  \
                     cl_affine_##SUFFIX(xs, ys, p, p + CL_PB < n ? p + CL_PB : n, c, a, t, \
-                                       stream);                                      \
+                                       stream, NULL);                                \
                 cl_fence(stream);                                                    \
             }                                                                        \
         }                                                                            \
@@ -290,7 +297,7 @@ int an_cl_streams(const void *y, long total, long c, long size) {
             const long s = k / pieces, p0 = k % pieces * CL_PB;                      \
             const long p1 = p0 + CL_PB < n ? p0 + CL_PB : n, o = s * n * c;          \
             if (g == NULL)                                                           \
-                cl_affine_##SUFFIX(x + o, y + o, p0, p1, c, a + s * c, t + s * c, 0); \
+                cl_affine_##SUFFIX(x + o, y + o, p0, p1, c, a + s * c, t + s * c, 0, NULL); \
             else                                                                     \
                 cl_affine_grad_##SUFFIX(g + o, x + o, y + o, p0, p1, c, a + s * c,   \
                                         t + s * c, dd + s * c);                      \
