@@ -427,8 +427,9 @@ def test_torch_compile_calls_the_eval_operator(head: str) -> None:
 
 
 def test_eval_operator_passes_opcheck() -> None:
-    from an_search.layers._eval_plan import eval_site, fold
+    from an_search.layers._eval_plan import eval_site, fold, kernel_tensors
 
     an = trained(AttentiveNorm(8, 3), torch.float32)
     tensors, scalars = fold(an)
-    torch.library.opcheck(eval_site, (torch.randn(2, 8, 4, 4), *tensors), scalars)
+    args = (torch.randn(2, 8, 4, 4), *kernel_tensors(tensors, torch.float32))
+    torch.library.opcheck(eval_site, args, scalars)
