@@ -291,7 +291,7 @@ DEFINE_MOMENTS(double, f64)
 /* Dot product of two rows of the kernel's dtype in four vector accumulators (independent
  * chains), summed in double; the linear layers' weights are stored in the kernel's dtype
  * (float32 inputs: twice the lanes and half the bytes of float64). */
-#define DEFINE_LINEAR(T, V, VW, SUFFIX)                                                  \
+#define DEFINE_LINEAR(T, V, VW, SUFFIX)                                              \
     double an_dot_##SUFFIX(const T *a, const T *b, long n) {                         \
         enum { W = sizeof(V) / sizeof(T) };                                          \
         V s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                    \
