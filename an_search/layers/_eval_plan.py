@@ -15,8 +15,7 @@ when a submodule, parameter or buffer it holds is replaced or removed, or one is
 them. That check reads the module's own dicts (a few microseconds): walking
 ``parameters()`` and ``buffers()`` cost more than the kernel itself at 7x7. Under
 ``torch.compile`` the folding and the packing are traced into the graph and the kernel is the
-custom operator
-``an_search::eval_site``.
+custom operator ``an_search::eval_site``.
 """
 
 from __future__ import annotations
