@@ -56,11 +56,12 @@ def base_library(rev: str, workdir: Path) -> ctypes.CDLL:
     """The C kernels of git revision ``rev``, built into ``workdir`` and bound as this tree's."""
     for path in (*_native._SOURCES, *_native._HEADERS):
         rel = path.relative_to(ROOT).as_posix()
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{rev}:{rel}"],
-            check=True, capture_output=True,
-        ).stdout  # fmt: skip
-        (workdir / path.name).write_bytes(text)
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True
+        )
+        if shown.returncode:
+            raise SystemExit(f"--base {rev}: no {rel} there ({shown.stderr.decode().strip()})")
+        (workdir / path.name).write_bytes(shown.stdout)
     cc = _native._compiler()
     if cc is None:
         raise SystemExit("no C compiler found (set CC)")
