@@ -92,6 +92,30 @@ def interleaved_times(
     return times
 
 
+def loops_us(
+    fns: dict[str, Callable[[], object]],
+    calls: int,
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Microseconds a call of each fn, per repeat: ``calls`` calls in a loop synchronised only
+    at its ends, the loops timed by :func:`interleaved_times` (a new random order every
+    repeat)."""
+
+    def loop(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    times = interleaved_times(
+        {n: loop(fn) for n, fn in fns.items()}, repeats=repeats, warmup=warmup, device=device
+    )
+    return {n: [t / calls * 1e6 for t in ts] for n, ts in times.items()}
+
+
 def python_top(fn: Callable[[], object], calls: int, top: int) -> str:
     """cProfile's table of the ``top`` functions by own time over ``calls`` calls of ``fn``
     (this thread only)."""

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 from _contenders import build_models, step_functions  # bench/ on sys.path
-from _timing import interleaved_times, paired_ratio, paired_ratio_ci
+from _timing import loops_us, paired_ratio, paired_ratio_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,18 +92,15 @@ def on(lib: ctypes.CDLL, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(calls):
-            fn()
-
-    return run
+def _map(channels: int, size: int, args: argparse.Namespace) -> torch.Tensor:
+    """A random (batch, C, size, size) input in the layout ``args`` asks for."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
 
 
 def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL) -> Fns:
     """BatchNorm2d's module, this tree's eval kernel and the base's, on one input."""
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
+    x = _map(channels, size, args)
     bn = torch.nn.BatchNorm2d(channels).eval()
     an = AttentiveNorm(channels, k).eval()
     plan = eval_plan(an, x.dtype)
@@ -121,9 +118,7 @@ def site_train(
     channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL
 ) -> Fns:
     """BatchNorm2d's training step (forward, backward) and the AN site's on either library."""
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
-    x.requires_grad_()
+    x = _map(channels, size, args).requires_grad_()
     grad = torch.randn_like(x)
     bn, an = torch.nn.BatchNorm2d(channels), AttentiveNorm(channels, k)
 
@@ -200,9 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'what':>9} {'mode':>8} {'BN us':>9} {'this':>9} {'base':>9}   this/base "
               f"{'':15} this/BN {'':15} base/BN")  # fmt: skip
         for what, mode, build, calls in rows:
-            fns = {name: repeat(fn, calls) for name, fn in build(base).items()}
-            t = interleaved_times(fns, repeats=args.repeats, warmup=2, device=torch.device("cpu"))
-            us = {n: statistics.median(v) / calls * 1e6 for n, v in t.items()}
+            t = loops_us(build(base), calls, args.repeats, torch.device("cpu"), warmup=2)
+            us = {n: statistics.median(v) for n, v in t.items()}
             ratios = "  ".join(
                 f"{paired_ratio(t[a], t[b]):.3f} {paired_ratio_ci(t[a], t[b])}"
                 for a, b in (("this", "base"), ("this", "bn"), ("base", "bn"))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _timing import interleaved_times, paired_ratio, python_top  # bench/ on sys.path
+from _timing import loops_us, paired_ratio, python_top  # bench/ on sys.path
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,26 +51,6 @@ def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / calls * 1e6
-
-
-def loops_us(
-    fns: dict[str, Callable[[], object]], calls: int, repeats: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Microseconds a call of each fn, per repeat: ``calls`` calls in a loop synchronised only
-    at its ends, the loops timed by :func:`_timing.interleaved_times` (a new random order every
-    repeat)."""
-
-    def loop(fn: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            for _ in range(calls):
-                fn()
-
-        return run
-
-    times = interleaved_times(
-        {n: loop(fn) for n, fn in fns.items()}, repeats=repeats, warmup=1, device=device
-    )
-    return {n: [t / calls * 1e6 for t in ts] for n, ts in times.items()}
 
 
 class _Noop:
