@@ -29,7 +29,7 @@ def _check_moments(x3: torch.Tensor, offset: float) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 7, 49, 64, 65, 196])
-@pytest.mark.parametrize("c", [12, 40, 64])
+@pytest.mark.parametrize("c", [12, 40, 64, 100])  # 100: 64-byte, 32-byte blocks, then columns
 @pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
 def test_moments_match_two_pass_double(dtype: torch.dtype, n: int, c: int, offset: float) -> None:
     """Whole column blocks (32 float32 or 16 float64 channels) and the rest; sums folded every
@@ -84,10 +84,13 @@ def _eval_pair(an: AttentiveNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 @pytest.mark.parametrize("pool", ["meanstd", "avg"])
 @pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_eval_path_matches_reference(head: str, pool: str, dtype: torch.dtype, batch: int) -> None:
+@pytest.mark.parametrize("c", [40, 100])  # 100: wide and plain vectors of channels, then the rest
+def test_eval_path_matches_reference(
+    head: str, pool: str, dtype: torch.dtype, batch: int, c: int
+) -> None:
     torch.set_num_threads(2)  # batch 1 < threads: column blocks and positions; 4: samples
-    an = trained(AttentiveNorm(40, 5, head=head, pool=pool), dtype)
-    x = (torch.randn(batch, 40, 6, 7, dtype=dtype) * 3 + 1).to(memory_format=torch.channels_last)
+    an = trained(AttentiveNorm(c, 5, head=head, pool=pool), dtype)
+    x = (torch.randn(batch, c, 6, 7, dtype=dtype) * 3 + 1).to(memory_format=torch.channels_last)
     y, y_ref, calls = _eval_pair(an, x)
     assert calls == 1
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
@@ -137,7 +140,9 @@ def test_streaming_store_rule() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 40, 5, 6), (1, 12, 7, 7), (2, 64, 1, 130), (1, 96, 32, 32)])
+@pytest.mark.parametrize(
+    "shape", [(3, 40, 5, 6), (1, 12, 7, 7), (2, 64, 1, 130), (1, 96, 32, 32), (3, 100, 5, 6)]
+)
 def test_training_kernels_match_formulas(dtype: torch.dtype, shape: tuple) -> None:
     """y = x * a + t, y = g * a + x * c + d, sum(g * x) and sum(g) per (sample, channel) of
     channels-last maps: whole vectors of channels and the rest, sums folded every 64 positions,
