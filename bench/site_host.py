@@ -11,23 +11,27 @@ where cProfile sees it) Triton backward; and the host's cost of single launches 
 
 ``--noop`` (no GPU needed): the Triton site's own host work on the CPU, its kernels replaced by
 launches that do nothing: Python, allocations and the autograd node, what a change to
-``_triton_site.py``'s host side moves (launches excluded).
+``_triton_site.py``'s host side moves (launches excluded); ``--base REV`` times a git
+revision's site beside this tree's, interleaved in the same process (``_base_tree.py``).
 
     python bench/site_host.py --device cuda [--channels 256 --size 7 --batch 64] [--python 20]
-    .venv/bin/python bench/site_host.py --noop [--python 20]
+    .venv/bin/python bench/site_host.py --noop [--base HEAD~1] [--head mlp] [--python 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _timing import loops_us, paired_ratio, python_top  # bench/ on sys.path
+from _base_tree import import_base  # bench/ on sys.path
+from _timing import loops_us, paired_ratio, paired_ratio_ci, python_top
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,36 +64,56 @@ class _Noop:
         return lambda *args, **kwargs: None
 
 
-def noop_report(args: argparse.Namespace) -> None:
-    """The Triton site's host time a call on the CPU with no-op kernels (``--noop``)."""
-    from an_search.layers import _triton_head, _triton_kernels  # noqa: PLC0415
-
-    for mod in (_triton_kernels, _triton_head):
-        for name in dir(mod):
-            if name.endswith("_kernel"):
-                setattr(mod, name, _Noop())
-    torch.set_num_threads(1)
+def _noop_modes(package: str, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+    """The forward and training step of ``package``'s Triton site (``an_search``, or a base
+    revision's copy) on its own module and input, its kernels replaced by no-ops."""
+    layers = importlib.import_module(f"{package}.layers")
+    site_mod = importlib.import_module(f"{package}.layers._triton_site")
+    for name in ("_triton_kernels", "_triton_head"):
+        mod = importlib.import_module(f"{package}.layers.{name}")
+        for attr in dir(mod):
+            if attr.endswith("_kernel"):
+                setattr(mod, attr, _Noop())
+    torch.manual_seed(0)
     c, s = args.channels, args.size
-    an = AttentiveNorm(c, args.k).train()
+    an = layers.AttentiveNorm(c, args.k, head=args.head).train()
     x = torch.randn(args.batch, c, s, s, requires_grad=True)
     g = torch.randn_like(x)
-
     params = list(an.parameters())
 
     def step() -> None:  # (grads set to None, as optimizer.zero_grad() does)
         x.grad = None
         for p in params:
             p.grad = None
-        ts.triton_site(an, x).backward(g)
+        site_mod.triton_site(an, x).backward(g)
 
-    modes = {"forward": lambda: ts.triton_site(an, x), "step": step}
-    print(f"Triton site, no-op kernels, CPU host us a call (median of {args.repeats} x "
-          f"{args.calls}): batch {args.batch}, {c}x{s}x{s}, K {args.k}")  # fmt: skip
-    times = loops_us(modes, args.calls, args.repeats, torch.device("cpu"))
-    for mode, ts_ in times.items():
-        print(f"{mode:>10s} {statistics.median(ts_):8.1f}  (min {min(ts_):.1f})")
+    return {"forward": lambda: site_mod.triton_site(an, x), "step": step}
+
+
+def noop_report(args: argparse.Namespace) -> None:
+    """The Triton site's host time a call on the CPU with no-op kernels (``--noop``); with
+    ``--base REV``, that revision's beside it, interleaved, and the paired ratios."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = {f"this {m}": fn for m, fn in _noop_modes("an_search", args).items()}
+        if args.base:
+            base = import_base(args.base, Path(tmp)).__name__
+            fns |= {f"base {m}": fn for m, fn in _noop_modes(base, args).items()}
+        c, s = args.channels, args.size
+        print(f"Triton site, no-op kernels, CPU host us a call (median of {args.repeats} x "
+              f"{args.calls}): batch {args.batch}, {c}x{s}x{s}, K {args.k}, head {args.head}"
+              + (f"; this tree vs {args.base}" if args.base else ""))  # fmt: skip
+        times = loops_us(fns, args.calls, args.repeats, torch.device("cpu"))
+    for mode in ("forward", "step"):
+        t = times[f"this {mode}"]
+        line = f"{mode:>10s} {statistics.median(t):8.1f}  (min {min(t):.1f})"
+        if args.base:
+            b = times[f"base {mode}"]
+            line += (f"   base {statistics.median(b):8.1f}  this/base {paired_ratio(t, b):.3f} "
+                     f"{paired_ratio_ci(t, b)}")  # fmt: skip
+        print(line)
     if args.python:
-        print(python_top(step, args.calls, args.python))
+        print(python_top(_noop_modes("an_search", args)["step"], args.calls, args.python))
 
 
 def main() -> None:
@@ -104,6 +128,8 @@ def main() -> None:
     p.add_argument("--triton", choices=list(_TRITON), default="auto")
     p.add_argument("--python", type=int, default=0, help="cProfile's top functions")
     p.add_argument("--noop", action="store_true", help="the Triton site's host work on a CPU")
+    p.add_argument("--base", help="--noop: also a git revision's site, side by side")
+    p.add_argument("--head", default="default", help="--noop: the attention head")
     args = p.parse_args()
     if args.noop:
         noop_report(args)
@@ -173,7 +199,7 @@ def main() -> None:
     if site is not None and dev.type == "cuda" and ts.triton_wanted(an.triton, True, dev):
         with torch.no_grad():
             y, saved = ts._forward(site, xg)
-        head = ts.head_params(site)
+        head = site.params[2:]
         w1, _, n1w, _, w2, _, n2w, _ = head
         full = (xg, an.weight, an.bias, w1, n1w, w2, n2w, *saved)
         table = python_top(lambda: ts._backward(site, full, g), args.calls, args.python)

@@ -73,16 +73,22 @@ def test_extra_ranks_the_names_by_the_gap() -> None:
 
 def test_site_host_noop_times_the_triton_sites_host_work() -> None:
     """bench/site_host.py --noop (in its own process: it replaces the kernels for good) runs the
-    Triton site's forward and training step with kernels that launch nothing, and times them."""
+    Triton site's forward and training step with kernels that launch nothing, and times them;
+    with ``--base HEAD`` (in a git checkout) HEAD's package beside this tree's, interleaved."""
     import subprocess  # noqa: PLC0415
 
+    root = _BENCH.parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+    base = ["--base", "HEAD"] if git.returncode == 0 else []
     out = subprocess.run(
         [sys.executable, str(_BENCH / "site_host.py"), "--noop", "--calls", "5", "--repeats",
-         "2", "--batch", "4", "--channels", "16", "--size", "3", "--k", "3"],
+         "3", "--batch", "4", "--channels", "16", "--size", "3", "--k", "3", *base],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
-    times = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:] if line}
-    assert set(times) == {"forward", "step"} and all(t > 0 for t in times.values())
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line}
+    assert set(rows) == {"forward", "step"} and all(float(r[1]) > 0 for r in rows.values())
+    if base:  # ... base <us> this/base <ratio> [lo-hi]
+        assert all(r[4] == "base" and float(r[5]) > 0 and float(r[7]) > 0 for r in rows.values())
 
 
 def test_native_ab_builds_the_base_kernels_and_times_both() -> None:

@@ -34,6 +34,7 @@ from ._native import HeadSpec, library
 
 __all__ = [
     "PLAN_ATTR",
+    "Structure",
     "cached_plan",
     "compiled_eval",
     "eval_plan",
@@ -71,49 +72,66 @@ class _Plan:
 
 
 @dataclass
-class _Key:
-    """What a plan was folded from: the dtype, the submodules' non-empty member dicts with their
-    values (held, so that ``is`` cannot be fooled by a reused id), each tensor's version and
-    data pointer (in-place updates and ``.data`` assignment), and the plain attributes that
-    ``fold`` reads (:data:`_SCALARS`, e.g. a norm's ``eps``). Empty dicts are left out: what
-    ``fold`` reads is in the others (an absent bias is a ``None`` entry). :meth:`matches` runs
-    once per call: its loops are ``map`` over C callables (about 3 us for a default site).
-    In-place edits through ``.data`` move no version counter and are not seen:
-    ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan."""
+class Structure:
+    """What a module's folded or parsed form is built from besides its tensors' values: the
+    submodules' non-empty member dicts with their values (held, so that ``is`` cannot be fooled
+    by a reused id), and the plain attributes the builders read (:data:`_SCALARS`, e.g. a
+    norm's ``eps``). Empty dicts are left out: what the builders read is in the others (an
+    absent bias is a ``None`` entry). :meth:`matches` runs once per call: its loops are ``map``
+    over C callables (about 2 us for a default site)."""
 
-    dtype: torch.dtype
     dicts: tuple[dict, ...]
     lens: list[int]
     values: tuple[object, ...]
-    tensors: tuple[torch.Tensor, ...]
-    versions: list[int]
-    ptrs: list[int]
-    attr_dicts: tuple[dict, ...]  # the modules' __dict__s holding the scalars fold reads
+    attr_dicts: tuple[dict, ...]  # the modules' __dict__s holding the scalars
     attr_names: tuple[str, ...]
     attr_values: list[object]
 
     @classmethod
-    def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
+    def of(cls, an: nn.Module) -> Structure:
         dicts = tuple(d for m in an.modules() for d in (m._parameters, m._buffers, m._modules)
                       if d)  # fmt: skip
         values = tuple(chain.from_iterable(map(dict.values, dicts)))
-        tensors = tuple(t for t in values if isinstance(t, torch.Tensor))
-        versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
         watched = [(m.__dict__, name) for m in an.modules() for name in _SCALARS
                    if name in m.__dict__]  # fmt: skip
         attr_dicts, attr_names = tuple(d for d, _ in watched), tuple(n for _, n in watched)
         attr_values = list(map(dict.get, attr_dicts, attr_names))
-        return cls(dtype, dicts, list(map(len, dicts)), values, tensors, versions, ptrs,
-                   attr_dicts, attr_names, attr_values)  # fmt: skip
+        return cls(dicts, list(map(len, dicts)), values, attr_dicts, attr_names, attr_values)
 
-    def matches(self, dtype: torch.dtype) -> bool:
+    def matches(self) -> bool:
         return (
-            dtype == self.dtype
-            and list(map(dict.get, self.attr_dicts, self.attr_names)) == self.attr_values
+            list(map(dict.get, self.attr_dicts, self.attr_names)) == self.attr_values
             and list(map(len, self.dicts)) == self.lens  # then the zip below is exact
             and all(
                 map(operator.is_, chain.from_iterable(map(dict.values, self.dicts)), self.values)
             )  # fmt: skip
+        )
+
+
+@dataclass
+class _Key:
+    """What a plan was folded from: the dtype, the module's :class:`Structure`, and each
+    tensor's version and data pointer (in-place updates and ``.data`` assignment). In-place
+    edits through ``.data`` move no version counter and are not seen:
+    ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan."""
+
+    dtype: torch.dtype
+    structure: Structure
+    tensors: tuple[torch.Tensor, ...]
+    versions: list[int]
+    ptrs: list[int]
+
+    @classmethod
+    def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
+        structure = Structure.of(an)
+        tensors = tuple(t for t in structure.values if isinstance(t, torch.Tensor))
+        versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
+        return cls(dtype, structure, tensors, versions, ptrs)
+
+    def matches(self, dtype: torch.dtype) -> bool:
+        return (
+            dtype == self.dtype
+            and self.structure.matches()
             and list(map(_VERSION, self.tensors)) == self.versions
             and list(map(_PTR, self.tensors)) == self.ptrs
         )

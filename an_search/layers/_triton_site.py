@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from ._norm_stats import mark_updated
 from ._triton_launch import launch
-from ._triton_spec import CL_FORMATS, POOLS, Site, head_params, pow2, site
+from ._triton_spec import CL_FORMATS, POOLS, Site, pow2, site
 
 __all__ = ["ENV", "triton_available", "triton_site", "triton_wanted"]
 
@@ -122,51 +123,96 @@ def _per_row(
                num_warps=_WARPS)  # fmt: skip
 
 
+@dataclass
+class _Derived:
+    """What a site's launches compute from its description alone, once per :class:`Site`."""
+
+    b: int
+    c: int
+    k: int
+    h: int  # layer 1's width
+    nblk: int  # channel blocks of the (B, C) kernels
+    peak: bool  # avgmax: each row's maximum and its count too
+    fwd: list[int]  # workspace sections (see _carve) of the forward's float32 buffers
+    bwd: list[int]  # and of the backward's
+    n_corr: float  # n / (n - 1): the pool's unbiased variance
+    count_corr: float  # the same over the batch's B * n values
+
+
+def _sections(*numels: int) -> list[int]:
+    """``split_with_sizes`` sections of a workspace holding buffers of ``numels`` values, each
+    followed by its padding to 16 values: every buffer starts on a 64-byte boundary (Triton
+    specialises pointers on 16 bytes; the direct launches need them so)."""
+    return [v for n in numels for v in (n, -n % 16)]
+
+
+def _carve(sections: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The float32 buffers of :func:`_sections` (1-d), views of one allocation: an allocation
+    each cost a site's step 21 calls to the allocator."""
+    ws = torch.empty(sum(sections), device=device, dtype=torch.float32)
+    return ws.split_with_sizes(sections)[::2]
+
+
+def _derive(s: Site, x: torch.Tensor) -> _Derived:
+    d = s.derived.get("d")
+    if d is not None:
+        return d
+    b, c, k, n, h = x.shape[0], x.shape[1], s.an.weight.shape[0], s.n, s.width
+    bb, bc, bh, bk = s.blocks
+    nblk, peak, two = -(-c // bc), POOLS[s.an.pool_name] == 2, len(s.layers) == 2
+    _, hk = _kernels()
+    ws1, ws2 = hk.workspace_size(bb, bh), hk.workspace_size(bb, bk) if two else 0
+    bc_ = b * c
+    fwd = _sections(bc_, bc_, *((bc_, bc_) if peak else ()), nblk * bb * bh, c, c, ws1, ws2,
+                    bb * bk, bc_, bc_)  # fmt: skip
+    bwd = _sections(bc_, bc_, k * c, k * c, nblk * bb * bk, bc_, bc_, bh, bh, bh,
+                    *((bk, bk, bk, k * h) if two else ()), bb * bh, h * c,
+                    *((bc_,) if peak else ()))  # fmt: skip
+    count = b * n
+    d = _Derived(b, c, k, h, nblk, peak, fwd, bwd, n / max(n - 1, 1), count / max(count - 1, 1))
+    s.derived["d"] = d
+    return d
+
+
 def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     kern, hk = _kernels()
+    d = _derive(s, x)
     an, bn = s.an, s.bn
-    b, c, k, n, h = x.shape[0], x.shape[1], an.weight.shape[0], s.n, s.width
+    b, c, k, n, h, nblk = d.b, d.c, d.k, s.n, d.h, d.nblk
     bb, bc, bh, bk = s.blocks
-    nblk = -(-c // bc)
-    f32 = {"device": x.device, "dtype": torch.float32}
-    m, v = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
-    peak = POOLS[an.pool_name] == 2  # avgmax: each row's maximum and its count too
-    mx, cnt = (torch.empty(b, c, **f32), torch.empty(b, c, **f32)) if peak else (m, m)
-    _per_row(s, kern.moments_kernel, kern.moments_cl_kernel, b, c, x, m, v, mx, cnt, MAX=peak)
-    part = torch.empty(nblk, bb, bh, **f32)
-    mean, r = torch.empty(c, **f32), torch.empty(c, **f32)
-    count, nbt = b * n, bn.num_batches_tracked
+    bufs = _carve(d.fwd, x.device)
+    m, v = bufs[0], bufs[1]
+    mx, cnt = (bufs[2], bufs[3]) if d.peak else (m, m)
+    part, mean, r, ws1, ws2, lam, scale, shift = bufs[4:] if d.peak else bufs[2:]
+    ws2 = ws2 if len(s.layers) == 2 else ws1
+    _per_row(s, kern.moments_kernel, kern.moments_cl_kernel, b, c, x, m, v, mx, cnt, MAX=d.peak)
+    buffers = bn._buffers
+    rm, rv, nbt = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+    one, two = s.layers[0], s.layers[-1]
     launch(
         kern.channels_kernel, (nblk,),
-        m, v, mx, s.layers[0].fc.weight, part, mean, r,
-        bn.running_mean if bn.running_mean is not None else mean,
-        bn.running_var if bn.running_var is not None else r, nbt if nbt is not None else m,
-        b, c, h, n, bn.eps, bn.momentum or 0.0, n / max(n - 1, 1),
-        getattr(an.attn.pool, "eps", 0.0), count / max(count - 1, 1),
+        m, v, mx, one.weight, part, mean, r, rm if rm is not None else mean,
+        rv if rv is not None else r, nbt if nbt is not None else m,
+        b, c, h, n, bn.eps, bn.momentum or 0.0, d.n_corr, s.pool_eps, d.count_corr,
         USE_RUNNING=s.use_running, UPDATE=s.update,
         CUMULATIVE=bn.momentum is None and nbt is not None,
         POOL=POOLS[an.pool_name], BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
-    one, two = s.layers[0], s.layers[-1]
-    ws1 = torch.empty(hk.workspace_size(bb, bh), **f32)
-    ws2 = torch.empty(hk.workspace_size(bb, bk), **f32) if len(s.layers) == 2 else ws1
-    lam = torch.empty(bb, bk, **f32)
-    b1, n1 = one.fc.bias if one.fc.bias is not None else part, one.args(part)
-    b2, n2 = two.fc.bias if two.fc.bias is not None else part, two.args(part)
+    b1, n1 = one.bias if one.bias is not None else part, one.args(part)
+    b2, n2 = two.bias if two.bias is not None else part, two.args(part)
     bias1, norm1, upd1, cum1 = one.flags()
     bias2, norm2, upd2, cum2 = two.flags()
     site_count = s.update and nbt is not None
     launch(
         hk.head_kernel, (1,),
-        part, nblk, b1, *n1, ws1, two.fc.weight, b2, *n2, ws2, nbt if site_count else part,
+        part, nblk, b1, *n1, ws1, two.weight, b2, *n2, ws2, nbt if site_count else part,
         lam, b, h, k, *one.scalars(), *two.scalars(), b / max(b - 1, 1),
         LAYERS=len(s.layers), BIAS1=bias1, NORM1=norm1, UPD1=upd1, CUM1=cum1, BIAS2=bias2,
         NORM2=norm2, UPD2=upd2, CUM2=cum2, SITE_COUNT=site_count, GATE=s.gate,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
         num_warps=_head_warps(s),
     )  # fmt: skip
-    scale, shift = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     launch(
         kern.mix_kernel, (nblk,),
         lam, an.weight, an.bias, mean, r, scale, shift, b, c, k,
@@ -176,8 +222,8 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     y = torch.empty_like(x)
     launch(kern.affine_kernel, _flat(x), x, y, scale, shift, x.numel(), n, c, CL=s.cl,
            BLOCK=_FLAT_BLOCK)  # fmt: skip
-    updated = [layer.norm for layer in s.layers if layer.update]  # the head's BatchNorm1d
-    mark_updated(*([bn] if s.update else []), *updated)  # (the kernels wrote them)
+    if s.updated:
+        mark_updated(*s.updated)  # (the kernels wrote them)
     return y, (m, v, mx, cnt, mean, r, lam, ws1, ws2, scale)
 
 
@@ -185,16 +231,19 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
     """Gradients of (x, Gamma, Beta, *:func:`~._triton_spec.head_params`)."""
     kern, hk = _kernels()
     x, wm, bm, w1, n1w, w2, n2w, m, v, mx, cnt, mean, r, lam, ws1, ws2, scale = saved
-    b, c, k, n, h = x.shape[0], x.shape[1], wm.shape[0], s.n, s.width
+    d = _derive(s, x)
+    b, c, k, n, h, nblk = d.b, d.c, d.k, s.n, d.h, d.nblk
     bb, bc, bh, bk = s.blocks
-    nblk = -(-c // bc)
-    f32 = {"device": x.device, "dtype": torch.float32}
+    two_layers = len(s.layers) == 2
     g = g.contiguous(memory_format=CL_FORMATS[x.dim()] if s.cl else torch.contiguous_format)
-    ga, gt = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
+    bufs = list(_carve(d.bwd, x.device))
+    ga, gt, g_wm, g_bm, part, gm, gv = bufs[:7]
+    grads1 = bufs[7:10]  # norm weight, norm bias, bias
+    rest = bufs[10:]
+    grads2, g_w2 = (rest[:3], rest[3]) if two_layers else (grads1, part)
+    gh1, g_w1 = rest[-3:-1] if d.peak else rest[-2:]
+    gmx = rest[-1] if d.peak else gm
     _per_row(s, kern.rowdots_kernel, kern.rowdots_cl_kernel, b, c, g, x, ga, gt)
-    g_wm, g_bm = torch.empty(k, c, **f32), torch.empty(k, c, **f32)
-    part = torch.empty(nblk, bb, bk, **f32)
-    gm, gv = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     launch(
         kern.tail_bwd_kernel, (nblk,),
         ga, gt, lam, wm, bm, m, mean, r, scale, g_wm, g_bm, part, gm, gv, b, c, k,
@@ -202,45 +251,37 @@ def _backward(s: Site, saved: tuple[torch.Tensor | None, ...], g: torch.Tensor) 
         num_warps=_WARPS,
     )  # fmt: skip
     one, two = s.layers[0], s.layers[-1]
-    two_layers = len(s.layers) == 2
-    grads1 = [torch.empty(bh, **f32) for _ in range(3)]  # norm weight, norm bias, bias
-    grads2 = [torch.empty(bk, **f32) for _ in range(3)] if two_layers else grads1
-    g_w2 = torch.empty(k, h, **f32) if two_layers else part
-    gh1 = torch.empty(bb, bh, **f32)
     launch(
         hk.head_bwd_kernel, (1,),
         part, nblk, lam, ws1, n1w if n1w is not None else part, *grads1,
         ws2, w2 if w2 is not None else part, n2w if n2w is not None else part, *grads2, g_w2,
         gh1, b, h, k,
-        LAYERS=len(s.layers), BIAS1=one.fc.bias is not None, NORM1=one.code,
-        BIAS2=two.fc.bias is not None, NORM2=two.code, GATE=s.gate,
+        LAYERS=len(s.layers), BIAS1=one.bias is not None, NORM1=one.code,
+        BIAS2=two.bias is not None, NORM2=two.code, GATE=s.gate,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
         num_warps=_head_warps(s),
     )  # fmt: skip
-    g_w1 = torch.empty(h, c, **f32)
-    peak = POOLS[s.an.pool_name] == 2
-    gmx = torch.empty(b, c, **f32) if peak else gm
     launch(
         kern.pool_bwd_kernel, (nblk,),
-        gh1, w1, m, v, mx, cnt, gm, gv, gmx, g_w1, b, c, h, n, n / max(n - 1, 1),
-        getattr(s.an.attn.pool, "eps", 0.0), POOL=POOLS[s.an.pool_name],
+        gh1, w1, m, v, mx, cnt, gm, gv, gmx, g_w1, b, c, h, n, d.n_corr,
+        s.pool_eps, POOL=POOLS[s.an.pool_name],
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bh,
         num_warps=_WARPS,
     )  # fmt: skip
     dx = torch.empty_like(x)  # cc, dd: in gv, gm
-    total = x.numel()
     launch(
         kern.dx_kernel, _flat(x),
-        g, x, scale, gv, gm, mx, gmx, dx, total, n, c, CL=s.cl, MAX=peak, BLOCK=_FLAT_BLOCK,
+        g, x, scale, gv, gm, mx, gmx, dx, x.numel(), n, c, CL=s.cl, MAX=d.peak,
+        BLOCK=_FLAT_BLOCK,
     )  # fmt: skip
-    out = [dx, g_wm, g_bm]
+    out = [dx, g_wm.view(k, c), g_bm.view(k, c)]
     for i, g_w, (g_nw, g_nb, g_b), width in ((0, g_w1, grads1, h), (1, g_w2, grads2, k)):
         if i == len(s.layers):
             out += [None] * 4
             continue
         layer = s.layers[i]
         has_norm = layer.norm is not None
-        out += [g_w, g_b[:width] if layer.fc.bias is not None else None,
+        out += [g_w.view(width, -1), g_b[:width] if layer.bias is not None else None,
                 g_nw[:width] if has_norm else None, g_nb[:width] if has_norm else None]  # fmt: skip
     return out
 
@@ -250,16 +291,16 @@ class _TritonSite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: Site, x, wm, bm, *head):  # type: ignore[override]
-        y, saved = _forward(s, x)
+        y, bufs = _forward(s, x)
         w1, _, n1w, _, w2, _, n2w, _ = head
-        ctx.save_for_backward(x, wm, bm, w1, n1w, w2, n2w, *saved)  # (in-place edits: caught)
-        ctx.site = s
+        ctx.save_for_backward(x, wm, bm, w1, n1w, w2, n2w)  # (in-place edits: caught)
+        ctx.bufs, ctx.site = bufs, s  # the site's own buffers, seen by nothing else
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # type: ignore[override]
-        return None, *_backward(ctx.site, ctx.saved_tensors, g)
+        return None, *_backward(ctx.site, (*ctx.saved_tensors, *ctx.bufs), g)
 
 
 def triton_site(an: nn.Module, x: torch.Tensor, block_c: int | None = None) -> torch.Tensor | None:
@@ -271,8 +312,9 @@ def triton_site(an: nn.Module, x: torch.Tensor, block_c: int | None = None) -> t
     s = site(an, x, block_c)
     if s is None:
         return None
-    params = [an.weight, an.bias, *head_params(s)]
-    tracked = [t for t in (x, *params) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+    params = s.params
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(t.requires_grad for t in params if t is not None)
+    ):
         return _TritonSite.apply(s, x, *params)
     return _forward(s, x)[0]

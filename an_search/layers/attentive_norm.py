@@ -62,6 +62,7 @@ from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import channels_last_map, native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
+from ._triton_spec import SITE_ATTR
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
 from .heads import constant_output, create_head
 from .pooling import create_pool
@@ -71,7 +72,7 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-_PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR)  # the cached folded eval plans in __dict__
+_PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR, SITE_ATTR)  # cached plans and site in __dict__
 
 
 class AttentionWeights(nn.Module):
@@ -264,7 +265,8 @@ class AttentiveNorm(nn.Module):
         return super().train(mode)
 
     def refresh(self) -> None:
-        """Drop the cached folded eval plans (CPU and GPU); the next eval call folds again.
+        """Drop the cached folded eval plans (CPU and GPU) and the Triton site's description;
+        the next eval call folds again.
 
         A plan is refolded by itself when a parameter, buffer, submodule or folded attribute
         changes through the usual means (in-place ops, ``copy_``, ``load_state_dict``, an
@@ -275,7 +277,7 @@ class AttentiveNorm(nn.Module):
             self.__dict__.pop(attr, None)
 
     def __getstate__(self) -> dict:
-        """The pickled (and deep-copied) state, without the cached eval plan (ctypes)."""
+        """The pickled (and deep-copied) state, without the cached plans (ctypes) and site."""
         return {k: v for k, v in self.__dict__.items() if k not in _PLAN_ATTRS}
 
     # ------------------------------------------------------------------ forward

@@ -188,6 +188,35 @@ def test_declines_what_it_does_not_cover() -> None:
     assert not _declined(an, x)
 
 
+def test_description_is_kept_until_what_it_read_changes() -> None:
+    """The site's description is kept between calls and built again for another shape or
+    layout of the input, a mode or submodule change, and a parameter's dtype moved by
+    ``.data`` (which no version counter or identity shows)."""
+    spec = importlib.import_module("an_search.layers._triton_spec")
+    an = AttentiveNorm(16, 4)
+    x = torch.randn(4, 16, 3, 3)
+    s = spec.site(an, x, None)
+    assert s is not None and not s.use_running and s.params[0] is an.weight
+    assert spec.site(an, torch.randn(4, 16, 3, 3), None) is s  # kept
+    assert spec.site(an, torch.randn(4, 16, 5, 5), None).n == 25
+    assert spec.site(an, x.contiguous(memory_format=torch.channels_last), None).cl
+    assert spec.site(an, x.transpose(2, 3), None) is None  # neither layout
+    an.norm.eval()
+    assert spec.site(an, x, None).use_running
+    an.norm.train()
+    an.attn.head.fc = nn.Linear(16, 4, bias=True)
+    s = spec.site(an, x, None)
+    assert s.layers[0].bias is an.attn.head.fc.bias and s.params[3] is an.attn.head.fc.bias
+    an.attn.head.fc.weight.data = an.attn.head.fc.weight.data.double()
+    assert spec.site(an, x, None) is None  # float32 parameters only
+    an.attn.head.fc.weight.data = an.attn.head.fc.weight.data.float()
+    assert spec.site(an, x, None) is not None
+    an.refresh()
+    assert spec.SITE_ATTR not in an.__dict__
+    spec.site(an, x, None)
+    assert spec.SITE_ATTR not in copy.deepcopy(an).__dict__  # nor pickled
+
+
 def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     an = AttentiveNorm(16, 4)  # (forward calls _forward_triton for CUDA inputs only)
     x = torch.randn(4, 16, 3, 3)
