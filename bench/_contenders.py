@@ -58,8 +58,10 @@ def step_functions(
     loss_fn = torch.nn.CrossEntropyLoss()
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
 
+    cache = not getattr(args, "cuda_graphs", False)  # (captured graphs: autocast uncached)
+
     def autocast() -> torch.autocast:
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp, cache_enabled=cache)
 
     def train_step(name: str) -> None:
         m = variants[name]

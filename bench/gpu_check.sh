@@ -3,7 +3,8 @@
 # most wanted first, each step capped by what is left of BUDGET_S (skipped under its minimum):
 # the tests marked `gpu` (Triton's after the benchmarks: their first run compiles every kernel
 # variant), bench/models.py eager (float32, then bfloat16 autocast; AN as by default, whose
-# training step takes the Triton kernels, and on plain ops), bench/profile_step.py (how much of
+# training step takes the Triton kernels, and on plain ops), the same with each step one
+# replayed CUDA graph (--cuda-graphs: the GPU's time alone), bench/profile_step.py (how much of
 # a step the GPU computes, and AN's extra kernels), bench/site_host.py (one site's host time),
 # bench/an_layer.py (the same two),
 # a short `an-search run` on CUDA, and last bench/models.py under torch.compile.
@@ -31,7 +32,7 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT/.devsite:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-470}  # seconds for the whole script
-STEPS=" ${STEPS:-tests models profile host layer triton search compile} "
+STEPS=" ${STEPS:-tests models graphs profile host layer triton search compile} "
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -58,6 +59,10 @@ want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton or d
 for amp in "" --amp; do
   want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
     --repeats 15 --warmup 3 --ops $amp
+done
+for amp in "" --amp; do  # each step one replayed CUDA graph: the GPU's time without the host
+  want graphs && capped 50 100 models_graphs.txt "$PY" bench/models.py --device cuda --batch 64 \
+    --repeats 15 --warmup 3 --cuda-graphs $amp
 done
 for opts in "" --amp "--amp --channels-last"; do
   # shellcheck disable=SC2086  # (opts: words)

@@ -8,9 +8,16 @@ bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
     python bench/models.py --batch 8 --img-size 224 --repeats 5
     python bench/models.py --compile --device cuda --batch 64 [--amp] [--modes infer]
     python bench/models.py --device cuda --batch 64 --ops   # + AN without the Triton kernels
+    python bench/models.py --device cuda --batch 64 --cuda-graphs  # each step one CUDA graph
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
     python bench/models.py --model resnet10t --se-model none --placement all \
         --img-size 32 --batch 64 --classes 10     # an-search's default proxy training
+
+``--cuda-graphs`` captures each model's training step (optimizer step included) and inference
+as one CUDA graph after warm-up calls on a side stream, and times their replays: what the GPU
+computes without the host's Python, dispatch and launches (eager AN on a GPU is bound by its
+host), as ``torch.compile(mode="reduce-overhead")`` would replay them. A capture that fails
+prints its error and skips that mode.
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
 ``--model``, ``--se-model``, ``--placement`` swap the contenders (any timm model).
@@ -38,6 +45,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     p.add_argument("--stat", default="median", choices=["median", "min"], help="over repeats")
     p.add_argument(
+        "--cuda-graphs", action="store_true", help="time each step as a replayed CUDA graph"
+    )
+    p.add_argument(
         "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
     )
     p.add_argument(
@@ -50,6 +60,8 @@ def main() -> None:
     args = p.parse_args()
     if args.ops and not args.device.startswith("cuda"):
         p.error("--ops needs --device cuda (the Triton site runs on CUDA tensors only)")
+    if args.cuda_graphs and (not args.device.startswith("cuda") or args.compile):
+        p.error("--cuda-graphs needs --device cuda and no --compile")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     models = build_models(args)
@@ -69,18 +81,38 @@ def main() -> None:
         f"device={dev} batch={args.batch} img={args.img_size} threads={args.threads} "
         f"torch={torch.__version__} {args.stat} of {args.repeats} C kernels: {kernels}"
         f"{' amp=bfloat16' if args.amp else ''}{' channels_last' if args.channels_last else ''}"
+        f"{' cuda_graphs' if args.cuda_graphs else ''}"
     )
     stat = min if args.stat == "min" else statistics.median
     steps = {"train": ("train step", train_step), "infer": ("inference", infer)}
     for mode, fn in (steps[m] for m in dict.fromkeys(args.modes)):
-        times = interleaved_times(
-            {k: (lambda k=k, fn=fn: fn(k)) for k in variants},
-            repeats=args.repeats,
-            warmup=args.warmup,
-            device=dev,
-        )
+        fns = {k: (lambda k=k, fn=fn: fn(k)) for k in variants}
+        if args.cuda_graphs:
+            try:
+                fns = {k: graphed(f, args.warmup) for k, f in fns.items()}
+            except RuntimeError as e:  # (a host sync or an uncapturable op in a step)
+                print(f"{mode}: CUDA graph capture failed: {str(e).splitlines()[0]}")
+                continue
+        times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=dev)
+        del fns  # (the graphs' memory pools)
         for suf in ["", "+compile"] if args.compile else [""]:
             _report(mode, suf, times, stat, args.batch, names, args.ops)
+
+
+def graphed(fn: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """``fn`` captured as one CUDA graph, after ``warmup`` (at least 3) calls on a side stream
+    (lazily built state: optimizer buffers, cached plans, Triton's compiled kernels), as
+    PyTorch's whole-network capture does; returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 3)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _report(

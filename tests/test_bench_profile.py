@@ -115,3 +115,22 @@ def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
         [s, m, "3"] for s in ("16x3", "32x2") for m in ("eval", "train")
     ]
     assert all(float(v) > 0 for r in rows for v in r[3:6])  # BN, this, base: us a call
+
+
+def test_models_times_both_modes_and_refuses_graphs_off_cuda() -> None:
+    """bench/models.py prints a row per mode with both models' times and the paired ratio;
+    ``--cuda-graphs`` off a GPU is a usage error (exit 2), not a traceback."""
+    import subprocess  # noqa: PLC0415
+
+    cmd = [sys.executable, str(_BENCH / "models.py"), "--model", "resnet10t", "--se-model",
+           "none", "--placement", "all", "--img-size", "32", "--batch", "2", "--classes", "10",
+           "--repeats", "2", "--warmup", "1", "--device", "cpu"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"train", "inference"}
+    for line in rows.values():
+        cells = line.split("|")[0].split()
+        assert float(cells[-5]) > 0 and float(cells[-2]) > 0  # resnet10t, an-resnet10t ms
+        assert float(line.split("AN/BN")[1].split("x")[0]) > 0
+    refused = subprocess.run([*cmd, "--cuda-graphs"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--cuda-graphs needs --device cuda" in refused.stderr

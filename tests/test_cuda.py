@@ -228,3 +228,55 @@ def test_triton_direct_launches_match_the_usual_path(monkeypatch: pytest.MonkeyP
     assert len(direct) == len(usual)
     for a, b in zip(direct, usual, strict=True):
         assert torch.equal(a, b)  # the same kernels on the same arguments (no atomics)
+
+
+def test_a_converted_models_steps_replay_as_cuda_graphs() -> None:
+    """A converted model's training step (the Triton sites, forward and backward) and its
+    inference (the folded eval sites), each captured once as a CUDA graph after warm-up calls
+    on a side stream (bench/models.py --cuda-graphs), replay on new data to what eager steps
+    give: loss, gradients, running statistics and logits."""
+    torch.manual_seed(0)
+    model = convert("resnet10t", placement="all", num_classes=10, cost=False).model.cuda()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    fresh = torch.randn_like(x)
+
+    def train_step(m: nn.Module) -> torch.Tensor:
+        m.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    def infer(m: nn.Module) -> torch.Tensor:
+        with torch.inference_mode():
+            return m(x)
+
+    for mode, fn in (("train", train_step), ("eval", infer)):
+        model.train(mode == "train")
+        twin.train(mode == "train")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(model)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(model)
+        saved = x.clone()
+        for _ in range(3):  # the twin takes the warm-up steps' updates of the statistics
+            fn(twin)
+        x.copy_(fresh)
+        graph.replay()
+        ref = fn(twin)
+        x.copy_(saved)
+        torch.cuda.synchronize()
+        assert _rel(out, ref) < 1e-3, mode
+        for (name, p), p_ref in zip(model.named_parameters(), twin.parameters(), strict=True):
+            if mode == "train":
+                assert _rel(p.grad, p_ref.grad) < 1e-3, name
+        for (name, b), b_ref in zip(model.named_buffers(), twin.buffers(), strict=True):
+            if b.is_floating_point():
+                assert _rel(b, b_ref) < 1e-4, name
+            else:
+                assert torch.equal(b, b_ref), name
