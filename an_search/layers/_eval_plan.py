@@ -78,8 +78,11 @@ class Structure:
     by a reused id), and the plain attributes the builders read (:data:`_SCALARS`, e.g. a
     norm's ``eps``). Empty dicts are left out: what the builders read is in the others (an
     absent bias is a ``None`` entry). :meth:`matches` runs once per call: its loops are ``map``
-    over C callables (about 2 us for a default site)."""
+    over C callables (about 2 us for a default site). It also asks that the module be the one
+    it was built from (its ``__dict__``): a copy of a module's ``__dict__`` (``nn.DataParallel``'s
+    replicas) holds the kept plans while its parameters and submodules are the replica's own."""
 
+    owner: dict  # the module's __dict__
     dicts: tuple[dict, ...]
     lens: list[int]
     values: tuple[object, ...]
@@ -96,11 +99,13 @@ class Structure:
                    if name in m.__dict__]  # fmt: skip
         attr_dicts, attr_names = tuple(d for d, _ in watched), tuple(n for _, n in watched)
         attr_values = list(map(dict.get, attr_dicts, attr_names))
-        return cls(dicts, list(map(len, dicts)), values, attr_dicts, attr_names, attr_values)
+        return cls(an.__dict__, dicts, list(map(len, dicts)), values, attr_dicts, attr_names,
+                   attr_values)  # fmt: skip
 
-    def matches(self) -> bool:
+    def matches(self, an: nn.Module) -> bool:
         return (
-            list(map(dict.get, self.attr_dicts, self.attr_names)) == self.attr_values
+            an.__dict__ is self.owner
+            and list(map(dict.get, self.attr_dicts, self.attr_names)) == self.attr_values
             and list(map(len, self.dicts)) == self.lens  # then the zip below is exact
             and all(
                 map(operator.is_, chain.from_iterable(map(dict.values, self.dicts)), self.values)
@@ -128,10 +133,10 @@ class _Key:
         versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
         return cls(dtype, structure, tensors, versions, ptrs)
 
-    def matches(self, dtype: torch.dtype) -> bool:
+    def matches(self, an: nn.Module, dtype: torch.dtype) -> bool:
         return (
             dtype == self.dtype
-            and self.structure.matches()
+            and self.structure.matches(an)
             and list(map(_VERSION, self.tensors)) == self.versions
             and list(map(_PTR, self.tensors)) == self.ptrs
         )
@@ -297,7 +302,7 @@ def cached_plan(
     """``build(an, dtype)``, kept in ``an.__dict__[attr]`` and rebuilt when its ``key`` (a
     :class:`_Key`) no longer matches: the one cache of the CPU plan and the GPU one."""
     plan = an.__dict__.get(attr)
-    if plan is None or not plan.key.matches(dtype):
+    if plan is None or not plan.key.matches(an, dtype):
         plan = an.__dict__[attr] = build(an, dtype)
     return plan
 

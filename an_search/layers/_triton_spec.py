@@ -159,13 +159,13 @@ class _Entry:
     dtypes: list[torch.dtype]  # theirs (``.data`` assignment moves a dtype, not the Structure)
     site: Site | None
 
-    def fits(self, x: torch.Tensor, cl: bool | None, block_c: int | None) -> bool:
+    def fits(self, an: nn.Module, x: torch.Tensor, cl: bool | None, block_c: int | None) -> bool:
         return (
             self.shape == x.shape
             and self.dtype == x.dtype
             and self.cl is cl
             and self.block_c == block_c
-            and self.structure.matches()
+            and self.structure.matches(an)
             and list(map(_DTYPE, self.watch)) == self.dtypes
         )
 
@@ -182,7 +182,7 @@ def site(an: nn.Module, x: torch.Tensor, block_c: int | None) -> Site | None:
     """The call's description, or None where the kernels do not apply; kept (module doc)."""
     entry = an.__dict__.get(SITE_ATTR)
     cl = _layout(x)
-    if entry is not None and entry.fits(x, cl, block_c):
+    if entry is not None and entry.fits(an, x, cl, block_c):
         return entry.site
     linears = [m for m in an.attn.head.modules() if type(m) is nn.Linear]
     watch = (an.weight, an.bias, *(m.weight for m in linears))

@@ -15,6 +15,7 @@ import torch
 from layer_helpers import DTYPES, TOL, avx2, moments_ref, needs_native, trained
 
 from an_search.layers import AttentiveNorm, _native
+from an_search.layers._device_eval import device_eval
 from an_search.layers._eval_plan import PLAN_ATTR, eval_plan
 from an_search.layers.heads import HEADS
 
@@ -311,6 +312,26 @@ def test_eval_plan_follows_replaced_parameters_buffers_and_submodules() -> None:
     assert eval_plan(an, torch.float64) is not plan  # another dtype: a plan of its own
     an.attn.head.add_module("extra", torch.nn.Identity())  # a submodule added to the head
     assert eval_plan(an, x.dtype) is not plan
+
+
+def test_a_data_parallel_replica_folds_its_own_parameters() -> None:
+    """``nn.DataParallel``'s replicas copy the module's ``__dict__`` (the kept CPU and device
+    plans with it) and then take parameters and submodules of their own, while the original's
+    dicts, which the plans' keys read, stay unchanged: a replica folds its own tensors."""
+    an = trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        an(x), device_eval(an, x)  # both plans kept
+        replica = an._replicate_for_data_parallel()  # as torch.nn.parallel.replicate does
+        for key, p in an._parameters.items():
+            setattr(replica, key, p.detach() * 2)  # (replicas hold plain tensors)
+        ref = copy.deepcopy(an)
+        ref.weight.mul_(2), ref.bias.mul_(2)
+        ref.fused = False
+        expected = ref(x)
+        torch.testing.assert_close(replica(x), expected, **TOL[torch.float32])
+        torch.testing.assert_close(device_eval(replica, x), expected, **TOL[torch.float32])
+        assert eval_plan(an, x.dtype).key.structure.owner is an.__dict__  # the original's kept
 
 
 def test_eval_plan_follows_plain_attributes() -> None:

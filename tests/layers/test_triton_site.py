@@ -215,6 +215,11 @@ def test_description_is_kept_until_what_it_read_changes() -> None:
     assert spec.SITE_ATTR not in an.__dict__
     spec.site(an, x, None)
     assert spec.SITE_ATTR not in copy.deepcopy(an).__dict__  # nor pickled
+    replica = an._replicate_for_data_parallel()  # nn.DataParallel's: the __dict__ copied
+    for key, p in an._parameters.items():
+        setattr(replica, key, p.detach().clone())  # (replicas hold plain tensors)
+    assert spec.SITE_ATTR in replica.__dict__
+    assert spec.site(replica, x, None).params[0] is replica.weight
 
 
 def test_switch_attribute_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
