@@ -158,6 +158,23 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         for (; j < j1; j++) cl_two_pass_##SUFFIX(x, n, c, j, mean + j, var + j);     \
     }
 
+/* cl_affine's loop over the channels [j, ...) of position p in vectors of type VEC while one
+ * fits, each stored by STORE where `stream`, else plainly; one prefetch of `ahead` a line. */
+#define CL_AFFINE_VECTORS(T, VEC, STORE)                                             \
+    for (const long n_ = sizeof(VEC) / sizeof(T); j + n_ <= c; j += n_) {            \
+        VEC v, va, vt;                                                               \
+        if (ahead && (n_ >= LINE || (p * c + j) % LINE == 0))                        \
+            __builtin_prefetch(ahead + p * c + j);                                   \
+        memcpy(&v, xr + j, sizeof(v));                                               \
+        memcpy(&va, a + j, sizeof(va));                                              \
+        memcpy(&vt, t + j, sizeof(vt));                                              \
+        v = v * va + vt;                                                             \
+        if (stream)                                                                  \
+            STORE(yr + j, v);                                                        \
+        else                                                                         \
+            memcpy(yr + j, &v, sizeof(v));                                           \
+    }
+
 /* y = x * a + t over positions [p0, p1) of an (n, C) sample, a and t per channel; where
  * `ahead` is not NULL, each line of x read here asks for the same line of `ahead` (the next
  * sample, which the moments read next, a column block at a time: strides of C values that the
@@ -165,38 +182,14 @@ int an_cl_streams(const void *y, long total, long c, long size) {
 #define DEFINE_CL_AFFINE(T, V, VW, SUFFIX, WIDE)                                     \
     static void cl_affine_##SUFFIX(const T *x, T *y, long p0, long p1, long c, const T *a, \
                                    const T *t, int stream, const T *ahead) {         \
-        enum { W = sizeof(V) / sizeof(T), LINE = 64 / sizeof(T) };                   \
-        enum { WW = sizeof(VW) / sizeof(T) };                                        \
+        enum { LINE = 64 / sizeof(T), WW = sizeof(VW) / sizeof(T) };                 \
         const int wide = AN_WIDE && (!stream || (c % WW == 0 && ((uintptr_t)y & 63) == 0)); \
         for (long p = p0; p < p1; p++) {                                             \
             const T *xr = x + p * c;                                                 \
             T *yr = y + p * c;                                                       \
             long j = 0;                                                              \
-            for (; wide && j + WW <= c; j += WW) {                                   \
-                VW v, va, vt;                                                        \
-                if (ahead) __builtin_prefetch(ahead + p * c + j);                    \
-                memcpy(&v, xr + j, sizeof(v));                                       \
-                memcpy(&va, a + j, sizeof(va));                                      \
-                memcpy(&vt, t + j, sizeof(vt));                                      \
-                v = v * va + vt;                                                     \
-                if (stream)                                                          \
-                    cl_stream_##WIDE(yr + j, v);                                     \
-                else                                                                 \
-                    memcpy(yr + j, &v, sizeof(v));                                   \
-            }                                                                        \
-            for (; j + W <= c; j += W) {                                             \
-                V v, va, vt;                                                         \
-                if (ahead && (p * c + j) % LINE == 0)                                \
-                    __builtin_prefetch(ahead + p * c + j);                           \
-                memcpy(&v, xr + j, sizeof(v));                                       \
-                memcpy(&va, a + j, sizeof(va));                                      \
-                memcpy(&vt, t + j, sizeof(vt));                                      \
-                v = v * va + vt;                                                     \
-                if (stream)                                                          \
-                    cl_stream_##SUFFIX(yr + j, v);                                   \
-                else                                                                 \
-                    memcpy(yr + j, &v, sizeof(v));                                   \
-            }                                                                        \
+            if (wide) CL_AFFINE_VECTORS(T, VW, cl_stream_##WIDE);                    \
+            CL_AFFINE_VECTORS(T, V, cl_stream_##SUFFIX);                             \
             for (; j < c; j++) yr[j] = xr[j] * a[j] + t[j];                          \
         }                                                                            \
     }
@@ -323,6 +316,23 @@ int an_cl_streams(const void *y, long total, long c, long size) {
         for (int i = 0; i < CB; i++) sgx[j + i] = (T)dgx[i], sg[j + i] = (T)dg[i];   \
     }
 
+/* cl_affine_grad's loop over the channels [j, ...) of position o in vectors of type VEC while
+ * one fits, each stored by STORE where `stream`, else plainly. */
+#define CL_GRAD_VECTORS(T, VEC, STORE)                                               \
+    for (const long n_ = sizeof(VEC) / sizeof(T); j + n_ <= c; j += n_) {           \
+        VEC vg, vx, va, vc, vd;                                                      \
+        memcpy(&vg, g + o + j, sizeof(vg));                                          \
+        memcpy(&vx, x + o + j, sizeof(vx));                                          \
+        memcpy(&va, a + j, sizeof(va));                                              \
+        memcpy(&vc, cc + j, sizeof(vc));                                             \
+        memcpy(&vd, dd + j, sizeof(vd));                                             \
+        vg = vg * va + (vx * vc + vd);                                               \
+        if (stream)                                                                  \
+            STORE(y + o + j, vg);                                                    \
+        else                                                                         \
+            memcpy(y + o + j, &vg, sizeof(vg));                                      \
+    }
+
 /* The training passes. The elementwise ones split the work into (sample, CL_PB positions)
  * pieces over the threads; the row dots take column ranges, as the moments. */
 #define DEFINE_CL_TRAIN(T, V, VW, SUFFIX, WIDE)                                      \
@@ -331,37 +341,13 @@ int an_cl_streams(const void *y, long total, long c, long size) {
     static void cl_affine_grad_##SUFFIX(const T *g, const T *x, T *y, long p0, long p1, \
                                         long c, const T *a, const T *cc, const T *dd, \
                                         int stream) {                                \
-        enum { W = sizeof(V) / sizeof(T), WW = sizeof(VW) / sizeof(T) };            \
+        enum { WW = sizeof(VW) / sizeof(T) };                                        \
         const int wide = AN_WIDE && (!stream || (c % WW == 0 && ((uintptr_t)y & 63) == 0)); \
         for (long p = p0; p < p1; p++) {                                             \
             const long o = p * c;                                                    \
             long j = 0;                                                              \
-            for (; wide && j + WW <= c; j += WW) {                                   \
-                VW vg, vx, va, vc, vd;                                               \
-                memcpy(&vg, g + o + j, sizeof(vg));                                  \
-                memcpy(&vx, x + o + j, sizeof(vx));                                  \
-                memcpy(&va, a + j, sizeof(va));                                      \
-                memcpy(&vc, cc + j, sizeof(vc));                                     \
-                memcpy(&vd, dd + j, sizeof(vd));                                     \
-                vg = vg * va + (vx * vc + vd);                                       \
-                if (stream)                                                          \
-                    cl_stream_##WIDE(y + o + j, vg);                                 \
-                else                                                                 \
-                    memcpy(y + o + j, &vg, sizeof(vg));                              \
-            }                                                                        \
-            for (; j + W <= c; j += W) {                                             \
-                V vg, vx, va, vc, vd;                                                \
-                memcpy(&vg, g + o + j, sizeof(vg));                                  \
-                memcpy(&vx, x + o + j, sizeof(vx));                                  \
-                memcpy(&va, a + j, sizeof(va));                                      \
-                memcpy(&vc, cc + j, sizeof(vc));                                     \
-                memcpy(&vd, dd + j, sizeof(vd));                                     \
-                vg = vg * va + (vx * vc + vd);                                       \
-                if (stream)                                                          \
-                    cl_stream_##SUFFIX(y + o + j, vg);                               \
-                else                                                                 \
-                    memcpy(y + o + j, &vg, sizeof(vg));                              \
-            }                                                                        \
+            if (wide) CL_GRAD_VECTORS(T, VW, cl_stream_##WIDE);                      \
+            CL_GRAD_VECTORS(T, V, cl_stream_##SUFFIX);                               \
             for (; j < c; j++) y[o + j] = g[o + j] * a[j] + (x[o + j] * cc[j] + dd[j]); \
         }                                                                            \
     }                                                                                \
