@@ -650,21 +650,57 @@ STREAM_RUN(float, f32, __m256, ps, __m256i, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 
            _mm256_set1_epi32, _mm256_cmpgt_epi32)
 STREAM_RUN(double, f64, __m256d, pd, __m256i, _mm256_setr_epi64x(0, 1, 2, 3),
            _mm256_set1_epi64x, _mm256_cmpgt_epi64)
-#define STREAM_RUN_OR(SUFFIX, ...)             \
-    if (group) {                               \
-        stream_run_##SUFFIX(__VA_ARGS__);      \
-        return;                                \
+#if AN_WIDE
+/* The float32 run in 64-byte vectors (rows of at least 16 values, so that a vector spans at
+ * most two rows; the run starts on a line, so each streamed vector is one whole line): a
+ * straddling vector takes row r's coefficients in its first end - j lanes by a mask. */
+static void stream_run_w32(const float *x, float *y, long n, long r0, long r1, const float *sc,
+                           const float *sh) {
+    enum { W = 16 };
+    long r = r0, end = (r0 + 1) * n;
+    __m512 va = _mm512_set1_ps(sc[r]), vt = _mm512_set1_ps(sh[r]);
+    for (long j = r0 * n; j < r1 * n; j += W) {
+        const __m512 v = _mm512_loadu_ps(x + j);
+        if (j + W <= end) {
+            _mm512_stream_ps(y + j, _mm512_fmadd_ps(v, va, vt));
+            if (j + W == end && ++r < r1) {
+                va = _mm512_set1_ps(sc[r]), vt = _mm512_set1_ps(sh[r]);
+                end += n;
+            }
+            continue;
+        }
+        const __m512 na = _mm512_set1_ps(sc[r + 1]), nt = _mm512_set1_ps(sh[r + 1]);
+        const __mmask16 m = (__mmask16)((1u << (end - j)) - 1u);
+        _mm512_stream_ps(y + j, _mm512_fmadd_ps(v, _mm512_mask_blend_ps(m, na, va),
+                                                _mm512_mask_blend_ps(m, nt, vt)));
+        r++, va = na, vt = nt, end += n;
+    }
+}
+#define WIDE_RUN_f32(n) ((n) >= 16)
+#else
+#define stream_run_w32 stream_run_f32
+#define WIDE_RUN_f32(n) 0
+#endif
+#define stream_run_w64 stream_run_f64
+#define WIDE_RUN_f64(n) 0
+#define STREAM_RUN_OR(SUFFIX, WIDE, xs, ys, n, ...)       \
+    if (group) {                                          \
+        if (WIDE_RUN_##SUFFIX(n))                         \
+            stream_run_##WIDE(xs, ys, n, __VA_ARGS__);    \
+        else                                              \
+            stream_run_##SUFFIX(xs, ys, n, __VA_ARGS__);  \
+        return;                                           \
     }
 #else
-#define STREAM_RUN_OR(SUFFIX, ...) (void)group;
+#define STREAM_RUN_OR(SUFFIX, WIDE, ...) (void)group;
 #endif
 
 /* Rows [r0, r1) of one sample (xs, ys at its start): one streamed run where `group`, else
  * row by row with plain stores. */
-#define DEFINE_AFFINE_RANGE(T, SUFFIX)                                               \
+#define DEFINE_AFFINE_RANGE(T, SUFFIX, WIDE)                                         \
     static void affine_range_##SUFFIX(const T *xs, T *ys, long n, long r0, long r1,  \
                                       const T *sc, const T *sh, long group) {        \
-        STREAM_RUN_OR(SUFFIX, xs, ys, n, r0, r1, sc, sh)                             \
+        STREAM_RUN_OR(SUFFIX, WIDE, xs, ys, n, r0, r1, sc, sh)                       \
         if (n == 1) { /* 1x1 maps: elementwise (vectorised) */                        \
             for (long r = r0; r < r1; r++) ys[r] = xs[r] * sc[r] + sh[r];            \
             return;                                                                  \
@@ -678,8 +714,8 @@ STREAM_RUN(double, f64, __m256d, pd, __m256i, _mm256_setr_epi64x(0, 1, 2, 3),
             rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, sc[r], sh[r], 0);        \
     }
 
-DEFINE_AFFINE_RANGE(float, f32)
-DEFINE_AFFINE_RANGE(double, f64)
+DEFINE_AFFINE_RANGE(float, f32, w32)
+DEFINE_AFFINE_RANGE(double, f64, w64)
 
 /* Whether a thread reads sample s + 1 while it writes sample s (samples of `bytes` each):
  * where two samples fit in this core's L2, that overlap hides the next sample's reads (7x7
