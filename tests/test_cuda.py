@@ -230,7 +230,7 @@ def test_triton_direct_launches_match_the_usual_path(monkeypatch: pytest.MonkeyP
         assert torch.equal(a, b)  # the same kernels on the same arguments (no atomics)
 
 
-def test_a_converted_models_steps_replay_as_cuda_graphs() -> None:
+def test_triton_and_folded_sites_replay_as_cuda_graphs() -> None:
     """A converted model's training step (the Triton sites, forward and backward) and its
     inference (the folded eval sites), each captured once as a CUDA graph after warm-up calls
     on a side stream (bench/models.py --cuda-graphs), replay on new data to what eager steps
