@@ -95,7 +95,8 @@ def noop_report(args: argparse.Namespace) -> None:
     ``--base REV``, that revision's beside it, interleaved, and the paired ratios."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = {f"this {m}": fn for m, fn in _noop_modes("an_search", args).items()}
+        this = _noop_modes("an_search", args)
+        fns = {f"this {m}": fn for m, fn in this.items()}
         if args.base:
             base = import_base(args.base, Path(tmp)).__name__
             fns |= {f"base {m}": fn for m, fn in _noop_modes(base, args).items()}
@@ -113,7 +114,7 @@ def noop_report(args: argparse.Namespace) -> None:
                      f"{paired_ratio_ci(t, b)}")  # fmt: skip
         print(line)
     if args.python:
-        print(python_top(_noop_modes("an_search", args)["step"], args.calls, args.python))
+        print(python_top(this["step"], args.calls, args.python))
 
 
 def main() -> None:

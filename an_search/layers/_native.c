@@ -646,7 +646,7 @@ long an_eval_streams(const void *y, long b, long c, long n, long size) {
             r++, va = na, vt = nt, end += n;                                         \
         }                                                                            \
     }
-STREAM_RUN(float, f32, __m256, ps, __m256i, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+STREAM_RUN(float, f32_256, __m256, ps, __m256i, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
            _mm256_set1_epi32, _mm256_cmpgt_epi32)
 STREAM_RUN(double, f64, __m256d, pd, __m256i, _mm256_setr_epi64x(0, 1, 2, 3),
            _mm256_set1_epi64x, _mm256_cmpgt_epi64)
@@ -676,31 +676,33 @@ static void stream_run_w32(const float *x, float *y, long n, long r0, long r1, c
         r++, va = na, vt = nt, end += n;
     }
 }
-#define WIDE_RUN_f32(n) ((n) >= 16)
-#else
-#define stream_run_w32 stream_run_f32
-#define WIDE_RUN_f32(n) 0
 #endif
-#define stream_run_w64 stream_run_f64
-#define WIDE_RUN_f64(n) 0
-#define STREAM_RUN_OR(SUFFIX, WIDE, xs, ys, n, ...)       \
-    if (group) {                                          \
-        if (WIDE_RUN_##SUFFIX(n))                         \
-            stream_run_##WIDE(xs, ys, n, __VA_ARGS__);    \
-        else                                              \
-            stream_run_##SUFFIX(xs, ys, n, __VA_ARGS__);  \
-        return;                                           \
+/* The float32 run: 64-byte vectors where AN_WIDE and the rows allow, else 32-byte ones. */
+static void stream_run_f32(const float *x, float *y, long n, long r0, long r1, const float *sc,
+                           const float *sh) {
+#if AN_WIDE
+    if (n >= 16) {
+        stream_run_w32(x, y, n, r0, r1, sc, sh);
+        return;
+    }
+#endif
+    stream_run_f32_256(x, y, n, r0, r1, sc, sh);
+}
+#define STREAM_RUN_OR(SUFFIX, ...)             \
+    if (group) {                               \
+        stream_run_##SUFFIX(__VA_ARGS__);      \
+        return;                                \
     }
 #else
-#define STREAM_RUN_OR(SUFFIX, WIDE, ...) (void)group;
+#define STREAM_RUN_OR(SUFFIX, ...) (void)group;
 #endif
 
 /* Rows [r0, r1) of one sample (xs, ys at its start): one streamed run where `group`, else
  * row by row with plain stores. */
-#define DEFINE_AFFINE_RANGE(T, SUFFIX, WIDE)                                         \
+#define DEFINE_AFFINE_RANGE(T, SUFFIX)                                               \
     static void affine_range_##SUFFIX(const T *xs, T *ys, long n, long r0, long r1,  \
                                       const T *sc, const T *sh, long group) {        \
-        STREAM_RUN_OR(SUFFIX, WIDE, xs, ys, n, r0, r1, sc, sh)                       \
+        STREAM_RUN_OR(SUFFIX, xs, ys, n, r0, r1, sc, sh)                             \
         if (n == 1) { /* 1x1 maps: elementwise (vectorised) */                        \
             for (long r = r0; r < r1; r++) ys[r] = xs[r] * sc[r] + sh[r];            \
             return;                                                                  \
@@ -714,8 +716,8 @@ static void stream_run_w32(const float *x, float *y, long n, long r0, long r1, c
             rows_affine_##SUFFIX(xs + r * n, ys + r * n, n, sc[r], sh[r], 0);        \
     }
 
-DEFINE_AFFINE_RANGE(float, f32, w32)
-DEFINE_AFFINE_RANGE(double, f64, w64)
+DEFINE_AFFINE_RANGE(float, f32)
+DEFINE_AFFINE_RANGE(double, f64)
 
 /* Whether a thread reads sample s + 1 while it writes sample s (samples of `bytes` each):
  * where two samples fit in this core's L2, that overlap hides the next sample's reads (7x7

@@ -52,13 +52,6 @@
 #ifdef HAVE_AVX2
 static inline void cl_stream_f32(float *p, vf32 v) { _mm256_stream_ps(p, (__m256)v); }
 static inline void cl_stream_f64(double *p, vf64 v) { _mm256_stream_pd(p, (__m256d)v); }
-#if AN_WIDE
-static inline void cl_stream_w32(float *p, vw32 v) { _mm512_stream_ps(p, (__m512)v); }
-static inline void cl_stream_w64(double *p, vw64 v) { _mm512_stream_pd(p, (__m512d)v); }
-#else
-static inline void cl_stream_w32(float *p, vw32 v) { cl_stream_f32(p, v); }
-static inline void cl_stream_w64(double *p, vw64 v) { cl_stream_f64(p, v); }
-#endif
 static void cl_fence(int stream) {
     if (stream) _mm_sfence();
 }
@@ -68,14 +61,25 @@ static int cl_streams(const void *y, long total, long c, long size) {
 #else
 static inline void cl_stream_f32(float *p, vf32 v) { memcpy(p, &v, sizeof(v)); }
 static inline void cl_stream_f64(double *p, vf64 v) { memcpy(p, &v, sizeof(v)); }
-static inline void cl_stream_w32(float *p, vw32 v) { memcpy(p, &v, sizeof(v)); }
-static inline void cl_stream_w64(double *p, vw64 v) { memcpy(p, &v, sizeof(v)); }
 static void cl_fence(int stream) { (void)stream; }
 static int cl_streams(const void *y, long total, long c, long size) {
     (void)y, (void)total, (void)c, (void)size;
     return 0;
 }
 #endif
+
+/* 64-byte vectors (AN_WIDE): streamed where the output and every position's C values start on
+ * a 64-byte line (cl_wide). Without AVX-512, vw32 is vf32 and no wide loop runs. */
+#if AN_WIDE
+static inline void cl_stream_w32(float *p, vw32 v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void cl_stream_w64(double *p, vw64 v) { _mm512_stream_pd(p, (__m512d)v); }
+#else
+#define cl_stream_w32 cl_stream_f32
+#define cl_stream_w64 cl_stream_f64
+#endif
+static inline int cl_wide(const void *y, long c, long size, int stream) {
+    return AN_WIDE && (!stream || ((c * size) % 64 == 0 && ((uintptr_t)y & 63) == 0));
+}
 
 /* The rule above, for the tests. */
 int an_cl_streams(const void *y, long total, long c, long size) {
@@ -182,8 +186,8 @@ int an_cl_streams(const void *y, long total, long c, long size) {
 #define DEFINE_CL_AFFINE(T, V, VW, SUFFIX, WIDE)                                     \
     static void cl_affine_##SUFFIX(const T *x, T *y, long p0, long p1, long c, const T *a, \
                                    const T *t, int stream, const T *ahead) {         \
-        enum { LINE = 64 / sizeof(T), WW = sizeof(VW) / sizeof(T) };                 \
-        const int wide = AN_WIDE && (!stream || (c % WW == 0 && ((uintptr_t)y & 63) == 0)); \
+        enum { LINE = 64 / sizeof(T) };                                              \
+        const int wide = cl_wide(y, c, sizeof(T), stream);                           \
         for (long p = p0; p < p1; p++) {                                             \
             const T *xr = x + p * c;                                                 \
             T *yr = y + p * c;                                                       \
@@ -341,8 +345,7 @@ int an_cl_streams(const void *y, long total, long c, long size) {
     static void cl_affine_grad_##SUFFIX(const T *g, const T *x, T *y, long p0, long p1, \
                                         long c, const T *a, const T *cc, const T *dd, \
                                         int stream) {                                \
-        enum { WW = sizeof(VW) / sizeof(T) };                                        \
-        const int wide = AN_WIDE && (!stream || (c % WW == 0 && ((uintptr_t)y & 63) == 0)); \
+        const int wide = cl_wide(y, c, sizeof(T), stream);                           \
         for (long p = p0; p < p1; p++) {                                             \
             const long o = p * c;                                                    \
             long j = 0;                                                              \

@@ -154,9 +154,8 @@ def _carve(sections: list[int], device: torch.device) -> tuple[torch.Tensor, ...
 
 
 def _derive(s: Site, x: torch.Tensor) -> _Derived:
-    d = s.derived.get("d")
-    if d is not None:
-        return d
+    if isinstance(s.derived, _Derived):
+        return s.derived
     b, c, k, n, h = x.shape[0], x.shape[1], s.an.weight.shape[0], s.n, s.width
     bb, bc, bh, bk = s.blocks
     nblk, peak, two = -(-c // bc), POOLS[s.an.pool_name] == 2, len(s.layers) == 2
@@ -169,9 +168,9 @@ def _derive(s: Site, x: torch.Tensor) -> _Derived:
                     *((bk, bk, bk, k * h) if two else ()), bb * bh, h * c,
                     *((bc_,) if peak else ()))  # fmt: skip
     count = b * n
-    d = _Derived(b, c, k, h, nblk, peak, fwd, bwd, n / max(n - 1, 1), count / max(count - 1, 1))
-    s.derived["d"] = d
-    return d
+    s.derived = _Derived(b, c, k, h, nblk, peak, fwd, bwd, n / max(n - 1, 1),
+                         count / max(count - 1, 1))  # fmt: skip
+    return s.derived
 
 
 def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

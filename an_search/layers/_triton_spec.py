@@ -132,7 +132,7 @@ class Site:
     params: list[torch.Tensor | None] = field(init=False)  # Gamma, Beta, *head_params
     updated: list[nn.Module] = field(init=False)  # the BatchNorms the kernels update
     pool_eps: float = field(init=False)
-    derived: dict = field(default_factory=dict)  # what the launches derive from the rest, once
+    derived: object = None  # what the launches derive from the rest, once (_triton_site)
 
     def __post_init__(self) -> None:
         self.params = [self.an.weight, self.an.bias, *head_params(self)]
