@@ -13,6 +13,11 @@ BatchNorm contender in a new random order every repeat:
 - ``--model NAME``: a whole timm model converted to AN (``--placement``), its training step
   or inference (``--modes train infer``) on either library, against the timm model.
 
+``--package``: the base is the revision's whole ``an_search`` package, its Python and its C
+(``_base_tree.py``), for changes to both sides or to the kernels' signatures; the sites then
+run as modules (``eval`` too: the Python around the kernel included), the models converted by
+either package.
+
 Prints each one's time a call and the paired ratios this/base, this/BN and base/BN with 95%
 intervals. A site's output (training: the input's gradient) on both libraries is checked
 first.
@@ -22,6 +27,7 @@ first.
     .venv/bin/python bench/native_ab.py --modes train --batch 64 --shapes 256x2,512x1
     .venv/bin/python bench/native_ab.py --model resnet10t --placement all --img-size 32 \
         --batch 64 --modes train infer
+    .venv/bin/python bench/native_ab.py --package --modes train --batch 64 --shapes 512x1
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import importlib
 import statistics
 import subprocess
 import sys
@@ -36,10 +43,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
-from _contenders import build_models, step_functions  # bench/ on sys.path
+from _base_tree import import_base  # bench/ on sys.path
+from _contenders import build_models, step_functions
 from _timing import loops_us, paired_ratio, paired_ratio_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +58,7 @@ from an_search.layers._eval_plan import eval_plan  # noqa: E402
 
 SHAPES = "64x56,128x28,256x14,512x7"
 Fns = dict[str, Callable[[], object]]
+Base = ctypes.CDLL | ModuleType  # the base's library, or its package (--package)
 
 
 def base_library(rev: str, workdir: Path) -> ctypes.CDLL:
@@ -98,11 +107,16 @@ def _map(channels: int, size: int, args: argparse.Namespace) -> torch.Tensor:
     return torch.randn(args.batch, channels, size, size).contiguous(memory_format=fmt)
 
 
-def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL) -> Fns:
+def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: Base) -> Fns:
     """BatchNorm2d's module, this tree's eval kernel and the base's, on one input."""
     x = _map(channels, size, args)
     bn = torch.nn.BatchNorm2d(channels).eval()
     an = AttentiveNorm(channels, k).eval()
+    if isinstance(base, ModuleType):
+        old_an = _base_copy(an, base)
+        torch.testing.assert_close(an(x), old_an(x), rtol=1e-5, atol=1e-5)
+        fns = {"bn": lambda: bn(x), "this": lambda: an(x), "base": lambda: old_an(x)}
+        return {name: torch.no_grad()(fn) for name, fn in fns.items()}
     plan = eval_plan(an, x.dtype)
     if plan is None:
         raise SystemExit(f"no native eval plan: {_native.unavailable_reason()}")
@@ -114,9 +128,7 @@ def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: 
     return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
 
-def site_train(
-    channels: int, size: int, k: int, args: argparse.Namespace, base: ctypes.CDLL
-) -> Fns:
+def site_train(channels: int, size: int, k: int, args: argparse.Namespace, base: Base) -> Fns:
     """BatchNorm2d's training step (forward, backward) and the AN site's on either library."""
     x = _map(channels, size, args).requires_grad_()
     grad = torch.randn_like(x)
@@ -132,22 +144,39 @@ def site_train(
         return run
 
     this_grad = step(an)().clone()
-    torch.testing.assert_close(on(base, step(an))(), this_grad, rtol=1e-4, atol=1e-5)
-    return {"bn": step(bn), "this": step(an), "base": on(base, step(an))}
+    old = step(_base_copy(an, base)) if isinstance(base, ModuleType) else on(base, step(an))
+    torch.testing.assert_close(old(), this_grad, rtol=1e-4, atol=1e-5)
+    return {"bn": step(bn), "this": step(an), "base": old}
 
 
-def whole_model(mode: str, args: argparse.Namespace, base: ctypes.CDLL) -> Fns:
-    """The timm model, its AN conversion on this tree's kernels and a copy on the base's."""
+def _base_copy(an: torch.nn.Module, package: ModuleType) -> torch.nn.Module:
+    """The base package's AttentiveNorm with ``an``'s configuration, state and mode."""
+    layers = importlib.import_module(f"{package.__name__}.layers")
+    old = layers.AttentiveNorm(an.num_features, an.k)
+    old.load_state_dict(an.state_dict())
+    return old.train(an.training)
+
+
+def whole_model(mode: str, args: argparse.Namespace, base: Base) -> Fns:
+    """The timm model, its AN conversion on this tree's kernels and a copy on the base's (with
+    ``--package``: the same timm model converted by the base package)."""
     opts = SimpleNamespace(**vars(args), se_model="none", device="cpu", amp=False)
     first, an = build_models(opts).values()
-    variants = {"bn": first, "this": an, "base": copy.deepcopy(an)}
+    if isinstance(base, ModuleType):
+        old = base.convert(copy.deepcopy(first), placement=args.placement, cost=False).model
+        old.load_state_dict(an.state_dict())
+    else:
+        old = copy.deepcopy(an)
+    variants = {"bn": first, "this": an, "base": old}
     train_step, infer = step_functions(variants, opts)
     fn = train_step if mode == "train" else infer
-    return {
-        "bn": lambda: fn("bn"),
-        "this": lambda: fn("this"),
-        "base": on(base, lambda: fn("base")),
-    }
+
+    def run_base() -> None:
+        fn("base")
+
+    if not isinstance(base, ModuleType):
+        run_base = on(base, run_base)  # type: ignore[assignment]
+    return {"bn": lambda: fn("bn"), "this": lambda: fn("this"), "base": run_base}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,10 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--placement", default="paper", help="--model: AN's placement policy")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument(
+        "--package", action="store_true", help="the base's whole package, Python and C"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows: list[tuple[str, str, Callable[[ctypes.CDLL], Fns], int]] = []
+    rows: list[tuple[str, str, Callable[[Base], Fns], int]] = []
     if args.model:
         rows = [(args.model, m, lambda lib, m=m: whole_model(m, args, lib), 1) for m in args.modes]
     else:
@@ -187,9 +219,13 @@ def main(argv: list[str] | None = None) -> None:
                         )
                     )
     with tempfile.TemporaryDirectory() as tmp:
-        base = base_library(args.base, Path(tmp))
+        if args.package:
+            base: Base = import_base(args.base, Path(tmp))
+        else:
+            base = base_library(args.base, Path(tmp))
         print(
-            f"C kernels: this tree vs {args.base}, batch {args.batch}, {args.threads} threads, "
+            f"{'Package' if args.package else 'C kernels'}: this tree vs {args.base}, "
+            f"batch {args.batch}, {args.threads} threads, "
             f"median of {args.repeats} repeats{', channels-last' if args.channels_last else ''}"
         )
         print(f"{'what':>9} {'mode':>8} {'BN us':>9} {'this':>9} {'base':>9}   this/base "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 _BENCH = Path(__file__).parents[1] / "bench"
@@ -91,13 +92,13 @@ def test_site_host_noop_times_the_triton_sites_host_work() -> None:
         assert all(r[4] == "base" and float(r[5]) > 0 and float(r[7]) > 0 for r in rows.values())
 
 
-def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
-    """bench/native_ab.py builds HEAD's C kernels beside this tree's, checks that both give
-    the same site output and input gradient (the script asserts it) and prints a row per
-    (shape, mode, K)."""
+@pytest.mark.parametrize("package", [False, True], ids=["kernels", "package"])
+def test_native_ab_builds_the_base_and_times_both(package: bool) -> None:
+    """bench/native_ab.py builds HEAD's C kernels (``--package``: imports HEAD's whole package)
+    beside this tree's, checks that both give the same site output and input gradient (the
+    script asserts it) and prints a row per (shape, mode, K); with ``--package --model``, the
+    timm model converted by either package, a row per mode."""
     import subprocess  # noqa: PLC0415
-
-    import pytest  # noqa: PLC0415
 
     from an_search.layers import _native  # noqa: PLC0415
 
@@ -105,16 +106,27 @@ def test_native_ab_builds_the_base_kernels_and_times_both() -> None:
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
     if git.returncode != 0 or _native.library() is None:
         pytest.skip("needs a git checkout and the C kernels")
+    script = [sys.executable, str(_BENCH / "native_ab.py"), *(["--package"] if package else [])]
     out = subprocess.run(
-        [sys.executable, str(_BENCH / "native_ab.py"), "--shapes", "16x3,32x2", "--ks", "3",
-         "--batch", "4", "--repeats", "3", "--calls", "2", "--modes", "eval", "train"],
+        [*script, "--shapes", "16x3,32x2", "--ks", "3", "--batch", "4", "--repeats", "3",
+         "--calls", "2", "--modes", "eval", "train"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
+    assert out.startswith("Package: " if package else "C kernels: ")
     rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
     assert [r[:3] for r in rows] == [
         [s, m, "3"] for s in ("16x3", "32x2") for m in ("eval", "train")
     ]
     assert all(float(v) > 0 for r in rows for v in r[3:6])  # BN, this, base: us a call
+    if package:
+        out = subprocess.run(
+            [*script, "--model", "resnet10t", "--placement", "all", "--img-size", "32",
+             "--batch", "2", "--classes", "10", "--repeats", "2", "--modes", "train", "infer"],
+            capture_output=True, text=True, timeout=300, check=True,
+        ).stdout  # fmt: skip
+        rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+        assert [r[:2] for r in rows] == [["resnet10t", "train"], ["resnet10t", "infer"]]
+        assert all(float(v) > 0 for r in rows for v in r[2:5])
 
 
 def test_models_times_both_modes_and_refuses_graphs_off_cuda() -> None:
