@@ -118,24 +118,30 @@ class _Key:
     """What a plan was folded from: the dtype, the module's :class:`Structure`, and each
     tensor's version and data pointer (in-place updates and ``.data`` assignment). In-place
     edits through ``.data`` move no version counter and are not seen:
-    ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan."""
+    ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan. Inference tensors (a
+    module built or loaded under ``torch.inference_mode``) have no version counter, and
+    in-place edits in inference mode would go unseen: ``versions`` is None and the key never
+    matches (the site folds at every call)."""
 
     dtype: torch.dtype
     structure: Structure
     tensors: tuple[torch.Tensor, ...]
-    versions: list[int]
+    versions: list[int] | None
     ptrs: list[int]
 
     @classmethod
     def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
         structure = Structure.of(an)
         tensors = tuple(t for t in structure.values if isinstance(t, torch.Tensor))
+        if any(map(torch.Tensor.is_inference, tensors)):
+            return cls(dtype, structure, tensors, None, [])
         versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
         return cls(dtype, structure, tensors, versions, ptrs)
 
     def matches(self, an: nn.Module, dtype: torch.dtype) -> bool:
         return (
-            dtype == self.dtype
+            self.versions is not None
+            and dtype == self.dtype
             and self.structure.matches(an)
             and list(map(_VERSION, self.tensors)) == self.versions
             and list(map(_PTR, self.tensors)) == self.ptrs

@@ -55,7 +55,19 @@ def _gate(kind: str) -> nn.Module:
 
 
 class _Head(nn.Sequential):
-    """Base of every head: a Sequential whose last ``nn.Linear`` produces the K logits."""
+    """Base of every head: a Sequential whose last ``nn.Linear`` produces the K logits. Its
+    input, the pooled statistic, is computed in float32 from float16/bfloat16 maps; outside
+    autocast it is cast to the head's own dtype (a model converted with ``.half()`` or
+    ``.to(torch.bfloat16)`` runs its heads in that dtype, as its other layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self._as_input(x))
+
+    def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(iter(self._modules.values())).weight.dtype  # (its first nn.Linear)
+        if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(dtype)
 
     def reset_parameters(self) -> None:
         """Paper init: Kaiming-normal (fan_out, relu) linears, zero biases, unit norms."""
@@ -87,9 +99,9 @@ class _LinearHead(_Head):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self._modules.get("norm")
+        x, norm = self._as_input(x), self._modules.get("norm")
         z = None if norm is None or not norm.training else linear_batchnorm(self.fc, norm, x)
-        return super().forward(x) if z is None else self.gate(z)  # one node (_head_train.py)
+        return nn.Sequential.forward(self, x) if z is None else self.gate(z)  # _head_train.py
 
     @classmethod
     def param_count(cls, channels: int, k: int) -> int:

@@ -210,6 +210,31 @@ class TestAttentiveNormContract:
         for b1, b2 in zip(an_fused.buffers(), an_ref.buffers(), strict=True):
             torch.testing.assert_close(b1, b2)
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    def test_low_precision_module(self, base: str, head: str, dtype: torch.dtype) -> None:
+        """A module converted whole to float16/bfloat16 (``.to(dtype)``, as ``model.half()``
+        does; no autocast) trains and evaluates on both paths, its output and gradients in
+        its dtype and close to the float32 module's on the same input."""
+        an32 = _make(base, head)
+        x = _input(base).detach().to(dtype)
+        tol = (
+            {"atol": 0.02, "rtol": 0.01} if dtype == torch.float16 else {"atol": 0.1, "rtol": 0.05}
+        )
+        for training in (True, False):  # a training step first: running statistics move
+            for fused in (True, False):
+                low = copy.deepcopy(an32).to(dtype).train(training)
+                low.fused = fused
+                xl = x.clone().requires_grad_()
+                y = low(xl)
+                expected = copy.deepcopy(an32).train(training)(x.float())
+                assert y.dtype == dtype
+                torch.testing.assert_close(y.float(), expected, **tol)
+                y.float().square().sum().backward()
+                assert xl.grad.dtype == dtype and bool(torch.isfinite(xl.grad).all())
+                assert all(p.grad is not None and p.grad.dtype == dtype for p in low.parameters()
+                           if p.requires_grad)  # fmt: skip
+            an32.train(training)(x.float())  # the float32 module's statistics move alike
+
 
 def _last_linear_name(an: AttentiveNorm) -> str:
     last = an.attn.head.last_linear()

@@ -334,6 +334,32 @@ def test_a_data_parallel_replica_folds_its_own_parameters() -> None:
         assert eval_plan(an, x.dtype).key.structure.owner is an.__dict__  # the original's kept
 
 
+def test_a_module_built_in_inference_mode_folds_at_every_call() -> None:
+    """Built (or loaded) under ``torch.inference_mode``, a module's tensors are inference
+    tensors: no version counter to key a plan on (reading one raises), and in-place edits in
+    inference mode move nothing. The CPU and the device plans fold afresh at every call, so
+    such an edit shows at once."""
+    ref = trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.inference_mode():
+        an = AttentiveNorm(8, 3).eval()
+        an.load_state_dict(ref.state_dict())
+        assert an.weight.is_inference()
+        outputs = [an(x), device_eval(an, x)]
+        an.weight.mul_(2.0)
+        an.norm.running_var.mul_(3.0)
+        outputs += [an(x), device_eval(an, x)]
+    with torch.no_grad():
+        ref.fused = False
+        before = ref(x)
+        ref.weight.mul_(2.0)
+        ref.norm.running_var.mul_(3.0)
+        after = ref(x)
+    for y, expected in zip(outputs, [before, before, after, after], strict=True):
+        torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    assert not torch.allclose(before, after)
+
+
 def test_eval_plan_follows_plain_attributes() -> None:
     """eps of the site's norm, of the pool and of the head's BatchNorm1d, and softmax's dim
     are plain attributes (no tensor version): changing one refolds the plan."""
