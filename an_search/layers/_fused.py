@@ -29,6 +29,8 @@ mean^2 ~ 0.47 var): it is never negative and keeps a relative error below ~2e-6.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -64,9 +66,10 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def spatial_view(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """View ``x`` as (B, C, n) (channels_first) or (B, n, C) (channels_last), n >= 1."""
+    shape = x.shape  # (n spelled out, not -1: an empty batch has no size to infer it from)
     if channels_last:
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    return x.reshape(x.shape[0], x.shape[1], -1)
+        return x.reshape(shape[0], math.prod(shape[1:-1]), shape[-1])
+    return x.reshape(shape[0], shape[1], math.prod(shape[2:]))
 
 
 class GradLink:

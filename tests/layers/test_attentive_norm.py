@@ -235,6 +235,25 @@ class TestAttentiveNormContract:
                            if p.requires_grad)  # fmt: skip
             an32.train(training)(x.float())  # the float32 module's statistics move alike
 
+    def test_empty_batch(self, base: str, head: str) -> None:
+        """A batch of no samples gives an empty output of the input's shape, as the norms it
+        replaces do (a detector's head with no proposals), on both paths and in both modes,
+        with a backward pass and the running statistics left finite."""
+        shape = (0, *SHAPES[base][1:])
+        for training in (True, False):
+            for fused in (True, False):
+                an = _make(base, head).train(training)
+                an.fused = fused
+                x = torch.randn(shape, requires_grad=True)
+                y = an(x)
+                assert y.shape == x.shape and y.dtype == x.dtype
+                y.sum().backward()
+                assert x.grad is not None and x.grad.shape == x.shape
+                with torch.no_grad():
+                    assert an(x).shape == x.shape
+                assert all(bool(torch.isfinite(b).all()) for b in an.buffers()
+                           if b.is_floating_point())  # fmt: skip
+
 
 def _last_linear_name(an: AttentiveNorm) -> str:
     last = an.attn.head.last_linear()
