@@ -3,7 +3,8 @@
 # most wanted first, each step capped by what is left of BUDGET_S (skipped under its minimum):
 # the tests marked `gpu` (Triton's after the benchmarks: their first run compiles every kernel
 # variant), bench/models.py eager (float32, then bfloat16 autocast; AN as by default, whose
-# training step takes the Triton kernels, and on plain ops), the same with each step one
+# training step takes the Triton kernels, and on plain ops; in inference also the deployed
+# model, --fused), the same with each step one
 # replayed CUDA graph (--cuda-graphs: the GPU's time alone), bench/profile_step.py (how much of
 # a step the GPU computes, and AN's extra kernels), bench/site_host.py (one site's host time),
 # bench/an_layer.py (the same two),
@@ -58,7 +59,7 @@ want tests && capped 40 120 pytest_gpu.log "${PYTEST[@]}" -v -k "not triton or d
   tests/test_cuda.py tests/search/test_ddp.py
 for amp in "" --amp; do
   want models && capped 50 100 models.txt "$PY" bench/models.py --device cuda --batch 64 \
-    --repeats 15 --warmup 3 --ops $amp
+    --repeats 15 --warmup 3 --ops --fused $amp
 done
 for amp in "" --amp; do  # each step one replayed CUDA graph: the GPU's time without the host
   want graphs && capped 50 100 models_graphs.txt "$PY" bench/models.py --device cuda --batch 64 \

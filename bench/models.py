@@ -9,6 +9,7 @@ bench/an_layer.py (the ratio of the two medians or minima is printed beside it).
     python bench/models.py --compile --device cuda --batch 64 [--amp] [--modes infer]
     python bench/models.py --device cuda --batch 64 --ops   # + AN without the Triton kernels
     python bench/models.py --device cuda --batch 64 --cuda-graphs  # each step one CUDA graph
+    python bench/models.py --batch 1 --modes infer --fused  # + AN folded for deployment
     AN_SEARCH_NATIVE=0 python bench/models.py     # AN on stock ATen ops only
     python bench/models.py --model resnet10t --se-model none --placement all \
         --img-size 32 --batch 64 --classes 10     # an-search's default proxy training
@@ -18,6 +19,10 @@ as one CUDA graph after warm-up calls on a side stream, and times their replays:
 computes without the host's Python, dispatch and launches (eager AN on a GPU is bound by its
 host), as ``torch.compile(mode="reduce-overhead")`` would replay them. A capture that fails
 prints its error and skips that mode.
+
+``--fused`` adds, in inference, the AN model as ``timm.utils.reparameterize_model`` leaves it
+for deployment: every site a ``FoldedAttentiveNorm`` (``AttentiveNorm.fuse()``), without the
+per-call check of the folded form against the module's tensors.
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
 ``--model``, ``--se-model``, ``--placement`` swap the contenders (any timm model).
@@ -30,6 +35,7 @@ import copy
 import statistics
 from collections.abc import Callable
 
+import timm
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
 from _timing import interleaved_times, paired_ratio, paired_ratio_ci
@@ -49,6 +55,9 @@ def main() -> None:
     )
     p.add_argument(
         "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
+    )
+    p.add_argument(
+        "--fused", action="store_true", help="also, in inference, AN folded (reparameterize_model)"
     )
     p.add_argument(
         "--modes",
@@ -71,6 +80,9 @@ def main() -> None:
         for mod in models[f"{names[1]}-ops"].modules():
             if isinstance(mod, AttentiveNorm):
                 mod.triton = False
+    if args.fused:  # (a copy, in evaluation: what a deployed model runs)
+        models[f"{names[1]}-fused"] = timm.utils.reparameterize_model(models[names[1]].eval())
+    extras = [k.removeprefix(names[1]) for k in models if k.startswith(f"{names[1]}-")]
     variants: dict[str, torch.nn.Module] = dict(models)
     if args.compile:
         variants.update({f"{k}+compile": torch.compile(m) for k, m in models.items()})
@@ -86,7 +98,8 @@ def main() -> None:
     stat = min if args.stat == "min" else statistics.median
     steps = {"train": ("train step", train_step), "infer": ("inference", infer)}
     for mode, fn in (steps[m] for m in dict.fromkeys(args.modes)):
-        fns = {k: (lambda k=k, fn=fn: fn(k)) for k in variants}
+        timed = [k for k in variants if fn is infer or "-fused" not in k]  # (no training)
+        fns = {k: (lambda k=k, fn=fn: fn(k)) for k in timed}
         if args.cuda_graphs:
             try:
                 fns = {k: graphed(f, args.warmup) for k, f in fns.items()}
@@ -96,7 +109,7 @@ def main() -> None:
         times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=dev)
         del fns  # (the graphs' memory pools)
         for suf in ["", "+compile"] if args.compile else [""]:
-            _report(mode, suf, times, stat, args.batch, names, args.ops)
+            _report(mode, suf, times, stat, args.batch, names, extras)
 
 
 def graphed(fn: Callable[[], None], warmup: int) -> Callable[[], None]:
@@ -122,12 +135,14 @@ def _report(
     stat: Callable,
     batch: int,
     names: list[str],
-    ops: bool,
+    extras: list[str],
 ) -> None:
     """One line per mode: times (``stat`` over repeats) and the ratios, each the median over
     repeats of the two models' ratio within one repeat (a slow stretch of the machine slows
     both) with its 95% confidence interval (sign test, bench/_timing.py); the ratio of the two
-    ``stat``s follows in parentheses. ``names``: the base model, its AN model, [the SE model]."""
+    ``stat``s follows in parentheses. ``names``: the base model, its AN model, [the SE model];
+    ``extras``: the suffixes of the AN model's other variants (``-ops``, ``-fused``), a line each
+    where this mode timed it."""
     base, an = times[f"{names[0]}{suf}"], times[f"{names[1]}{suf}"]
     se = times[f"{names[2]}{suf}"] if len(names) > 2 else None
 
@@ -141,12 +156,13 @@ def _report(
 
     cells = "  ".join(f"{n} {stat(times[n + suf]) * 1e3:8.1f} ms" for n in names)
     print(f"{mode:10s}{suf:9s} {cells}  | {ratios(an)}  | {batch / stat(an):.1f} img/s")
-    if ops:
-        plain = times[f"{names[1]}-ops{suf}"]
-        print(
-            f"{'':19s} {names[1]}-ops {stat(plain) * 1e3:8.1f} ms  | {ratios(plain)}  | "
-            f"AN/AN-ops {paired_ratio(an, plain):.3f}x"
-        )
+    for extra in extras:
+        other = times.get(f"{names[1]}{extra}{suf}")
+        if other is not None:
+            print(
+                f"{'':19s} {names[1]}{extra} {stat(other) * 1e3:8.1f} ms  | {ratios(other)}  | "
+                f"AN/AN{extra} {paired_ratio(an, other):.3f}x {paired_ratio_ci(an, other)}"
+            )
 
 
 if __name__ == "__main__":

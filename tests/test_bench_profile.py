@@ -130,19 +130,24 @@ def test_native_ab_builds_the_base_and_times_both(package: bool) -> None:
 
 
 def test_models_times_both_modes_and_refuses_graphs_off_cuda() -> None:
-    """bench/models.py prints a row per mode with both models' times and the paired ratio;
-    ``--cuda-graphs`` off a GPU is a usage error (exit 2), not a traceback."""
+    """bench/models.py prints a row per mode with both models' times and the paired ratio, and
+    with ``--fused`` a row for the folded AN model in inference; ``--cuda-graphs`` off a GPU is
+    a usage error (exit 2), not a traceback."""
     import subprocess  # noqa: PLC0415
 
     cmd = [sys.executable, str(_BENCH / "models.py"), "--model", "resnet10t", "--se-model",
            "none", "--placement", "all", "--img-size", "32", "--batch", "2", "--classes", "10",
            "--repeats", "2", "--warmup", "1", "--device", "cpu"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [*cmd, "--fused"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
-    assert set(rows) == {"train", "inference"}
-    for line in rows.values():
+    assert set(rows) == {"train", "inference", "an-resnet10t-fused"}  # (fused: inference only)
+    for line in (rows["train"], rows["inference"]):
         cells = line.split("|")[0].split()
         assert float(cells[-5]) > 0 and float(cells[-2]) > 0  # resnet10t, an-resnet10t ms
         assert float(line.split("AN/BN")[1].split("x")[0]) > 0
+    assert out.splitlines()[-1] == rows["an-resnet10t-fused"]  # right after the inference row
+    assert float(rows["an-resnet10t-fused"].split("AN/AN-fused")[1].split("x")[0]) > 0
     refused = subprocess.run([*cmd, "--cuda-graphs"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--cuda-graphs needs --device cuda" in refused.stderr

@@ -108,6 +108,12 @@ def test_folded_eval_on_cuda_matches_cpu(head: str) -> None:
     assert DEVICE_PLAN_ATTR in gpu.__dict__
     assert _rel(y, ref) < 1e-5 and _rel(y_cl, ref) < 1e-5
     assert y16.dtype == torch.bfloat16 and _rel(y16, ref) < 1e-2
+    folded = gpu.fuse()  # the deployed form: the same folded ops (folded on the GPU too)
+    with torch.no_grad():
+        assert torch.equal(folded(x.cuda()), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(folded(x.cuda().bfloat16()), y16)
+        assert _rel(folded.half()(x.cuda().half()), ref) < 1e-2  # a half model
 
 
 def test_converted_resnet_on_cuda_matches_cpu() -> None:

@@ -11,6 +11,7 @@ from .bases import (
     norm_kind,
 )
 from .convert import NORM_CLASSES, an_param_delta, convert_sync_batchnorm, no_weight_decay_names
+from .folded import FoldedAttentiveNorm
 from .heads import HEADS, create_head, head_param_count
 from .pooling import POOLS, create_pool
 
@@ -23,6 +24,7 @@ __all__ = [
     "UNSUPPORTED_NORM_CLASSES",
     "AttentionWeights",
     "AttentiveNorm",
+    "FoldedAttentiveNorm",
     "an_param_delta",
     "convert_sync_batchnorm",
     "create_head",

@@ -22,6 +22,7 @@ ResNet-50's time with fourteen, 1.6x with ten), 13 for float16.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,14 @@ from torch import nn
 from ._eval_plan import _Key, cached_plan, fold, records_grad
 from ._fused import _device_moments
 
-__all__ = ["DEVICE_PLAN_ATTR", "FOLDED_DEVICES", "device_eval"]
+__all__ = [
+    "DEVICE_PLAN_ATTR",
+    "FOLDED_DEVICES",
+    "device_eval",
+    "device_plan",
+    "plan_dtype",
+    "run_device_plan",
+]
 
 DEVICE_PLAN_ATTR = "_an_device_plan"  # where a module keeps it (left out of its pickled state)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -54,13 +62,29 @@ def _build(an: nn.Module, dtype: torch.dtype) -> _DevicePlan:
     folded = fold(an)
     if folded is None:
         return _DevicePlan(key, [], None, {})
-    (w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t), scalars = folded
+    return device_plan(key, *folded, dtype)
+
+
+def device_plan(
+    key: _Key | None,
+    tensors: list[torch.Tensor],
+    scalars: dict[str, int | float],
+    dtype: torch.dtype,
+) -> _DevicePlan:
+    """The ops' tensors in ``dtype`` from :func:`~._eval_plan.fold`'s float64 ones (the
+    folded module, :mod:`.folded`, keeps those as buffers)."""
+    w1, s1, b1, w2, s2, b2, gn_w, gn_b, mix_a, mix_t = tensors
     pairs = [(w1, s1, b1), (w2, s2, b2)][: int(scalars["layers"])]
     layers = [((w * s[:, None]).T.to(dtype).contiguous(), b.to(dtype)) for w, s, b in pairs]
     mix = torch.cat([mix_a, mix_t], 1).to(dtype)
     eps = torch.full((1,), float(scalars.get("pool_eps", 0.0)), dtype=dtype, device=mix.device)
     scalars = {**scalars, "gn_w": gn_w.to(dtype), "gn_b": gn_b.to(dtype), "eps_t": eps}
     return _DevicePlan(key, layers, mix, scalars)
+
+
+def plan_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the ops' tensors take for maps of ``x``'s: float32 for half and bfloat16."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
 def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
@@ -70,15 +94,19 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     pass, whose float32 accumulators are rounded once to bfloat16 on the way out (both within
     2^-8 relative); float16, whose variance can overflow: ``_fused``'s device moments,
     ``E[x^2] - E[x]^2`` from ``mean`` and ``vector_norm`` in float32."""
-    dims, n = tuple(range(2, x.dim())), x[0, 0].numel()
+    dims, n = tuple(range(2, x.dim())), math.prod(x.shape[2:])
     if sc["pool"] == 1:  # avg
         return x.mean(dims, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None)
     eps = sc["eps_t"]  # (1,), the plan's dtype: float32 for half and bfloat16 maps
     if x.dtype != torch.float16:
         correction = 1 if n > 1 else 0  # (a single value: variance 0, as the pool has it)
         var, mean = torch.var_mean(x, dims, correction=correction)
+        if _recording(x):  # (the folded module's: out-of-place, for autograd)
+            return torch.add(var, eps).rsqrt() * mean
         return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
+    if _recording(x):
+        return mean * (var * (n / max(n - 1, 1)) + eps).rsqrt()
     return mean * var.mul_(n / max(n - 1, 1)).add_(eps).rsqrt_()
 
 
@@ -91,11 +119,12 @@ def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if records_grad(an, x):
         return None
-    plan = cached_plan(
-        an, DEVICE_PLAN_ATTR, torch.float32 if x.dtype in _LOW_PRECISION else x.dtype, _build
-    )
-    if plan.mix is None:
-        return None
+    plan = cached_plan(an, DEVICE_PLAN_ATTR, plan_dtype(x), _build)
+    return None if plan.mix is None else run_device_plan(plan, x)
+
+
+def run_device_plan(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
+    """The folded site's ops on ``x`` (any device; autocast off inside)."""
     dev = x.device.type
     if dev == "meta" or not torch.is_autocast_enabled(dev):
         return _run(plan, x)
@@ -120,5 +149,12 @@ def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     # scale, shift: (B, C, 1, ...) each (one unbind: half the host time of two indexings)
     coef = (lam @ plan.mix).view((x.shape[0], 2, x.shape[1]) + (1,) * (x.dim() - 2))
     scale, shift = coef.unbind(1)
+    if _recording(x):  # (the folded module's: autograd through x)
+        return torch.addcmul(shift, x, scale).to(x.dtype)
     y = torch.empty_like(x)  # (a half map: computed with the float32 coefficients, rounded once)
     return torch.addcmul(shift, x, scale, out=y)
+
+
+def _recording(x: torch.Tensor) -> bool:
+    """Whether autograd records through ``x`` (device_eval itself never runs then)."""
+    return x.requires_grad and torch.is_grad_enabled()

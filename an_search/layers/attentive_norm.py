@@ -57,13 +57,14 @@ from an_search.errors import InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
 from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
-from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, records_grad
+from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, fold, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._native import channels_last_map, native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
 from ._triton_spec import SITE_ATTR
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
+from .folded import FoldedAttentiveNorm
 from .heads import constant_output, create_head
 from .pooling import create_pool
 
@@ -255,6 +256,16 @@ class AttentiveNorm(nn.Module):
         if init == "preserve":
             an.init_preserve(spec.weight, spec.bias)
         return an.train(norm.training)
+
+    def fuse(self) -> nn.Module:
+        """This site's evaluation-mode function as a :class:`~.folded.FoldedAttentiveNorm`:
+        folded buffers, no per-call checks, for inference (``timm.utils.reparameterize_model``
+        calls it); ``self`` where the site has no folded form (bases other than BatchNorm,
+        the ``avgmax`` pool, heads beyond two linear layers, no running statistics)."""
+        dims = _BN_INPUT_DIMS.get(self.base)
+        if dims is None or fold(self) is None:
+            return self
+        return FoldedAttentiveNorm(self, dims)
 
     def train(self, mode: bool = True) -> AttentiveNorm:
         """:meth:`torch.nn.Module.train`; a change of mode also drops the folded eval plans

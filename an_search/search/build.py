@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.models import reparameterize_model
 from torch import nn
 
 from an_search.conversion import convert
@@ -78,12 +79,16 @@ def build_model(cfg: SearchConfig, data: DataSpec, config: dict[str, Any]) -> Bu
 def measure_latency_ms(
     model: nn.Module, input_size: tuple[int, int, int], device: str = "cpu", *, runs: int = 5
 ) -> float:
-    """Median wall time of a batch-1 forward pass in eval mode, in milliseconds.
+    """Median wall time of a batch-1 forward pass in eval mode, in milliseconds, of the model
+    as it would be deployed: a copy through ``timm.utils.reparameterize_model`` (each AN site a
+    ``FoldedAttentiveNorm``, without the per-call check of its folded form that a training
+    model needs; timm's own reparameterizable blocks fused), the same for every trial and the
+    baseline.
 
     Two warm-up passes first; CUDA is synchronised around each timed pass. The model is left in
     eval mode on ``device``.
     """
-    model.to(device).eval()
+    model = reparameterize_model(model.to(device).eval())
     x = torch.randn(1, *input_size, device=device)
     cuda = torch.device(device).type == "cuda"
     times = []

@@ -1,0 +1,150 @@
+"""An evaluation-mode AttentiveNorm folded for inference: what ``fuse()`` returns.
+
+``AttentiveNorm`` keeps its folded evaluation form (``_eval_plan.py``, ``_device_eval.py``)
+as a cache it checks at every call against the module's parameters, buffers and submodules,
+so that training, optimizer steps and edits are never missed. A deployed model does not change,
+and the check is not free: with the caches cold, as in a whole model's forward, it took 30-45
+us of a 100-150 us site on the CPU. :class:`FoldedAttentiveNorm` is the folded form as a module
+of its own, ``AttentiveNorm.fuse()``'s result, which ``timm.utils.reparameterize_model`` (and
+``timm.models.reparameterize_model``) calls on every module that has ``fuse``::
+
+    model = timm.utils.reparameterize_model(an_model.eval())
+
+Its buffers are :func:`~._eval_plan.fold`'s float64 tensors (the head's linear layers with
+their BatchNorm1d folded in, the mixtures with the site's running statistics folded in); it
+computes the evaluation-mode function of the AttentiveNorm it came from, in any mode, with the
+same CPU kernel (float32/float64 maps on the CPU, contiguous or channels-last) or the same
+folded ops (other devices and dtypes, autograd recording through ``x``, graph capture and
+tracing). What it derives from the buffers for a dtype is kept and rebuilt when a buffer is
+replaced (``.to()``, ``.half()``, ``.cuda()``) or a state dict is loaded; an in-place edit of
+a buffer otherwise is not seen until :meth:`FoldedAttentiveNorm.refresh`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._device_eval import _DevicePlan, device_plan, plan_dtype, run_device_plan
+from ._eval_plan import _NAMES, _kernel, _run, _spec, fold
+from ._native import channels_last_map, library
+
+__all__ = ["FoldedAttentiveNorm"]
+
+_CACHE = "_an_folded"  # in __dict__, left out of the pickled state
+_NATIVE = (torch.float32, torch.float64)
+
+
+@dataclass
+class _Derived:
+    """What one (dtype, device) takes from the buffers (``buffers``: the tensors it read)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    buffers: tuple[torch.Tensor, ...]
+    ops: _DevicePlan
+    kernel: tuple | None  # the CPU kernel's (spec ref, kernels, tensors alive): float32/64
+
+
+class FoldedAttentiveNorm(nn.Module):
+    """The evaluation-mode function of a batchnorm-based :class:`AttentiveNorm` as folded
+    buffers (see the module doc); made by ``AttentiveNorm.fuse()``."""
+
+    def __init__(self, an: nn.Module, dims: tuple[int, ...]) -> None:
+        """``an``'s folded form, for inputs of ``dims`` dimensions (its BatchNorm's)."""
+        super().__init__()
+        folded = fold(an)
+        if folded is None:
+            raise ValueError(f"{an} has no folded form: keep the AttentiveNorm")
+        tensors, self.scalars = folded
+        for name, t in zip(_NAMES, tensors, strict=True):
+            self.register_buffer(name, t.detach().clone())
+        self.num_features, self.k, self.dims = an.num_features, an.k, dims
+        self.drop, self.act = an.drop, an.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in self.dims:
+            raise ValueError(f"expected {' or '.join(map(str, self.dims))}D input (got {x.dim()}D)")
+        y = self._site(x)
+        mods = self._modules
+        drop, act = mods["drop"], mods["act"]
+        if not isinstance(drop, nn.Identity):
+            y = drop(y)
+        return y if isinstance(act, nn.Identity) else act(y)
+
+    def _site(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (B, C): one position per channel
+            return self._site(x.unsqueeze(-1)).squeeze(-1)
+        if _traced(x):  # the ops from the buffers, nothing kept: constants of the graph
+            ops = device_plan(None, self._tensors(), self.scalars, plan_dtype(x))
+            return run_device_plan(ops, x)
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        derived = self._derived(x)
+        kernel = derived.kernel
+        if kernel is not None and x.dtype == derived.dtype and _kernel_input(x):
+            ref, fn, fn_cl, _ = kernel
+            return _run(fn if x.is_contiguous() else fn_cl, ref, x)
+        return run_device_plan(derived.ops, x)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        buffers = self._buffers
+        return [buffers[name].to(torch.float64) for name in _NAMES]
+
+    def _derived(self, x: torch.Tensor) -> _Derived:
+        dtype, cached = plan_dtype(x), self.__dict__.get(_CACHE)
+        found = None if cached is None else cached.get(dtype)
+        if (
+            found is not None
+            and found.device == x.device
+            and all(map(operator.is_, self._buffers.values(), found.buffers))
+        ):
+            return found
+        tensors = self._tensors()
+        kernel = None
+        if x.is_cpu and dtype in _NATIVE and library() is not None:
+            spec, alive = _spec(tensors, self.scalars, dtype)
+            fns = _kernel(dtype), _kernel(dtype, "an_eval_cl")
+            kernel = (ctypes.byref(spec), *fns, (spec, alive))
+        found = _Derived(
+            dtype, x.device, tuple(self._buffers.values()),
+            device_plan(None, tensors, self.scalars, dtype), kernel,
+        )  # fmt: skip
+        self.__dict__.setdefault(_CACHE, {})[dtype] = found
+        return found
+
+    def refresh(self) -> None:
+        """Drop what was derived from the buffers (after editing one in place)."""
+        self.__dict__.pop(_CACHE, None)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.refresh()  # (loading copies into the buffers in place)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != _CACHE}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, k={self.k}"
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Graph capture, tracing or a dispatch mode: plain ops, nothing kept."""
+    return (
+        type(x) is not torch.Tensor
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or bool(torch._C._len_torch_dispatch_stack())
+    )
+
+
+def _kernel_input(x: torch.Tensor) -> bool:
+    """A map the CPU kernel takes as it is: contiguous or channels-last, and no autograd
+    recording through it (the kernel has no backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return x.is_contiguous() or channels_last_map(x)

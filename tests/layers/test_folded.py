@@ -1,0 +1,150 @@
+"""``AttentiveNorm.fuse()`` and :class:`FoldedAttentiveNorm`: the evaluation-mode function as
+folded buffers, against the AttentiveNorm it came from (its own evaluation: the same kernel on
+the same folded numbers, so equal bit for bit on the CPU; its reference path, ``fused =
+False``, written with the unfolded modules) and through timm's ``reparameterize_model``."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+from layer_helpers import DTYPES, TOL, needs_native, trained
+
+from an_search import convert
+from an_search.layers import AttentiveNorm, FoldedAttentiveNorm
+
+FOLDED_HEADS = ["default", "linear-sigmoid", "bn-softmax", "gn-hsigmoid", "mlp", "mlp-bn"]
+
+
+def _reference(an: AttentiveNorm, x: torch.Tensor) -> torch.Tensor:
+    ref = copy.deepcopy(an)
+    ref.fused = False
+    return ref(x)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", FOLDED_HEADS)
+@pytest.mark.parametrize("pool", ["meanstd", "avg"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_fuse_computes_the_evaluation(
+    dtype: torch.dtype, head: str, pool: str, layout: str
+) -> None:
+    an = trained(AttentiveNorm(24, 5, head=head, pool=pool), dtype)
+    folded = an.fuse()
+    assert isinstance(folded, FoldedAttentiveNorm)
+    assert all(b.dtype == torch.float64 for b in folded.buffers())
+    x = torch.randn(3, 24, 6, 5, dtype=dtype) * 2 + 1
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = folded(x)
+        assert torch.equal(y, an(x))  # the same kernel on the same folded tensors
+        torch.testing.assert_close(y, _reference(an, x), **TOL[dtype])
+    assert y.stride() == x.stride()
+
+
+def test_what_has_no_folded_form_stays() -> None:
+    """``fuse()`` returns the module itself where there is nothing to fold."""
+    for an in (
+        AttentiveNorm(8, 3, pool="avgmax"),
+        AttentiveNorm(8, 3, base="groupnorm", num_groups=2),
+        AttentiveNorm(8, 3, track_running_stats=False),
+    ):
+        assert an.eval().fuse() is an
+
+
+def test_low_precision_maps_and_autograd_take_the_folded_ops() -> None:
+    """float16/bfloat16 maps, and maps autograd records through, take the folded ops (as on a
+    GPU): outputs close to the module's, and its input gradient."""
+    an = trained(AttentiveNorm(16, 4), torch.float32)
+    folded = an.fuse()
+    x = torch.randn(4, 16, 5, 5) * 2 + 1
+    with torch.no_grad():
+        for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+            y = folded(x.to(dtype))
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.float(), an(x.to(dtype).float()), atol=tol, rtol=tol)
+    xf, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, ya = folded(xf), _reference(an, xa)
+    torch.testing.assert_close(yf, ya, **TOL[torch.float32])
+    g = torch.randn_like(yf)
+    yf.backward(g)
+    ya.backward(g)
+    torch.testing.assert_close(xf.grad, xa.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_of_every_rank_and_batch() -> None:
+    """BatchNorm1d-based sites take (B, C) and (B, C, L); an empty batch gives an empty map; a
+    map of another rank is refused as the BatchNorm would."""
+    an = trained(AttentiveNorm(8, 3, base="batchnorm1d"), torch.float32, dims=1)
+    folded = an.fuse()
+    with torch.no_grad():
+        for shape in ((5, 8), (5, 8, 7), (0, 8, 7)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(folded(x), an(x), **TOL[torch.float32])
+    with pytest.raises(ValueError, match="expected 2 or 3D input"):
+        folded(torch.randn(2, 8, 3, 3))
+
+
+def test_replaced_and_loaded_buffers_are_seen_and_edits_after_refresh() -> None:
+    an = trained(AttentiveNorm(8, 3), torch.float32)
+    other = trained(AttentiveNorm(8, 3), torch.float32)
+    folded = an.fuse()
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(folded(x), an(x))
+        folded.load_state_dict(other.fuse().state_dict())  # copied in place
+        assert torch.equal(folded(x), other(x))
+        folded.double()  # new buffers (float64 stay float64)
+        assert torch.equal(folded(x.double()), copy.deepcopy(other).double()(x.double()))
+        folded.float()  # float32 buffers: folded from them, the values of float32
+        torch.testing.assert_close(folded(x), other(x), **TOL[torch.float32])
+        folded.mix_a.mul_(2)  # an in-place edit: seen after refresh()
+        before = folded(x)
+        folded.refresh()
+        assert not torch.allclose(folded(x), before)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the map's size is traced)
+def test_pickles_copies_and_traces() -> None:
+    """torch.save/load and deepcopy keep the buffers, not what was derived from them (ctypes);
+    torch.jit.trace and torch.export record the folded ops, which follow new inputs."""
+    folded = trained(AttentiveNorm(8, 3), torch.float32).fuse()
+    x, x2 = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        expected, expected2 = folded(x), folded(x2)
+        buf = io.BytesIO()
+        torch.save(folded, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(copy.deepcopy(folded)(x), expected)
+        traced = torch.jit.trace(folded, x)
+        exported = torch.export.export(folded, (x,)).module()
+        for graph in (traced, exported):
+            torch.testing.assert_close(graph(x2), expected2, **TOL[torch.float32])
+
+
+def test_timm_reparameterize_model_folds_every_site() -> None:
+    """``timm.utils.reparameterize_model`` (a copy) puts a FoldedAttentiveNorm at every site of a
+    converted model, which then computes the model's evaluation; the original is untouched."""
+    torch.manual_seed(0)
+    base = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    model = convert(base, placement="all", cost=False).model
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model(x), model(x * 2)
+    model.eval()
+    deployed = timm.utils.reparameterize_model(model)
+    sites = [m for m in model.modules() if isinstance(m, AttentiveNorm)]
+    folded = [m for m in deployed.modules() if isinstance(m, FoldedAttentiveNorm)]
+    assert len(folded) == len(sites) == 14
+    assert not any(isinstance(m, AttentiveNorm) for m in deployed.modules())
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(deployed(x), expected)
