@@ -14,20 +14,21 @@ filter_torchscript_warning()
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentiveNorm", "ConvertResult", "convert", "find_sites", "load", "save"]
+__all__ = ["AttentiveNorm", "ConvertResult", "convert", "find_sites", "fold_sites", "load", "save"]
 
 _LAZY = {
     "AttentiveNorm": ("an_search.layers", "AttentiveNorm"),
     "ConvertResult": ("an_search.conversion", "ConvertResult"),
     "convert": ("an_search.conversion", "convert"),
     "find_sites": ("an_search.rewrite", "find_sites"),
+    "fold_sites": ("an_search.layers", "fold_sites"),
     "load": ("an_search.rewrite", "load"),
     "save": ("an_search.rewrite", "save"),
 }
 
 if TYPE_CHECKING:
     from .conversion import ConvertResult, convert
-    from .layers import AttentiveNorm
+    from .layers import AttentiveNorm, fold_sites
     from .rewrite import find_sites, load, save
 
 

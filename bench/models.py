@@ -20,9 +20,10 @@ computes without the host's Python, dispatch and launches (eager AN on a GPU is 
 host), as ``torch.compile(mode="reduce-overhead")`` would replay them. A capture that fails
 prints its error and skips that mode.
 
-``--fused`` adds, in inference, the AN model as ``timm.utils.reparameterize_model`` leaves it
-for deployment: every site a ``FoldedAttentiveNorm`` (``AttentiveNorm.fuse()``), without the
-per-call check of the folded form against the module's tensors.
+``--fused`` adds, in inference, the AN model as deployed: every site folded
+(``an_search.fold_sites``, what ``timm.utils.reparameterize_model`` does to the sites: a
+``FoldedAttentiveNorm``, without the per-call check of the folded form against the module's
+tensors).
 
 Targets: AN-resnet50 / resnet50 <= 1.05x (train step and inference), and below seresnet50.
 ``--model``, ``--se-model``, ``--placement`` swap the contenders (any timm model).
@@ -35,12 +36,11 @@ import copy
 import statistics
 from collections.abc import Callable
 
-import timm
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
 from _timing import interleaved_times, paired_ratio, paired_ratio_ci
 
-from an_search.layers import AttentiveNorm, _native
+from an_search.layers import AttentiveNorm, _native, fold_sites
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         "--ops", action="store_true", help="also AN on plain ATen ops (CUDA: no Triton kernels)"
     )
     p.add_argument(
-        "--fused", action="store_true", help="also, in inference, AN folded (reparameterize_model)"
+        "--fused", action="store_true", help="also, in inference, AN with its sites folded"
     )
     p.add_argument(
         "--modes",
@@ -81,7 +81,7 @@ def main() -> None:
             if isinstance(mod, AttentiveNorm):
                 mod.triton = False
     if args.fused:  # (a copy, in evaluation: what a deployed model runs)
-        models[f"{names[1]}-fused"] = timm.utils.reparameterize_model(models[names[1]].eval())
+        models[f"{names[1]}-fused"] = fold_sites(models[names[1]].eval())
     extras = [k.removeprefix(names[1]) for k in models if k.startswith(f"{names[1]}-")]
     variants: dict[str, torch.nn.Module] = dict(models)
     if args.compile:

@@ -10,7 +10,13 @@ from .bases import (
     is_supported_norm,
     norm_kind,
 )
-from .convert import NORM_CLASSES, an_param_delta, convert_sync_batchnorm, no_weight_decay_names
+from .convert import (
+    NORM_CLASSES,
+    an_param_delta,
+    convert_sync_batchnorm,
+    fold_sites,
+    no_weight_decay_names,
+)
 from .folded import FoldedAttentiveNorm
 from .heads import HEADS, create_head, head_param_count
 from .pooling import POOLS, create_pool
@@ -29,6 +35,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "create_head",
     "create_pool",
+    "fold_sites",
     "head_param_count",
     "is_supported_norm",
     "no_weight_decay_names",

@@ -1,7 +1,9 @@
-"""Model-level helpers around AttentiveNorm: cost delta, SyncBatchNorm, weight-decay names."""
+"""Model-level helpers around AttentiveNorm: cost delta, SyncBatchNorm, weight-decay names, the
+folded form for inference."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from timm.layers import convert_sync_batchnorm as _timm_convert_sync_batchnorm
@@ -11,7 +13,13 @@ from .attentive_norm import AttentiveNorm
 from .bases import SUPPORTED_NORM_CLASSES, UNSUPPORTED_NORM_CLASSES, describe_norm
 from .heads import head_param_count
 
-__all__ = ["NORM_CLASSES", "an_param_delta", "convert_sync_batchnorm", "no_weight_decay_names"]
+__all__ = [
+    "NORM_CLASSES",
+    "an_param_delta",
+    "convert_sync_batchnorm",
+    "fold_sites",
+    "no_weight_decay_names",
+]
 
 #: Every norm class a tracer should keep as a leaf: supported, unsupported, and AttentiveNorm
 #: itself (``is_supported_norm`` is False for AttentiveNorm: it is never converted again).
@@ -78,3 +86,21 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             prefix = f"{name}." if name else ""
             names.update({f"{prefix}weight", f"{prefix}bias"})
     return names
+
+
+def fold_sites(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` for inference: every AttentiveNorm with a folded form replaced by its
+    :class:`~.folded.FoldedAttentiveNorm` (``AttentiveNorm.fuse()``), nothing else touched; a
+    copy unless ``inplace``. ``timm.utils.reparameterize_model`` folds the sites too, but also
+    fuses timm's own reparameterizable blocks, whose ``fuse()`` fails where an AN site took the
+    place of the BatchNorm it folds into a convolution (RepVGG, MobileOne, FastViT, LeViT,
+    EfficientViT-MSRA, RepGhost: AN's per-sample scale has no convolution form)."""
+    if isinstance(model, AttentiveNorm):
+        return model.fuse()
+    if not inplace:
+        model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AttentiveNorm):
+                setattr(parent, name, child.fuse())
+    return model

@@ -5,10 +5,11 @@ as a cache it checks at every call against the module's parameters, buffers and 
 so that training, optimizer steps and edits are never missed. A deployed model does not change,
 and the check is not free: with the caches cold, as in a whole model's forward, it took 30-45
 us of a 100-150 us site on the CPU. :class:`FoldedAttentiveNorm` is the folded form as a module
-of its own, ``AttentiveNorm.fuse()``'s result, which ``timm.utils.reparameterize_model`` (and
-``timm.models.reparameterize_model``) calls on every module that has ``fuse``::
+of its own, ``AttentiveNorm.fuse()``'s result; ``an_search.fold_sites(model)`` puts one at every
+site, and ``timm.utils.reparameterize_model``, which calls ``fuse()`` on every module that has
+it, does too (and fuses timm's own reparameterizable blocks)::
 
-    model = timm.utils.reparameterize_model(an_model.eval())
+    model = an_search.fold_sites(an_model.eval())
 
 Its buffers are :func:`~._eval_plan.fold`'s float64 tensors (the head's linear layers with
 their BatchNorm1d folded in, the mixtures with the site's running statistics folded in); it

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.models import reparameterize_model
 from torch import nn
 
 from an_search.conversion import convert
 from an_search.cost import count_cost
+from an_search.layers import fold_sites
 from an_search.models import create_model
 from an_search.rewrite import Recipe
 from an_search.train import DataSpec
@@ -80,15 +80,14 @@ def measure_latency_ms(
     model: nn.Module, input_size: tuple[int, int, int], device: str = "cpu", *, runs: int = 5
 ) -> float:
     """Median wall time of a batch-1 forward pass in eval mode, in milliseconds, of the model
-    as it would be deployed: a copy through ``timm.utils.reparameterize_model`` (each AN site a
+    as it would be deployed: a copy with each AN site folded (:func:`~an_search.fold_sites`: a
     ``FoldedAttentiveNorm``, without the per-call check of its folded form that a training
-    model needs; timm's own reparameterizable blocks fused), the same for every trial and the
-    baseline.
+    model needs), the same for every trial; the baseline has no site to fold.
 
     Two warm-up passes first; CUDA is synchronised around each timed pass. The model is left in
     eval mode on ``device``.
     """
-    model = reparameterize_model(model.to(device).eval())
+    model = fold_sites(model.to(device).eval())
     x = torch.randn(1, *input_size, device=device)
     cuda = torch.device(device).type == "cuda"
     times = []

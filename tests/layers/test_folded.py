@@ -13,7 +13,7 @@ import timm
 import torch
 from layer_helpers import DTYPES, TOL, needs_native, trained
 
-from an_search import convert
+from an_search import convert, fold_sites
 from an_search.layers import AttentiveNorm, FoldedAttentiveNorm
 
 FOLDED_HEADS = ["default", "linear-sigmoid", "bn-softmax", "gn-hsigmoid", "mlp", "mlp-bn"]
@@ -148,3 +148,30 @@ def test_timm_reparameterize_model_folds_every_site() -> None:
     with torch.no_grad():
         expected = model(x)
         assert torch.equal(deployed(x), expected)
+
+
+def test_fold_sites_folds_inside_timm_reparameterizable_blocks() -> None:
+    """RepVGG's blocks fuse their BatchNorms into convolutions (``reparameterize_model``), which
+    an AN site in their place cannot follow; ``fold_sites`` folds the sites alone (a copy, or
+    in place) and the model computes what it did, bit for bit."""
+    torch.manual_seed(0)
+    base = timm.create_model("repvgg_a0", pretrained=False, num_classes=10)
+    model = convert(base, placement="all", init="preserve", cost=False).model
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model(x), model(x * 2)
+    model.eval()
+    sites = sum(isinstance(m, AttentiveNorm) for m in model.modules())
+    folded = fold_sites(model)
+    assert sum(isinstance(m, FoldedAttentiveNorm) for m in folded.modules()) == sites > 40
+    assert not any(isinstance(m, AttentiveNorm) for m in folded.modules())
+    assert sum(isinstance(m, AttentiveNorm) for m in model.modules()) == sites  # a copy
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all()
+        assert torch.equal(folded(x), expected)
+        assert fold_sites(model, inplace=True) is model
+        assert torch.equal(model(x), expected)
+    an = trained(AttentiveNorm(8, 3), torch.float32)
+    assert isinstance(fold_sites(an), FoldedAttentiveNorm)  # a site alone

@@ -13,9 +13,9 @@ from an_search.search import measure_latency_ms
 
 
 def test_latency_is_the_deployed_models() -> None:
-    """The batch-1 latency runs a reparameterized copy (``timm.utils.reparameterize_model``):
-    every AN site as a FoldedAttentiveNorm, none as the AttentiveNorm that checks its folded
-    form at every call; the trial's own model keeps its sites and is left in eval mode."""
+    """The batch-1 latency runs a copy with its sites folded (``fold_sites``): every AN site as
+    a FoldedAttentiveNorm, none as the AttentiveNorm that checks its folded form at every call;
+    the trial's own model keeps its sites and is left in eval mode."""
     torch.manual_seed(0)
     model = convert(
         timm.create_model("resnet10t", pretrained=False, num_classes=10), placement="all",
