@@ -60,14 +60,31 @@ class _Head(nn.Sequential):
     autocast it is cast to the head's own dtype (a model converted with ``.half()`` or
     ``.to(torch.bfloat16)`` runs its heads in that dtype, as its other layers)."""
 
+    _norm_kind: str | None = None  # "bn": BatchNorm1d over the batch; "gn": GroupNorm(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self._as_input(x))
 
     def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            self._check_batch()
         dtype = next(iter(self._modules.values())).weight.dtype  # (its first nn.Linear)
         if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
             return x
         return x.to(dtype)
+
+    def _check_batch(self) -> None:
+        """A batch of one sample in training: the heads with a BatchNorm1d (in training mode)
+        normalise their logits over the batch, which BatchNorm1d refuses with a message about
+        a (1, K) input the user never made; say what it is and what to do."""
+        if any(type(m) is nn.BatchNorm1d and m.training for m in self.children()):
+            name = next((n for n, c in HEADS.items() if c is type(self)), type(self).__name__)
+            free = ", ".join(n for n, c in HEADS.items() if c._norm_kind != "bn")
+            raise ValueError(
+                f"AttentiveNorm's {name!r} head normalises its logits over the batch "
+                f"(BatchNorm1d), so a training batch needs at least 2 samples, got 1: train "
+                f"with batches of 2 or more, or use a head without it ({free})"
+            )
 
     def reset_parameters(self) -> None:
         """Paper init: Kaiming-normal (fan_out, relu) linears, zero biases, unit norms."""

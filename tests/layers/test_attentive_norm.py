@@ -276,6 +276,26 @@ def test_invalid_arguments_raise() -> None:
             AttentiveNorm(C, K, **kwargs)
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_one_sample_training_batch_names_the_head(head: str) -> None:
+    """A head with a BatchNorm1d over the batch cannot train on one sample: a ValueError that
+    names the head and the way out (BatchNorm1d's own would speak of a (1, K) input); heads
+    without one, and a head whose BatchNorm1d is frozen, run."""
+    x = torch.randn(1, C, 5, 5)
+    an = _make("batchnorm", head).train()
+    has_bn = any(isinstance(m, nn.BatchNorm1d) for m in an.attn.head.modules())
+    if not has_bn:
+        assert an(x).shape == x.shape
+        return
+    with pytest.raises(ValueError, match=f"'{head}' head .* at least 2 samples, got 1") as err:
+        an(x)
+    assert "linear-sigmoid" in str(err.value) and "mlp," in str(err.value)
+    for m in an.attn.head.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    assert an(x).shape == x.shape
+
+
 def test_layout_selects_layernorm_variant() -> None:
     assert AttentiveNorm(C, K, base="layernorm", layout="channels_first").base == "layernorm2d"
     assert AttentiveNorm(C, K, base="rmsnorm2d", layout="channels_last").base == "rmsnorm"
