@@ -38,6 +38,7 @@ __all__ = [
     "device_eval",
     "device_plan",
     "plan_dtype",
+    "recording",
     "run_device_plan",
 ]
 
@@ -101,11 +102,11 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
     if x.dtype != torch.float16:
         correction = 1 if n > 1 else 0  # (a single value: variance 0, as the pool has it)
         var, mean = torch.var_mean(x, dims, correction=correction)
-        if _recording(x):  # (the folded module's: out-of-place, for autograd)
+        if recording(x):  # (the folded module's: out-of-place, for autograd)
             return torch.add(var, eps).rsqrt() * mean
         return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
-    if _recording(x):
+    if recording(x):
         return mean * (var * (n / max(n - 1, 1)) + eps).rsqrt()
     return mean * var.mul_(n / max(n - 1, 1)).add_(eps).rsqrt_()
 
@@ -149,12 +150,13 @@ def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     # scale, shift: (B, C, 1, ...) each (one unbind: half the host time of two indexings)
     coef = (lam @ plan.mix).view((x.shape[0], 2, x.shape[1]) + (1,) * (x.dim() - 2))
     scale, shift = coef.unbind(1)
-    if _recording(x):  # (the folded module's: autograd through x)
+    if recording(x):  # (the folded module's: autograd through x)
         return torch.addcmul(shift, x, scale).to(x.dtype)
     y = torch.empty_like(x)  # (a half map: computed with the float32 coefficients, rounded once)
     return torch.addcmul(shift, x, scale, out=y)
 
 
-def _recording(x: torch.Tensor) -> bool:
-    """Whether autograd records through ``x`` (device_eval itself never runs then)."""
+def recording(x: torch.Tensor) -> bool:
+    """Whether autograd records through ``x`` (device_eval itself never runs then; the
+    folded module's ops do, and its CPU kernel does not)."""
     return x.requires_grad and torch.is_grad_enabled()

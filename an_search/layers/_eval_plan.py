@@ -51,9 +51,10 @@ _POOLS = {"meanstd": 0, "avg": 1}
 
 @dataclass
 class _Plan:
-    """A folded site for inputs of one dtype (``spec`` None: the site has no native form)."""
+    """A folded site for inputs of one dtype (``spec`` None: the site has no native form);
+    ``key`` None: kept by its owner's own rule (the folded module, :mod:`.folded`)."""
 
-    key: _Key
+    key: _Key | None
     spec: HeadSpec | None
     tensors: list[torch.Tensor] = field(default_factory=list)  # keeps the pointers alive
     ref: object = None  # ctypes.byref(spec), made once
@@ -62,8 +63,9 @@ class _Plan:
 
     def __post_init__(self) -> None:
         if self.spec is not None:
-            self.ref, self.fn = ctypes.byref(self.spec), _kernel(self.key.dtype)
-            self.fn_cl = _kernel(self.key.dtype, "an_eval_cl")
+            dtype = self.tensors[-1].dtype  # the packed mixtures: in the kernel's dtype
+            self.ref, self.fn = ctypes.byref(self.spec), _kernel(dtype)
+            self.fn_cl = _kernel(dtype, "an_eval_cl")
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The site over a CPU (B, C, *) ``x`` of the plan's dtype, contiguous or channels-last

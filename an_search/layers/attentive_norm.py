@@ -263,9 +263,8 @@ class AttentiveNorm(nn.Module):
         calls it); ``self`` where the site has no folded form (bases other than BatchNorm,
         the ``avgmax`` pool, heads beyond two linear layers, no running statistics)."""
         dims = _BN_INPUT_DIMS.get(self.base)
-        if dims is None or fold(self) is None:
-            return self
-        return FoldedAttentiveNorm(self, dims)
+        folded = None if dims is None else fold(self)
+        return self if folded is None else FoldedAttentiveNorm(self, dims, folded)
 
     def train(self, mode: bool = True) -> AttentiveNorm:
         """:meth:`torch.nn.Module.train`; a change of mode also drops the folded eval plans

@@ -23,15 +23,14 @@ a buffer otherwise is not seen until :meth:`FoldedAttentiveNorm.refresh`.
 
 from __future__ import annotations
 
-import ctypes
 import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._device_eval import _DevicePlan, device_plan, plan_dtype, run_device_plan
-from ._eval_plan import _NAMES, _kernel, _run, _spec, fold
+from ._device_eval import _DevicePlan, device_plan, plan_dtype, recording, run_device_plan
+from ._eval_plan import _NAMES, _Plan, _spec
 from ._native import channels_last_map, library
 
 __all__ = ["FoldedAttentiveNorm"]
@@ -48,19 +47,22 @@ class _Derived:
     device: torch.device
     buffers: tuple[torch.Tensor, ...]
     ops: _DevicePlan
-    kernel: tuple | None  # the CPU kernel's (spec ref, kernels, tensors alive): float32/64
+    kernel: _Plan | None  # the CPU kernel's: float32/float64 maps on the CPU
 
 
 class FoldedAttentiveNorm(nn.Module):
     """The evaluation-mode function of a batchnorm-based :class:`AttentiveNorm` as folded
     buffers (see the module doc); made by ``AttentiveNorm.fuse()``."""
 
-    def __init__(self, an: nn.Module, dims: tuple[int, ...]) -> None:
-        """``an``'s folded form, for inputs of ``dims`` dimensions (its BatchNorm's)."""
+    def __init__(
+        self,
+        an: nn.Module,
+        dims: tuple[int, ...],
+        folded: tuple[list[torch.Tensor], dict[str, int | float]],
+    ) -> None:
+        """``an``'s folded form, :func:`~._eval_plan.fold`'s answer ``folded``, for inputs of
+        ``dims`` dimensions (its BatchNorm's)."""
         super().__init__()
-        folded = fold(an)
-        if folded is None:
-            raise ValueError(f"{an} has no folded form: keep the AttentiveNorm")
         tensors, self.scalars = folded
         for name, t in zip(_NAMES, tensors, strict=True):
             self.register_buffer(name, t.detach().clone())
@@ -88,8 +90,7 @@ class FoldedAttentiveNorm(nn.Module):
         derived = self._derived(x)
         kernel = derived.kernel
         if kernel is not None and x.dtype == derived.dtype and _kernel_input(x):
-            ref, fn, fn_cl, _ = kernel
-            return _run(fn if x.is_contiguous() else fn_cl, ref, x)
+            return kernel.run(x)
         return run_device_plan(derived.ops, x)
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -108,9 +109,7 @@ class FoldedAttentiveNorm(nn.Module):
         tensors = self._tensors()
         kernel = None
         if x.is_cpu and dtype in _NATIVE and library() is not None:
-            spec, alive = _spec(tensors, self.scalars, dtype)
-            fns = _kernel(dtype), _kernel(dtype, "an_eval_cl")
-            kernel = (ctypes.byref(spec), *fns, (spec, alive))
+            kernel = _Plan(None, *_spec(tensors, self.scalars, dtype))
         found = _Derived(
             dtype, x.device, tuple(self._buffers.values()),
             device_plan(None, tensors, self.scalars, dtype), kernel,
@@ -146,6 +145,4 @@ def _traced(x: torch.Tensor) -> bool:
 def _kernel_input(x: torch.Tensor) -> bool:
     """A map the CPU kernel takes as it is: contiguous or channels-last, and no autograd
     recording through it (the kernel has no backward)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    return x.is_contiguous() or channels_last_map(x)
+    return not recording(x) and (x.is_contiguous() or channels_last_map(x))
