@@ -7,6 +7,7 @@ temporary behind. Used for saved models, checkpoints, reports and the built C ke
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,14 +21,35 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary is deleted and ``path`` is
-    untouched. Raises OSError when the directory cannot be written.
+    untouched. The new file keeps the replaced file's permissions, or gets ``0o666`` less the
+    umask, as ``open(path, "w")`` would. Raises OSError when the directory cannot be written.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _mode(path))  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it, since setting it to read it is not thread-safe
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cost import CostReport, count_cost
-from .models import create_model, model_input_size
-from .rewrite import Recipe, SiteReport, apply_an, find_sites, select_sites
+from .errors import ModelConfigError, RecipeError
+from .models import check_model_options, create_model, load_checkpoint, model_input_size
+from .rewrite import Recipe, RecipeSite, SiteReport, apply_an, find_sites, select_sites
 
 __all__ = ["ConvertResult", "convert"]
 
@@ -78,17 +79,17 @@ def convert(
         stages: keep only sites in these stages.
         norm_types: keep only sites of these norm classes.
         init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint was loaded.
-        num_classes: classifier size when building by name.
-        in_chans: input channels when building by name.
+        num_classes: classifier size (a built model gets ``reset_classifier(num_classes)``).
+        in_chans: input channels when building by name (a built model must take these).
         img_size: input size for the cost count (and for models built with one).
-        checkpoint: local weights file loaded before converting.
+        checkpoint: local weights file loaded before converting (into a built model too).
         no_weight_decay: name the AN mixture parameters in ``model.no_weight_decay()``.
         cost: count params and MACs before and after (fvcore).
 
     Returns:
         A ``ConvertResult``; the model is changed in place.
     """
-    name: str | None
+    prior: list[RecipeSite] = []
     if isinstance(model, str):
         name = model
         net = create_model(
@@ -98,10 +99,11 @@ def convert(
             img_size=img_size,
             checkpoint=checkpoint,
         )
+        model_kwargs = _model_kwargs(num_classes, in_chans, img_size)
     else:
         net = model
-        cfg = getattr(net, "pretrained_cfg", None) or {}
-        name = cfg.get("architecture")
+        name, prior = _take_built(net, num_classes, in_chans, img_size, checkpoint)
+        model_kwargs = _model_kwargs(getattr(net, "num_classes", None), _in_chans(net), img_size)
     if init is None:
         init = "preserve" if checkpoint is not None else "paper"
     input_size = model_input_size(net, img_size)
@@ -121,7 +123,8 @@ def convert(
     after = count_cost(net, input_size) if cost else None
     recipe = Recipe.from_selection(
         model=name,
-        model_kwargs=_model_kwargs(num_classes, in_chans, img_size),
+        model_kwargs=model_kwargs,
+        prior=prior,
         selected=selected,
         head=head,
         pool=pool,
@@ -129,6 +132,64 @@ def convert(
         no_weight_decay=no_weight_decay,
     )
     return ConvertResult(net, recipe, report, selected, before, after, input_size)
+
+
+def _take_built(
+    net: nn.Module,
+    num_classes: int | None,
+    in_chans: int | None,
+    img_size: int | None,
+    checkpoint: str | os.PathLike[str] | None,
+) -> tuple[str, list[RecipeSite]]:
+    """A built model's timm name and AN sites, after ``num_classes`` and ``checkpoint``.
+
+    Everything is checked before the model changes: a model without a timm name, with folded
+    sites, or taking other input channels than ``in_chans`` raises and stays as it was.
+    """
+    from .layers import AttentiveNorm, FoldedAttentiveNorm
+
+    name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
+    if not isinstance(name, str):
+        raise RecipeError(
+            "the model has no timm name (no pretrained_cfg): build it with timm.create_model, "
+            "or pass its name to convert"
+        )
+    check_model_options(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    modules = dict(net.named_modules())
+    folded = [n for n, m in modules.items() if isinstance(m, FoldedAttentiveNorm)]
+    if folded:
+        raise ModelConfigError(
+            f"the model has folded AN sites ({folded[0]}, ...; fold_sites): convert the model "
+            "before folding it"
+        )
+    if in_chans is not None and in_chans != _in_chans(net):
+        raise ModelConfigError(
+            f"the model takes {_in_chans(net)} input channels, not in_chans={in_chans}: build it "
+            "with timm.create_model(..., in_chans=...), or pass its name to convert"
+        )
+    if num_classes is not None and num_classes != getattr(net, "num_classes", num_classes):
+        net.reset_classifier(num_classes)  # type: ignore[operator]
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
+    prior = [
+        RecipeSite(n, m.k, m.head_name, m.pool_name)
+        for n, m in modules.items()
+        if isinstance(m, AttentiveNorm)
+    ]
+    return name, prior
+
+
+def _in_chans(net: nn.Module) -> int | None:
+    """Input channels of a built timm model: its ``first_conv``'s (pretrained_cfg), or None."""
+    first = (getattr(net, "pretrained_cfg", None) or {}).get("first_conv")
+    for conv in [first] if isinstance(first, str) else list(first or ()):
+        try:
+            channels = getattr(net.get_submodule(conv), "in_channels", None)
+        except AttributeError:
+            continue
+        if isinstance(channels, int):
+            return channels
+    return getattr(net, "in_chans", None)
 
 
 def _model_kwargs(

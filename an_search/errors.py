@@ -12,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "InvalidKError",
+    "MAX_K",
+    "ModelConfigError",
     "NoSitesSelectedError",
     "NonFiniteLossError",
     "OutputDirError",
@@ -37,8 +39,16 @@ class UnknownNameError(ANSearchError, ValueError):
     """A registry name (head, pool, placement, norm) that does not exist."""
 
 
+MAX_K = 1024
+"""The largest K accepted anywhere (the paper's are 5 to 20; a site holds 2 x K x C mixtures)."""
+
+
 class InvalidKError(ANSearchError, ValueError):
-    """K < 1, or a per-stage K list whose length does not match the model's stages."""
+    """K outside 1..MAX_K, or a per-stage K list whose length does not match the model's stages."""
+
+
+class ModelConfigError(ANSearchError, ValueError):
+    """Model options that cannot work (an image size below 1, a built model that disagrees)."""
 
 
 class NoSitesSelectedError(ANSearchError, ValueError):

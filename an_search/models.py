@@ -7,16 +7,24 @@ No hub downloads: ``pretrained=False`` always; weights come from a file the user
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._compat import filter_torchscript_warning
-from .errors import CheckpointError, UnknownModelError
+from .errors import CheckpointError, ModelConfigError, UnknownModelError
 
-__all__ = ["create_model", "load_checkpoint", "model_input_size"]
+__all__ = [
+    "check_model_options",
+    "create_model",
+    "describe_mismatch",
+    "load_checkpoint",
+    "model_input_size",
+]
 
 filter_torchscript_warning()
 
@@ -59,6 +67,8 @@ def create_model(
 
     if not timm.is_model(name):
         raise UnknownModelError(f"unknown timm model {name!r}: {_suggest(name)}")
+    _check_tag(name)
+    check_model_options(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     opts = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
     opts = {k: v for k, v in opts.items() if v is not None}
     if img_size is not None:
@@ -69,12 +79,50 @@ def create_model(
     else:
         model = timm.create_model(name, pretrained=False, **opts)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, new_classifier=num_classes is not None)
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load weights into ``model`` strictly, dropping a classifier whose shape differs.
+def check_model_options(
+    *, num_classes: int | None = None, in_chans: int | None = None, img_size: int | None = None
+) -> None:
+    """Raise ModelConfigError for a size no model can take (None: not given)."""
+    for what, value, low in (
+        ("num_classes", num_classes, 0),
+        ("in_chans", in_chans, 1),
+        ("img_size", img_size, 1),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+        ):
+            raise ModelConfigError(f"{what} is {value!r}: give an integer >= {low}")
+
+
+def _check_tag(name: str) -> None:
+    """A pretrained tag timm does not list for the architecture (``resnet18.bogus``) fails."""
+    import timm
+
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        known = ", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "") if tags else "none"
+        raise UnknownModelError(
+            f"{arch!r} has no pretrained tag {tag!r} (its tags: {known}): drop the tag or use "
+            "one of these (weights still come from --checkpoint)"
+        )
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], *, new_classifier: bool = False
+) -> None:
+    """Load weights into ``model`` strictly.
+
+    Args:
+        model: the model to load into.
+        path: a safetensors file or a torch state_dict (``weights_only=True``).
+        new_classifier: the caller chose the model's classes (``num_classes``): a checkpoint
+            classifier of another shape is dropped, the model keeps its new one. Otherwise such a
+            classifier is an error, as in ``timm.models.load_checkpoint``.
 
     Raises:
         CheckpointError: missing, corrupt or mismatched file (message names the fix).
@@ -96,25 +144,49 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
     own = model.state_dict()
     head = _classifier_keys(model)
-    for key in head:
-        if key in state and key in own and state[key].shape != own[key].shape:
-            del state[key]
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state and k not in head]
-    unexpected = [k for k in state if k not in own]
-    if mismatched or missing or unexpected:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (first: {mismatched[0]})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+    other = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
+    if other and not new_classifier:
+        key = min(other, key=lambda k: (not k.endswith(".weight"), k))
+        classes = state[key].shape[0] if state[key].dim() else "?"
         raise CheckpointError(
-            f"checkpoint {path!r} does not match {type(model).__name__}: {'; '.join(parts)}; "
+            f"checkpoint {path!r} has a {classes}-class classifier ({key} "
+            f"{tuple(state[key].shape)}), the model {getattr(model, 'num_classes', '?')}: "
+            f"pass num_classes={classes} (--num-classes {classes}) to keep it, or another "
+            "num_classes for a new classifier"
+        )
+    for key in other:
+        del state[key]
+    problems = describe_mismatch({k: v.shape for k, v in state.items()}, own, skip=head)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match {type(model).__name__}: {problems}; "
             "check the model name, --num-classes and --img-size"
         )
     model.load_state_dict(state, strict=False)
+
+
+def describe_mismatch(
+    shapes: Mapping[str, Sequence[int]],
+    own: Mapping[str, torch.Tensor],
+    skip: Collection[str] = (),
+) -> str:
+    """What differs between stored ``shapes`` (key -> shape) and a model's state dict, in one
+    line (the count and first key of each kind, with both shapes); ``""`` when nothing does."""
+    mismatched = [k for k in shapes if k in own and tuple(shapes[k]) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in shapes and k not in skip]
+    unexpected = [k for k in shapes if k not in own]
+    parts = []
+    if mismatched:
+        k = mismatched[0]
+        parts.append(
+            f"{len(mismatched)} shape mismatches (first: {k} {tuple(shapes[k])} stored, "
+            f"{tuple(own[k].shape)} in the model)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+    return "; ".join(parts)
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,7 +32,8 @@ def stderr() -> Console:
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` on stderr; return the Exit to raise."""
-    stderr().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # one line however narrow the terminal (or 80 columns when piped); the message is text
+    stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
 
 

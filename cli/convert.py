@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ._common import Debug, JsonOut, handle_errors, parse_k, print_json, split_list, stderr, stdout
 
@@ -147,7 +148,9 @@ def _print_sites(model: str, report: SiteReport) -> None:
     from rich.table import Table
 
     if not report.traced:
-        stderr().print(f"[yellow]note:[/] not traced ({report.fallback_reason}); roles are partial")
+        stderr().print(
+            f"[yellow]note:[/] not traced ({escape(report.fallback_reason)}); roles are partial"
+        )
     table = Table(title=f"{model}: {len(report.sites)} normalization sites")
     for col in ("site", "type", "C", "stage", "roles"):
         table.add_column(col)
@@ -163,7 +166,7 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     before, after = result.cost_before, result.cost_after
     assert before is not None and after is not None
     if not result.report.traced:
-        stderr().print(f"[yellow]note:[/] not traced ({result.report.fallback_reason})")
+        stderr().print(f"[yellow]note:[/] not traced ({escape(result.report.fallback_reason)})")
     by_name = {s.name: s for s in result.report.sites}
     table = Table(title=f"{model}: AN at {len(result.selected)} of {len(by_name)} sites")
     for col in ("site", "type", "C", "stage", "K", "roles"):
@@ -190,9 +193,9 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     out.print(totals)
     if after.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(after.unsupported_ops.items()))
-        stderr().print(f"[dim]ops fvcore could not count (not in totals): {ops}[/]")
+        stderr().print(f"[dim]ops fvcore could not count (not in totals): {escape(ops)}[/]")
     if output is not None:
-        stderr().print(f"saved to {output}/ (model.safetensors, recipe.json)")
+        stderr().print(f"saved to {output}/ (model.safetensors, recipe.json)", markup=False)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ._common import Debug, JsonOut, Quiet, handle_errors, print_json, split_list, stderr, stdout
 
@@ -152,9 +153,9 @@ def _emit_report(
         return
     _render_rows(study, rows)
     err = stderr()
-    err.print(f"written: {', '.join(str(p) for p in files.values())}")
+    err.print(f"written: {', '.join(str(p) for p in files.values())}", markup=False)
     if storage_url is not None:
-        err.print(f"dashboard: {dashboard_command(storage_url)}")
+        err.print(f"dashboard: {dashboard_command(storage_url)}", markup=False)
 
 
 @app.command()
@@ -177,7 +178,7 @@ def export(
         print_json({"exported": [str(d) for d in dirs]})
         return
     for d in dirs:
-        stdout().print(str(d / "recipe.json"))
+        stdout().print(str(d / "recipe.json"), markup=False)
 
 
 @app.command()
@@ -216,7 +217,9 @@ def worker(
     err = stderr()
     with TrialProgress(err, total=None, enabled=not quiet) as bar:
         study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn, join=True)
-    err.print(f"study {study.study_name}: {len(study.trials)} trials; this machine is done")
+    err.print(
+        f"study {study.study_name}: {len(study.trials)} trials; this machine is done", markup=False
+    )
 
 
 def _run_workers(
@@ -247,7 +250,7 @@ def _run_workers(
         sync_bn=sync_bn,
         join=join,
         on_trial=bar.on_trial,
-        on_message=lambda m: err.print(m),
+        on_message=lambda m: err.print(m, markup=False),
     )
 
 
@@ -338,7 +341,7 @@ def retrain(
     for r in rows:
         table.add_row(
             r["run"], f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-            f"{r['wall_s']:.0f}", r["model_dir"],
+            f"{r['wall_s']:.0f}", escape(str(r["model_dir"])),
         )  # fmt: skip
     stdout().print(table)
     if len(rows) == 2:
@@ -401,7 +404,7 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
     from an_search.search import pareto_front
 
     out = stdout()
-    table = Table(title=f"study {study.study_name}: {len(rows)} trials")
+    table = Table(title=f"study {escape(study.study_name)}: {len(rows)} trials")
     for col in ("#", "configuration", "M params", "GMACs", "top1", "vs BN", "vs paper", "state"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in rows:

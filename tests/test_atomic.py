@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,26 @@ def test_error_keeps_the_old_file_and_no_temporary(tmp_path: Path, error: type) 
         raise error()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_permissions_are_what_open_would_give(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with replacing(tmp_path / "new.txt") as tmp:
+            Path(tmp).write_text("x")
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: a file open() creates
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "new.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_replacing_keeps_the_replaced_files_mode(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    target.chmod(0o640)
+    with replacing(target) as tmp:
+        Path(tmp).write_text("new")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640 and target.read_text() == "new"

@@ -53,7 +53,7 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-from an_search.errors import InvalidKError, UnknownNameError
+from an_search.errors import MAX_K, InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
 from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
@@ -142,8 +142,10 @@ class AttentiveNorm(nn.Module):
         _source: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        if k < 1:
-            raise InvalidKError(f"K must be >= 1, got {k}; pick a positive number of mixtures")
+        if not 1 <= k <= MAX_K:
+            raise InvalidKError(
+                f"K must be from 1 to {MAX_K}, got {k}; pick a number in that range"
+            )
         if init not in INITS:
             raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
         self.base = resolve_base(base, layout)

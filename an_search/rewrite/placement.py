@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from an_search.errors import InvalidKError, NoSitesSelectedError, UnknownNameError
+from an_search.errors import MAX_K, InvalidKError, NoSitesSelectedError, UnknownNameError
 
 from ._roles import ROLES
 from .sites import Site, SiteReport
@@ -38,11 +38,17 @@ _MOBILE = re.compile(r"mobile|efficient|mnas|ghost|lcnet|tinynet|mixnet|fbnet|sp
 
 
 def _paper(report: SiteReport) -> list[Site]:
-    """Per block: first site after a spatial conv, else first feeding one, else the first."""
+    """Per block: first site after a spatial conv, else first feeding one, else the first.
+
+    A model with no block found (VGG, DLA, Inception: no repeated unit under a stage) is one
+    conv-norm unit after another: every site after a spatial conv, else every site.
+    """
     blocks: dict[str, list[Site]] = {}
     for site in report.supported:
         if site.block is not None:
             blocks.setdefault(site.block, []).append(site)
+    if not blocks:
+        return [s for s in report.supported if "after-spatial" in s.roles] or report.supported
     chosen = []
     for sites in blocks.values():
         after = [s for s in sites if "after-spatial" in s.roles]
@@ -71,7 +77,7 @@ PLACEMENTS: dict[str, Placement] = {
             "paper",
             "the paper's: per block the first norm after a spatial conv (ResNet bn2, basic-block "
             "bn1, MobileNetV2 after depthwise), else the first before one (DenseNet norm2), "
-            "else the block's first norm",
+            "else the block's first norm; no blocks found (VGG): every norm after a spatial conv",
             _paper,
         ),
         Placement("all", "every supported norm", lambda r: r.supported),
@@ -116,8 +122,12 @@ def match_pattern(pattern: str, name: str) -> bool:
 
 
 def _check_k(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InvalidKError(f"{what} is {value!r}: K must be an integer >= 1")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 1 <= value <= MAX_K
+    ):
+        raise InvalidKError(f"{what} is {value!r}: K must be an integer from 1 to {MAX_K}")
     return int(value)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
-from an_search.errors import ANSearchError, RecipeError
+from an_search.errors import MAX_K, ANSearchError, RecipeError
 
 __all__ = [
     "RECIPE_FORMAT",
@@ -57,8 +58,9 @@ def _site(value: Any) -> RecipeSite:
         raise _fail(f"site {value!r} is not an object")
     if not isinstance(site.name, str) or not site.name:
         raise _fail(f"site name {site.name!r} is not a module name")
-    if isinstance(site.k, bool) or not isinstance(site.k, numbers.Integral) or site.k < 1:
-        raise _fail(f"site {site.name!r} has K={site.k!r}, K must be an integer >= 1")
+    k = site.k
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+        raise _fail(f"site {site.name!r} has K={k!r}, K must be an integer from 1 to {MAX_K}")
     if not isinstance(site.head, str) or not isinstance(site.pool, str):
         raise _fail(f"site {site.name!r} head/pool must be names")
     return site
@@ -125,13 +127,15 @@ class Recipe:
         pool: str = "meanstd",
         init: str = "paper",
         no_weight_decay: bool = False,
+        prior: Sequence[RecipeSite] = (),
     ) -> Recipe:
-        """A recipe with one head and pool for every selected site (``select_sites`` output)."""
+        """A recipe with one head and pool for every selected site (``select_sites`` output),
+        after the ``prior`` sites (AN sites the model had before, with their own head and pool)."""
         if model is None:
             raise RecipeError(
                 "the model has no timm name (no pretrained_cfg): build it by name to save a recipe"
             )
-        sites = [RecipeSite(name, int(k), head, pool) for name, k in selected.items()]
+        sites = [*prior, *(RecipeSite(name, int(k), head, pool) for name, k in selected.items())]
         return cls(model, dict(model_kwargs or {}), sites, init, no_weight_decay)
 
     def site_k(self) -> dict[str, int]:

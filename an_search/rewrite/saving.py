@@ -36,7 +36,12 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _check_matches(model: nn.Module, recipe: Recipe) -> None:
+    """The recipe rebuilds ``model``: its sites are AN with their K, and the model it builds
+    (on the meta device: no memory, no init) has the same state dict keys and shapes."""
+    import torch
+
     from an_search.layers import AttentiveNorm
+    from an_search.models import describe_mismatch
 
     for site in recipe.sites:
         try:
@@ -48,6 +53,15 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
                 f"recipe site {site.name!r} (K={site.k}) is not an AttentiveNorm with that K in "
                 "the model: save the model together with the recipe that converted it"
             )
+    with torch.device("meta"):
+        rebuilt = build_from_recipe(recipe).state_dict()
+    problems = describe_mismatch({k: v.shape for k, v in model.state_dict().items()}, rebuilt)
+    if problems:
+        raise RecipeError(
+            f"the recipe does not rebuild this model ({problems.replace('stored', 'here')}; "
+            "'missing' = in the rebuilt model only): convert the model by name, or give convert "
+            "the num_classes/in_chans/img_size the model was built with"
+        )
 
 
 def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:
@@ -69,11 +83,17 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
 
     _check_matches(model, recipe)
     out = Path(directory)
+    for target in (out / WEIGHTS_FILE, out / RECIPE_FILE):
+        if target.exists() and not target.is_file():
+            raise OutputDirError(
+                f"{str(target)!r} exists and is not a file: remove it or choose another directory"
+            )
     created = _first_missing(out)
     done = False
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with replacing(out / WEIGHTS_FILE) as weights, replacing(out / RECIPE_FILE) as meta:
+        # the recipe is moved into place last: the weights' rename is the one that can fail
+        with replacing(out / RECIPE_FILE) as meta, replacing(out / WEIGHTS_FILE) as weights:
             save_model(model, weights)
             Path(meta).write_text(recipe.to_json())
         done = True
@@ -119,7 +139,22 @@ def load(directory: str | os.PathLike[str]) -> tuple[nn.Module, Recipe]:
     except Exception as exc:  # safetensors raises its own error type, or RuntimeError on mismatch
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise RecipeError(
-            f"weights in {str(weights_path)!r} do not load into the recipe's model ({first}): "
-            "re-export the model with its recipe"
+            f"weights in {str(weights_path)!r} do not load into the recipe's model "
+            f"({_stored_mismatch(weights_path, model) or first}): re-export the model with its "
+            "recipe"
         ) from None
     return model.eval(), recipe
+
+
+def _stored_mismatch(weights_path: Path, model: nn.Module) -> str:
+    """What differs between a weights file's keys and shapes and ``model``'s ("" if unreadable)."""
+    from safetensors import safe_open
+
+    from an_search.models import describe_mismatch
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types
+        return ""
+    return describe_mismatch(shapes, model.state_dict())

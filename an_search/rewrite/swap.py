@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from an_search.errors import InvalidKError, UnknownNameError
+from an_search.errors import MAX_K, InvalidKError, UnknownNameError
 
 from .tracer import is_norm_module
 
@@ -86,8 +86,8 @@ def apply_an(
 
     olds = {}
     for name, k in site_k.items():
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise InvalidKError(f"K for {name!r} is {k!r}: K must be an integer >= 1")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+            raise InvalidKError(f"K for {name!r} is {k!r}: K must be an integer from 1 to {MAX_K}")
         old = _get(model, name)
         if not name or not is_norm_module(old):
             raise UnknownNameError(

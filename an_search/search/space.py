@@ -40,7 +40,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from an_search.errors import SpaceError
+from an_search.errors import MAX_K, SpaceError
 
 from ._names import PER_STAGE, known_names
 
@@ -285,6 +285,8 @@ def _numeric(key: str, raw: Mapping[str, Any], typ: str) -> BaseDistribution:
             raise SpaceError(f"{key}: high - low must be a multiple of step: {low}..{high}/{step}")
         if key.startswith("k") and low < 1:
             raise SpaceError(f"{key}: K must be at least 1: low={low}")
+        if key.startswith("k") and high > MAX_K:
+            raise SpaceError(f"{key}: K must be at most {MAX_K}: high={high}")
         return IntDistribution(low, high, log=log, step=step)
     return FloatDistribution(float(low), float(high), log=log, step=step)
 
@@ -295,6 +297,8 @@ def _check_value(key: str, value: Any, kind: type, known: tuple[str, ...] | None
             raise SpaceError(f"{key} takes whole numbers: {value!r}")
         if value < 1:
             raise SpaceError(f"{key}: K must be at least 1: {value!r}")
+        if value > MAX_K:
+            raise SpaceError(f"{key}: K must be at most {MAX_K}: {value!r}")
         return
     if not isinstance(value, str):
         raise SpaceError(f"{key} takes names: {value!r}")

@@ -80,6 +80,11 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
         (["resnet18", "--placement", "none", "--include", "nothing.*"], "--list-sites"),
         (["resnet18", "--placement", "bogus"], "paper"),
         (["resnet18", "--checkpoint", "/nonexistent/w.safetensors"], "does not exist"),
+        (["resnet18.bogus_tag"], "no pretrained tag 'bogus_tag'"),
+        (["resnet18", "--k", "99999999999999999999"], "from 1 to 1024"),
+        (["resnet18", "--head", "[/foo]"], "'[/foo]'"),  # user text is not rich markup
+        (["resnet18", "--placement", "none", "--include", "layer[ab]*"], "'layer[ab]*'"),
+        (["resnet18", "--checkpoint", "w[red]x.pth"], "'w[red]x.pth'"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
@@ -90,6 +95,52 @@ def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
     assert lines[0].startswith("error:")
     assert "Traceback" not in err
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_bad_image_size_one_line_exit_2(size: str) -> None:
+    code, _, err = run("resnet18", "--img-size", size)
+    assert code == 2 and err.strip() == f"error: img_size is {size}: give an integer >= 1"
+
+
+def test_errors_stay_on_one_line_in_a_narrow_terminal() -> None:
+    res = RUNNER.invoke(app, ["resnet18", "--k", "1,2,3,4,5,6"], env={**ENV, "COLUMNS": "40"})
+    assert res.exit_code == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "give 4 values" in res.stderr
+
+
+def test_saved_to_names_the_directory_given(tmp_path: Path) -> None:
+    out_dir = tmp_path / "o[red]d"
+    code, _, err = run("resnet10t", "--img-size", "32", "--output", str(out_dir))
+    assert code == 0, err
+    assert f"saved to {out_dir}/" in err and (out_dir / "recipe.json").is_file()
+
+
+def test_another_classifier_needs_num_classes(tmp_path: Path) -> None:
+    """timm's load_checkpoint refuses a 10-class checkpoint for a 1000-class model; so do we,
+    naming --num-classes (with it, the classifier is kept)."""
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    ckpt = tmp_path / "w10.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    out_dir = tmp_path / "out"
+    code, _, err = run("resnet10t", "--checkpoint", str(ckpt), "--output", str(out_dir))
+    assert code == 2 and "10-class classifier" in err and "--num-classes 10" in err
+    assert not out_dir.exists()
+    code, _, err = run(
+        "resnet10t", "--checkpoint", str(ckpt), "--num-classes", "10", "--output", str(out_dir)
+    )
+    assert code == 0, err
+    model, _ = __import__("an_search").load(out_dir)
+    assert torch.equal(model.fc.weight, ref.fc.weight)
+
+
+def test_models_without_blocks_convert_with_the_default_placement() -> None:
+    code, out, err = run("vgg11_bn", "--img-size", "32", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["sites"]) == 8  # each of its 8 BatchNorms follows a 3x3 conv
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:

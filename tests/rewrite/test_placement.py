@@ -165,3 +165,31 @@ def test_paper_regnet_after_grouped_3x3() -> None:
     chosen = select_sites(report, "paper")
     assert len(chosen) == 13 and all(n.endswith(".conv2.bn") for n in chosen)
     assert chosen["s2.b1.conv2.bn"] == 10 and chosen["s3.b1.conv2.bn"] == 20
+
+
+def test_paper_without_blocks_takes_every_norm_after_a_spatial_conv() -> None:
+    """VGG-like: conv-norm units one after another, no block: the norms after a k>1 conv."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, (1, 3), padding=(0, 1)), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+    )  # fmt: skip
+    report = find_sites(model)
+    assert all(s.block is None for s in report.sites)
+    children = list(model)
+    expected = {
+        str(i)
+        for i, m in enumerate(children)
+        if isinstance(m, nn.BatchNorm2d) and max(children[i - 1].kernel_size) > 1
+    }
+    assert set(select_sites(report, "paper")) == expected == {"1", "7", "10"}
+
+
+def test_k_above_the_ceiling_is_refused(r50) -> None:
+    from an_search.errors import MAX_K
+
+    assert select_sites(r50, "paper", k=MAX_K)
+    for k in (MAX_K + 1, 10**20, [10, 10, 10, MAX_K + 1]):
+        with pytest.raises(InvalidKError, match=f"from 1 to {MAX_K}"):
+            select_sites(r50, "paper", k=k)

@@ -19,6 +19,7 @@ from an_search.rewrite import (
     Recipe,
     RecipeSite,
     apply_an,
+    apply_recipe,
     build_from_recipe,
     load,
     save,
@@ -182,5 +183,26 @@ def test_load_errors(tmp_path, saved) -> None:
     other = _recipe(sites=[RecipeSite("layer1.0.bn1", 3)])  # weights hold one more AN site
     shutil.copy(good / WEIGHTS_FILE, out / WEIGHTS_FILE)
     (out / RECIPE_FILE).write_text(other.to_json())
-    with pytest.raises(RecipeError, match="do not load"):
+    with pytest.raises(RecipeError, match="do not load") as info:
         load(out)
+    # the message names what differs: the keys of the AN site the recipe does not have
+    assert "unexpected keys (first: layer2.0.bn2." in str(info.value)
+
+
+def test_save_rejects_a_model_the_recipe_does_not_rebuild(tmp_path) -> None:
+    recipe = _recipe()  # num_classes 6
+    model = apply_recipe(create_model("resnet10t", num_classes=10), recipe)
+    with pytest.raises(RecipeError, match=r"fc.weight \(10, 512\) here, \(6, 512\)"):
+        save(model, recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_in_a_files_place_fails_before_anything_is_replaced(tmp_path) -> None:
+    recipe = _recipe()
+    model = build_from_recipe(recipe)
+    (tmp_path / WEIGHTS_FILE).mkdir()
+    (tmp_path / RECIPE_FILE).write_text("old")
+    with pytest.raises(OutputDirError, match="not a file"):
+        save(model, recipe, tmp_path)
+    assert (tmp_path / RECIPE_FILE).read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_FILE, RECIPE_FILE]

@@ -79,6 +79,8 @@ def test_load_by_path_equals_by_name(tmp_path: Path) -> None:
         ({"k": {"type": "int", "low": 2, "high": 8, "step": 2, "log": True}}, "log", "step=2"),
         ({"k": {"type": "categorical", "choices": [4, 4]}}, "not repeat", "[4, 4]"),
         ({"k": {"type": "categorical", "choices": [4, "x"]}}, "whole numbers", "'x'"),
+        ({"k": {"type": "int", "low": 4, "high": 2048}}, "at most 1024", "high=2048"),
+        ({"k": {"type": "categorical", "choices": [4, 1025]}}, "at most 1024", "1025"),
         ({"placement": PER_STAGE}, "needs a stage_role", "stage_role missing"),
         (
             {"stage_role": {"type": "categorical", "choices": ["all"]}},

@@ -1,0 +1,82 @@
+"""``an_search.convert`` of a built model: what the caller asked for happens, and the recipe
+rebuilds the model (``load`` of what ``save`` wrote gives the same outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import an_search
+from an_search.errors import CheckpointError, ModelConfigError, RecipeError
+from an_search.layers import AttentiveNorm
+
+
+def _round_trip(model: nn.Module, recipe: an_search.rewrite.Recipe, tmp_path: Path) -> None:
+    """Save, load, and compare state dicts and eval outputs bit for bit."""
+    an_search.save(model, recipe, tmp_path / "out")
+    loaded, _ = an_search.load(tmp_path / "out")
+    model.eval()
+    own = model.state_dict()
+    assert loaded.state_dict().keys() == own.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, own[key]), key
+    channels = model.get_submodule("conv1.0").in_channels
+    x = torch.randn(2, channels, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 10}, {"in_chans": 1}])
+def test_built_with_other_kwargs_round_trips(kwargs: dict, tmp_path: Path) -> None:
+    net = timm.create_model("resnet10t", pretrained=False, **kwargs)
+    result = an_search.convert(net, cost=False)
+    key = next(iter(kwargs))
+    assert result.recipe.model_kwargs[key] == kwargs[key]
+    _round_trip(result.model, result.recipe, tmp_path)
+
+
+def test_converting_a_converted_model_keeps_its_sites(tmp_path: Path) -> None:
+    net = an_search.convert("resnet10t", placement="paper", head="mlp", cost=False).model
+    first = {n: (m.k, m.head_name) for n, m in net.named_modules() if isinstance(m, AttentiveNorm)}
+    result = an_search.convert(net, placement="all", k=3, head="default", cost=False)
+    sites = {s.name: (s.k, s.head) for s in result.recipe.sites}
+    assert {n: sites[n] for n in first} == first  # the earlier sites, with their own K and head
+    converted = {n for n, m in net.named_modules() if isinstance(m, AttentiveNorm)}
+    assert set(sites) == converted and len(converted) > len(first)
+    _round_trip(result.model, result.recipe, tmp_path)
+
+
+def test_checkpoint_and_num_classes_apply_to_a_built_model(tmp_path: Path) -> None:
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=7)
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(ckpt))
+    net = timm.create_model("resnet10t", pretrained=False)  # 1000 classes, other weights
+    result = an_search.convert(net, checkpoint=ckpt, num_classes=7, cost=False)
+    assert net.num_classes == 7 and result.recipe.model_kwargs["num_classes"] == 7
+    assert result.recipe.init == "preserve"
+    assert torch.equal(net.conv1[0].weight, source.conv1[0].weight)
+    assert torch.equal(net.fc.weight, source.fc.weight)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # init preserve: the converted model computes what the source did
+        torch.testing.assert_close(net.eval()(x), source.eval()(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        an_search.convert(timm.create_model("resnet10t"), checkpoint=tmp_path / "no.pth")
+
+
+def test_refusals_leave_the_model_unchanged() -> None:
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(RecipeError, match="no timm name"):
+        an_search.convert(plain, cost=False)
+    assert isinstance(plain[1], nn.BatchNorm2d)
+    net = timm.create_model("resnet10t", pretrained=False)
+    with pytest.raises(ModelConfigError, match="takes 3 input channels"):
+        an_search.convert(net, in_chans=1, cost=False)
+    assert not any(isinstance(m, AttentiveNorm) for m in net.modules())
+    folded = an_search.fold_sites(an_search.convert("resnet10t", cost=False).model.eval())
+    with pytest.raises(ModelConfigError, match="folded"):
+        an_search.convert(folded, placement="all", cost=False)
