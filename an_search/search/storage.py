@@ -40,13 +40,14 @@ from optuna.storages import (
     RetryHeartbeatStaleTrialCallback,
 )
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from an_search.errors import StorageError
 
 __all__ = [
     "DEFAULT_DB_NAME",
     "DEFAULT_JOURNAL_NAME",
+    "count_trials",
     "fail_dead_worker_trials",
     "heartbeat_enabled",
     "open_storage",
@@ -230,3 +231,18 @@ def _is_dead(worker: dict[str, object]) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def count_trials(trials: list[FrozenTrial], *, waiting: bool = True) -> int:
+    """Trials that count against a shared budget: all but FAIL trials that were re-queued.
+
+    A trial failed by the heartbeat and retried (its number in a retry's ``retry_history``) is
+    counted once, through its retry. ``waiting=False`` leaves out WAITING trials too.
+    """
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(
+        1
+        for t in trials
+        if not (t.state == TrialState.FAIL and t.number in retried)
+        and (waiting or t.state != TrialState.WAITING)
+    )

@@ -15,6 +15,7 @@ of it is waiting, running or finished (e.g. it was killed). They are trained in 
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from .space import SearchSpace, load_space
 from .storage import (
     DEFAULT_DB_NAME,
     DEFAULT_JOURNAL_NAME,
+    count_trials,
     fail_dead_worker_trials,
     open_storage,
     resolve_storage_url,
@@ -48,6 +50,7 @@ __all__ = [
     "open_study",
     "prepare_search",
     "quiet_optuna",
+    "trial_limit",
     "run_search",
 ]
 
@@ -86,7 +89,7 @@ def create_or_load_study(
     study = optuna.create_study(
         storage=open_storage(url), study_name=name, load_if_exists=True, directions=directions
     )
-    _check_same_search(study, cfg, objectives)
+    _check_same_search(study, cfg, objectives, space)
     n_before = len(study.get_trials(deepcopy=False))
     study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
     if n_before == 0:
@@ -129,6 +132,7 @@ def run_search(
     """
     with quiet_optuna():
         objective, study = prepare_search(cfg, on_message=on_message)
+        trial_limit(study, cfg, join=False)  # the total `an-search worker` stops at
         objective.progress = progress
         study.optimize(
             objective,
@@ -228,8 +232,31 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     return optuna.load_study(study_name=study_name, storage=backend)
 
 
-def _check_same_search(study: optuna.Study, cfg: SearchConfig, objectives: tuple[str, ...]) -> None:
-    """A resumed study must be the same model and objectives (else its trials do not compare)."""
+def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | None:
+    """The study's total of counted trials once this call is done (None: no total).
+
+    A call that starts trials (not ``join``) with ``n_trials`` stores its total on the study, so
+    that ``an-search worker`` joining without ``--n-trials`` stops there too.
+    """
+    if cfg.n_trials is None:
+        return study.user_attrs.get("target_trials") if join else None
+    limit = count_trials(study.get_trials(deepcopy=False), waiting=False) + cfg.n_trials
+    if not join:
+        study.set_user_attr("target_trials", limit)
+    return limit
+
+
+#: Settings a trial's result depends on beyond the model and objectives (``train.*``: the proxy
+#: training's); a resumed study must keep them. Paths (data, checkpoint) and the device, threads
+#: and loader workers may differ, e.g. on another machine.
+_SAME_SETTINGS = ("cost_img_size", "latency_runs")
+_FREE_TRAIN = ("device", "amp", "channels_last", "workers", "threads", "checkpoint_dir", "resume")
+
+
+def _check_same_search(
+    study: optuna.Study, cfg: SearchConfig, objectives: tuple[str, ...], space: SearchSpace
+) -> None:
+    """A resumed study must be the same search (else its trials do not compare)."""
     attrs = study.user_attrs
     if "model" not in attrs:
         return
@@ -239,6 +266,25 @@ def _check_same_search(study: optuna.Study, cfg: SearchConfig, objectives: tuple
             f"{','.join(attrs['objectives'])}; resume it with the same model and objectives or "
             f"use another study name: {cfg.model} for {','.join(objectives)}"
         )
+    stored, given = attrs.get("config"), json.loads(json.dumps(cfg.to_dict()))
+    if not isinstance(stored, dict):
+        return
+    pairs = [(k, stored.get(k), given[k]) for k in _SAME_SETTINGS]
+    train = stored.get("train") or {}
+    pairs += [
+        (f"train.{k}", train.get(k), v) for k, v in given["train"].items() if k not in _FREE_TRAIN
+    ]
+    old_space = attrs.get("space") or {}
+    pairs.append(("space", old_space.get("name"), space.name))
+    pairs.append(("the space file's text", old_space.get("text"), space.text))
+    for key, old, new in pairs:
+        if old != new:
+            shown = (old, new) if key != "the space file's text" else ("one text", "another")
+            raise StorageError(
+                f"study {study.study_name!r} was run with {key} {shown[0]!r}, this call has "
+                f"{shown[1]!r}: resume it with the same settings, or start another study "
+                "(--study-name or --output)"
+            )
 
 
 def _sampler_pruner(

@@ -35,28 +35,13 @@ from an_search.errors import WorkerError
 from .config import SearchConfig
 from .ddp import DDPObjective
 from .objective import TRIAL_ERRORS, Objective
-from .storage import heartbeat_enabled
+from .storage import count_trials, heartbeat_enabled
 from .study import prepare_search, quiet_optuna
 
 __all__ = ["SharedTrialBudget", "count_trials", "run_worker"]
 
 _SEED_STRIDE = 1009
 _DRAIN_POLL_S = 2.0
-
-
-def count_trials(trials: list[FrozenTrial], *, waiting: bool = True) -> int:
-    """Trials that count against a shared budget: all but FAIL trials that were re-queued.
-
-    A trial failed by the heartbeat and retried (its number in a retry's ``retry_history``) is
-    counted once, through its retry. ``waiting=False`` leaves out WAITING trials too.
-    """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(
-        1
-        for t in trials
-        if not (t.state == TrialState.FAIL and t.number in retried)
-        and (waiting or t.state != TrialState.WAITING)
-    )
 
 
 class SharedTrialBudget:

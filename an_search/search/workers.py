@@ -49,8 +49,8 @@ from .storage import (
     fail_dead_worker_trials,
     resolve_storage_url,
 )
-from .study import prepare_search, quiet_optuna
-from .worker import SharedTrialBudget, count_trials
+from .study import prepare_search, quiet_optuna, trial_limit
+from .worker import SharedTrialBudget
 
 __all__ = ["WorkerPlan", "plan_workers", "run_workers"]
 
@@ -153,7 +153,12 @@ def run_workers(
         here = replace(cfg, train=replace(cfg.train, device="cuda"))
     with quiet_optuna():
         _, study = prepare_search(here, on_message=on_message)  # every check, once, here
-        limit = _limit(study, cfg, join)
+        limit = trial_limit(study, cfg, join=join)
+    if limit is None and cfg.timeout is None and join:
+        raise StorageError(
+            f"study {study.study_name} stores no trial total (its run gave no --n-trials): give "
+            "the worker --n-trials or --timeout"
+        )
     if SharedTrialBudget(limit).reached(study):  # e.g. joining a study that is done
         if on_message is not None:
             on_message(f"study {study.study_name} already holds its {limit} trials")
@@ -190,12 +195,3 @@ def _shared_storage(
 def _absolute(space: Any) -> Any:
     path = Path(str(space))
     return str(path.resolve()) if path.suffix in (".yaml", ".yml") and path.is_file() else space
-
-
-def _limit(study: optuna.Study, cfg: SearchConfig, join: bool) -> int | None:
-    if cfg.n_trials is None:
-        return study.user_attrs.get("target_trials") if join else None
-    limit = count_trials(study.get_trials(deepcopy=False), waiting=False) + cfg.n_trials
-    if not join:  # so that `an-search worker` on other machines stops at the same total
-        study.set_user_attr("target_trials", limit)
-    return limit

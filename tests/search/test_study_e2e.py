@@ -260,3 +260,60 @@ def test_a_refused_configuration_fails_only_its_trial(
     reason = study.get_trials()[1].user_attrs["fail_reason"]
     assert reason.startswith("InvalidKError: K list has 3 values")
     assert study_table(study)[1]["reason"] == reason
+
+
+def test_the_run_stores_the_total_a_joining_worker_stops_at(
+    e2e: SimpleNamespace, tmp_path: Path
+) -> None:
+    from an_search.search import join_config, run_workers
+
+    assert e2e.study.user_attrs["target_trials"] == N_TRIALS == len(e2e.study.trials)
+    db = tmp_path / "joined.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    joined = run_workers(join_config(str(db), "e2e", output_dir=tmp_path / "w"), join=True)
+    assert len(joined.trials) == N_TRIALS  # the study holds its total: the worker adds nothing
+    optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}").set_user_attr(
+        "target_trials", None
+    )  # a study from before totals were stored: a worker without a bound is refused
+    with pytest.raises(StorageError, match="no trial total.*--n-trials or --timeout"):
+        run_workers(join_config(str(db), "e2e", output_dir=tmp_path / "w"), join=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"train": {"epochs": 1}}, "train.epochs 3, this call has 1"),
+        ({"train": {"img_size": 48}}, "train.img_size 32, this call has 48"),
+        ({"cost_img_size": 64}, "cost_img_size None, this call has 64"),
+        ({"space": "paper-neighbourhood"}, "space 'space', this call has 'paper-neighbourhood'"),
+    ],
+)
+def test_resume_with_other_settings_is_refused(
+    e2e: SimpleNamespace, tmp_path: Path, change: dict, needle: str
+) -> None:
+    """Trials trained on another schedule or size do not compare: refused, nothing added."""
+    db = tmp_path / "other.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    train = replace(e2e.cfg.train, **change.pop("train", {}))
+    cfg = replace(e2e.cfg, storage=db, n_trials=1, train=train, **change)
+    with pytest.raises(StorageError) as info:
+        run_search(cfg)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert len(optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}").trials) == N_TRIALS
+
+
+def test_resume_with_other_space_text_and_free_settings(
+    e2e: SimpleNamespace, tmp_path: Path
+) -> None:
+    db = tmp_path / "other.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    edited = tmp_path / "space.yaml"  # same file name, other choices
+    edited.write_text(
+        yaml.safe_dump({**SPACE, "head": {"type": "categorical", "choices": ["mlp"]}})
+    )
+    with pytest.raises(StorageError, match="the space file's text 'one text', this call has"):
+        create_or_load_study(replace(e2e.cfg, storage=db, space=edited))
+    # where and how fast it trains may change (another machine): accepted
+    free = replace(e2e.cfg.train, threads=2, workers=1, device="cpu", amp=False)
+    study, _ = create_or_load_study(replace(e2e.cfg, storage=db, train=free, data=None))
+    assert len(study.trials) == N_TRIALS
