@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from ._common import Debug, JsonOut, Quiet, handle_errors, print_json, split_list, stderr, stdout
+from ._common import (
+    Debug,
+    JsonOut,
+    Quiet,
+    fail,
+    handle_errors,
+    print_json,
+    split_list,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -290,7 +300,7 @@ def retrain(
     from an_search.train import TrainConfig, resolve_data
     from an_search.train.retrain import retrain as run_retrain
 
-    recipe, where = _recipe_from(source, storage, study_name)
+    recipe, where, searched_on = _recipe_from(source, storage, study_name)
     cfg = TrainConfig(
         epochs=epochs,
         batches_per_epoch=batches_per_epoch,
@@ -304,20 +314,41 @@ def retrain(
     )
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
+    if data is None and searched_on is not None:
+        data = searched_on  # the study's dataset, not the embedded default
+        if not (quiet or json_out):
+            stderr().print(f"data: {data} (the study's; --data for another)", markup=False)
     spec = resolve_data(data)
+    classes = recipe.model_kwargs.get("num_classes")
+    if data is None and classes not in (None, spec.num_classes):
+        from an_search.errors import DataError
+
+        raise DataError(
+            f"the recipe's model has {classes} classes, the embedded data {spec.num_classes}: "
+            "pass --data with the dataset it was searched on"
+        )
     from ._progress import TrialProgress
 
-    with TrialProgress(stderr(), total=None, enabled=not (quiet or json_out)) as bar:
-        runs = run_retrain(
-            recipe,
-            spec,
-            cfg,
-            output or (where / "retrain"),
-            baseline=baseline,
-            checkpoint=str(checkpoint) if checkpoint else None,
-            nproc=nproc,
-            progress=bar.on_step,
-        )
+    out_dir = output or (where / "retrain")
+    try:
+        with TrialProgress(stderr(), total=None, enabled=not (quiet or json_out)) as bar:
+            runs = run_retrain(
+                recipe,
+                spec,
+                cfg,
+                out_dir,
+                baseline=baseline,
+                checkpoint=str(checkpoint) if checkpoint else None,
+                nproc=nproc,
+                progress=bar.on_step,
+            )
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise fail(  # a plain re-run starts again: say how to continue
+            f"interrupted; checkpoints are kept in {out_dir}: re-run with --resume to continue",
+            130,
+        ) from None
     rows = [
         {
             "run": r.name,
@@ -352,23 +383,25 @@ def retrain(
 
 def _recipe_from(
     source: Path | None, storage: str | None, study_name: str | None
-) -> tuple[Any, Path]:
-    """A recipe file/folder, or the best feasible trial of a study."""
+) -> tuple[Any, Path, str | None]:
+    """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
+    the folder for outputs and, from a study, the dataset it searched on (None: embedded)."""
     from an_search.errors import RecipeError
     from an_search.rewrite import RECIPE_FILE, Recipe
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
-        return Recipe.from_json(file.read_text()), file.parent
+        return Recipe.from_json(file.read_text()), file.parent, None
     study, _, where = _open(source, storage, study_name)
-    from an_search.search import study_table
+    from an_search.search import ranked_trials
 
-    rows = [r for r in study_table(study) if r["top1"] is not None]
-    if not rows:
-        raise RecipeError(f"study {study.study_name!r} has no finished trial to retrain yet")
-    best = max(rows, key=lambda r: (r["top1"], -r["number"]))
-    trial = study.trials[best["number"]]
-    return Recipe.from_dict(trial.user_attrs["recipe"]), where
+    ranked = ranked_trials(study)
+    if not ranked:
+        raise RecipeError(
+            f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
+        )
+    data = (study.user_attrs.get("config") or {}).get("data")
+    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, data
 
 
 def _open(

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "dashboard_command",
     "export_top",
     "pareto_front",
+    "ranked_trials",
     "study_table",
     "write_csv",
     "write_json",
@@ -128,31 +130,47 @@ def dashboard_command(storage_url: str) -> str:
     return f"optuna-dashboard {shlex.quote(storage_url)}"
 
 
-def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write the ``n`` best configurations as recipes: ``out_dir/rank{i}_trial{n}/recipe.json``.
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's AN configurations, best first: what ``export_top`` writes, in its order.
 
     Ranked by top-1 (several objectives: Pareto-optimal trials first); only COMPLETE, feasible
-    trials whose model has AN, one per distinct model. Each file is an an-convert recipe
-    (``an_search.rewrite.Recipe``): ``an_search.rewrite.build_from_recipe`` rebuilds the model.
-
-    Returns:
-        The directories written, best first.
+    trials whose model has AN, one per distinct model (its first trial).
     """
     rows = [r for r in study_table(study) if r["top1"] is not None and r["n_sites"]]
     pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
     rows.sort(key=lambda r: (r["number"] not in pareto, -r["top1"], r["gmacs"], r["number"]))
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    written, seen = [], set()
+    ranked, seen = [], set()
     for row in rows:
-        if len(written) >= n:
-            break
-        if row["config_key"] in seen:
-            continue
-        seen.add(row["config_key"])
-        recipe = Recipe.from_dict(trials[row["number"]].user_attrs["recipe"])
-        target = make_dir(Path(out_dir) / f"rank{len(written) + 1}_trial{row['number']}")
+        if row["config_key"] not in seen:
+            seen.add(row["config_key"])
+            ranked.append(trials[row["number"]])
+    return ranked
+
+
+def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write the ``n`` best configurations as recipes: ``out_dir/rank{i}_trial{n}/recipe.json``.
+
+    The order of :func:`ranked_trials`. Each file is an an-convert recipe
+    (``an_search.rewrite.Recipe``): ``an_search.rewrite.build_from_recipe`` rebuilds the model.
+    Folders of an earlier export that this one does not write again are removed when they hold
+    nothing but their recipe (a retrain inside one keeps it).
+
+    Returns:
+        The directories written, best first.
+    """
+    written = []
+    for rank, trial in enumerate(ranked_trials(study)[:n], start=1):
+        recipe = Recipe.from_dict(trial.user_attrs["recipe"])
+        target = make_dir(Path(out_dir) / f"rank{rank}_trial{trial.number}")
         atomic_write(target / RECIPE_FILE, recipe.to_json())
         written.append(target)
+    out = Path(out_dir)
+    for old in out.glob("rank*_trial*") if out.is_dir() else ():
+        if re.fullmatch(r"rank\d+_trial\d+", old.name) and old not in written:
+            if old.is_dir() and [p.name for p in old.iterdir()] == [RECIPE_FILE]:
+                (old / RECIPE_FILE).unlink()
+                old.rmdir()
     return written
 
 

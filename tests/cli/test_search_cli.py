@@ -104,3 +104,32 @@ def test_help_does_not_import_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--n-trials" in res.stdout and res.stdout.strip().endswith("NOTORCH")
+
+
+def test_retrain_of_a_recipe_for_other_classes_needs_data(tmp_path: Path) -> None:
+    from an_search.rewrite import Recipe
+
+    recipe = Recipe.from_selection(
+        model="resnet10t", selected={"layer1.0.bn1": 4}, model_kwargs={"num_classes": 3}
+    )
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    code, _, err = run("retrain", str(tmp_path), *TINY)
+    assert code == 2 and "has 3 classes, the embedded data 10" in err and "--data" in err
+
+
+def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None:
+    import an_search.train.retrain as retrain_module
+    from an_search.rewrite import Recipe
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrain_module, "retrain", interrupted)
+    recipe = Recipe.from_selection(model="resnet10t", selected={"layer1.0.bn1": 4})
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    code, _, err = run("retrain", str(tmp_path), *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 130
+    assert err.strip() == (
+        f"error: interrupted; checkpoints are kept in {tmp_path / 'rt'}: re-run with --resume "
+        "to continue"
+    )

@@ -140,3 +140,37 @@ def test_dashboard_command_quotes() -> None:
         dashboard_command("sqlite:///a b/study.db") == "optuna-dashboard 'sqlite:///a b/study.db'"
     )
     assert dashboard_command("/runs/j.log") == "optuna-dashboard /runs/j.log"
+
+
+def test_export_again_removes_only_stale_recipe_folders(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    top = tmp_path / "top"
+    stale = top / "rank2_trial99"  # an earlier export's, a trial no longer in the top 3
+    kept = top / "rank3_trial98"  # the same, with a retrain run inside: kept
+    for d in (stale, kept / "retrain", top / "notes"):
+        d.mkdir(parents=True)
+    for d in (stale, kept):
+        (d / "recipe.json").write_text("{}")
+    dirs = export_top(study, 3, top)
+    assert sorted(p.name for p in top.iterdir()) == sorted(
+        [d.name for d in dirs] + ["rank3_trial98", "notes"]
+    )
+
+
+def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Path) -> None:
+    """BN wins on top-1 here: 'the study's best' to retrain is export's rank 1, an AN model."""
+    from cli.search import _recipe_from
+
+    run = tmp_path / "run"
+    run.mkdir()
+    s = optuna.create_study(
+        direction="maximize", study_name="bnwins", storage=f"sqlite:///{run / 'study.db'}"
+    )
+    s.set_user_attr("config", {"data": "/data/three-classes"})
+    s.add_trial(_trial({"baseline": "bn", "recipe": _recipe({}), "n_sites": 0}, value=60.0))
+    an = _recipe({"layer3.0.bn1": 4})
+    s.add_trial(_trial({"recipe": an, "n_sites": 1, "config_key": "a", "macs": 1e6}, value=55.0))
+    recipe, where, data = _recipe_from(run, None, None)
+    assert recipe.site_k() == {"layer3.0.bn1": 4} and where == run
+    assert data == "/data/three-classes"
