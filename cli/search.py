@@ -74,7 +74,7 @@ def run(
     objectives: Annotated[
         str, typer.Option(help="top1, or top1 plus macs/params/latency (comma list)")
     ] = "top1",
-    max_params: Annotated[int | None, typer.Option(help="budget: parameters")] = None,
+    max_params: Annotated[float | None, typer.Option(help="budget: parameters")] = None,
     max_macs: Annotated[float | None, typer.Option(help="budget: MACs at the proxy size")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="budget: batch-1 ms")] = None,
     checkpoint: Checkpoint = None,
@@ -114,7 +114,7 @@ def run(
         timeout=timeout,
         objectives=objectives,
         max_params=max_params,
-        max_macs=int(max_macs) if max_macs is not None else None,
+        max_macs=max_macs,
         max_latency_ms=max_latency_ms,
         seed=seed,
         train=train,
@@ -182,8 +182,14 @@ def export(
     """Write the best configurations as an-convert recipes (recipe.json each)."""
     from an_search.search import export_top
 
+    if top < 1:
+        raise fail(f"--top must be at least 1, got {top}")
     study, _, where = _open(run_dir, storage, study_name)
     dirs = export_top(study, top, output or (where / "export"))
+    if not dirs:
+        raise fail(
+            f"study {study.study_name!r} has no finished, feasible trial with AN to export yet"
+        )
     if json_out:
         print_json({"exported": [str(d) for d in dirs]})
         return
@@ -415,6 +421,11 @@ def _open(
     source = storage or (str(run_dir) if run_dir is not None else os.environ.get("OPTUNA_STORAGE"))
     if source is None:
         raise StorageError("no study given: pass a run directory or --storage URL")
+    if storage is None and run_dir is not None and not run_dir.exists():
+        raise StorageError(
+            f"no run directory {str(run_dir)!r}: pass the --output of an an-search run "
+            "(an-runs/<model>-<space> by default) or --storage"
+        )
     study = open_study(source, study_name)
     if run_dir is not None:
         where = run_dir
@@ -434,7 +445,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from an_search.search import pareto_front
+    from an_search.search import FRONT_COSTS, front_cost, pareto_front
 
     out = stdout()
     table = Table(title=f"study {escape(study.study_name)}: {len(rows)} trials")
@@ -455,14 +466,15 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
             state,
         )
     out.print(table)
-    front = pareto_front(rows)
-    pt = Table(title="Pareto front (top1 vs GMACs)")
-    for col in ("#", "configuration", "GMACs", "top1"):
+    cost = front_cost(study)
+    key, column = FRONT_COSTS[cost][0], {"macs": "GMACs", "params": "params"}.get(cost, "ms")
+    front = pareto_front(rows, cost=key)
+    pt = Table(title=f"Pareto front (top1 vs {column if cost != 'latency' else 'latency'})")
+    for col in ("#", "configuration", column, "top1"):
         pt.add_column(col)
+    spec = {"gmacs": ".4f", "params": ",", "latency_ms": ".2f"}[key]
     for r in front:
-        pt.add_row(
-            str(r["number"]), r["configuration"], _fmt(r["gmacs"], ".4f"), _fmt(r["top1"], ".2f")
-        )
+        pt.add_row(str(r["number"]), r["configuration"], _fmt(r[key], spec), _fmt(r["top1"], ".2f"))
     out.print(pt)
 
 

@@ -18,8 +18,10 @@ from .join import config_from_dict, join_config
 from .objective import TRIAL_ERRORS, Objective
 from .plots import plot_history, plot_pareto
 from .report import (
+    FRONT_COSTS,
     dashboard_command,
     export_top,
+    front_cost,
     pareto_front,
     ranked_trials,
     study_table,
@@ -50,6 +52,7 @@ from .worker import SharedTrialBudget, count_trials, run_worker
 from .workers import WorkerPlan, plan_workers, run_workers
 
 __all__ = [
+    "FRONT_COSTS",
     "BASELINES",
     "DEFAULT_DB_NAME",
     "DEFAULT_JOURNAL_NAME",
@@ -75,6 +78,7 @@ __all__ = [
     "create_or_load_study",
     "dashboard_command",
     "export_top",
+    "front_cost",
     "fail_dead_worker_trials",
     "heartbeat_enabled",
     "join_config",

@@ -65,8 +65,8 @@ class SearchConfig:
     n_trials: int | None = 20
     timeout: float | None = None
     objectives: Sequence[str] | str = ("top1",)
-    max_params: int | None = None
-    max_macs: int | None = None
+    max_params: float | None = None
+    max_macs: float | None = None
     max_latency_ms: float | None = None
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)

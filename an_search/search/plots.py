@@ -30,13 +30,16 @@ def plot_pareto(
     path: str | os.PathLike[str],
     *,
     title: str = "",
+    cost: str = "gmacs",
+    label: str = "GMACs (multiply-adds, 1e9)",
 ) -> Path:
-    """Top-1 against GMACs: every finished feasible trial, the front as a line, baselines marked."""
+    """Top-1 against a cost (row key ``cost``, axis ``label``): every finished feasible trial,
+    the front as a line, baselines marked."""
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.add_subplot()
-    done = [r for r in rows if r["top1"] is not None and r["gmacs"] is not None]
+    done = [r for r in rows if r["top1"] is not None and r[cost] is not None]
     ax.scatter(
-        [r["gmacs"] for r in done],
+        [r[cost] for r in done],
         [r["top1"] for r in done],
         s=18,
         color="tab:blue",
@@ -44,7 +47,7 @@ def plot_pareto(
         label="trials",
     )
     ax.plot(
-        [r["gmacs"] for r in front],
+        [r[cost] for r in front],
         [r["top1"] for r in front],
         "-o",
         color="tab:green",
@@ -54,9 +57,9 @@ def plot_pareto(
     for name, style in _BASELINE_STYLE.items():
         base = [r for r in done if r["baseline"] == name]
         if base:
-            ax.scatter([base[-1]["gmacs"]], [base[-1]["top1"]], s=90, zorder=3, **style)
+            ax.scatter([base[-1][cost]], [base[-1]["top1"]], s=90, zorder=3, **style)
     infeasible = sum(r["infeasible"] for r in rows)
-    ax.set_xlabel("GMACs (multiply-adds, 1e9)")
+    ax.set_xlabel(label)
     ax.set_ylabel("proxy validation top-1 (%)")
     ax.set_title(f"{title}  ({len(done)} finished, {infeasible} over budget)".strip())
     ax.grid(alpha=0.3)

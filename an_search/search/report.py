@@ -29,6 +29,8 @@ from ._files import atomic_write, make_dir
 __all__ = [
     "dashboard_command",
     "export_top",
+    "FRONT_COSTS",
+    "front_cost",
     "pareto_front",
     "ranked_trials",
     "study_table",
@@ -54,6 +56,21 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
             top1 = row["top1"]
             row[f"delta_{name}"] = None if top1 is None or ref is None else top1 - ref
     return rows
+
+
+#: Cost objective -> (its row key, axis label), for the front and its plot.
+FRONT_COSTS: dict[str, tuple[str, str]] = {
+    "macs": ("gmacs", "GMACs (multiply-adds, 1e9)"),
+    "params": ("params", "parameters"),
+    "latency": ("latency_ms", "batch-1 latency (ms)"),
+}
+
+
+def front_cost(study: optuna.Study) -> str:
+    """The cost a report's front sets against top-1: the study's first cost objective (GMACs
+    when it optimises top-1 alone)."""
+    objectives = study.user_attrs.get("objectives") or ["top1"]
+    return objectives[1] if len(objectives) > 1 and objectives[1] in FRONT_COSTS else "macs"
 
 
 def pareto_front(rows: list[dict[str, Any]], *, cost: str = "gmacs") -> list[dict[str, Any]]:
@@ -106,7 +123,8 @@ def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[s
 
     out = make_dir(Path(out_dir))
     rows = study_table(study)
-    front = pareto_front(rows)
+    key, label = FRONT_COSTS[front_cost(study)]
+    front = pareto_front(rows, cost=key)
     summary = {
         "study": study.study_name,
         "model": study.user_attrs.get("model"),
@@ -115,12 +133,15 @@ def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[s
         "baselines": {r["baseline"]: r for r in rows if r["baseline"] and r["top1"] is not None},
         "states": _count_states(rows),
         "pareto": [r["number"] for r in front],
+        "pareto_cost": key,
         "trials": rows,
     }
     return {
         "csv": write_csv(rows, out / "trials.csv"),
         "json": write_json(summary, out / "report.json"),
-        "pareto": plot_pareto(rows, front, out / "pareto.png", title=study.study_name),
+        "pareto": plot_pareto(
+            rows, front, out / "pareto.png", title=study.study_name, cost=key, label=label
+        ),
         "history": plot_history(rows, out / "history.png", title=study.study_name),
     }
 

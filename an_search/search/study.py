@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from an_search.errors import BudgetError, StorageError, UnknownNameError
+from an_search.errors import BudgetError, StorageError, TrainConfigError, UnknownNameError
 from an_search.rewrite import find_sites
 from an_search.train import resolve_data
 
@@ -166,6 +166,7 @@ def prepare_search(
         UnknownNameError.
     """
     cfg.train.validate()  # (before anything is built on its device)
+    _check_run_settings(cfg)
     space = load_space(cfg.space)
     data = resolve_data(None if cfg.data is None else str(cfg.data))
     objectives = parse_objectives(cfg.objectives)
@@ -230,6 +231,14 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
             f"no study of that name in the storage ({', '.join(names)}): {study_name!r}"
         )
     return optuna.load_study(study_name=study_name, storage=backend)
+
+
+def _check_run_settings(cfg: SearchConfig) -> None:
+    for name, value in (("n_trials", cfg.n_trials), ("timeout", cfg.timeout)):
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise TrainConfigError(f"{name} must be None or positive, got {value!r}")
+    if cfg.seed < 0:
+        raise TrainConfigError(f"seed must be 0 or more, got {cfg.seed!r}")
 
 
 def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | None:

@@ -91,12 +91,19 @@ class TrainConfig:
             (self.warmup_epochs >= 0, "warmup_epochs", "0 or more"),
             (self.workers >= 0, "workers", "0 or more"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)"),
+            (self.seed >= 0, "seed", "0 or more"),
             (not self.resume or self.checkpoint_dir, "resume", "used with a checkpoint_dir"),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise TrainConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise TrainConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
             raise TrainConfigError(f"device {self.device!r} but CUDA is not available; use 'cpu'")
 
 

@@ -73,7 +73,14 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
             "CUDA is not available",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
         ),  # (it was an "internal error" after the baseline's build)
-        (["report", "/nonexistent/run"], "/nonexistent/run"),
+        (["report", "/nonexistent/run"], "no run directory '/nonexistent/run'"),
+        (["run", "resnet10t", "--max-params", "11.8e2"], "max_params=1,180"),  # floats taken
+        (["run", "resnet10t", "--max-macs", "0.5"], "max_macs=0.5"),  # not cut to 0
+        (["run", "resnet10t", "--n-trials", "-1"], "n_trials must be None or positive, got -1"),
+        (["run", "resnet10t", "--timeout", "-1"], "timeout must be None or positive"),
+        (["run", "resnet10t", "--seed", "-1"], "seed must be 0 or more, got -1"),
+        (["run", "resnet10t", "--device", "tpu"], "device must be cpu, cuda or cuda:N"),
+        (["export", "/nonexistent/run", "--top", "0"], "--top must be at least 1, got 0"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
@@ -133,3 +140,14 @@ def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None
         f"error: interrupted; checkpoints are kept in {tmp_path / 'rt'}: re-run with --resume "
         "to continue"
     )
+
+
+def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:
+    import optuna
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{run_dir / 'study.db'}")
+    code, out, err = run("export", str(run_dir))
+    assert code == 2 and out == ""
+    assert "has no finished, feasible trial with AN to export yet" in err

@@ -174,3 +174,23 @@ def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Pa
     recipe, where, data = _recipe_from(run, None, None)
     assert recipe.site_k() == {"layer3.0.bn1": 4} and where == run
     assert data == "/data/three-classes"
+
+
+def test_the_front_uses_the_studys_cost_objective(tmp_path: Path) -> None:
+    s = optuna.create_study(directions=["maximize", "minimize"], study_name="lat")
+    s.set_user_attr("objectives", ["top1", "latency"])
+    points = [(60.0, 1.0e9, 5.0), (55.0, 2.0e9, 1.0), (50.0, 0.5e9, 9.0)]  # top1, MACs, ms
+    for i, (top1, macs, ms) in enumerate(points):
+        attrs = {"recipe": _recipe({"layer3.0.bn1": 4}), "n_sites": 1, "config_key": str(i)}
+        attrs |= {"macs": macs, "latency_ms": ms, "params": 5_000_000, "history": []}
+        s.add_trial(create_trial(values=[top1, ms], user_attrs=attrs))
+    # brute force on (top1 up, latency down): the latency front, not the GMACs one
+    front = [
+        i
+        for i, (t, _, ms) in enumerate(points)
+        if not any(t2 >= t and m2 <= ms and (t2, m2) != (t, ms) for t2, _, m2 in points)
+    ]
+    assert sorted(front) == sorted(t.number for t in s.best_trials) == [0, 1]
+    write_report(s, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(data["pareto"]) == front and data["pareto_cost"] == "latency_ms"
