@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from an_search.errors import OutputDirError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
@@ -30,6 +31,7 @@ __all__ = [
     "dashboard_command",
     "export_top",
     "FRONT_COSTS",
+    "check_report_dir",
     "front_cost",
     "pareto_front",
     "ranked_trials",
@@ -121,6 +123,7 @@ def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[s
     """
     from .plots import plot_history, plot_pareto
 
+    check_report_dir(out_dir, study.study_name)
     out = make_dir(Path(out_dir))
     rows = study_table(study)
     key, label = FRONT_COSTS[front_cost(study)]
@@ -144,6 +147,24 @@ def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[s
         ),
         "history": plot_history(rows, out / "history.png", title=study.study_name),
     }
+
+
+def check_report_dir(out_dir: str | os.PathLike[str], study_name: str) -> None:
+    """Refuse a folder whose ``report.json`` is another study's (its files would be replaced).
+
+    Raises:
+        OutputDirError: naming the other study and the way out.
+    """
+    path = Path(out_dir) / "report.json"
+    try:
+        other = json.loads(path.read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        return  # no report there (or not ours to read): nothing to protect
+    if isinstance(other, str) and other != study_name:
+        raise OutputDirError(
+            f"{str(out_dir)!r} holds the report of study {other!r}: give study "
+            f"{study_name!r} its own folder (--output)"
+        )
 
 
 def dashboard_command(storage_url: str) -> str:

@@ -33,6 +33,7 @@ from ._files import make_dir
 from .build import build_model
 from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
+from .report import check_report_dir
 from .sampling import BASELINES, check_space
 from .space import SearchSpace, load_space
 from .storage import (
@@ -82,6 +83,7 @@ def create_or_load_study(
     space = space or load_space(cfg.space)
     name = cfg.resolved_study_name(space.name)
     run_dir = cfg.run_dir(space.name)
+    check_report_dir(run_dir, name)  # before a trial: its report would replace another's
     url = resolve_storage_url(cfg.storage, run_dir)
     if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}":  # the default: create it
         make_dir(run_dir)

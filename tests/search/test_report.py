@@ -194,3 +194,19 @@ def test_the_front_uses_the_studys_cost_objective(tmp_path: Path) -> None:
     write_report(s, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     assert sorted(data["pareto"]) == front and data["pareto_cost"] == "latency_ms"
+
+
+def test_a_folder_holds_one_studys_report(study: optuna.Study, tmp_path: Path) -> None:
+    from an_search.errors import OutputDirError
+    from an_search.search import SearchConfig, create_or_load_study
+
+    write_report(study, tmp_path)
+    before = (tmp_path / "report.json").read_text()
+    other = optuna.create_study(study_name="other")
+    with pytest.raises(OutputDirError, match="holds the report of study 'handmade'"):
+        write_report(other, tmp_path)
+    with pytest.raises(OutputDirError, match="give study 'resnet10t-default' its own folder"):
+        create_or_load_study(SearchConfig("resnet10t", output_dir=tmp_path))
+    assert (tmp_path / "report.json").read_text() == before
+    assert not (tmp_path / "study.db").exists()  # refused before the study was stored
+    write_report(study, tmp_path)  # the same study: replaced, as on every resume
