@@ -53,8 +53,11 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
                 f"recipe site {site.name!r} (K={site.k}) is not an AttentiveNorm with that K in "
                 "the model: save the model together with the recipe that converted it"
             )
-    with torch.device("meta"):
-        rebuilt = build_from_recipe(recipe).state_dict()
+    try:
+        with torch.device("meta"):
+            rebuilt = build_from_recipe(recipe).state_dict()
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: sites checked only
+        return
     problems = describe_mismatch({k: v.shape for k, v in model.state_dict().items()}, rebuilt)
     if problems:
         raise RecipeError(

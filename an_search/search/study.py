@@ -280,10 +280,13 @@ def _check_same_search(
     stored, given = attrs.get("config"), json.loads(json.dumps(cfg.to_dict()))
     if not isinstance(stored, dict):
         return
-    pairs = [(k, stored.get(k), given[k]) for k in _SAME_SETTINGS]
+    # (a setting the study's version did not store yet is not compared)
+    pairs = [(k, stored[k], given[k]) for k in _SAME_SETTINGS if k in stored]
     train = stored.get("train") or {}
     pairs += [
-        (f"train.{k}", train.get(k), v) for k, v in given["train"].items() if k not in _FREE_TRAIN
+        (f"train.{k}", train[k], v)
+        for k, v in given["train"].items()
+        if k in train and k not in _FREE_TRAIN
     ]
     old_space = attrs.get("space") or {}
     pairs.append(("space", old_space.get("name"), space.name))

@@ -206,3 +206,23 @@ def test_a_directory_in_a_files_place_fails_before_anything_is_replaced(tmp_path
         save(model, recipe, tmp_path)
     assert (tmp_path / RECIPE_FILE).read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_FILE, RECIPE_FILE]
+
+
+def test_save_of_a_model_that_cannot_be_built_on_meta_checks_its_sites_only(
+    tmp_path, monkeypatch
+) -> None:
+    import an_search.rewrite.saving as saving
+
+    recipe = _recipe()
+    model = _converted(recipe)
+
+    def no_meta(recipe: Recipe) -> torch.nn.Module:
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(saving, "build_from_recipe", no_meta)
+    save(model, recipe, tmp_path / "out")  # saved: the structure check is skipped, not fatal
+    with pytest.raises(RecipeError, match="not an AttentiveNorm"):
+        save(model, _recipe(sites=[RecipeSite("layer3.0.bn1", 3)]), tmp_path / "bad")
+    monkeypatch.undo()
+    loaded, _ = load(tmp_path / "out")
+    assert loaded.state_dict().keys() == model.state_dict().keys()

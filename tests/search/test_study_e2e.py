@@ -317,3 +317,17 @@ def test_resume_with_other_space_text_and_free_settings(
     free = replace(e2e.cfg.train, threads=2, workers=1, device="cpu", amp=False)
     study, _ = create_or_load_study(replace(e2e.cfg, storage=db, train=free, data=None))
     assert len(study.trials) == N_TRIALS
+
+
+def test_settings_an_older_study_did_not_store_are_not_compared(
+    e2e: SimpleNamespace, tmp_path: Path
+) -> None:
+    db = tmp_path / "old.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}")
+    config = study.user_attrs["config"]
+    del config["cost_img_size"], config["train"]["label_smoothing"]
+    study.set_user_attr("config", config)
+    train = replace(e2e.cfg.train, label_smoothing=0.0)
+    resumed, _ = create_or_load_study(replace(e2e.cfg, storage=db, train=train, cost_img_size=64))
+    assert len(resumed.trials) == N_TRIALS
