@@ -142,6 +142,7 @@ def load_checkpoint(
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
+    state = _as_timm_loads(model, state)
     own = model.state_dict()
     head = _classifier_keys(model)
     other = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
@@ -163,6 +164,32 @@ def load_checkpoint(
             "check the model name, --num-classes and --img-size"
         )
     model.load_state_dict(state, strict=False)
+
+
+def _as_timm_loads(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What timm's pretrained loading does to a state dict before loading it: the model module's
+    ``checkpoint_filter_fn`` (position embeddings resampled to the model's image size,
+    original-repository key layouts), then the input conv adapted to the model's channels
+    (``adapt_input_conv``: RGB weights for a 1-channel model)."""
+    import sys
+
+    from timm.models import adapt_input_conv
+
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if callable(filter_fn):
+        try:
+            state = dict(filter_fn(state, model))
+        except Exception:  # noqa: BLE001 - unfiltered: a mismatch is then reported as such
+            pass
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    own = model.state_dict()
+    for name in [first] if isinstance(first, str) else list(first or ()):
+        key = f"{name}.weight"
+        if key in state and key in own and state[key].dim() == own[key].dim() == 4:
+            theirs, ours = state[key].shape, own[key].shape
+            if theirs[1] != ours[1] and (theirs[0], *theirs[2:]) == (ours[0], *ours[2:]):
+                state[key] = adapt_input_conv(ours[1], state[key])
+    return state
 
 
 def describe_mismatch(

@@ -80,3 +80,28 @@ def test_refusals_leave_the_model_unchanged() -> None:
     folded = an_search.fold_sites(an_search.convert("resnet10t", cost=False).model.eval())
     with pytest.raises(ModelConfigError, match="folded"):
         an_search.convert(folded, placement="all", cost=False)
+
+
+def test_checkpoints_load_as_timm_loads_pretrained_weights(tmp_path: Path) -> None:
+    """A 224-pixel ViT checkpoint into a 32-pixel model (position embeddings resampled by the
+    model's checkpoint_filter_fn), RGB weights into a 1-channel model (adapt_input_conv)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from an_search.models import create_model
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    ckpt = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(ckpt))
+    small = create_model("vit_tiny_patch16_224", img_size=32, checkpoint=ckpt)
+    expected = resample_abs_pos_embed(vit.pos_embed, new_size=(2, 2), num_prefix_tokens=1)
+    assert small.pos_embed.shape == (1, 5, 192)
+    torch.testing.assert_close(small.pos_embed, expected)
+    assert torch.equal(small.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+    rgb = timm.create_model("resnet10t", pretrained=False)
+    ckpt = tmp_path / "rgb.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(ckpt))
+    gray = create_model("resnet10t", in_chans=1, checkpoint=ckpt)
+    stem = rgb.conv1[0].weight
+    torch.testing.assert_close(gray.conv1[0].weight, stem.sum(dim=1, keepdim=True))
+    assert torch.equal(gray.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
