@@ -11,7 +11,7 @@ Accepted layouts (image extensions as timm's readers know them: .png .jpg .jpeg 
 - root/train/<class>/... with root/val/<class>/... (or validation/, or train.tar + val.tar):
   the ImageNet layout, both splits given.
 - root/<class>/..., root/train/<class>/... alone, or a .tar of <class>/... members: one pool,
-  split seeded and stratified (80/20 by default).
+  split seeded and stratified (80/20 by default; a class keeps at least one training image).
 - name="torch/cifar10" (any timm dataset name) with path as its root: timm's own splits.
 """
 

@@ -68,11 +68,13 @@ class _ToMode:
 
 
 def stratified_indices(
-    targets: np.ndarray | None, n: int, fraction: float, seed: int
+    targets: np.ndarray | None, n: int, fraction: float, seed: int, *, keep_rest: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of range(n): about `fraction` of each class chosen, the rest returned second.
 
-    Every class keeps at least one chosen sample. Without targets the split is uniform random.
+    Every class keeps at least one chosen sample; with `keep_rest` (a holdout: the rest is what
+    trains), at least one in the rest first, so a one-image class is trained on, not only
+    validated. Without targets the split is uniform random.
     """
     rng = np.random.default_rng(seed)
     if targets is None:
@@ -83,6 +85,8 @@ def stratified_indices(
     for c in np.unique(targets):  # sorted classes: the generator's draws are reproducible
         idx = rng.permutation(np.flatnonzero(targets == c))
         k = max(1, round(len(idx) * fraction))
+        if keep_rest:
+            k = min(k, len(idx) - 1)
         chosen.append(idx[:k])
         rest.append(idx[k:])
     return np.sort(np.concatenate(chosen)), np.sort(np.concatenate(rest))
@@ -97,7 +101,7 @@ def _splits(
     train_idx = np.arange(len(train_ds))
     if spec.holdout > 0:  # one pool: the same seeded stratified split every time
         val_idx, train_idx = stratified_indices(
-            targets, len(train_ds), spec.holdout, spec.split_seed
+            targets, len(train_ds), spec.holdout, spec.split_seed, keep_rest=True
         )
         val_ds = Subset(open_dataset(spec, "train"), val_idx.tolist())  # own copy: own transform
     else:  # the training class map: a val folder missing a class must not shift the labels

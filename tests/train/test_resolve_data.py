@@ -95,6 +95,16 @@ def test_stratified_indices_keep_every_class() -> None:
     assert sorted([*chosen, *rest]) == list(range(53))
 
 
+def test_a_holdout_trains_on_every_class() -> None:
+    """A one-image class stays in training (it went wholly to validation, never trained on);
+    a two-image class gives one to each side."""
+    targets = np.array([0] * 50 + [1] + [2] * 2)
+    val, train = stratified_indices(targets, len(targets), 0.2, seed=0, keep_rest=True)
+    assert Counter(targets[val]) == {0: 10, 2: 1}
+    assert Counter(targets[train]) == {0: 40, 1: 1, 2: 1}
+    assert sorted([*val, *train]) == list(range(53))
+
+
 def test_tar_file_as_data(tiny_root: Path, tmp_path: Path) -> None:
     tar = shutil.make_archive(str(tmp_path / "pool"), "tar", tiny_root / "train")
     spec = resolve_data(tar)
