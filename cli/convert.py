@@ -112,6 +112,7 @@ def _site_row(site: Any, k: int | None) -> dict[str, Any]:
         "stage": site.stage,
         "k": k,
         "roles": list(site.roles),
+        "supported": site.supported,
     }
 
 
@@ -151,12 +152,14 @@ def _print_sites(model: str, report: SiteReport) -> None:
         stderr().print(
             f"[yellow]note:[/] not traced ({escape(report.fallback_reason)}); roles are partial"
         )
-    table = Table(title=f"{model}: {len(report.sites)} normalization sites")
+    unsupported = f", {len(report.unsupported)} AN cannot replace" if report.unsupported else ""
+    table = Table(title=f"{model}: {len(report.sites)} normalization sites{unsupported}")
     for col in ("site", "type", "C", "stage", "roles"):
         table.add_column(col)
     for s in report.sites:
         stage = "-" if s.stage is None else str(s.stage)
-        table.add_row(s.name, s.norm_type, str(s.channels), stage, ", ".join(s.roles))
+        kind = s.norm_type if s.supported else f"{s.norm_type} (unsupported)"
+        table.add_row(s.name, kind, str(s.channels), stage, ", ".join(s.roles))
     stdout().print(table)
 
 

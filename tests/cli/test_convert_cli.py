@@ -137,6 +137,19 @@ def test_another_classifier_needs_num_classes(tmp_path: Path) -> None:
     assert torch.equal(model.fc.weight, ref.fc.weight)
 
 
+def test_list_sites_marks_the_norms_an_cannot_replace() -> None:
+    code, out, err = run("test_efficientnet_evos", "--list-sites", "--img-size", "32")
+    assert code == 0, err
+    rows = [ln for ln in out.splitlines() if "EvoNorm2dS0" in ln]
+    assert rows and all("(unsupported)" in ln for ln in rows)
+    assert "13 AN cannot replace" in out
+    code, out, _ = run("test_efficientnet_evos", "--list-sites", "--img-size", "32", "--json")
+    sites = json.loads(out)["sites"]
+    assert len(sites) == 13 and not any(s["supported"] for s in sites)
+    code, out, _ = run("resnet10t", "--list-sites", "--img-size", "32", "--json")
+    assert all(s["supported"] for s in json.loads(out)["sites"])
+
+
 def test_models_without_blocks_convert_with_the_default_placement() -> None:
     code, out, err = run("vgg11_bn", "--img-size", "32", "--json")
     assert code == 0, err
