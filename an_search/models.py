@@ -142,8 +142,8 @@ def load_checkpoint(
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
-    state = _as_timm_loads(model, state)
     own = model.state_dict()
+    state = _as_timm_loads(model, own, state)
     head = _classifier_keys(model)
     other = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
     if other and not new_classifier:
@@ -166,7 +166,9 @@ def load_checkpoint(
     model.load_state_dict(state, strict=False)
 
 
-def _as_timm_loads(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _as_timm_loads(
+    model: nn.Module, own: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """What timm's pretrained loading does to a state dict before loading it: the model module's
     ``checkpoint_filter_fn`` (position embeddings resampled to the model's image size,
     original-repository key layouts), then the input conv adapted to the model's channels
@@ -182,7 +184,6 @@ def _as_timm_loads(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
         except Exception:  # noqa: BLE001 - unfiltered: a mismatch is then reported as such
             pass
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    own = model.state_dict()
     for name in [first] if isinstance(first, str) else list(first or ()):
         key = f"{name}.weight"
         if key in state and key in own and state[key].dim() == own[key].dim() == 4:
@@ -196,9 +197,11 @@ def describe_mismatch(
     shapes: Mapping[str, Sequence[int]],
     own: Mapping[str, torch.Tensor],
     skip: Collection[str] = (),
+    sides: tuple[str, str] = ("stored", "in the model"),
 ) -> str:
     """What differs between stored ``shapes`` (key -> shape) and a model's state dict, in one
-    line (the count and first key of each kind, with both shapes); ``""`` when nothing does."""
+    line (the count and first key of each kind, both shapes named by ``sides``); ``""`` when
+    nothing does."""
     mismatched = [k for k in shapes if k in own and tuple(shapes[k]) != tuple(own[k].shape)]
     missing = [k for k in own if k not in shapes and k not in skip]
     unexpected = [k for k in shapes if k not in own]
@@ -206,8 +209,8 @@ def describe_mismatch(
     if mismatched:
         k = mismatched[0]
         parts.append(
-            f"{len(mismatched)} shape mismatches (first: {k} {tuple(shapes[k])} stored, "
-            f"{tuple(own[k].shape)} in the model)"
+            f"{len(mismatched)} shape mismatches (first: {k} {tuple(shapes[k])} {sides[0]}, "
+            f"{tuple(own[k].shape)} {sides[1]})"
         )
     if missing:
         parts.append(f"{len(missing)} missing keys (first: {missing[0]})")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,19 +21,24 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output o
 
 
 def stdout() -> Console:
-    """Console for results (tables)."""
-    return Console(soft_wrap=False)
+    """Console for results (tables). No markup: names, paths and patterns print as given."""
+    return Console(soft_wrap=False, markup=False)
 
 
 def stderr() -> Console:
-    """Console for diagnostics and progress."""
-    return Console(stderr=True)
+    """Console for diagnostics and progress. No markup (styles go through :func:`styled`)."""
+    return Console(stderr=True, markup=False)
+
+
+def styled(label: str, style: str, message: str) -> Text:
+    """``label message`` with ``label`` in ``style`` (``error:`` in bold red...)."""
+    return Text.assemble((label, style), f" {message}")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` on stderr; return the Exit to raise."""
-    # one line however narrow the terminal (or 80 columns when piped); the message is text
-    stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # one line however narrow the terminal (or 80 columns when piped)
+    stderr().print(styled("error:", "bold red", message), highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
 
 

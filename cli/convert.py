@@ -7,9 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from ._common import Debug, JsonOut, handle_errors, parse_k, print_json, split_list, stderr, stdout
+from ._common import (
+    Debug,
+    JsonOut,
+    handle_errors,
+    parse_k,
+    print_json,
+    split_list,
+    stderr,
+    stdout,
+    styled,
+)
 
 if TYPE_CHECKING:
     from an_search.conversion import ConvertResult
@@ -149,9 +158,8 @@ def _print_sites(model: str, report: SiteReport) -> None:
     from rich.table import Table
 
     if not report.traced:
-        stderr().print(
-            f"[yellow]note:[/] not traced ({escape(report.fallback_reason)}); roles are partial"
-        )
+        reason = f"not traced ({report.fallback_reason}); roles are partial"
+        stderr().print(styled("note:", "yellow", reason))
     unsupported = f", {len(report.unsupported)} AN cannot replace" if report.unsupported else ""
     table = Table(title=f"{model}: {len(report.sites)} normalization sites{unsupported}")
     for col in ("site", "type", "C", "stage", "roles"):
@@ -169,7 +177,7 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     before, after = result.cost_before, result.cost_after
     assert before is not None and after is not None
     if not result.report.traced:
-        stderr().print(f"[yellow]note:[/] not traced ({escape(result.report.fallback_reason)})")
+        stderr().print(styled("note:", "yellow", f"not traced ({result.report.fallback_reason})"))
     by_name = {s.name: s for s in result.report.sites}
     table = Table(title=f"{model}: AN at {len(result.selected)} of {len(by_name)} sites")
     for col in ("site", "type", "C", "stage", "K", "roles"):
@@ -196,9 +204,9 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     out.print(totals)
     if after.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(after.unsupported_ops.items()))
-        stderr().print(f"[dim]ops fvcore could not count (not in totals): {escape(ops)}[/]")
+        stderr().print(f"ops fvcore could not count (not in totals): {ops}", style="dim")
     if output is not None:
-        stderr().print(f"saved to {output}/ (model.safetensors, recipe.json)", markup=False)
+        stderr().print(f"saved to {output}/ (model.safetensors, recipe.json)")
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from ._common import (
     Debug,
@@ -163,9 +162,9 @@ def _emit_report(
         return
     _render_rows(study, rows)
     err = stderr()
-    err.print(f"written: {', '.join(str(p) for p in files.values())}", markup=False)
+    err.print(f"written: {', '.join(str(p) for p in files.values())}")
     if storage_url is not None:
-        err.print(f"dashboard: {dashboard_command(storage_url)}", markup=False)
+        err.print(f"dashboard: {dashboard_command(storage_url)}")
 
 
 @app.command()
@@ -194,7 +193,7 @@ def export(
         print_json({"exported": [str(d) for d in dirs]})
         return
     for d in dirs:
-        stdout().print(str(d / "recipe.json"), markup=False)
+        stdout().print(str(d / "recipe.json"))
 
 
 @app.command()
@@ -233,9 +232,7 @@ def worker(
     err = stderr()
     with TrialProgress(err, total=None, enabled=not quiet) as bar:
         study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn, join=True)
-    err.print(
-        f"study {study.study_name}: {len(study.trials)} trials; this machine is done", markup=False
-    )
+    err.print(f"study {study.study_name}: {len(study.trials)} trials; this machine is done")
 
 
 def _run_workers(
@@ -266,7 +263,7 @@ def _run_workers(
         sync_bn=sync_bn,
         join=join,
         on_trial=bar.on_trial,
-        on_message=lambda m: err.print(m, markup=False),
+        on_message=err.print,
     )
 
 
@@ -323,7 +320,7 @@ def retrain(
     if data is None and searched_on is not None:
         data = searched_on  # the study's dataset, not the embedded default
         if not (quiet or json_out):
-            stderr().print(f"data: {data} (the study's; --data for another)", markup=False)
+            stderr().print(f"data: {data} (the study's; --data for another)")
     spec = resolve_data(data)
     classes = recipe.model_kwargs.get("num_classes")
     if data is None and classes not in (None, spec.num_classes):
@@ -378,7 +375,7 @@ def retrain(
     for r in rows:
         table.add_row(
             r["run"], f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-            f"{r['wall_s']:.0f}", escape(str(r["model_dir"])),
+            f"{r['wall_s']:.0f}", str(r["model_dir"]),
         )  # fmt: skip
     stdout().print(table)
     if len(rows) == 2:
@@ -448,7 +445,7 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
     from an_search.search import FRONT_COSTS, front_cost, pareto_front
 
     out = stdout()
-    table = Table(title=f"study {escape(study.study_name)}: {len(rows)} trials")
+    table = Table(title=f"study {study.study_name}: {len(rows)} trials")
     for col in ("#", "configuration", "M params", "GMACs", "top1", "vs BN", "vs paper", "state"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in rows:

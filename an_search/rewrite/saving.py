@@ -58,10 +58,11 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
             rebuilt = build_from_recipe(recipe).state_dict()
     except Exception:  # noqa: BLE001 - a model that cannot be built on meta: sites checked only
         return
-    problems = describe_mismatch({k: v.shape for k, v in model.state_dict().items()}, rebuilt)
+    here = {k: v.shape for k, v in model.state_dict().items()}
+    problems = describe_mismatch(here, rebuilt, sides=("here", "in the model"))
     if problems:
         raise RecipeError(
-            f"the recipe does not rebuild this model ({problems.replace('stored', 'here')}; "
+            f"the recipe does not rebuild this model ({problems}; "
             "'missing' = in the rebuilt model only): convert the model by name, or give convert "
             "the num_classes/in_chans/img_size the model was built with"
         )
