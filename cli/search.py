@@ -206,7 +206,7 @@ def worker(
     gpus_per_trial: GpusPerTrial = 1,
     sync_bn: SyncBN = False,
     n_trials: Annotated[
-        int | None, typer.Option(help="trials to add (default: up to the study's total)")
+        int | None, typer.Option(help="trials this machine adds (default: up to the study's total)")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
     data: Annotated[str | None, typer.Option(help="the dataset's path on this machine")] = None,

@@ -46,7 +46,12 @@ OnTrial = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def start_worker(
-    cfg: SearchConfig, plan: WorkerPlan, limit: int | None, sync_bn: bool, folder: Path
+    cfg: SearchConfig,
+    plan: WorkerPlan,
+    limit: int | None,
+    sync_bn: bool,
+    folder: Path,
+    call: str | None = None,
 ) -> subprocess.Popen:
     make_dir(folder)
     threads = len(plan.cpus)
@@ -67,6 +72,7 @@ def start_worker(
     cmd += ["--index", str(plan.index), "--nproc", str(plan.nproc), "--status", str(status)]
     cmd += ["--cpus", ",".join(map(str, plan.cpus))] if plan.cpus else []
     cmd += ["--limit", str(limit)] if limit is not None else []
+    cmd += ["--call", call] if call is not None else []
     cmd += ["--sync-bn"] if sync_bn else []
     with open(folder / f"worker-{plan.index}.log", "wb") as log:
         return subprocess.Popen(

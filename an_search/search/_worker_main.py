@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="SearchConfig as JSON (to_dict)")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--call", default=None, help="the worker call's id (own-trial budget)")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--cpus", default=None, help="CPU ids to run on, comma list")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             nproc=args.nproc,
             sync_bn=args.sync_bn,
             guard=guard,
+            call=args.call,
         )
     except KeyboardInterrupt:
         code, status["stopped"] = 130, "interrupted"

@@ -81,10 +81,12 @@ class Objective:
         self.budgets = cfg.budgets()
         #: called as progress(done_updates, total_updates) while a trial trains (None: off)
         self.progress: Callable[[int, int], None] | None = None
+        #: the worker call this objective runs for, recorded with each trial (None: none)
+        self.call: str | None = None
 
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         start = time.perf_counter()
-        record_worker(trial)
+        record_worker(trial, self.call)
         baseline = trial.user_attrs.get("baseline")
         config = (
             dict(BASELINES[baseline]) if baseline else sample_recipe(trial, self.space, self.report)

@@ -133,9 +133,16 @@ def open_storage(url: str) -> BaseStorage:
         ) from None
 
 
-def record_worker(trial: optuna.trial.Trial) -> None:
-    """Record this process as the worker of ``trial`` (read by :func:`fail_dead_worker_trials`)."""
-    trial.set_user_attr(_WORKER_KEY, _this_worker())
+def record_worker(trial: optuna.trial.Trial, call: str | None = None) -> None:
+    """Record this process as the worker of ``trial`` (read by :func:`fail_dead_worker_trials`).
+
+    ``call``: the id of the worker call this process belongs to, counted by
+    :func:`count_trials` (``an-search worker --n-trials``: the trials this call adds).
+    """
+    worker = _this_worker()
+    if call is not None:
+        worker["call"] = call
+    trial.set_user_attr(_WORKER_KEY, worker)
 
 
 def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
@@ -233,11 +240,14 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def count_trials(trials: list[FrozenTrial], *, waiting: bool = True) -> int:
+def count_trials(
+    trials: list[FrozenTrial], *, waiting: bool = True, call: str | None = None
+) -> int:
     """Trials that count against a shared budget: all but FAIL trials that were re-queued.
 
     A trial failed by the heartbeat and retried (its number in a retry's ``retry_history``) is
-    counted once, through its retry. ``waiting=False`` leaves out WAITING trials too.
+    counted once, through its retry. ``waiting=False`` leaves out WAITING trials too; ``call``
+    counts only the trials that workers of that call ran (:func:`record_worker`), never WAITING.
     """
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(
@@ -245,4 +255,10 @@ def count_trials(trials: list[FrozenTrial], *, waiting: bool = True) -> int:
         for t in trials
         if not (t.state == TrialState.FAIL and t.number in retried)
         and (waiting or t.state != TrialState.WAITING)
+        and (call is None or _worker_call(t) == call and t.state != TrialState.WAITING)
     )
+
+
+def _worker_call(trial: FrozenTrial) -> str | None:
+    worker = trial.user_attrs.get(_WORKER_KEY)
+    return worker.get("call") if isinstance(worker, dict) else None

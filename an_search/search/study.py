@@ -244,16 +244,20 @@ def _check_run_settings(cfg: SearchConfig) -> None:
 
 
 def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | None:
-    """The study's total of counted trials once this call is done (None: no total).
+    """The count of trials at which this call's workers stop (None: no count).
 
-    A call that starts trials (not ``join``) with ``n_trials`` stores its total on the study, so
-    that ``an-search worker`` joining without ``--n-trials`` stops there too.
+    A call that starts trials (not ``join``) with ``n_trials`` stops at the study's total once
+    they are added, and stores that total on the study, so that ``an-search worker`` joining
+    without ``--n-trials`` stops there too. A joining call with ``n_trials`` stops once its
+    own workers ran that many (``worker.SharedTrialBudget`` with a call id), whatever other
+    processes add meanwhile.
     """
     if cfg.n_trials is None:
         return study.user_attrs.get("target_trials") if join else None
+    if join:
+        return cfg.n_trials
     limit = count_trials(study.get_trials(deepcopy=False), waiting=False) + cfg.n_trials
-    if not join:
-        study.set_user_attr("target_trials", limit)
+    study.set_user_attr("target_trials", limit)
     return limit
 
 

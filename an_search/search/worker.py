@@ -52,21 +52,33 @@ class SharedTrialBudget:
     retries). Several workers may each start one more trial at the same instant, so a study can
     end up to ``workers - 1`` trials over ``limit``.
 
+    With ``call``, ``limit`` counts only the trials that call's workers ran (``an-search worker
+    --n-trials N`` adds N trials, however many other processes add meanwhile), and the queue
+    does not hold the workers back: its trials are the other calls' too.
+
     Args:
         limit: total counted trials of the study (None: no limit).
         stop: also stop when this returns True (e.g. a Ctrl-C arrived).
+        call: the id this call's workers record with their trials (``storage.record_worker``).
     """
 
-    def __init__(self, limit: int | None, stop: Callable[[], bool] = lambda: False) -> None:
-        self.limit, self.stop = limit, stop
+    def __init__(
+        self,
+        limit: int | None,
+        stop: Callable[[], bool] = lambda: False,
+        call: str | None = None,
+    ) -> None:
+        self.limit, self.stop, self.call = limit, stop, call
 
     def reached(self, study: optuna.Study) -> bool:
-        """Whether the budget is used up and nothing waits in the queue."""
+        """Whether the budget is used up (and, without ``call``, nothing waits in the queue)."""
         if self.stop():
             return True
         if self.limit is None:
             return False
         trials = study.get_trials(deepcopy=False)
+        if self.call is not None:
+            return count_trials(trials, call=self.call) >= self.limit
         waiting = any(t.state == TrialState.WAITING for t in trials)
         return not waiting and count_trials(trials) >= self.limit
 
@@ -136,16 +148,19 @@ def run_worker(
     nproc: int = 1,
     sync_bn: bool = False,
     guard: _SigintGuard | None = None,
+    call: str | None = None,
 ) -> optuna.Study:
     """Run one worker in this process until the shared budget, the timeout, or a Ctrl-C.
 
     Args:
         cfg: the search settings; ``storage`` must be one that several processes may share.
-        limit: total counted trials of the study (:func:`count_trials`); None: no limit.
+        limit: total counted trials of the study (:func:`count_trials`), or with ``call`` of
+            that call's workers; None: no limit.
         index: this worker's number (offsets the sampler seed).
         nproc: processes per trial; > 1 trains each trial under torchrun (:mod:`.ddp`).
         sync_bn: SyncBatchNorm in those trials (CUDA only).
         guard: SIGINT handling (installed by :func:`main`); None: Ctrl-C as usual.
+        call: the id of the worker call this process belongs to (see :class:`SharedTrialBudget`).
 
     Raises:
         KeyboardInterrupt: after a Ctrl-C, once the running trial is recorded FAIL.
@@ -157,7 +172,8 @@ def run_worker(
         objective, study = prepare_search(wcfg, make_objective=make)
         guard.check()
         guard.wrap(objective)
-        budget = SharedTrialBudget(limit, stop=lambda: guard.pending)
+        objective.call = call
+        budget = SharedTrialBudget(limit, stop=lambda: guard.pending, call=call)
         deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
         catch = (*TRIAL_ERRORS, WorkerError)
         while not guard.pending:

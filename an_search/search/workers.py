@@ -30,6 +30,7 @@ FAIL, so no trial is left RUNNING, and ``KeyboardInterrupt`` is raised.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,9 +124,11 @@ def run_workers(
     """Run (or resume, or join) a search with several worker processes; return the study.
 
     Args:
-        cfg: the search settings. ``n_trials`` is the total this call adds to the study, shared
-            by all workers (``worker.SharedTrialBudget``); with ``join`` and no ``n_trials``,
-            the total the study's creator set.
+        cfg: the search settings. ``n_trials``: the trials this call adds, shared by all its
+            workers (``worker.SharedTrialBudget``); without ``join`` the study's total is then
+            its trials so far plus ``n_trials``, which trials from other processes (joining
+            workers) help reach; with ``join``, this call's own trials. With ``join`` and no
+            ``n_trials``, the total the study's creator set.
         n_workers: worker processes; None: one per GPU group, or one on CPU.
         gpus: GPU ids (e.g. ``[0, 1, 2, 3]``); None: CPU.
         gpus_per_trial: GPUs per trial (torchrun/DDP above 1); on CPU, gloo processes.
@@ -159,12 +162,14 @@ def run_workers(
             f"study {study.study_name} stores no trial total (its run gave no --n-trials): give "
             "the worker --n-trials or --timeout"
         )
-    if SharedTrialBudget(limit).reached(study):  # e.g. joining a study that is done
+    call = uuid.uuid4().hex if join and cfg.n_trials is not None else None  # its own trials
+    if SharedTrialBudget(limit, call=call).reached(study):  # e.g. joining a study that is done
         if on_message is not None:
             on_message(f"study {study.study_name} already holds its {limit} trials")
         return study
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    procs = [start_worker(cfg, plan, limit, sync_bn, run_dir / "workers") for plan in plans]
+    folder = run_dir / "workers"
+    procs = [start_worker(cfg, plan, limit, sync_bn, folder, call) for plan in plans]
     interrupted = watch_workers(study, procs, seen, on_trial, poll_s)
     fail_dead_worker_trials(study)  # a worker killed mid-trial: its trial ends FAIL
     report_finished(study, seen, on_trial)

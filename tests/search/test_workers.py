@@ -92,6 +92,63 @@ def test_budget_counts_a_retried_trial_once() -> None:
     assert SharedTrialBudget(None, stop=lambda: True).reached(study)
 
 
+def test_a_call_budget_counts_only_the_trials_its_workers_ran() -> None:
+    study = optuna.create_study()
+
+    def add(state: TrialState, call: str | None, **kw: object) -> None:
+        attrs = {} if call is None else {"worker": {"host": "h", "pid": 1, "call": call}}
+        value = 1.0 if state == TrialState.COMPLETE else None
+        study.add_trial(optuna.create_trial(state=state, value=value, user_attrs=attrs, **kw))
+
+    add(TrialState.COMPLETE, "a")
+    add(TrialState.FAIL, "a")  # retried below by call b: counted once, for b
+    add(TrialState.COMPLETE, "b")
+    add(TrialState.COMPLETE, None)  # a plain run's trial
+    add(TrialState.COMPLETE, "b", system_attrs={"failed_trial": 1, "retry_history": [1]})
+    add(TrialState.WAITING, "a")  # queued, not yet anyone's
+    trials = study.get_trials()
+    assert count_trials(trials, call="a") == 1 and count_trials(trials, call="b") == 2
+    assert count_trials(trials, call="c") == 0 and count_trials(trials) == 5
+    assert SharedTrialBudget(1, call="a").reached(study)  # the queue does not hold it back
+    assert not SharedTrialBudget(2, call="a").reached(study)
+    assert not SharedTrialBudget(5).reached(study)  # the study's total: the queue holds it
+
+
+def test_worker_n_trials_adds_its_own_while_other_processes_add_theirs(
+    tmp_path: Path, tiny_train
+) -> None:
+    """`an-search worker --n-trials 3` on a study that others write to meanwhile."""
+    from an_search.search import join_config
+    from an_search.search.study import prepare_search
+
+    journal = tmp_path / "study.log"
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=tmp_path / "run",
+        study_name="busy",
+        storage=journal,
+        train=tiny_train(**TRAIN),
+    )
+    prepare_search(cfg)  # the creator: settings stored, baselines queued, no trial run here
+    others: list[int] = []
+
+    def another_process_adds_trials(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not others:  # after this call's first trial, 4 trials from elsewhere
+            for _ in range(4):
+                study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1))
+            others.extend(t.number for t in study.get_trials(deepcopy=False)[-4:])
+
+    joined = join_config(str(journal), "busy", output_dir=tmp_path / "w", n_trials=3)
+    study = run_workers(joined, join=True, on_trial=another_process_adds_trials, poll_s=0.05)
+    trials = study.get_trials()
+    own = [t for t in trials if t.number not in others]
+    assert len(others) == 4 and len(trials) == 7  # three of its own, whatever others added
+    assert [t.user_attrs.get("baseline") for t in own[:2]] == ["bn", "paper"]
+    assert {t.state for t in own} == {TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"]["call"] for t in own}) == 1
+
+
 def test_two_workers_share_a_journal_and_never_train_twice(tmp_path: Path, tiny_train) -> None:
     cfg = SearchConfig(
         "resnet10t",
