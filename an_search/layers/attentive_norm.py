@@ -59,6 +59,7 @@ from ._cpu_site import cpu_site
 from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, fold, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
+from ._fx import fx_leaf, traced_input
 from ._native import channels_last_map, native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
@@ -294,6 +295,8 @@ class AttentiveNorm(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if traced_input(self, x):
+            return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
         y = self._forward_triton(x) if x.is_cuda else None
         if y is None and not self.training:
             y = self._forward_native_eval(x)

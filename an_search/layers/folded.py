@@ -31,6 +31,7 @@ from torch import nn
 
 from ._device_eval import _DevicePlan, device_plan, plan_dtype, recording, run_device_plan
 from ._eval_plan import _NAMES, _Plan, _spec
+from ._fx import fx_leaf, traced_input
 from ._native import channels_last_map, library
 
 __all__ = ["FoldedAttentiveNorm"]
@@ -70,6 +71,8 @@ class FoldedAttentiveNorm(nn.Module):
         self.drop, self.act = an.drop, an.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if traced_input(self, x):
+            return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
         if x.dim() not in self.dims:
             raise ValueError(f"expected {' or '.join(map(str, self.dims))}D input (got {x.dim()}D)")
         y = self._site(x)
