@@ -77,6 +77,11 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 _PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR, SITE_ATTR)  # cached plans and site in __dict__
 
 
+def _zero_initialised(weight: torch.Tensor | None) -> bool:
+    """Whether a norm's weight holds zeros only (a meta tensor holds no values: False)."""
+    return weight is not None and not weight.is_meta and not weight.detach().any()
+
+
 class AttentionWeights(nn.Module):
     """Mixture weights of AN: raw input x -> pooled statistic (B, C) -> head -> (B, K)."""
 
@@ -224,7 +229,10 @@ class AttentiveNorm(nn.Module):
 
         Copies eps, momentum, groups, running statistics, device/dtype and train/eval mode, and
         keeps the drop + activation of timm's ``*Act`` norms. ``init="preserve"`` makes the new
-        layer compute exactly ``norm``'s function (train and eval) at construction.
+        layer compute exactly ``norm``'s function (train and eval) at construction. Under
+        ``init="paper"`` a ``norm`` whose weight is all zero (timm's ``zero_init_last``: the
+        last norm of a residual block) gets Gamma = Beta = 0, so that its branch still starts
+        at zero, as in the reference's zero-initialised last BN.
 
         Raises:
             UnknownNameError: unsupported norm class, or unknown head/pool/init.
@@ -258,6 +266,12 @@ class AttentiveNorm(nn.Module):
                     dst.copy_(src)
         if init == "preserve":
             an.init_preserve(spec.weight, spec.bias)
+        elif _zero_initialised(spec.weight):
+            # a zero-initialised norm (timm's zero_init_last, the reference's last BN of a
+            # residual block): the branch must start at zero, not at an effective scale of K/2
+            with torch.no_grad():
+                an.weight.zero_()
+                an.bias.zero_()
         return an.train(norm.training)
 
     def fuse(self) -> nn.Module:
@@ -297,11 +311,18 @@ class AttentiveNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if traced_input(self, x):
             return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
+        if not torch.jit.is_tracing() and not x.numel():  # nothing to attend to: the inner
+            # norm's answer, or its error (a trace would bake the branch in: left out)
+            return self._tail(self._modules["norm"](x))
         y = self._forward_triton(x) if x.is_cuda else None
         if y is None and not self.training:
             y = self._forward_native_eval(x)
         if y is None:
             y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
+        return self._tail(y)
+
+    def _tail(self, y: torch.Tensor) -> torch.Tensor:
+        """The drop and activation of timm's ``*Act`` norms."""
         mods = self._modules  # (not self.drop: Module.__getattr__ costs ~2 us a name here)
         drop, act = mods["drop"], mods["act"]
         if not isinstance(drop, nn.Identity):

@@ -24,6 +24,7 @@ a buffer otherwise is not seen until :meth:`FoldedAttentiveNorm.refresh`.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,21 @@ class FoldedAttentiveNorm(nn.Module):
         )  # fmt: skip
         self.__dict__.setdefault(_CACHE, {})[dtype] = found
         return found
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> FoldedAttentiveNorm:
+        """``Module._apply`` (``.to()``, ``.cuda()``, ``.float()``, ``.half()``...), but the
+        folded buffers keep their float64: each plan casts them for its input's dtype, and a
+        cast would round the fold for good (``.float()`` then ``.double()`` would not give it
+        back). They follow the device."""
+        before = {name: self._buffers[name] for name in _NAMES}
+        module = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return module
 
     def refresh(self) -> None:
         """Drop what was derived from the buffers (after editing one in place)."""

@@ -300,3 +300,20 @@ def test_layout_selects_layernorm_variant() -> None:
     assert AttentiveNorm(C, K, base="layernorm", layout="channels_first").base == "layernorm2d"
     assert AttentiveNorm(C, K, base="rmsnorm2d", layout="channels_last").base == "rmsnorm"
     assert AttentiveNorm(C, K, base="layernorm").layout == "channels_last"
+
+
+def test_a_map_with_no_positions_is_the_inner_norms_answer() -> None:
+    """(B, C, 0, W): BatchNorm2d returns it empty (and counts the batch), GroupNorm refuses it;
+    AN, its folded form and the fused path do the same."""
+    x = torch.randn(2, 8, 0, 4)
+    for training in (True, False):
+        bn = nn.BatchNorm2d(8).train(training)
+        an = AttentiveNorm(8, 3).train(training)
+        y = an(x)
+        assert y.shape == bn(x).shape == x.shape
+        assert an.norm.num_batches_tracked == bn.num_batches_tracked
+        torch.testing.assert_close(an.norm.running_var, bn.running_var)
+    assert an.fuse()(x).shape == x.shape
+    gn = AttentiveNorm(8, 3, base="groupnorm", num_groups=2)
+    with pytest.raises(RuntimeError, match="HxW"):
+        gn(x)

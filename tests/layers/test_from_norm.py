@@ -197,3 +197,25 @@ def test_norm_classes_cover_supported_unsupported_and_attentive_norm() -> None:
     for cls in (EvoNorm2dB0, FilterResponseNormTlu2d, tl.SplitBatchNorm2d, AttentiveNorm):
         assert cls in NORM_CLASSES
     assert nn.Conv2d not in NORM_CLASSES
+
+
+def test_paper_init_keeps_timms_zero_init_last_at_zero() -> None:
+    """A zero-initialised last norm of a residual block starts its branch at zero (Gamma = Beta
+    = 0); any other norm gets the paper's Gamma ~ N(1, 0.1), Beta ~ N(0, 0.1)."""
+    import timm
+
+    from an_search import convert
+
+    torch.manual_seed(0)
+    model = convert("resnet18", placement="all", init="paper").model
+    block = model.layer1[0]
+    assert isinstance(block.bn2, AttentiveNorm) and isinstance(block.bn1, AttentiveNorm)
+    assert not block.bn2.weight.any() and not block.bn2.bias.any()
+    assert abs(block.bn1.weight.mean().item() - 1.0) < 0.1 and block.bn1.bias.abs().max() > 0
+    x = torch.randn(2, 64, 16, 16)
+    for mode in (True, False):  # the block is its shortcut at init: act(0 + x)
+        torch.testing.assert_close(block.train(mode)(x), torch.relu(x), rtol=0, atol=0)
+
+    plain = timm.create_model("resnet18", zero_init_last=False)
+    an = AttentiveNorm.from_norm(plain.layer1[0].bn2, K, init="paper")
+    assert abs(an.weight.mean().item() - 1.0) < 0.1  # not zero-initialised: the paper's init
