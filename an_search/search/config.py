@@ -109,9 +109,20 @@ class SearchConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able copy (paths as strings), stored on the study."""
+        """JSON-able copy (paths as strings), stored on the study; the data and checkpoint
+        paths made absolute, so that ``retrain`` and workers find them from any folder."""
         data = asdict(self)
+        for key in ("data", "checkpoint"):
+            data[key] = _absolute(data[key])
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
+
+
+def _absolute(value: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """An existing path as an absolute one; anything else (None, a missing path) as it is."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def parse_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:

@@ -144,12 +144,30 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         file = resources.files("search_spaces") / f"{text_in}.yaml"
         text, name, source = file.read_text(encoding="utf-8"), text_in, f"search_spaces/{text_in}"
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # (safe: a SafeLoader subclass)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f"line {line + 1}" if line is not None else "?"
-        raise SpaceError(f"search space must be valid YAML: {source} {where}") from None
+        problem = getattr(exc, "problem", None) or ""
+        detail = f" ({problem})" if problem.startswith("duplicate key") else ""
+        raise SpaceError(f"search space must be valid YAML{detail}: {source} {where}") from None
     return parse_space(data, name=name, source=source, text=text)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, but a key given twice in one mapping is an error: YAML keeps the
+    last one silently, so a space with two ``k:`` entries searched only the second."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_space(

@@ -27,6 +27,7 @@ never touched, so a killed search loses nothing but the trial it was running.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import warnings
@@ -108,6 +109,7 @@ def open_storage(url: str) -> BaseStorage:
     grace = _env_seconds("AN_SEARCH_GRACE_PERIOD", HEARTBEAT_GRACE_S)
     try:
         if "://" not in url:
+            _check_journal(Path(url))
             return JournalStorage(JournalFileBackend(url))
         if url.startswith("sqlite"):
             return RDBStorage(url)
@@ -131,6 +133,26 @@ def open_storage(url: str) -> BaseStorage:
             f"storage {url!r} cannot be opened (check the path, its directory, the server and "
             f"the credentials): {_first_line(exc)}"
         ) from None
+
+
+def _check_journal(path: Path) -> None:
+    """Raise unless ``path`` is missing, empty or starts with an Optuna journal record.
+
+    Optuna reads a journal only when it syncs, after its first write, and takes a last line it
+    cannot parse for a write in progress: another file would gain a record, then fail."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return
+    if not first:
+        return
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise ValueError("not an Optuna journal file (its first line is no journal record)")
 
 
 def record_worker(trial: optuna.trial.Trial, call: str | None = None) -> None:

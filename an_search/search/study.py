@@ -27,7 +27,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from an_search.errors import BudgetError, StorageError, TrainConfigError, UnknownNameError
 from an_search.rewrite import find_sites
-from an_search.train import resolve_data
+from an_search.train import check_batches, resolve_data
+from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
 from .build import build_model
@@ -85,7 +86,9 @@ def create_or_load_study(
     run_dir = cfg.run_dir(space.name)
     check_report_dir(run_dir, name)  # before a trial: its report would replace another's
     url = resolve_storage_url(cfg.storage, run_dir)
-    if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}":  # the default: create it
+    if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}" or (
+        "://" not in url and Path(url).parent == Path(run_dir).resolve()
+    ):  # the default database, or the workers' journal: the run directory is made here
         make_dir(run_dir)
     directions = [OBJECTIVES[o][1] for o in objectives]
     study = optuna.create_study(
@@ -151,6 +154,7 @@ def prepare_search(
     *,
     on_message: Callable[[str], None] | None = None,
     make_objective: Callable[..., Objective] = Objective,
+    processes: int = 1,
 ) -> tuple[Objective, optuna.Study]:
     """Check everything that can be checked before training, then create or resume the study.
 
@@ -162,6 +166,7 @@ def prepare_search(
         on_message: receives one-line notices (why pruning is off).
         make_objective: builds the objective from ``(cfg, objectives, space, report, data)``
             (e.g. a ``functools.partial`` of a subclass that trains under torchrun).
+        processes: processes per trial (torchrun ranks), each of which needs a full batch.
 
     Raises:
         TrainConfigError, BudgetError, StorageError, SpaceError, DataError, UnknownModelError,
@@ -171,6 +176,11 @@ def prepare_search(
     _check_run_settings(cfg)
     space = load_space(cfg.space)
     data = resolve_data(None if cfg.data is None else str(cfg.data))
+    train = cfg.train
+    check_batches(
+        data, train.batch_size, train_fraction=train.train_fraction, seed=train.seed,
+        processes=processes,
+    )  # fmt: skip
     objectives = parse_objectives(cfg.objectives)
     unconverted = build_model(cfg, data, BASELINES["bn"])
     _check_budgets(cfg, unconverted.cost)
@@ -265,7 +275,6 @@ def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | 
 #: training's); a resumed study must keep them. Paths (data, checkpoint) and the device, threads
 #: and loader workers may differ, e.g. on another machine.
 _SAME_SETTINGS = ("cost_img_size", "latency_runs")
-_FREE_TRAIN = ("device", "amp", "channels_last", "workers", "threads", "checkpoint_dir", "resume")
 
 
 def _check_same_search(
@@ -290,7 +299,7 @@ def _check_same_search(
     pairs += [
         (f"train.{k}", train[k], v)
         for k, v in given["train"].items()
-        if k in train and k not in _FREE_TRAIN
+        if k in train and k not in MACHINE_SETTINGS
     ]
     old_space = attrs.get("space") or {}
     pairs.append(("space", old_space.get("name"), space.name))

@@ -169,7 +169,7 @@ def run_worker(
     wcfg = replace(cfg, seed=cfg.seed + _SEED_STRIDE * index)
     make = partial(DDPObjective, nproc=nproc, sync_bn=sync_bn) if nproc > 1 else Objective
     with quiet_optuna():
-        objective, study = prepare_search(wcfg, make_objective=make)
+        objective, study = prepare_search(wcfg, make_objective=make, processes=nproc)
         guard.check()
         guard.wrap(objective)
         objective.call = call

@@ -40,7 +40,6 @@ import optuna
 
 from an_search.errors import StorageError, TrainConfigError
 
-from ._files import make_dir
 from ._procs import OnTrial, check_exits, report_finished, start_worker, watch_workers
 from .config import SearchConfig
 from .space import load_space
@@ -146,7 +145,7 @@ def run_workers(
     """
     plans = plan_workers(n_workers, gpus, gpus_per_trial)
     space_name = load_space(cfg.space).name
-    run_dir = make_dir(cfg.run_dir(space_name)).resolve()
+    run_dir = Path(cfg.run_dir(space_name)).resolve()  # made once every check passed
     url = _shared_storage(cfg, run_dir, len(plans), on_message)
     cfg = replace(cfg, storage=url, output_dir=str(run_dir), space=_absolute(cfg.space))
     if sync_bn and gpus is None:
@@ -155,7 +154,7 @@ def run_workers(
     if gpus is not None:
         here = replace(cfg, train=replace(cfg.train, device="cuda"))
     with quiet_optuna():
-        _, study = prepare_search(here, on_message=on_message)  # every check, once, here
+        _, study = prepare_search(here, on_message=on_message, processes=plans[0].nproc)
         limit = trial_limit(study, cfg, join=join)
     if limit is None and cfg.timeout is None and join:
         raise StorageError(

@@ -3,7 +3,8 @@
 ``python -m an_search.train._ddp_rank SPEC.json``: load the saved model, optionally convert it to
 SyncBatchNorm (keeping AN), run :func:`proxy_train` (its DDP hooks do the rest), and talk to the
 driver through its ``TCPStore``: rank 0 sends each epoch's result and waits for the verdict,
-which ``dist.broadcast`` hands to every rank; results and errors go back the same way.
+which ``dist.broadcast`` hands to every rank; results go back the same way, and each failed rank
+leaves its error under ``error/<rank>`` for the driver to choose the cause from.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ from an_search.train.distributed import DRIVER_STORE_ENV
 from an_search.train.proxy import proxy_train
 
 _STORE_TIMEOUT = timedelta(minutes=30)  # rank 0 waits this long for the driver's decision
+# What gloo and NCCL put in the errors a rank gets when a peer died or left a collective
+# (torch raises a plain RuntimeError for some of them, e.g. from DDP's backward all-reduce).
+_COMM_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "gloo",
+    "NCCL",
+    "ProcessGroup",
+)
 
 
 def _rank_main(spec_path: str) -> None:
@@ -48,12 +59,8 @@ def _rank_main(spec_path: str) -> None:
         if spec["sync_bn"]:
             model = convert_sync_batchnorm(model)
         result = proxy_train(model, data, train, on_epoch=_RankOnEpoch(store, rank, train.device))
-    except NonFiniteLossError as exc:
-        info = {"epoch": exc.epoch, "step": exc.step, "history": exc.history}
-        store.set("error", json.dumps(_error(exc, rank) | info))
-        raise
     except Exception as exc:
-        store.set("error", json.dumps(_error(exc, rank)))
+        _report_error(store, exc, rank)
         raise
     world = dist.get_world_size()
     summary = {"rank": rank, "world_size": world, "epochs": len(result.history)}
@@ -79,6 +86,27 @@ class _RankOnEpoch:
         dist.broadcast(flag, src=0)  # the same verdict on every rank: they stop together
         self.n += 1
         return bool(flag.item())
+
+
+def _report_error(store: dist.TCPStore, exc: BaseException, rank: int) -> None:
+    """Leave this rank's error under its own key, ``error/<rank>``, numbered in failing order.
+
+    One shared key would keep the last writer: when one rank fails, its peers fail next in a
+    collective ("Connection closed by peer") and would hide the cause. The driver sees every
+    rank's error, with ``seq`` (1 for the first to fail) and ``comm``, and picks the cause.
+    """
+    record = _error(exc, rank) | {"seq": store.add("error_seq", 1), "comm": _is_comm_error(exc)}
+    if isinstance(exc, NonFiniteLossError):
+        record |= {"epoch": exc.epoch, "step": exc.step, "history": exc.history}
+    store.set(f"error/{rank}", json.dumps(record))
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective or connection, the usual echo of a dead peer."""
+    if isinstance(exc, dist.DistError):
+        return True
+    message = str(exc)
+    return any(marker in message for marker in _COMM_MARKERS)
 
 
 def _error(exc: BaseException, rank: int) -> dict[str, Any]:

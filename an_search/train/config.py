@@ -8,7 +8,13 @@ import torch
 
 from an_search.errors import TrainConfigError
 
-__all__ = ["TrainConfig", "TrainResult"]
+__all__ = ["MACHINE_SETTINGS", "TrainConfig", "TrainResult"]
+
+#: TrainConfig fields that may differ between the runs of one training (a resume, another
+#: machine, a study's workers): where and how fast it runs, not what it computes.
+MACHINE_SETTINGS = (
+    "device", "amp", "channels_last", "workers", "threads", "checkpoint_dir", "resume",
+)  # fmt: skip
 
 
 @dataclass

@@ -18,6 +18,7 @@ Accepted layouts (image extensions as timm's readers know them: .png .jpg .jpeg 
 from __future__ import annotations
 
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 
 from an_search.errors import DataError
 
+from ._readers import clean_reader
+
 __all__ = ["EMBEDDED_ROOT", "DataSpec", "dataset_targets", "open_dataset", "resolve_data"]
 
 EMBEDDED_ROOT = Path(__file__).resolve().parents[1] / "data" / "animal_mnist"
@@ -34,6 +37,7 @@ _ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "
 _ANIMAL_MEAN, _ANIMAL_STD = (0.273,) * 3, (0.406,) * 3  # measured on train.tar (grayscale as RGB)
 _TRAIN_NAMES = ("train", "training")
 _VAL_NAMES = ("val", "validation", "valid", "eval", "test")
+_PACKED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".rar")
 _LAYOUT_HINT = "use root/<class>/<image> or root/train/<class>/... plus root/val/<class>/..."
 
 
@@ -81,7 +85,7 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
     is_train = split == "train"
     root = spec.train_root if is_train else spec.val_root
     try:
-        return create_dataset(
+        ds = create_dataset(
             spec.name,
             root=root,
             split=spec.train_split if is_train else spec.val_split,
@@ -90,11 +94,15 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
             download=spec.download,
             input_img_mode=spec.img_mode,
         )
-    except (AssertionError, OSError, RuntimeError, ValueError, KeyError) as e:
+    except (AssertionError, OSError, RuntimeError, ValueError, KeyError, tarfile.TarError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, tarfile.TarError):
+            detail = f"not a readable tar: {detail}"
         if "Found 0 images" in detail:  # timm's ReaderImageFolder on a folder without images
             raise DataError(f"no images found in {root} (.png, .jpg, ...); {_LAYOUT_HINT}") from e
         raise DataError(f"cannot open {split} data at {root!r} ({detail}); {_LAYOUT_HINT}") from e
+    clean_reader(ds, root, fixed_classes=class_map is not None)  # hidden files, nested folders
+    return ds
 
 
 def dataset_targets(ds: Any) -> np.ndarray | None:
@@ -190,6 +198,11 @@ def resolve_data(
     """
     if path is None and not name:
         return _embedded()
+    if path is not None and not str(path).strip():  # (an unset $DATA: not the current folder)
+        raise DataError(
+            "empty data path: give a folder of class folders or a .tar, or leave --data out "
+            "for the embedded Animal-MNIST"
+        )
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be in (0, 1), got {holdout}; e.g. 0.2")
     root = None if path is None else Path(path).expanduser()
@@ -198,6 +211,11 @@ def resolve_data(
         return _check_classes(spec, f"{name} at {root}")
     if not root.exists():
         raise DataError(f"data path {str(root)!r} does not exist; give a folder of class folders")
+    if root.is_file() and root.suffix.lower() in _PACKED:
+        raise DataError(
+            f"{root.name}: a compressed archive is not read (timm reads plain .tar): extract it, "
+            "or pack it with `tar -cf`"
+        )
     common = {"num_classes": 0, "split_seed": seed, "description": str(root)}
     train = _find(root, _TRAIN_NAMES) if root.is_dir() else None
     val = _find(root, _VAL_NAMES) if root.is_dir() else None

@@ -12,6 +12,9 @@ After every epoch rank 0 writes ``report/<n>`` (epoch, top-1, top-5) to the driv
 blocks on ``decision/<n>``; the driver answers with ``on_epoch``'s verdict (e.g. Optuna's pruning
 decision) and rank 0 broadcasts it with ``dist.broadcast``, so every rank stops after the same
 epoch. Rank 0 leaves ``result`` (the ``TrainResult``) and every rank ``rank/<r>`` in the store.
+A rank that fails leaves ``error/<r>``; when one rank fails its peers fail next in a collective
+("Connection closed by peer"), so the driver raises the cause, not those echoes: a non-finite
+loss first (it prunes the trial, as in one process), else the first rank to fail.
 
 Batch and learning rate: ``train.batch_size`` is per process, so the global batch is
 ``batch_size * G`` and :func:`proxy_train` uses ``lr * batch_size * G / 256`` (linear scaling).
@@ -120,7 +123,7 @@ def train_distributed(
         rc = _run_torchrun(work / "spec.json", log_path, nproc, store, on_epoch, spec_train)
         log = log_path.read_text(errors="replace")[-4000:]
     if rc != 0:
-        _raise_rank_error(store, rc, log)
+        _raise_rank_error(store, rc, log, nproc)
     try:
         result = TrainResult(**json.loads(store.get("result")))
         ranks = [json.loads(store.get(f"rank/{r}")) for r in range(nproc)]
@@ -211,9 +214,13 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _raise_rank_error(store: dist.TCPStore, rc: int, log: str) -> None:
-    if store.check(["error"]):
-        err = json.loads(store.get("error"))
+def _raise_rank_error(store: dist.TCPStore, rc: int, log: str, nproc: int) -> None:
+    """Raise the cause of a failed torchrun: the ranks' root error, else torchrun's last line."""
+    errors = [
+        json.loads(store.get(f"error/{r}")) for r in range(nproc) if store.check([f"error/{r}"])
+    ]
+    if errors:
+        err = min(errors, key=_cause_first)
         if err["type"] == "NonFiniteLossError":
             raise NonFiniteLossError(
                 err["message"], epoch=err["epoch"], step=err["step"], history=err["history"]
@@ -224,3 +231,13 @@ def _raise_rank_error(store: dist.TCPStore, rc: int, log: str) -> None:
     lines = [ln for ln in log.splitlines() if "Error" in ln or "error" in ln]
     last = lines[-1].strip()[:200] if lines else "no error line in its output"
     raise WorkerError(f"torchrun exited with code {rc} before training finished: {last}")
+
+
+def _cause_first(err: dict[str, Any]) -> tuple[bool, bool, int]:
+    """Sort key of the ranks' errors, the likeliest cause first.
+
+    When one rank fails, its peers fail next in a collective ("Connection closed by peer"): those
+    echoes come last. A non-finite loss comes first, since it prunes the trial as in one process;
+    among the rest, the rank that failed first (``seq``) names the cause.
+    """
+    return err["type"] != "NonFiniteLossError", bool(err.get("comm")), int(err.get("seq", 0))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from an_search.errors import DataError
 from an_search.train.data import DataSpec, dataset_targets, open_dataset
 
-__all__ = ["Loaders", "create_loaders", "stratified_indices"]
+__all__ = ["Loaders", "check_batches", "create_loaders", "stratified_indices"]
 
 
 @dataclass
@@ -123,6 +123,33 @@ def _splits(
     return train_ds, val_ds
 
 
+def check_batches(
+    spec: DataSpec,
+    batch_size: int,
+    *,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    processes: int = 1,
+) -> None:
+    """Raise DataError unless every process gets at least one full training batch.
+
+    ``create_loaders`` drops the last partial batch, and under torch.distributed each of the
+    ``processes`` ranks gets ``1 / processes`` of the images; a search calls this before it
+    creates a study, so that a bad ``--batch-size`` leaves no study behind."""
+    train_ds, _ = _splits(spec, train_fraction, 1.0, seed)
+    _check_shard(len(train_ds), batch_size, processes)
+
+
+def _check_shard(images: int, batch_size: int, processes: int) -> None:
+    if images // processes >= batch_size:
+        return
+    where = f" on each of {processes} processes" if processes > 1 else ""
+    raise DataError(
+        f"{images} training images is less than one batch of {batch_size}{where}; "
+        "lower batch_size or raise train_fraction"
+    )
+
+
 def _set_transform(ds: Any, transform: Any) -> None:
     base = ds.dataset if isinstance(ds, Subset) else ds
     base.transform = transform
@@ -159,7 +186,7 @@ def create_loaders(
         device: where batches are normalised and handed over (CUDA: pinned memory).
 
     Raises:
-        DataError: fewer training images than one batch.
+        DataError: fewer training images than one batch (on each rank, under torch.distributed).
     """
     train_ds, val_ds = _splits(spec, train_fraction, val_fraction, seed)
     size = (spec.in_chans, img_size, img_size)
@@ -175,16 +202,13 @@ def create_loaders(
         )
     _set_transform(train_ds, train_tf)
     _set_transform(val_ds, val_tf)
-    if len(train_ds) < batch_size:
-        raise DataError(
-            f"{len(train_ds)} training images is less than one batch of {batch_size}; "
-            "lower batch_size or raise train_fraction"
-        )
+    distributed = dist.is_available() and dist.is_initialized()
+    _check_shard(len(train_ds), batch_size, dist.get_world_size() if distributed else 1)
 
     # Shuffling: DistributedSampler under torch.distributed (shards per rank, seed + epoch),
     # else a generator that set_epoch re-seeds; the DataLoader also draws worker seeds from it.
     generator, train_sampler, val_sampler = None, None, None
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
         val_sampler = OrderedDistributedSampler(val_ds)  # pads to equal shards: counts ~exact
     else:

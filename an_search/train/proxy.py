@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from itertools import islice
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from an_search.errors import CheckpointError, NonFiniteLossError
 from an_search.train.checkpoint import load_checkpoint, save_checkpoint
-from an_search.train.config import TrainConfig, TrainResult
+from an_search.train.config import MACHINE_SETTINGS, TrainConfig, TrainResult
 from an_search.train.data import DataSpec
 from an_search.train.loaders import create_loaders
 
@@ -39,7 +39,6 @@ __all__ = ["OnEpoch", "Progress", "proxy_train"]
 
 OnEpoch = Callable[[int, float, float], bool]
 Progress = Callable[[int, int], None]
-_RESUME_KEYS = ("epochs", "batches_per_epoch", "batch_size", "sched", "train_fraction", "seed")
 
 
 def _seed_everything(seed: int) -> None:
@@ -171,7 +170,7 @@ def proxy_train(
         state = load_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if state is not None:
             saved = state.get("config", {})
-            for key in _RESUME_KEYS:
+            for key in (f.name for f in fields(cfg) if f.name not in MACHINE_SETTINGS):
                 if key in saved and saved[key] != getattr(cfg, key):
                     raise CheckpointError(
                         f"checkpoint in {cfg.checkpoint_dir} has {key}={saved[key]!r}, "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from an_search.errors import TrainConfigError
 from an_search.models import create_model
 from an_search.rewrite import Recipe, apply_recipe, save
 
@@ -74,7 +75,12 @@ def retrain(
     Returns:
         The runs, the recipe's first; each final model is saved (an-convert format) in
         ``out_dir/<name>/model``.
+
+    Raises:
+        TrainConfigError: ``nproc`` below 1.
     """
+    if isinstance(nproc, bool) or nproc < 1:
+        raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
     runs = []
     for name, converted in (("an", True), ("baseline", False))[: 2 if baseline else 1]:
         run_dir = Path(out_dir) / name

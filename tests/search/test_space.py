@@ -110,6 +110,10 @@ def test_bad_files(tmp_path: Path) -> None:
     broken.write_text("head: [unclosed\n")
     with pytest.raises(SpaceError, match="valid YAML"):
         load_space(broken)
+    twice = tmp_path / "twice.yaml"  # YAML would keep the second k silently
+    twice.write_text("placement: paper\nk: {type: categorical, choices: [4]}\nk: 8\n")
+    with pytest.raises(SpaceError, match=r"valid YAML \(duplicate key 'k'\): .*twice.yaml line 3"):
+        load_space(twice)
     with pytest.raises(SpaceError, match="must exist"):
         load_space(tmp_path / "missing.yaml")
     with pytest.raises(SpaceError, match="shipped name"):

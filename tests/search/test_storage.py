@@ -60,6 +60,22 @@ def test_corrupt_sqlite_file(tmp_path: Path) -> None:
         open_storage(f"sqlite:///{bad}")
 
 
+@pytest.mark.parametrize("content", [b"garbage, not json\n", b'["json", "but no record"]\n'])
+def test_a_file_that_is_no_journal_is_refused_and_left_as_it_was(
+    content: bytes, tmp_path: Path
+) -> None:
+    bad = tmp_path / "notes.log"
+    bad.write_bytes(content)
+    with pytest.raises(StorageError, match="cannot be opened.*not an Optuna journal"):
+        optuna.create_study(storage=open_storage(str(bad)), study_name="s")
+    assert bad.read_bytes() == content  # nothing appended to the user's file
+    good = tmp_path / "study.log"
+    optuna.create_study(storage=open_storage(str(good)), study_name="s")
+    assert optuna.get_all_study_names(open_storage(str(good))) == ["s"]
+    (tmp_path / "empty.log").touch()
+    assert isinstance(open_storage(str(tmp_path / "empty.log")), JournalStorage)
+
+
 def _running(study: optuna.Study, worker: dict | None) -> int:
     trial = study.ask()
     if worker is not None:

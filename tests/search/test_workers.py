@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -20,13 +21,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from an_search.errors import StorageError, TrainConfigError
+from an_search.errors import DataError, StorageError, TrainConfigError
 from an_search.search import (
     SearchConfig,
     SharedTrialBudget,
     count_trials,
     open_study,
     plan_workers,
+    run_search,
     run_workers,
 )
 
@@ -67,9 +69,25 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
 
 
 def test_sync_bn_needs_gpus(tmp_path: Path) -> None:
-    cfg = SearchConfig("resnet10t", output_dir=tmp_path, storage=tmp_path / "j.log")
+    cfg = SearchConfig("resnet10t", output_dir=tmp_path / "runs")
     with pytest.raises(TrainConfigError, match="SyncBatchNorm needs CUDA"):
         run_workers(cfg, 1, gpus_per_trial=2, sync_bn=True)
+    assert not (tmp_path / "runs").exists()  # refused before any folder is made
+
+
+def test_batches_are_checked_per_trial_process_before_a_study_exists(
+    tmp_path: Path, tiny_train
+) -> None:
+    """8000 training images: a batch of 4096 fits one process, not each of two ranks."""
+    run = tmp_path / "runs"
+    cfg = SearchConfig("resnet10t", output_dir=run, train=tiny_train(batch_size=4096))
+    with pytest.raises(DataError, match="8000 training images .* 4096 on each of 2 processes"):
+        run_workers(cfg, 1, gpus_per_trial=2)
+    assert not run.exists()  # no study left to block the corrected command
+    big = replace(cfg, train=tiny_train(batch_size=8001))
+    with pytest.raises(DataError, match="8000 training images is less than one batch of 8001;"):
+        run_search(big)
+    assert not run.exists()
 
 
 def test_budget_counts_a_retried_trial_once() -> None:

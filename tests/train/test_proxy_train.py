@@ -117,6 +117,22 @@ def test_resume_refuses_other_schedule(tiny_root: Path, tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [({"lr": 0.001}, "lr=0.4"), ({"img_size": 48}, "img_size=32"), ({"opt": "adamw"}, "opt='sgd'")],
+)
+def test_resume_refuses_any_setting_the_result_depends_on(
+    change: dict, needle: str, tiny_root: Path, tmp_path: Path
+) -> None:
+    """A resumed optimizer and scheduler keep the checkpoint's lr: another --lr would be
+    recorded as used, and not be (so would any other training setting)."""
+    spec, ckpt = resolve_data(tiny_root), str(tmp_path)
+    base = {"epochs": 2, "batches_per_epoch": 1, "batch_size": 16, "checkpoint_dir": ckpt}
+    proxy_train(_model(), spec, TrainConfig(**base, threads=1), on_epoch=lambda *a: True)
+    with pytest.raises(CheckpointError, match=needle):
+        proxy_train(_model(), spec, TrainConfig(**base, **change, resume=True))
+
+
 def test_corrupt_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="delete it"):

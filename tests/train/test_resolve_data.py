@@ -127,3 +127,88 @@ def test_val_fraction_is_stratified() -> None:
 def test_named_dataset_not_downloaded(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot open train data"):
         resolve_data(tmp_path, name="torch/mnist")
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+    path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(2):  # a current folder that would pass as data
+        _image(tmp_path / "a" / f"{i}.png")
+        _image(tmp_path / "b" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="empty data path.*leave --data out"):
+        resolve_data(path)
+
+
+@pytest.mark.parametrize("name", ["pool.tar.gz", "pool.zip"])
+def test_a_compressed_archive_is_refused_by_name(name: str, tmp_path: Path) -> None:
+    (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(DataError, match=f"{name}: a compressed archive is not read.*tar -cf"):
+        resolve_data(tmp_path / name)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a tar\n"])
+def test_an_unreadable_tar_is_a_data_error(content: bytes, tmp_path: Path) -> None:
+    tar = tmp_path / "pool.tar"
+    tar.write_bytes(content)
+    with pytest.raises(DataError, match="not a readable tar") as err:
+        resolve_data(tar)
+    assert "\n" not in str(err.value)
+
+
+def _tree_with_hidden_entries(root: Path) -> None:
+    for c in ("a", "b"):
+        for i in range(4):
+            _image(root / c / f"{i}.png")
+        _image(root / c / ".ipynb_checkpoints" / "0-checkpoint.png")  # Jupyter's copies
+        (root / c / "._0.png").write_bytes(b"\0\5\0\7")  # macOS AppleDouble: not an image
+        _image(root / "__MACOSX" / c / "9.png")
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_hidden_files_and_folders_are_skipped(as_tar: bool, tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    _tree_with_hidden_entries(root)
+    data = shutil.make_archive(str(tmp_path / "pool"), "tar", tmp_path, "pool") if as_tar else root
+    spec = resolve_data(data)
+    assert spec.class_names == ("a", "b")  # not '.ipynb_checkpoints', nor '__MACOSX' classes
+    loaders = create_loaders(spec, img_size=8, batch_size=2)
+    assert loaders.num_train + loaders.num_val == 8  # 4 images a class, nothing hidden
+    for ds in (loaders.train.loader.dataset, loaders.val.dataset):
+        base = ds.dataset if hasattr(ds, "dataset") else ds
+        labels = (
+            [spec.class_names[int(t)] for t in np.asarray(base.reader.targets)]
+            if as_tar
+            else [spec.class_names[t] for _, t in base.reader.samples]
+        )
+        assert Counter(labels) == {"a": 4, "b": 4}
+
+
+def test_class_folders_that_would_merge_are_refused(tmp_path: Path) -> None:
+    for animal in ("cat", "dog"):  # timm labels by leaf folder: both would be class '2019'
+        for i in range(2):
+            _image(tmp_path / "nested" / animal / "2019" / f"{i}.png")
+    with pytest.raises(DataError, match="'cat/2019' and 'dog/2019' .* both give class '2019'"):
+        resolve_data(tmp_path / "nested")
+    for folder in ("a", "a/sub", "b"):
+        for i in range(2):
+            _image(tmp_path / "depth" / folder / f"{i}.png")
+    with pytest.raises(DataError, match="two depths .*'a' and 'a/sub'"):
+        resolve_data(tmp_path / "depth")
+
+
+def test_a_hidden_file_in_a_validation_class_keeps_the_labels(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    first = sorted((root / "val").iterdir())[0]
+    (first / "._0.png").write_bytes(b"\0\5")
+    spec = resolve_data(root)
+    val = create_loaders(spec, img_size=8, batch_size=4).val.dataset
+    samples = val.reader.samples
+    assert len(samples) == 60 and all("/._" not in path for path, _ in samples)
+    assert {spec.class_names[t] for path, t in samples if Path(path).parent == first} == {
+        first.name
+    }

@@ -41,3 +41,12 @@ def test_retrain_an_and_baseline(nproc: int, tmp_path: Path) -> None:
     state = torch.load(an.checkpoint_dir / "last.pth", weights_only=True)["model"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nproc", [0, -1])
+def test_retrain_refuses_fewer_than_one_process(nproc: int, tmp_path: Path) -> None:
+    from an_search.errors import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=f"1 or more: got {nproc}"):
+        retrain(_recipe(), resolve_data(None), _cfg(), tmp_path / "out", nproc=nproc)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,96 @@
+"""timm's folder and tar readers, made safe: hidden entries out, ambiguous classes refused.
+
+timm's ``ReaderImageFolder`` and ``ReaderImageInTar`` walk the whole tree, keep every file with an
+image extension and label it by its leaf folder. So a Jupyter ``.ipynb_checkpoints/`` folder became
+a class, macOS's ``._x.png`` AppleDouble files were samples that fail to decode, and
+``cat/2019/`` and ``dog/2019/`` were one class, ``2019``, without a word.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+from timm.utils.misc import natural_key
+
+from an_search.errors import DataError
+
+__all__ = ["clean_reader"]
+
+
+def clean_reader(ds: Any, root: str, *, fixed_classes: bool) -> None:
+    """Drop hidden entries from ``ds``'s reader and refuse ambiguous class folders, in place.
+
+    Args:
+        ds: a dataset from ``timm.data.create_dataset`` (other readers are left alone).
+        root: where it was read from (for messages).
+        fixed_classes: the class map was given (a validation split takes the training one):
+            keep its indices; else classes left without samples go and the rest are renumbered.
+
+    Raises:
+        DataError: one class name from two folders, or images at two depths of one tree.
+    """
+    reader = getattr(ds, "reader", None)
+    if isinstance(reader, ReaderImageFolder):
+        paths = [os.path.relpath(path, reader.root) for path, _ in reader.samples]
+        targets = np.asarray([t for _, t in reader.samples], dtype=np.int64)
+        names = reader.class_to_idx
+    elif isinstance(reader, ReaderImageInTar):
+        paths = [_tar_path(*sample) for sample in reader.samples]
+        targets = np.asarray(reader.targets, dtype=np.int64)
+        names = reader.class_name_to_idx
+    else:
+        return
+    keep = np.asarray([not _hidden(p) for p in paths], dtype=bool)
+    _check_folders([p for p, k in zip(paths, keep, strict=True) if k], names, root)
+    if keep.all():
+        return
+    classes = dict(names)
+    if not fixed_classes:
+        kept = {int(t) for t in targets[keep]}
+        left = sorted((n for n, i in names.items() if i in kept), key=natural_key)
+        classes = {n: i for i, n in enumerate(left)}
+    remap = {names[n]: classes[n] for n in classes}
+    new = np.asarray([remap.get(int(t), -1) for t in targets], dtype=np.int64)
+    keep &= new >= 0
+    if isinstance(reader, ReaderImageFolder):
+        pairs = zip(reader.samples, new, keep, strict=True)
+        samples = [(path, int(t)) for (path, _), t, k in pairs if k]
+        reader.samples, reader.class_to_idx = samples, classes
+    else:
+        reader.samples, reader.targets = reader.samples[keep], new[keep]
+        reader.class_name_to_idx = classes
+        reader.class_idx_to_name = {i: n for n, i in classes.items()}
+
+
+def _tar_path(member: Any, tar_name: str | None, child: Any) -> str:
+    parts = [tar_name or "", child.name if child is not None else "", member.path]
+    return os.path.normpath(os.path.join(*[p for p in parts if p]))  # ("./cat/0.png": cat/0.png)
+
+
+def _hidden(path: str) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in path.split(os.sep))
+
+
+def _check_folders(paths: list[str], names: dict[str, int], root: str) -> None:
+    folders: dict[str, str] = {}  # class name -> the folder that gave it
+    dirs = {os.path.dirname(p) for p in paths} - {""}  # (images at the root: data.py says so)
+    for folder in sorted(dirs):
+        label = os.path.basename(folder)
+        if label in folders and label in names:
+            raise DataError(
+                f"class folders {folders[label]!r} and {folder!r} in {root} both give class "
+                f"{label!r}; put each class's images in one folder: root/<class>/<image>"
+            )
+        folders[label] = folder
+        parent = os.path.dirname(folder)
+        while parent:
+            if parent in dirs:
+                raise DataError(
+                    f"images at two depths in {root}: {parent!r} and {folder!r}; put each "
+                    "class's images in one folder: root/<class>/<image>"
+                )
+            parent = os.path.dirname(parent)

@@ -1,0 +1,93 @@
+"""A torchrun trial whose rank 1 fails reports rank 1's error, not rank 0's echo of it.
+
+When rank 1 dies, rank 0 fails next in DDP's all-reduce with gloo's "Connection closed by peer".
+Both are real torchrun ranks (gloo on CPU); the failure is injected into rank 1 only, by a
+``sitecustomize`` on the ``PYTHONPATH`` that ``train_distributed`` passes on to the ranks: it
+patches torch in the rank whose ``RANK`` is 1, from its second training update on.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from an_search.errors import WorkerError
+from an_search.search import BASELINES, DDPObjective, SearchConfig, build_model, prepare_search
+from an_search.train import TrainConfig, resolve_data
+from an_search.train.distributed import train_distributed
+
+FAIL_ENV = "AN_SEARCH_TEST_RANK1_FAILS"  # "raise" or "nan"
+INJECTED = "injected failure in rank 1"
+# Rank 1 fails at update 2 of 3: rank 0 is then in the all-reduce of its own backward.
+TINY = TrainConfig(
+    epochs=1, batches_per_epoch=3, batch_size=8, img_size=32, val_fraction=0.05, threads=1
+)
+
+SITECUSTOMIZE = f'''
+import os
+
+if os.environ.get("RANK") == "1" and os.environ.get("{FAIL_ENV}"):
+    import torch
+    import torch.nn.functional as F
+
+    _calls = [0]
+    _mode = os.environ["{FAIL_ENV}"]
+    _cross_entropy = F.cross_entropy
+
+    def _failing(*args, **kwargs):
+        _calls[0] += 1
+        loss = _cross_entropy(*args, **kwargs)
+        if _calls[0] < 2:
+            return loss
+        if _mode == "raise":
+            raise RuntimeError("{INJECTED}")
+        return loss * float("nan")
+
+    F.cross_entropy = _failing
+'''
+
+
+@pytest.fixture
+def rank1_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``rank1_fails(mode)``: make rank 1 of the next torchrun fail ("raise" or "nan")."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    paths = [str(inject), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+    return lambda mode: monkeypatch.setenv(FAIL_ENV, mode)
+
+
+def test_rank_1_error_is_reported_not_rank_0_connection_error(rank1_fails) -> None:
+    rank1_fails("raise")
+    data = resolve_data(None)
+    built = build_model(SearchConfig("resnet10t", train=TINY), data, BASELINES["bn"])
+    with pytest.raises(WorkerError) as info:
+        train_distributed(built.model, built.recipe, data, TINY, nproc=2, threads=1)
+    message = str(info.value)
+    assert f"rank 1 of the torchrun trial failed: RuntimeError: {INJECTED}" in message
+    assert "Connection closed" not in message
+
+
+def test_nan_loss_on_rank_1_prunes_the_trial(tmp_path: Path, rank1_fails) -> None:
+    """As in one process: a non-finite loss prunes the trial (it does not end FAIL)."""
+    rank1_fails("nan")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"placement": "paper", "k": 4}))
+    cfg = SearchConfig(
+        "resnet10t", space=space, storage=tmp_path / "j.log", output_dir=tmp_path, train=TINY
+    )
+    objective, _ = prepare_search(cfg, make_objective=partial(DDPObjective, nproc=2))
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=1)
+
+    trial = study.trials[0]
+    assert trial.state == TrialState.PRUNED, trial.user_attrs
+    assert "training loss became nan at epoch 1, update 2" in trial.user_attrs["prune_reason"]
+    assert "fail_reason" not in trial.user_attrs
