@@ -20,7 +20,7 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_PACKAGE = "an_search_base"
-_ABSOLUTE = re.compile(r"\ban_search(?=[.\"'])")
+_ABSOLUTE = re.compile(r"\ban_search(?=[.\"':])")  # (':': the custom ops' namespace)
 
 
 def import_base(rev: str, workdir: Path) -> ModuleType:

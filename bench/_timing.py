@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import pstats
@@ -12,6 +13,12 @@ from collections.abc import Callable
 from math import comb
 
 import torch
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """A usage error (exit 2), not a traceback from torch.cuda, for a device this machine lacks."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device here; run it on a GPU or use --device cpu")
 
 
 def sync(device: torch.device) -> None:

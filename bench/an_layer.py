@@ -44,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import interleaved_times, paired_ratio, paired_ratio_ci  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _timing import check_device, interleaved_times, paired_ratio, paired_ratio_ci  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from an_search._compat import filter_torchscript_warning  # noqa: E402
 from an_search.layers import AttentiveNorm, _native  # noqa: E402
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         help="CUDA: AN on the Triton kernels in training only (auto), always (on), never (off)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if args.triton != "auto" and not args.device.startswith("cuda"):
         parser.error("--triton needs --device cuda (the Triton site runs on CUDA tensors)")
     args.triton = _TRITON[args.triton]

@@ -2,18 +2,24 @@
 
     python bench/convert_latency.py --repeats 3
 
-Both run as fresh processes (interpreter start and imports included, as a user sees them).
+Both run as fresh processes (interpreter start and imports included, as a user sees them),
+after one warm-up run each, in a new random order every repeat; the ratio is the median of
+the within-repeat ratios (its 95% interval in brackets from 6 repeats).
 Target: an-convert at most 2x the time of ``timm.create_model('resnet50')``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import random
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import paired_ratio, paired_ratio_ci  # noqa: E402  (bench/ on sys.path)
 
 
 def _time(cmd: list[str]) -> float:
@@ -27,8 +33,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    exe = shutil.which("an-convert")
-    convert_cmd = [exe] if exe else [sys.executable, "-m", "cli.convert"]
+    convert_cmd = [sys.executable, "-m", "cli.convert"]  # this interpreter's an-convert
     cmds = {
         "timm.create_model": [
             sys.executable,
@@ -38,14 +43,21 @@ def main() -> None:
         "an-convert": [*convert_cmd, args.model, "--placement", "paper"],
         "an-convert --list-sites": [*convert_cmd, args.model, "--list-sites"],
     }
+    for cmd in cmds.values():  # warm-up: the page cache, and the C kernels' first build
+        _time(cmd)
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    order = list(cmds)
     for _ in range(args.repeats):
-        for name, cmd in cmds.items():
-            times[name].append(_time(cmd))
-    base = statistics.median(times["timm.create_model"])
+        random.shuffle(order)  # side by side, in a new order every repeat
+        for name in order:
+            times[name].append(_time(cmds[name]))
+    base = times["timm.create_model"]
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:26s} {med:6.2f} s  ratio {med / base:.2f}x")
+        ratio = paired_ratio(ts, base)
+        print(
+            f"{name:26s} {statistics.median(ts):6.2f} s  ratio {ratio:.2f}x "
+            f"{paired_ratio_ci(ts, base)}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ capped() {
   if [ "$t" -lt "$min" ]; then echo "skipped: under $min s left"; return; fi
   [ "$t" -gt "$cap" ] && t=$cap
   timeout "$t" "$@" 2>&1 | tee -a "$OUT_DIR/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || echo "exit $rc$([ "$rc" -eq 124 ] && echo ': cut at its cap')" \
+    | tee -a "$OUT_DIR/$log"
 }
 
 nvidia-smi -L

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
-from _timing import interleaved_times, paired_ratio, paired_ratio_ci
+from _timing import check_device, interleaved_times, paired_ratio, paired_ratio_ci
 
 from an_search.layers import AttentiveNorm, _native, fold_sites
 
@@ -67,6 +67,7 @@ def main() -> None:
         help="training step, inference, or both (each compiles its own graphs)",
     )
     args = p.parse_args()
+    check_device(p, args.device)
     if args.ops and not args.device.startswith("cuda"):
         p.error("--ops needs --device cuda (the Triton site runs on CUDA tensors only)")
     if args.cuda_graphs and (not args.device.startswith("cuda") or args.compile):

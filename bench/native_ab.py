@@ -7,7 +7,8 @@ BatchNorm contender in a new random order every repeat:
 
 - ``--modes eval`` (per shape and K): one AttentiveNorm's eval site, the same folded plan on
   either kernel, ``--calls`` kernel calls on one input (the Python around it left out:
-  ``bench/an_layer.py`` times whole modules), against BatchNorm2d's module;
+  ``bench/an_layer.py`` times whole modules), against BatchNorm's own kernel call,
+  ``F.batch_norm`` (BatchNorm2d's module with ``--package``, where the sites are modules);
 - ``--modes train``: the site's training step (forward and backward; the library swapped in
   for the call), against BatchNorm2d's;
 - ``--model NAME``: a whole timm model converted to AN (``--placement``), its training step
@@ -108,7 +109,8 @@ def _map(channels: int, size: int, args: argparse.Namespace) -> torch.Tensor:
 
 
 def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: Base) -> Fns:
-    """BatchNorm2d's module, this tree's eval kernel and the base's, on one input."""
+    """BatchNorm's eval, this tree's eval site and the base's, on one input: kernel calls
+    (``F.batch_norm`` and the folded plans), or with ``--package`` the modules."""
     x = _map(channels, size, args)
     bn = torch.nn.BatchNorm2d(channels).eval()
     an = AttentiveNorm(channels, k).eval()
@@ -124,7 +126,12 @@ def site_eval(channels: int, size: int, k: int, args: argparse.Namespace, base: 
     suffix = "f32" if x.dtype == torch.float32 else "f64"
     old.fn, old.fn_cl = getattr(base, f"an_eval_{suffix}"), getattr(base, f"an_eval_cl_{suffix}")
     torch.testing.assert_close(plan.run(x), old.run(x), rtol=1e-5, atol=1e-5)
-    fns = {"bn": lambda: bn(x), "this": lambda: plan.run(x), "base": lambda: old.run(x)}
+    stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    def bn_kernel() -> torch.Tensor:  # (the module's Python left out, as for the plans)
+        return torch.nn.functional.batch_norm(x, *stats, False, 0.0, bn.eps)
+
+    fns = {"bn": bn_kernel, "this": lambda: plan.run(x), "base": lambda: old.run(x)}
     return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
 

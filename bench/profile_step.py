@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _contenders import add_arguments, build_models, step_functions  # bench/ on sys.path
-from _timing import python_top, sync
+from _timing import check_device, python_top, sync
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12, help="names in the AN model's extra")
     p.add_argument("--python", type=int, default=0, help="the AN model's top Python functions")
     args = p.parse_args()
+    check_device(p, args.device)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     models = build_models(args)

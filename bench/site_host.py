@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from _base_tree import import_base  # bench/ on sys.path
-from _timing import loops_us, paired_ratio, paired_ratio_ci, python_top
+from _timing import check_device, loops_us, paired_ratio, paired_ratio_ci, python_top
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -119,7 +119,7 @@ def noop_report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="cuda (the Triton site); --noop: the CPU")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--size", type=int, default=7)
@@ -135,6 +135,7 @@ def main() -> None:
     if args.noop:
         noop_report(args)
         return
+    check_device(p, args.device)  # (a CPU machine: --noop times the site's host work)
     dev = torch.device(args.device)
     c, s = args.channels, args.size
     x = torch.randn(args.batch, c, s, s, device=dev)
@@ -151,7 +152,10 @@ def main() -> None:
             with torch.no_grad():
                 return m(x)
 
-        def step() -> None:
+        def step() -> None:  # (gradients cleared: no accumulation, as zero_grad would)
+            xg.grad = None
+            for param in m.parameters():
+                param.grad = None
             m(xg).backward(g)
 
         return {"eval": ev, "train forward": lambda: m(xg), "train step": step}

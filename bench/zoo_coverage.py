@@ -117,16 +117,18 @@ def main() -> None:
     i, n = (int(v) for v in args.shard.split("/"))
     names = [m for m in timm.list_models() if fnmatch.fnmatch(m, args.filter)][i::n]
     done: dict[str, dict[str, Any]] = {}
+    settings = [args.max_params, args.side_cap]  # a record made under others is made again
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             rec = json.loads(line)
-            done[rec["model"]] = rec
+            if rec.get("settings") == settings:
+                done[rec["model"]] = rec
     print(f"param cap {args.max_params / 1e6:.0f}M; {len(names)} architectures; {len(done)} done")
     with args.out.open("a") as f:
         for k, name in enumerate(names):
             if name in done:
                 continue
-            rec = check(name, args.max_params, args.side_cap)
+            rec = check(name, args.max_params, args.side_cap) | {"settings": settings}
             done[name] = rec
             f.write(json.dumps(rec) + "\n")
             f.flush()

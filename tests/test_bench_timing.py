@@ -40,3 +40,20 @@ def test_paired_ratio_ci_formats_the_ratios_interval() -> None:
     a, b = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [1.0, 1.0, 2.0, 2.0, 2.0, 4.0]  # ratios 2,4,3,4,5,3
     assert timing.paired_ratio_ci(a, b) == "[2.000-5.000]"
     assert timing.paired_ratio_ci(a[:5], b[:5]) == "[n/a]"
+
+
+@pytest.mark.parametrize("script", ["an_layer.py", "models.py", "profile_step.py", "site_host.py"])
+def test_a_gpu_benchmark_on_a_machine_without_cuda_is_a_usage_error(script: str) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    bench = Path(__file__).parents[1] / "bench" / script
+    res = subprocess.run(
+        [sys.executable, str(bench), "--device", "cuda"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr  # argparse's, not torch's
+    assert "--device cuda: no CUDA device here" in res.stderr.strip().splitlines()[-1]
