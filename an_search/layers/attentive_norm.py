@@ -65,7 +65,7 @@ from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
 from ._triton_spec import SITE_ATTR
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
-from .folded import FoldedAttentiveNorm
+from .folded import FoldedAttentiveNorm, drop_act
 from .heads import constant_output, create_head
 from .pooling import create_pool
 
@@ -313,21 +313,13 @@ class AttentiveNorm(nn.Module):
             return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
         if not torch.jit.is_tracing() and not x.numel():  # nothing to attend to: the inner
             # norm's answer, or its error (a trace would bake the branch in: left out)
-            return self._tail(self._modules["norm"](x))
+            return drop_act(self, self._modules["norm"](x))
         y = self._forward_triton(x) if x.is_cuda else None
         if y is None and not self.training:
             y = self._forward_native_eval(x)
         if y is None:
             y = self._forward_fused(x) if self._can_fuse(x) else self._forward_reference(x)
-        return self._tail(y)
-
-    def _tail(self, y: torch.Tensor) -> torch.Tensor:
-        """The drop and activation of timm's ``*Act`` norms."""
-        mods = self._modules  # (not self.drop: Module.__getattr__ costs ~2 us a name here)
-        drop, act = mods["drop"], mods["act"]
-        if not isinstance(drop, nn.Identity):
-            y = drop(y)
-        return y if isinstance(act, nn.Identity) else act(y)
+        return drop_act(self, y)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
         if not self.fused:

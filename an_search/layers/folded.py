@@ -52,6 +52,16 @@ class _Derived:
     kernel: _Plan | None  # the CPU kernel's: float32/float64 maps on the CPU
 
 
+def drop_act(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``module``'s drop and activation (timm's ``*Act`` norms) applied to ``y``; skipped
+    where they are ``nn.Identity``."""
+    mods = module._modules  # (not module.drop: Module.__getattr__ costs ~2 us a name here)
+    drop, act = mods["drop"], mods["act"]
+    if not isinstance(drop, nn.Identity):
+        y = drop(y)
+    return y if isinstance(act, nn.Identity) else act(y)
+
+
 class FoldedAttentiveNorm(nn.Module):
     """The evaluation-mode function of a batchnorm-based :class:`AttentiveNorm` as folded
     buffers (see the module doc); made by ``AttentiveNorm.fuse()``."""
@@ -76,12 +86,7 @@ class FoldedAttentiveNorm(nn.Module):
             return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
         if x.dim() not in self.dims:
             raise ValueError(f"expected {' or '.join(map(str, self.dims))}D input (got {x.dim()}D)")
-        y = self._site(x)
-        mods = self._modules
-        drop, act = mods["drop"], mods["act"]
-        if not isinstance(drop, nn.Identity):
-            y = drop(y)
-        return y if isinstance(act, nn.Identity) else act(y)
+        return drop_act(self, self._site(x))
 
     def _site(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # (B, C): one position per channel

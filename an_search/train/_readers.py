@@ -54,8 +54,7 @@ def clean_reader(ds: Any, root: str, *, fixed_classes: bool) -> None:
         left = sorted((n for n, i in names.items() if i in kept), key=natural_key)
         classes = {n: i for i, n in enumerate(left)}
     remap = {names[n]: classes[n] for n in classes}
-    new = np.asarray([remap.get(int(t), -1) for t in targets], dtype=np.int64)
-    keep &= new >= 0
+    new = np.asarray([remap.get(int(t), -1) for t in targets], dtype=np.int64)  # -1: not kept
     if isinstance(reader, ReaderImageFolder):
         pairs = zip(reader.samples, new, keep, strict=True)
         samples = [(path, int(t)) for (path, _), t, k in pairs if k]
