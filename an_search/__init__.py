@@ -14,12 +14,22 @@ filter_torchscript_warning()
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentiveNorm", "ConvertResult", "convert", "find_sites", "fold_sites", "load", "save"]
+__all__ = [
+    "AttentiveNorm",
+    "ConvertResult",
+    "convert",
+    "convert_recipe",
+    "find_sites",
+    "fold_sites",
+    "load",
+    "save",
+]
 
 _LAZY = {
     "AttentiveNorm": ("an_search.layers", "AttentiveNorm"),
     "ConvertResult": ("an_search.conversion", "ConvertResult"),
     "convert": ("an_search.conversion", "convert"),
+    "convert_recipe": ("an_search.conversion", "convert_recipe"),
     "find_sites": ("an_search.rewrite", "find_sites"),
     "fold_sites": ("an_search.layers", "fold_sites"),
     "load": ("an_search.rewrite", "load"),
@@ -27,7 +37,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .conversion import ConvertResult, convert
+    from .conversion import ConvertResult, convert, convert_recipe
     from .layers import AttentiveNorm, fold_sites
     from .rewrite import find_sites, load, save
 

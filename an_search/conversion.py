@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from .cost import CostReport, count_cost
 from .errors import ModelConfigError, RecipeError
 from .models import check_model_options, create_model, load_checkpoint, model_input_size
-from .rewrite import Recipe, RecipeSite, SiteReport, apply_an, find_sites, select_sites
+from .rewrite import (
+    Recipe,
+    RecipeSite,
+    SiteReport,
+    apply_an,
+    apply_recipe,
+    find_sites,
+    select_sites,
+)
 
-__all__ = ["ConvertResult", "convert"]
+__all__ = ["ConvertResult", "convert", "convert_recipe"]
 
 
 @dataclass
@@ -132,6 +140,53 @@ def convert(
         no_weight_decay=no_weight_decay,
     )
     return ConvertResult(net, recipe, report, selected, before, after, input_size)
+
+
+def convert_recipe(
+    recipe: Recipe,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    init: str | None = None,
+    cost: bool = True,
+) -> ConvertResult:
+    """Convert a timm model as a recipe says (e.g. an ``an-search export`` winner).
+
+    The recipe fixes the sites, their K, heads and pools; the model, its classifier size,
+    input channels and image size default to the recipe's, and may be changed (e.g. to put a
+    configuration searched on small data into an ImageNet model with its local weights).
+
+    Args:
+        recipe: the recipe (``an_search.rewrite.read_recipe`` reads one from a file).
+        model: the timm model name (default: the recipe's), e.g. with a pretrained tag.
+        num_classes: classifier size (default: the recipe's).
+        in_chans: input channels (default: the recipe's).
+        img_size: input size for the cost count and for models built with one (default: the
+            recipe's).
+        checkpoint: local weights file loaded before converting.
+        init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint was loaded,
+            else the recipe's.
+        cost: count params and MACs before and after (fvcore).
+
+    Raises:
+        UnknownModelError, CheckpointError, RecipeError: a site of the recipe is not in the model.
+    """
+    name = model or recipe.model
+    given = _model_kwargs(num_classes, in_chans, img_size)
+    kwargs = {**recipe.model_kwargs, **given}
+    if init is None:
+        init = "preserve" if checkpoint is not None else recipe.init
+    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)  # (validates init)
+    net = create_model(name, checkpoint=checkpoint, **kwargs)
+    input_size = model_input_size(net, kwargs.get("img_size"))
+    report = find_sites(net)
+    before = count_cost(net, input_size) if cost else None
+    apply_recipe(net, final)
+    after = count_cost(net, input_size) if cost else None
+    return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
 
 
 def _take_built(

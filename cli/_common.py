@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -42,6 +43,26 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+#: Settings the library's messages name as Python fields, and the options that set them.
+_FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in (
+        "n_trials", "batch_size", "batches_per_epoch", "img_size", "train_fraction",
+        "val_fraction", "max_params", "max_macs", "max_latency_ms", "num_classes",
+        "gpus_per_trial",
+    )
+} | {"ema_decay": "--ema"}  # fmt: skip
+_FIELD = re.compile(r"(?<![\w/.-])(" + "|".join(_FLAGS) + r")(?![\w/.-])")  # (not in paths)
+_LEADING = re.compile(r"^(epochs|lr|seed|timeout|nproc|device) (must|is)\b")
+_UNSET = re.compile(r"^(--[\w-]+ must be) None or ")  # (an option left out is None)
+
+
+def as_flags(message: str) -> str:
+    """A library message in the command line's words: ``n_trials`` -> ``--n-trials``."""
+    message = _LEADING.sub(r"--\1 \2", _FIELD.sub(lambda m: _FLAGS[m[1]], message))
+    return _UNSET.sub(r"\1 ", message)
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one-line messages and exit code 2 (tracebacks with --debug)."""
 
@@ -64,7 +85,7 @@ def handle_errors(func: F) -> F:
             from an_search.errors import ANSearchError
 
             if isinstance(e, ANSearchError):
-                raise fail(str(e)) from None
+                raise fail(as_flags(str(e))) from None
             first = (str(e).splitlines() or [""])[0]
             raise fail(
                 f"internal error {type(e).__name__}: {first} (re-run with --debug for a traceback)",

@@ -23,7 +23,16 @@ if TYPE_CHECKING:
 class TrialProgress:
     """Context manager: ``on_trial`` is an Optuna callback, ``on_step`` a training callback."""
 
-    def __init__(self, console: Console, *, total: int | None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        total: int | None,
+        enabled: bool = True,
+        trials: bool = True,
+        step_label: str = "current trial",
+    ) -> None:
+        """``trials=False``: one bar, the training's (a retrain has no trials to count)."""
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("{task.description}"),
@@ -36,8 +45,8 @@ class TrialProgress:
             disable=not enabled,
         )
         self._started = False
-        self._trials = self._progress.add_task("trials", total=total)
-        self._steps = self._progress.add_task("current trial", total=None, visible=False)
+        self._trials = self._progress.add_task("trials", total=total, visible=trials)
+        self._steps = self._progress.add_task(step_label, total=None, visible=False)
 
     def __enter__(self) -> TrialProgress:
         return self  # the bars appear with the first update, so early errors print alone

@@ -31,14 +31,27 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @handle_errors
 def convert(
     model: Annotated[
-        str, typer.Argument(help="timm model name, e.g. resnet50 or resnet50.a1_in1k")
-    ],
+        str | None,
+        typer.Argument(help="timm model name, e.g. resnet50 or resnet50.a1_in1k (or --recipe's)"),
+    ] = None,
     placement: Annotated[
-        str, typer.Option(help="paper, all, last-in-block, after-3x3, after-depthwise, none")
-    ] = "paper",
+        str | None,
+        typer.Option(help="paper (default), all, last-in-block, after-3x3, after-depthwise, none"),
+    ] = None,
     k: Annotated[str | None, typer.Option("--k", help="K: one number or one per stage")] = None,
-    head: Annotated[str, typer.Option(help="attention head (registry name)")] = "default",
-    pool: Annotated[str, typer.Option(help="pooled statistic: meanstd, avg, avgmax")] = "meanstd",
+    head: Annotated[
+        str | None, typer.Option(help="attention head, a registry name (default: default)")
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="pooled statistic: meanstd (default), avg, avgmax")
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="convert as a recipe says (recipe.json or its folder, e.g. an export's rank "
+            "folder): its sites, K, heads and pools"
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option(help="add sites: glob, or re:REGEX (repeatable)")
     ] = None,
@@ -70,10 +83,27 @@ def convert(
 ) -> None:
     """Convert MODEL to Attentive Normalization and report params and MACs before/after."""
     from an_search.conversion import convert as run_convert
-    from an_search.errors import InvalidKError
+    from an_search.conversion import convert_recipe
+    from an_search.errors import InvalidKError, RecipeError, UnknownModelError
     from an_search.models import create_model
-    from an_search.rewrite import find_sites, save
+    from an_search.rewrite import find_sites, read_recipe, save
 
+    if recipe is not None:
+        chosen = {
+            "--placement": placement, "--k": k, "--head": head, "--pool": pool,
+            "--include": include, "--exclude": exclude, "--roles": roles, "--stages": stages,
+            "--norm-types": norm_types, "--no-weight-decay": no_weight_decay,
+        }  # fmt: skip
+        clash = next((flag for flag, value in chosen.items() if value), None)
+        if clash is not None:
+            raise RecipeError(
+                f"--recipe fixes the sites, K, heads and pools, so {clash} has nothing to "
+                f"change: drop {clash}, or drop --recipe"
+            )
+        plan = read_recipe(recipe)
+        model = model or plan.model
+    elif model is None:
+        raise UnknownModelError("no model given: name a timm model (e.g. resnet50) or --recipe")
     if list_sites:
         net = create_model(model, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint)
         report = find_sites(net)
@@ -88,23 +118,29 @@ def convert(
     except ValueError:
         raise InvalidKError(f"--stages {stages!r} must be comma-separated integers") from None
     with stderr().status(f"converting {model}...") if not json_out else nullcontext():
-        result = run_convert(
-            model,
-            placement=placement,
-            k=parse_k(k),
-            head=head,
-            pool=pool,
-            include=include or (),
-            exclude=exclude or (),
-            roles=split_list(roles),
-            stages=stage_list,
-            norm_types=split_list(norm_types),
-            init=init,
-            num_classes=num_classes,
-            img_size=img_size,
-            checkpoint=checkpoint,
-            no_weight_decay=no_weight_decay,
-        )
+        if recipe is not None:
+            result = convert_recipe(
+                plan, model=model, num_classes=num_classes, img_size=img_size,
+                checkpoint=checkpoint, init=init,
+            )  # fmt: skip
+        else:
+            result = run_convert(
+                model,
+                placement=placement or "paper",
+                k=parse_k(k),
+                head=head or "default",
+                pool=pool or "meanstd",
+                include=include or (),
+                exclude=exclude or (),
+                roles=split_list(roles),
+                stages=stage_list,
+                norm_types=split_list(norm_types),
+                init=init,
+                num_classes=num_classes,
+                img_size=img_size,
+                checkpoint=checkpoint,
+                no_weight_decay=no_weight_decay,
+            )
         if output is not None:
             save(result.model, result.recipe, output)
     if json_out:

@@ -33,9 +33,19 @@ Storage = Annotated[
     str | None,
     typer.Option(help="Optuna storage URL, journal file (.log) or SQLite file; $OPTUNA_STORAGE"),
 ]
-StudyName = Annotated[str | None, typer.Option(help="study name (default: MODEL-SPACE)")]
+NewStudyName = Annotated[
+    str | None,
+    typer.Option(help="study name (default: MODEL-SPACE, and -OBJECTIVES unless top1 alone)"),
+]
+StudyName = Annotated[
+    str | None, typer.Option(help="study name (needed when the storage holds several)")
+]
 Data = Annotated[
-    str | None, typer.Option(help="image folder (ImageNet layout) or timm dataset root")
+    str | None,
+    typer.Option(
+        help="image folder (train/ and val/, or class folders) or .tar of class folders "
+        "(default: the embedded Animal-MNIST)"
+    ),
 ]
 BatchesPerEpoch = Annotated[int | None, typer.Option(help="cap updates/epoch")]
 ImgSize = Annotated[int, typer.Option(help="training image size")]
@@ -61,7 +71,7 @@ def run(
     data: Data = None,
     space: Annotated[str, typer.Option(help="shipped space name or YAML file")] = "default",
     storage: Storage = None,
-    study_name: StudyName = None,
+    study_name: NewStudyName = None,
     n_trials: Annotated[int | None, typer.Option(help="trials to run in this call")] = 20,
     timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
     epochs: Annotated[int, typer.Option(help="proxy epochs per trial")] = 2,
@@ -275,7 +285,9 @@ def retrain(
     ] = None,
     storage: Storage = None,
     study_name: StudyName = None,
-    data: Data = None,
+    data: Annotated[
+        str | None, typer.Option(help="the dataset (default: the study's, else embedded)")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="full-schedule epochs")] = 10,
     batches_per_epoch: BatchesPerEpoch = None,
     img_size: ImgSize = 32,
@@ -291,7 +303,7 @@ def retrain(
     ] = 1,
     checkpoint: Checkpoint = None,
     device: Device = "cpu",
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option(help="training seed (both runs start alike)")] = 0,
     output: Annotated[Path | None, typer.Option(help="retrain directory")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
@@ -334,7 +346,10 @@ def retrain(
 
     out_dir = output or (where / "retrain")
     try:
-        with TrialProgress(stderr(), total=None, enabled=not (quiet or json_out)) as bar:
+        with TrialProgress(
+            stderr(), total=None, enabled=not (quiet or json_out), trials=False,
+            step_label="training",
+        ) as bar:  # fmt: skip
             runs = run_retrain(
                 recipe,
                 spec,

@@ -105,3 +105,49 @@ def test_checkpoints_load_as_timm_loads_pretrained_weights(tmp_path: Path) -> No
     stem = rgb.conv1[0].weight
     torch.testing.assert_close(gray.conv1[0].weight, stem.sum(dim=1, keepdim=True))
     assert torch.equal(gray.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
+
+
+def test_convert_recipe_rebuilds_a_conversion_and_moves_it_to_a_pretrained_model(
+    tmp_path: Path,
+) -> None:
+    """A searched recipe (10 classes, 32 px) put into a 1000-class model with local weights:
+    the same sites, K and heads; the classifier and image size given; AN starts as the
+    pretrained norm (eval outputs equal the unconverted model's)."""
+    torch.manual_seed(0)
+    searched = an_search.convert(
+        "resnet10t", placement="last-in-block", k=[3, 4, 5, 6], head="bn-softmax",
+        num_classes=10, img_size=32,
+    )  # fmt: skip
+    again = an_search.convert_recipe(searched.recipe)
+    assert again.selected == searched.selected and again.recipe == searched.recipe
+    assert again.cost_after.params == searched.cost_after.params
+    assert again.cost_after.macs == searched.cost_after.macs
+    assert again.input_size == (3, 32, 32)
+
+    pretrained = timm.create_model("resnet10t", pretrained=False).eval()
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(ckpt))
+    moved = an_search.convert_recipe(
+        searched.recipe, model="resnet10t.c3_in1k", num_classes=1000, img_size=64,
+        checkpoint=ckpt,
+    )  # fmt: skip
+    assert moved.selected == searched.selected and moved.recipe.init == "preserve"
+    assert moved.recipe.model == "resnet10t.c3_in1k"
+    assert moved.recipe.model_kwargs == {"num_classes": 1000, "img_size": 64}
+    assert moved.input_size == (3, 64, 64)
+    heads = {n: (m.k, m.head_name) for n, m in moved.model.named_modules()
+             if isinstance(m, AttentiveNorm)}  # fmt: skip
+    assert heads == {n: (k, "bn-softmax") for n, k in searched.selected.items()}
+    # the sites add what they added to the searched model (same channels, K and heads)
+    added = moved.cost_after.params - moved.cost_before.params
+    assert added == searched.cost_after.params - searched.cost_before.params
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(moved.model.eval()(x), pretrained(x), rtol=1e-4, atol=1e-4)
+    _round_trip(moved.model, moved.recipe, tmp_path)
+
+
+def test_convert_recipe_refuses_a_model_without_its_sites() -> None:
+    recipe = an_search.convert("resnet10t", num_classes=10).recipe
+    with pytest.raises(RecipeError, match="recipe does not fit 'mobilenetv3_small_050'"):
+        an_search.convert_recipe(recipe, model="mobilenetv3_small_050")

@@ -18,7 +18,7 @@ from .recipe import (
     apply_recipe,
     build_from_recipe,
 )
-from .saving import RECIPE_FILE, WEIGHTS_FILE, load, save
+from .saving import RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
 from .sites import Site, SiteReport, find_sites
 from .swap import apply_an, extend_no_weight_decay
 from .tracer import SiteTracer, TraceResult, is_norm_module, norm_classes, trace_model
@@ -47,6 +47,7 @@ __all__ = [
     "load",
     "match_pattern",
     "norm_classes",
+    "read_recipe",
     "save",
     "select_sites",
     "trace_model",

@@ -19,7 +19,7 @@ from an_search.errors import OutputDirError, RecipeError
 
 from .recipe import Recipe, build_from_recipe
 
-__all__ = ["RECIPE_FILE", "WEIGHTS_FILE", "load", "save"]
+__all__ = ["RECIPE_FILE", "WEIGHTS_FILE", "load", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -109,6 +109,28 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
         if not done and created is not None:
             shutil.rmtree(created, ignore_errors=True)
     return out
+
+
+def read_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read a recipe: a ``recipe.json`` file, or a folder holding one (an ``an-search export``
+    rank folder, a saved model).
+
+    Raises:
+        RecipeError: no such file, unreadable, or not a valid recipe.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / RECIPE_FILE
+    if not file.is_file():
+        raise RecipeError(
+            f"no recipe at {str(file)!r}: give a recipe.json, or a folder holding one (an "
+            "`an-search export` rank folder)"
+        )
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {str(file)!r} ({exc}): re-export the recipe") from None
+    return Recipe.from_json(text)
 
 
 def load(directory: str | os.PathLike[str]) -> tuple[nn.Module, Recipe]:

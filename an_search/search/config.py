@@ -79,8 +79,16 @@ class SearchConfig:
     latency_runs: int = 5
 
     def resolved_study_name(self, space_name: str) -> str:
-        """The study name: the given one, else ``<model>-<space name>`` (file-name safe)."""
-        return self.study_name or re.sub(r"[^\w.-]+", "_", f"{self.model}-{space_name}")
+        """The study name: the given one, else ``<model>-<space name>``, with ``-<objectives>``
+        unless top-1 alone (``resnet18-default-top1-macs``), so that a search for other
+        objectives starts its own study; file-name safe."""
+        if self.study_name:
+            return self.study_name
+        given = self.objectives
+        names = [n.strip() for n in (given.split(",") if isinstance(given, str) else given)]
+        names = [n for n in names if n]
+        tail = "" if names == ["top1"] else "-" + "-".join(names)
+        return re.sub(r"[^\w.-]+", "_", f"{self.model}-{space_name}{tail}")
 
     def run_dir(self, space_name: str) -> Path:
         """The run directory: ``output_dir``, else ``an-runs/<study name>``."""

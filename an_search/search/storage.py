@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
     "count_trials",
     "fail_dead_worker_trials",
     "heartbeat_enabled",
+    "hide_password",
     "open_storage",
     "record_worker",
     "resolve_storage_url",
@@ -125,14 +127,19 @@ def open_storage(url: str) -> BaseStorage:
             )
     except ImportError as exc:
         raise StorageError(
-            f"storage {url!r} needs a database driver that is not installed "
+            f"storage {hide_password(url)!r} needs a database driver that is not installed "
             f"(pip install 'an-search[postgres]' for PostgreSQL): {_first_line(exc)}"
         ) from None
     except Exception as exc:  # sqlalchemy, OSError, corrupt files: all mean "cannot open"
         raise StorageError(
-            f"storage {url!r} cannot be opened (check the path, its directory, the server and "
-            f"the credentials): {_first_line(exc)}"
+            f"storage {hide_password(url)!r} cannot be opened (check the path, its directory, "
+            f"the server and the credentials): {_first_line(exc)}"
         ) from None
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (for messages)."""
+    return re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def _check_journal(path: Path) -> None:

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from an_search.errors import BudgetError, StorageError, TrainConfigError, UnknownNameError
 from an_search.rewrite import find_sites
-from an_search.train import check_batches, resolve_data
+from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
@@ -49,6 +49,7 @@ from .storage import (
 __all__ = [
     "NO_PRUNING_MESSAGE",
     "create_or_load_study",
+    "data_summary",
     "open_study",
     "prepare_search",
     "quiet_optuna",
@@ -64,20 +65,22 @@ Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def create_or_load_study(
-    cfg: SearchConfig, *, space: SearchSpace | None = None
+    cfg: SearchConfig, *, space: SearchSpace | None = None, data: dict[str, Any] | None = None
 ) -> tuple[optuna.Study, str | None]:
     """Open the storage, create or resume the study, fail dead workers' trials, enqueue baselines.
 
     Args:
         cfg: the search settings.
         space: the loaded space (None: ``load_space(cfg.space)``).
+        data: what the trials train on (:func:`data_summary`): stored with a new study, and
+            compared with a resumed one's (None: neither).
 
     Returns:
         The study and a message for the user (why pruning is off), or None.
 
     Raises:
-        StorageError: the storage cannot be opened, or holds this study name for another model
-            or other objectives.
+        StorageError: the storage cannot be opened, or holds this study name for another model,
+            other objectives, settings or data.
         SpaceError, UnknownNameError: a bad space, objective or pruner name.
     """
     objectives = parse_objectives(cfg.objectives)
@@ -95,7 +98,15 @@ def create_or_load_study(
         storage=open_storage(url), study_name=name, load_if_exists=True, directions=directions
     )
     _check_same_search(study, cfg, objectives, space)
-    n_before = len(study.get_trials(deepcopy=False))
+    _check_same_data(study, data)
+    trials = study.get_trials(deepcopy=False)
+    if (
+        data is not None
+        and "data" not in study.user_attrs
+        and all(t.state == TrialState.WAITING for t in trials)
+    ):  # (one from before this was stored, with trials run on unknown data, stays unchecked)
+        study.set_user_attr("data", data)
+    n_before = len(trials)
     study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
     if n_before == 0:
         with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
@@ -177,7 +188,7 @@ def prepare_search(
     space = load_space(cfg.space)
     data = resolve_data(None if cfg.data is None else str(cfg.data))
     train = cfg.train
-    check_batches(
+    images = check_batches(
         data, train.batch_size, train_fraction=train.train_fraction, seed=train.seed,
         processes=processes,
     )  # fmt: skip
@@ -187,7 +198,7 @@ def prepare_search(
     report = find_sites(unconverted.model)
     check_space(space, report)
     objective = make_objective(cfg, objectives, space, report, data)
-    study, message = create_or_load_study(cfg, space=space)
+    study, message = create_or_load_study(cfg, space=space, data=data_summary(data, *images))
     if message and on_message is not None:
         on_message(message)
     return objective, study
@@ -312,6 +323,39 @@ def _check_same_search(
                 f"{shown[1]!r}: resume it with the same settings, or start another study "
                 "(--study-name or --output)"
             )
+
+
+def data_summary(data: DataSpec, train_images: int, val_images: int) -> dict[str, Any]:
+    """What a study's trials train on, path aside (the data may move to another machine)."""
+    return {
+        "classes": list(data.class_names) or data.num_classes,
+        "train_images": train_images,
+        "validation_images": val_images,
+    }
+
+
+def _check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
+    """A resumed study must train on the same data: trials on other data do not compare."""
+    stored = study.user_attrs.get("data")
+    if data is None or not isinstance(stored, dict):
+        return  # (a study from before the data was stored is not compared)
+    if json.loads(json.dumps(data)) == stored:
+        return
+    raise StorageError(
+        f"study {study.study_name!r} was run on {_describe_data(stored)}, this call's data has "
+        f"{_describe_data(data, stored)}: resume it with the same --data, or start another "
+        "study (--study-name or --output)"
+    )
+
+
+def _describe_data(data: dict[str, Any], other: dict[str, Any] | None = None) -> str:
+    classes, theirs = data.get("classes"), (other or {}).get("classes")
+    count = len(classes) if isinstance(classes, list) else classes
+    renamed = isinstance(theirs, list) and len(theirs) == count and classes != theirs
+    return (
+        f"{count} classes{' (other names)' if renamed else ''}, {data.get('train_images')} "
+        f"training and {data.get('validation_images')} validation images"
+    )
 
 
 def _sampler_pruner(

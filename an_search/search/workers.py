@@ -146,7 +146,7 @@ def run_workers(
     plans = plan_workers(n_workers, gpus, gpus_per_trial)
     space_name = load_space(cfg.space).name
     run_dir = Path(cfg.run_dir(space_name)).resolve()  # made once every check passed
-    url = _shared_storage(cfg, run_dir, len(plans), on_message)
+    url, note = _shared_storage(cfg, run_dir, len(plans))
     cfg = replace(cfg, storage=url, output_dir=str(run_dir), space=_absolute(cfg.space))
     if sync_bn and gpus is None:
         raise TrainConfigError("SyncBatchNorm needs CUDA (torch rejects CPU tensors): give --gpus")
@@ -156,6 +156,8 @@ def run_workers(
     with quiet_optuna():
         _, study = prepare_search(here, on_message=on_message, processes=plans[0].nproc)
         limit = trial_limit(study, cfg, join=join)
+    if note is not None and on_message is not None:  # (once the input passed every check)
+        on_message(note)
     if limit is None and cfg.timeout is None and join:
         raise StorageError(
             f"study {study.study_name} stores no trial total (its run gave no --n-trials): give "
@@ -178,22 +180,24 @@ def run_workers(
     return study
 
 
-def _shared_storage(
-    cfg: SearchConfig, run_dir: Path, n: int, on_message: Callable[[str], None] | None
-) -> str:
+def _shared_storage(cfg: SearchConfig, run_dir: Path, n: int) -> tuple[str, str | None]:
+    """The storage the workers share, and a note when it is not the one the user named."""
     url = resolve_storage_url(cfg.storage, run_dir)
     if n == 1 or not url.startswith("sqlite"):
-        return url
-    chosen = cfg.storage is not None or os.environ.get("OPTUNA_STORAGE")
-    if chosen or (run_dir / DEFAULT_DB_NAME).exists():
+        return url, None
+    if cfg.storage is not None or os.environ.get("OPTUNA_STORAGE"):
         raise StorageError(
             f"SQLite takes one writer, so {n} workers cannot share {url}: use a journal file "
-            f"(--storage {run_dir / DEFAULT_JOURNAL_NAME}) or a server (postgresql://...)"
+            "(--storage FILE.log) or a server (postgresql://...), which hold a study of their own"
+        )
+    if (run_dir / DEFAULT_DB_NAME).exists():  # a journal next to it would be a second study
+        raise StorageError(
+            f"SQLite takes one writer, so {n} workers cannot resume the study in {url}: resume "
+            "it with one process (no --workers or --gpus), or give the workers a new study "
+            "(--study-name NAME or --output DIR)"
         )
     journal = str(run_dir / DEFAULT_JOURNAL_NAME)
-    if on_message is not None:
-        on_message(f"{n} workers share the study through the journal file {journal}")
-    return journal
+    return journal, f"{n} workers share the study through the journal file {journal}"
 
 
 def _absolute(space: Any) -> Any:

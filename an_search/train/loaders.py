@@ -130,14 +130,19 @@ def check_batches(
     train_fraction: float = 1.0,
     seed: int = 0,
     processes: int = 1,
-) -> None:
+) -> tuple[int, int]:
     """Raise DataError unless every process gets at least one full training batch.
 
     ``create_loaders`` drops the last partial batch, and under torch.distributed each of the
     ``processes`` ranks gets ``1 / processes`` of the images; a search calls this before it
-    creates a study, so that a bad ``--batch-size`` leaves no study behind."""
-    train_ds, _ = _splits(spec, train_fraction, 1.0, seed)
+    creates a study, so that a bad ``--batch-size`` leaves no study behind.
+
+    Returns:
+        The training images (``train_fraction`` taken) and the validation images (all).
+    """
+    train_ds, val_ds = _splits(spec, train_fraction, 1.0, seed)
     _check_shard(len(train_ds), batch_size, processes)
+    return len(train_ds), len(val_ds)
 
 
 def _check_shard(images: int, batch_size: int, processes: int) -> None:

@@ -45,6 +45,12 @@ def _build(
     return apply_recipe(model, recipe) if converted else model
 
 
+def _starting_recipe(recipe: Recipe, checkpoint: str | None) -> Recipe:
+    """From loaded weights, AN starts as the norm it replaces (``preserve``), as ``an-convert``
+    does: the paper init would discard the pretrained affine of every AN site."""
+    return dataclasses.replace(recipe, init="preserve") if checkpoint is not None else recipe
+
+
 def retrain(
     recipe: Recipe,
     data: DataSpec,
@@ -65,7 +71,8 @@ def retrain(
         cfg: the schedule; its ``checkpoint_dir`` is replaced by ``out_dir/<name>``.
         out_dir: run directory; ``an/`` and ``baseline/`` hold each run's checkpoints.
         baseline: also train the unconverted model with the same schedule.
-        checkpoint: local weights both runs start from (None: random init, same seed).
+        checkpoint: local weights both runs start from (None: random init, same seed); AN
+            then starts as the norm it replaces (``init="preserve"``).
         nproc: processes per run; above 1 each run trains under ``torchrun`` (DDP: NCCL on
             CUDA, gloo on CPU) with ``cfg.batch_size`` per process and the lr scaled linearly;
             the final weights come back through rank 0's checkpoint.
@@ -81,6 +88,7 @@ def retrain(
     """
     if isinstance(nproc, bool) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
+    recipe = _starting_recipe(recipe, checkpoint)
     runs = []
     for name, converted in (("an", True), ("baseline", False))[: 2 if baseline else 1]:
         run_dir = Path(out_dir) / name

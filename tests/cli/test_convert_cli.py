@@ -100,7 +100,7 @@ def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_bad_image_size_one_line_exit_2(size: str) -> None:
     code, _, err = run("resnet18", "--img-size", size)
-    assert code == 2 and err.strip() == f"error: img_size is {size}: give an integer >= 1"
+    assert code == 2 and err.strip() == f"error: --img-size is {size}: give an integer >= 1"
 
 
 def test_errors_stay_on_one_line_in_a_narrow_terminal() -> None:
@@ -219,3 +219,25 @@ def test_help_does_not_import_torch() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Convert MODEL" in res.stdout
     assert res.stdout.strip().endswith("NOTORCH")
+
+
+def test_recipe_conflicts_and_missing_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    from an_search.rewrite import Recipe
+
+    folder = tmp_path / "rank1_trial4"
+    folder.mkdir()
+    recipe = Recipe("resnet10t", {"num_classes": 10}, [{"name": "layer1.0.bn2", "k": 3}])
+    (folder / "recipe.json").write_text(recipe.to_json())
+    code, out, err = run("--recipe", str(folder), "--json")
+    assert code == 0, err
+    assert [(s["name"], s["k"]) for s in json.loads(out)["sites"]] == [("layer1.0.bn2", 3)]
+    for flag, value in (("--placement", "all"), ("--k", "4"), ("--head", "mlp")):
+        code, _, err = run("--recipe", str(folder), flag, value)
+        assert code == 2 and f"drop {flag}, or drop --recipe" in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = run("--recipe", str(tmp_path / "none"))
+    assert code == 2 and "no recipe at" in err and "Traceback" not in err
+    code, _, err = run()
+    assert code == 2 and "no model given" in err
+    code, _, err = run("mobilenetv3_small_050", "--recipe", str(folder))  # no such site there
+    assert code == 2 and "recipe does not fit 'mobilenetv3_small_050'" in err

@@ -46,6 +46,24 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     (exported,) = json.loads(stdout)["exported"]
     recipe_dir = Path(exported)
     assert (recipe_dir / "recipe.json").is_file()
+    winner = an_search.rewrite.read_recipe(recipe_dir)
+
+    # the winner into an ImageNet-size model, as an-convert: the searched sites, K and heads
+    from cli.convert import app as convert_app
+
+    res = RUNNER.invoke(
+        convert_app,
+        ["--recipe", str(recipe_dir), "--num-classes", "1000", "--img-size", "64", "--json",
+         "--output", str(tmp_path / "r10t-in1k")],
+        env=ENV,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    converted = json.loads(res.stdout)
+    assert converted["model"] == winner.model and converted["input_size"] == [3, 64, 64]
+    assert {s["name"]: s["k"] for s in converted["sites"]} == winner.site_k()
+    model, saved = an_search.load(tmp_path / "r10t-in1k")
+    assert saved.sites == winner.sites and saved.model_kwargs["num_classes"] == 1000
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
     code, stdout, err = run(
         "retrain", str(recipe_dir), *TINY, "--baseline", "--output", str(tmp_path / "rt"),
@@ -74,10 +92,10 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
         ),  # (it was an "internal error" after the baseline's build)
         (["report", "/nonexistent/run"], "no run directory '/nonexistent/run'"),
-        (["run", "resnet10t", "--max-params", "11.8e2"], "max_params=1,180"),  # floats taken
-        (["run", "resnet10t", "--max-macs", "0.5"], "max_macs=0.5"),  # not cut to 0
-        (["run", "resnet10t", "--n-trials", "-1"], "n_trials must be None or positive, got -1"),
-        (["run", "resnet10t", "--timeout", "-1"], "timeout must be None or positive"),
+        (["run", "resnet10t", "--max-params", "11.8e2"], "--max-params=1,180"),  # floats taken
+        (["run", "resnet10t", "--max-macs", "0.5"], "--max-macs=0.5"),  # not cut to 0
+        (["run", "resnet10t", "--n-trials", "-1"], "--n-trials must be positive, got -1"),
+        (["run", "resnet10t", "--timeout", "-1"], "--timeout must be positive"),
         (["run", "resnet10t", "--seed", "-1"], "seed must be 0 or more, got -1"),
         (["run", "resnet10t", "--device", "tpu"], "device must be cpu, cuda or cuda:N"),
         (["export", "/nonexistent/run", "--top", "0"], "--top must be at least 1, got 0"),
@@ -124,6 +142,20 @@ def test_retrain_of_a_recipe_for_other_classes_needs_data(tmp_path: Path) -> Non
     assert code == 2 and "has 3 classes, the embedded data 10" in err and "--data" in err
 
 
+def test_retrain_progress_shows_the_training_not_an_empty_trial_count(tmp_path: Path) -> None:
+    from an_search.rewrite import Recipe
+
+    recipe = Recipe.from_selection(
+        model="resnet10t", selected={"layer1.0.bn1": 4}, model_kwargs={"num_classes": 10}
+    )
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    code, _, err = run("retrain", str(tmp_path), *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 0, err
+    (bar,) = [line for line in err.splitlines() if line.startswith("training")]
+    assert "2/2" in bar  # TINY: one epoch of two updates
+    assert "trials" not in err
+
+
 def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None:
     import an_search.train.retrain as retrain_module
     from an_search.rewrite import Recipe
@@ -151,3 +183,28 @@ def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:
     code, out, err = run("export", str(run_dir))
     assert code == 2 and out == ""
     assert "has no finished, feasible trial with AN to export yet" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--n-trials", "0"], "error: --n-trials must be positive, got 0"),
+        (["--batch-size", "1"], "error: --batch-size must be at least 2"),
+        (["--val-fraction", "2"], "error: --val-fraction must be in (0, 1], got 2.0"),
+        (["--batches-per-epoch", "0"], "error: --batches-per-epoch must be at least 1, got 0"),
+        (["--max-params", "1000"], "error: --max-params is below the unconverted resnet10t's"),
+    ],
+)
+def test_errors_name_the_options_the_user_typed(tmp_path: Path, args: list, line: str) -> None:
+    code, _, err = run("run", "resnet10t", *args, "--output", str(tmp_path / "out"))
+    assert code == 2 and err.startswith(line), err
+    assert "_" not in err.split(":")[1]  # no Python field name (n_trials, max_params...)
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_names_in_paths_are_left_alone() -> None:
+    from cli._common import as_flags
+
+    assert as_flags("no images in /data/img_size/train; lower batch_size") == (
+        "no images in /data/img_size/train; lower --batch-size"
+    )

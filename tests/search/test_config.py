@@ -25,3 +25,28 @@ def test_stored_data_and_checkpoint_paths_are_absolute(
     assert Path(again.data).is_dir() and Path(again.checkpoint).is_file()
     missing = SearchConfig("resnet10t", data="nowhere").to_dict()  # (refused later, as typed)
     assert missing["data"] == "nowhere" and SearchConfig("resnet10t").to_dict()["data"] is None
+
+
+def test_a_search_for_other_objectives_gets_its_own_default_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`an-search run M` then `an-search run M --objectives top1,macs` (the README's sequence):
+    the second is a new study in its own run directory, not a refused resume of the first."""
+    from an_search.search import create_or_load_study
+
+    monkeypatch.chdir(tmp_path)
+    one = SearchConfig("resnet10t")
+    two = SearchConfig("resnet10t", objectives="top1,macs")
+    assert one.resolved_study_name("default") == "resnet10t-default"
+    assert two.resolved_study_name("default") == "resnet10t-default-top1-macs"
+    assert SearchConfig("m", objectives=("top1", "params")).resolved_study_name("s") == (
+        "m-s-top1-params"
+    )
+    assert SearchConfig("m", objectives=" top1 ").resolved_study_name("s") == "m-s"
+    assert SearchConfig("m", objectives="top1,macs", study_name="x").resolved_study_name("s") == "x"
+    first, _ = create_or_load_study(one)
+    second, _ = create_or_load_study(two)
+    assert (first.study_name, len(first.directions)) == ("resnet10t-default", 1)
+    assert (second.study_name, len(second.directions)) == ("resnet10t-default-top1-macs", 2)
+    assert (tmp_path / "an-runs" / "resnet10t-default" / "study.db").is_file()
+    assert (tmp_path / "an-runs" / "resnet10t-default-top1-macs" / "study.db").is_file()

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from an_search.errors import StorageError
 from an_search.search import fail_dead_worker_trials, open_storage, resolve_storage_url
+from an_search.search.storage import hide_password
 
 
 def test_resolve_storage_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +52,17 @@ def test_unopenable_storage_is_one_line(url: str, needle: str) -> None:
         open_storage(url)
     message = str(info.value)
     assert "\n" not in message and needle in message and url in message
+
+
+def test_a_server_password_is_not_printed_in_storage_errors() -> None:
+    url = "postgresql://alice:s3cr%40t-pw@127.0.0.1:1/an_search"
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "s3cr" not in message and "postgresql://alice:***@127.0.0.1:1/an_search" in message
+    assert hide_password("mysql://u:p@h/db and sqlite:////a:b/c.db") == (
+        "mysql://u:***@h/db and sqlite:////a:b/c.db"
+    )
 
 
 def test_corrupt_sqlite_file(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,10 +31,13 @@ from an_search.search import (
     NO_PRUNING_MESSAGE,
     SearchConfig,
     create_or_load_study,
+    prepare_search,
     run_search,
     study_table,
     write_report,
 )
+from an_search.train import resolve_data
+from an_search.train.data import EMBEDDED_ROOT
 
 SPACE = {
     "placement": {"type": "categorical", "choices": ["paper", "last-in-block"]},
@@ -317,6 +321,45 @@ def test_resume_with_other_space_text_and_free_settings(
     free = replace(e2e.cfg.train, threads=2, workers=1, device="cpu", amp=False)
     study, _ = create_or_load_study(replace(e2e.cfg, storage=db, train=free, data=None))
     assert len(study.trials) == N_TRIALS
+
+
+def _animal_folder(root: Path, classes: int, per_class: int) -> Path:
+    """root/<class>/*.png: the first images of the first classes of the embedded training tar."""
+    taken: dict[str, int] = {}
+    with tarfile.open(EMBEDDED_ROOT / "train.tar") as tar:
+        for member in tar.getmembers():
+            name = member.name.split("/")[0]
+            if member.isfile() and (name in taken or len(taken) < classes):
+                if taken.setdefault(name, 0) < per_class:
+                    taken[name] += 1
+                    (root / member.name).parent.mkdir(parents=True, exist_ok=True)
+                    (root / member.name).write_bytes(tar.extractfile(member).read())
+    return root
+
+
+def test_resume_on_other_data_is_refused(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """Trials trained on other images do not compare: the study keeps what it was run on."""
+    stored = e2e.study.user_attrs["data"]
+    assert stored == {"classes": list(resolve_data().class_names), "train_images": 8000,
+                      "validation_images": 2000}  # fmt: skip
+    db = tmp_path / "other.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    three = _animal_folder(tmp_path / "three", classes=3, per_class=40)
+    with pytest.raises(StorageError) as info:
+        run_search(replace(e2e.cfg, storage=db, n_trials=1, data=three))
+    message = str(info.value)
+    assert "was run on 10 classes, 8000 training and 2000 validation images" in message
+    assert "this call's data has 3 classes, 96 training and 24 validation images" in message
+    assert "--data" in message and "\n" not in message
+    assert len(optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}").trials) == N_TRIALS
+    # the same images under another path (a copy, another machine): accepted
+    copy = tmp_path / "copy"
+    with tarfile.open(EMBEDDED_ROOT / "train.tar") as tar:
+        tar.extractall(copy / "train", filter="data")
+    with tarfile.open(EMBEDDED_ROOT / "validation.tar") as tar:
+        tar.extractall(copy / "val", filter="data")
+    objective, study = prepare_search(replace(e2e.cfg, storage=db, data=copy))
+    assert len(study.trials) == N_TRIALS and study.user_attrs["data"] == stored
 
 
 def test_settings_an_older_study_did_not_store_are_not_compared(

@@ -68,6 +68,22 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
         run_workers(cfg, 2)
 
 
+def test_workers_on_a_run_directory_with_sqlite_are_not_sent_to_a_second_study(
+    tmp_path: Path,
+) -> None:
+    """A journal beside a one-process run's study.db would hold a new study of the same name,
+    whose reports replace the first's: the message points to one process or a new study."""
+    run = tmp_path / "run"
+    run.mkdir()
+    optuna.create_study(storage=f"sqlite:///{run / 'study.db'}", study_name="x")
+    with pytest.raises(StorageError) as info:
+        run_workers(SearchConfig("resnet10t", output_dir=run), 2)
+    message = str(info.value)
+    assert "cannot resume the study in sqlite:///" in message and "--workers" in message
+    assert "--study-name" in message and "--output" in message and "journal" not in message
+    assert sorted(p.name for p in run.iterdir()) == ["study.db"]
+
+
 def test_sync_bn_needs_gpus(tmp_path: Path) -> None:
     cfg = SearchConfig("resnet10t", output_dir=tmp_path / "runs")
     with pytest.raises(TrainConfigError, match="SyncBatchNorm needs CUDA"):
@@ -278,3 +294,9 @@ def test_cli_bad_parallel_options_are_one_line_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--gpus takes GPU ids" in res.stderr
     res = runner.invoke(app, ["worker", "--storage", str(tmp_path / "none.log")], env=env)
     assert res.exit_code == 2 and "storage" in res.stderr
+    # refused input: the error alone, no note of a journal the workers would have shared
+    out = str(tmp_path / "w")
+    res = runner.invoke(app, ["run", "resnet10t", "--workers", "2", "--epochs", "0", "--output",
+                              out], env=env)  # fmt: skip
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and "epochs" in res.stderr
+    assert "journal" not in res.stderr and not (tmp_path / "w").exists()

@@ -50,3 +50,19 @@ def test_retrain_refuses_fewer_than_one_process(nproc: int, tmp_path: Path) -> N
     with pytest.raises(TrainConfigError, match=f"1 or more: got {nproc}"):
         retrain(_recipe(), resolve_data(None), _cfg(), tmp_path / "out", nproc=nproc)
     assert not (tmp_path / "out").exists()
+
+
+def test_retrain_from_weights_starts_an_as_the_norm_it_replaces(tmp_path: Path) -> None:
+    """From a checkpoint, a recipe searched from scratch (init paper) retrains with init
+    preserve, as an-convert converts a model with weights: the AN run starts from the
+    pretrained function, not from the pretrained weights with new norm affines."""
+    from safetensors.torch import save_file
+
+    recipe = _recipe()
+    assert recipe.init == "paper"
+    weights = create_model("resnet10t", num_classes=10).state_dict()
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(ckpt))
+    (an,) = retrain(recipe, resolve_data(None), _cfg(), tmp_path / "out", checkpoint=str(ckpt))
+    _, saved = load(an.model_dir)
+    assert saved.init == "preserve" and saved.sites == recipe.sites
