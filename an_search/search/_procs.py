@@ -38,6 +38,7 @@ __all__ = [
     "start_worker",
     "stop_workers",
     "watch_workers",
+    "worker_threads",
 ]
 
 #: Seconds a worker gets to stop after SIGINT before it is terminated.
@@ -54,9 +55,7 @@ def start_worker(
     call: str | None = None,
 ) -> subprocess.Popen:
     make_dir(folder)
-    threads = len(plan.cpus)
-    if cfg.train.threads is not None:
-        threads = min(threads, cfg.train.threads)
+    threads = worker_threads(len(plan.cpus), cfg.train.threads)
     device = "cuda" if plan.gpus is not None else cfg.train.device
     wcfg = replace(cfg, train=replace(cfg.train, threads=threads, device=device))
     config = folder / f"worker-{plan.index}.json"
@@ -82,6 +81,15 @@ def start_worker(
             env=env,
             preexec_fn=die_with_parent(signal.SIGINT),
         )
+
+
+def worker_threads(cores: int, threads: int | None, environ: dict[str, str] | None = None) -> int:
+    """A worker's torch threads: its share of the cores, capped by ``TrainConfig.threads`` and
+    by the user's ``OMP_NUM_THREADS`` (which torch itself would honour in one process)."""
+    caps = [max(1, cores), threads]
+    omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    caps.append(int(omp) if omp.strip().isdigit() and int(omp) > 0 else None)
+    return min(c for c in caps if c is not None)
 
 
 def watch_workers(

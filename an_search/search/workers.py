@@ -10,8 +10,9 @@ per worker (``worker.run_worker``). Placement:
   only (``CUDA_VISIBLE_DEVICES``) and trains on ``cuda``; with ``gpus_per_trial`` > 1 each trial
   runs under torchrun on its group (:mod:`.ddp`).
 - CPU: the cores this process may use are split between the workers (``sched_setaffinity``),
-  and each worker sets its torch threads to its share (``TrainConfig.threads``,
-  ``OMP_NUM_THREADS``); without GPUs, ``gpus_per_trial`` > 1 means gloo processes per trial.
+  and each worker sets its torch threads to its share, or fewer where ``TrainConfig.threads``
+  or the user's ``OMP_NUM_THREADS`` say so (:func:`._procs.worker_threads`); without GPUs,
+  ``gpus_per_trial`` > 1 means gloo processes per trial.
 
 Storage: the workers write concurrently, so never SQLite: a journal file
 (``JournalFileBackend``) on one machine, a server database for several. With no storage given

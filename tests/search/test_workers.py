@@ -84,6 +84,25 @@ def test_workers_on_a_run_directory_with_sqlite_are_not_sent_to_a_second_study(
     assert sorted(p.name for p in run.iterdir()) == ["study.db"]
 
 
+@pytest.mark.parametrize(("omp", "threads"), [(None, 2), ("1", 1), ("8", 2), ("x", 2)])
+def test_a_worker_keeps_to_the_users_omp_num_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, omp: str | None, threads: int
+) -> None:
+    """OMP_NUM_THREADS=1 caps every worker at one thread, as it caps one process's torch."""
+    from an_search.search._procs import start_worker
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    (plan,) = plan_workers(1, cpus=[0, 1])
+    proc = start_worker(SearchConfig("resnet10t"), plan, None, False, tmp_path)
+    proc.kill()
+    proc.wait()
+    written = json.loads((tmp_path / "worker-0.json").read_text())
+    assert written["train"]["threads"] == threads
+
+
 def test_sync_bn_needs_gpus(tmp_path: Path) -> None:
     cfg = SearchConfig("resnet10t", output_dir=tmp_path / "runs")
     with pytest.raises(TrainConfigError, match="SyncBatchNorm needs CUDA"):
