@@ -62,6 +62,12 @@ GpusPerTrial = Annotated[
     int, typer.Option(help="GPUs per trial: above 1, DDP under torchrun (CPU: gloo processes)")
 ]
 SyncBN = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm in DDP trials (CUDA)")]
+Dataset = Annotated[
+    str,
+    typer.Option(
+        help="a timm dataset name, e.g. torch/cifar10, read from --data (its root; no download)"
+    ),
+]
 
 
 @app.command()
@@ -69,6 +75,7 @@ SyncBN = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm in DDP tr
 def run(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet18")],
     data: Data = None,
+    dataset: Dataset = "",
     space: Annotated[str, typer.Option(help="shipped space name or YAML file")] = "default",
     storage: Storage = None,
     study_name: NewStudyName = None,
@@ -128,6 +135,7 @@ def run(
         seed=seed,
         train=train,
         checkpoint=checkpoint,
+        dataset=dataset,
     )
     from ._progress import TrialProgress
 
@@ -288,6 +296,7 @@ def retrain(
     data: Annotated[
         str | None, typer.Option(help="the dataset (default: the study's, else embedded)")
     ] = None,
+    dataset: Dataset = "",
     epochs: Annotated[int, typer.Option(help="full-schedule epochs")] = 10,
     batches_per_epoch: BatchesPerEpoch = None,
     img_size: ImgSize = 32,
@@ -329,13 +338,14 @@ def retrain(
     )
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
-    if data is None and searched_on is not None:
-        data = searched_on  # the study's dataset, not the embedded default
+    if data is None and not dataset and searched_on is not None:
+        data, dataset = searched_on  # the study's dataset, not the embedded default
         if not (quiet or json_out):
-            stderr().print(f"data: {data} (the study's; --data for another)")
-    spec = resolve_data(data)
+            shown = f"{dataset} in {data}" if dataset else data
+            stderr().print(f"data: {shown} (the study's; --data for another)")
+    spec = resolve_data(data, name=dataset)
     classes = recipe.model_kwargs.get("num_classes")
-    if data is None and classes not in (None, spec.num_classes):
+    if data is None and not dataset and classes not in (None, spec.num_classes):
         from an_search.errors import DataError
 
         raise DataError(
@@ -401,15 +411,16 @@ def retrain(
 
 def _recipe_from(
     source: Path | None, storage: str | None, study_name: str | None
-) -> tuple[Any, Path, str | None]:
+) -> tuple[Any, Path, tuple[str, str] | None]:
     """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
-    the folder for outputs and, from a study, the dataset it searched on (None: embedded)."""
+    the folder for outputs and, from a study that searched on a dataset, its path and timm name
+    (None: the embedded data, or a recipe file)."""
     from an_search.errors import RecipeError
-    from an_search.rewrite import RECIPE_FILE, Recipe
+    from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
-        return Recipe.from_json(file.read_text()), file.parent, None
+        return read_recipe(file), file.parent, None
     study, _, where = _open(source, storage, study_name)
     from an_search.search import ranked_trials
 
@@ -418,8 +429,10 @@ def _recipe_from(
         raise RecipeError(
             f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
         )
-    data = (study.user_attrs.get("config") or {}).get("data")
-    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, data
+    config = study.user_attrs.get("config") or {}
+    data, dataset = config.get("data"), config.get("dataset") or ""
+    searched = (data, dataset) if data or dataset else None
+    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, searched
 
 
 def _open(

@@ -31,12 +31,13 @@ class SearchConfig:
 
     Attributes:
         model: timm model name.
-        data: dataset path or None for the embedded Animal-MNIST (``an_search.train.resolve_data``).
+        data: dataset path or None for the embedded Animal-MNIST (``an_search.train.resolve_data``);
+            with ``dataset``, that dataset's root.
         space: shipped space name or YAML path (``an_search.search.load_space``).
         output_dir: run directory (default SQLite file, reports); None: ``an-runs/<study_name>``.
         storage: Optuna URL, journal file (.log/.journal) or SQLite file; None:
             ``$OPTUNA_STORAGE``, else ``<output_dir>/study.db``.
-        study_name: None: ``<model>-<space name>``.
+        study_name: None: ``<model>-<space name>``, with ``-<objectives>`` for several.
         n_trials: trials this call runs (Optuna's meaning: a resumed study gets this many more;
             enqueued baselines count); None with ``timeout``: until the timeout.
         timeout: seconds after which no new trial starts.
@@ -54,6 +55,8 @@ class SearchConfig:
         hyperband_reduction_factor: Hyperband's eta (keep 1/eta of the trials at each rung).
         population_size: NSGA-II generation size (several objectives).
         latency_runs: timed forward passes per trial (after 2 warm-up passes).
+        dataset: a timm dataset name with its prefix (``torch/cifar10``), read from ``data``
+            (never downloaded); "" for image folders and tars.
     """
 
     model: str
@@ -77,6 +80,7 @@ class SearchConfig:
     hyperband_reduction_factor: int = 3
     population_size: int = 20
     latency_runs: int = 5
+    dataset: str = ""
 
     def resolved_study_name(self, space_name: str) -> str:
         """The study name: the given one, else ``<model>-<space name>``, with ``-<objectives>``

@@ -186,7 +186,7 @@ def prepare_search(
     cfg.train.validate()  # (before anything is built on its device)
     _check_run_settings(cfg)
     space = load_space(cfg.space)
-    data = resolve_data(None if cfg.data is None else str(cfg.data))
+    data = resolve_data(None if cfg.data is None else str(cfg.data), name=cfg.dataset)
     train = cfg.train
     images = check_batches(
         data, train.batch_size, train_fraction=train.train_fraction, seed=train.seed,

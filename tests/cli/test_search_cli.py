@@ -208,3 +208,54 @@ def test_python_names_in_paths_are_left_alone() -> None:
     assert as_flags("no images in /data/img_size/train; lower batch_size") == (
         "no images in /data/img_size/train; lower --batch-size"
     )
+
+
+def _torchvision_mnist(root: Path, train: int, test: int) -> Path:
+    """root/MNIST/raw/*-ubyte: torchvision's MNIST files (random digits, labels 0..9 in turn)."""
+    import struct
+
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train), ("t10k", test)):
+        pixels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()
+        labels = (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + pixels
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
+    return root
+
+
+def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
+    """--dataset torch/mnist --data ROOT: timm's torchvision reader, its own train/test splits;
+    retrain of the run directory trains on the study's dataset."""
+    import optuna
+
+    root = _torchvision_mnist(tmp_path / "root", train=160, test=40)
+    out = tmp_path / "run"
+    code, _, err = run(
+        "run", "resnet10t", "--dataset", "torch/mnist", "--data", str(root), "--n-trials", "2",
+        *TINY, "--output", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    study = optuna.load_study(study_name="resnet10t-default", storage=f"sqlite:///{out}/study.db")
+    assert study.user_attrs["config"]["dataset"] == "torch/mnist"
+    assert study.user_attrs["data"]["train_images"] == 160
+    assert study.user_attrs["data"]["validation_images"] == 40
+    assert study.user_attrs["data"]["classes"][:2] == ["0 - zero", "1 - one"]
+    done = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert [t.user_attrs["baseline"] for t in done] == ["bn", "paper"]
+    assert all(t.user_attrs["steps"] == 2 for t in done)
+
+    code, _, err = run("retrain", str(out), *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 0, err
+    assert f"data: torch/mnist in {root} (the study's" in err
+
+    code, _, err = run(
+        "run", "resnet10t", "--dataset", "torch/mnist", "--data", str(tmp_path / "none"),
+        "--output", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert code == 2 and "cannot open train data" in err and not (tmp_path / "bad").exists()
