@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from .cost import CostReport, count_cost
-from .errors import ModelConfigError, RecipeError
+from .errors import ModelConfigError, RecipeError, UnknownNameError
+from .layers.attentive_norm import INITS
 from .models import check_model_options, create_model, load_checkpoint, model_input_size
 from .rewrite import (
     Recipe,
@@ -155,38 +157,71 @@ def convert_recipe(
 ) -> ConvertResult:
     """Convert a timm model as a recipe says (e.g. an ``an-search export`` winner).
 
-    The recipe fixes the sites, their K, heads and pools; the model, its classifier size,
-    input channels and image size default to the recipe's, and may be changed (e.g. to put a
-    configuration searched on small data into an ImageNet model with its local weights).
+    The recipe fixes the sites, their K, heads and pools. Without weights the model is the
+    recipe's (its classes, input channels and image size); with a checkpoint it is the
+    checkpoint's (the model's own sizes, as for ``convert``: the recipe's come from the search's
+    proxy data), unless given here. The checkpoint may hold plain weights (loaded, then
+    converted) or the recipe's converted ones (a saved AN model: loaded after converting).
 
     Args:
         recipe: the recipe (``an_search.rewrite.read_recipe`` reads one from a file).
         model: the timm model name (default: the recipe's), e.g. with a pretrained tag.
-        num_classes: classifier size (default: the recipe's).
-        in_chans: input channels (default: the recipe's).
-        img_size: input size for the cost count and for models built with one (default: the
-            recipe's).
-        checkpoint: local weights file loaded before converting.
-        init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint was loaded,
-            else the recipe's.
+        num_classes: classifier size (a checkpoint's classifier of another size is dropped).
+        in_chans: input channels.
+        img_size: input size for the cost count and for models built with one.
+        checkpoint: local weights file.
+        init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint is loaded (as
+            for ``convert``), else the recipe's (a searched ``init``, if the space had one).
         cost: count params and MACs before and after (fvcore).
 
     Raises:
-        UnknownModelError, CheckpointError, RecipeError: a site of the recipe is not in the model.
+        UnknownModelError, UnknownNameError, ModelConfigError, CheckpointError,
+        RecipeError: bad recipe sizes, or a site of the recipe that is not in the model.
     """
     name = model or recipe.model
-    given = _model_kwargs(num_classes, in_chans, img_size)
-    kwargs = {**recipe.model_kwargs, **given}
     if init is None:
         init = "preserve" if checkpoint is not None else recipe.init
-    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)  # (validates init)
-    net = create_model(name, checkpoint=checkpoint, **kwargs)
+    if init not in INITS:
+        raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
+    own = dict(recipe.model_kwargs)
+    sizes = {k: own.pop(k) for k in _SIZES if k in own}
+    try:
+        check_model_options(**sizes)
+    except ModelConfigError as exc:
+        raise RecipeError(f"invalid recipe: {exc} in model_kwargs: fix recipe.json") from None
+    given = _model_kwargs(num_classes, in_chans, img_size)
+    kwargs = {**own, **({} if checkpoint is not None else sizes), **given}
+    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
+    net = create_model(name, **kwargs)
     input_size = model_input_size(net, kwargs.get("img_size"))
     report = find_sites(net)
     before = count_cost(net, input_size) if cost else None
+    converted = checkpoint is not None and _holds_converted(net, final, checkpoint)
+    if checkpoint is not None and not converted:
+        load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
     apply_recipe(net, final)
+    if converted:
+        load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
     after = count_cost(net, input_size) if cost else None
     return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+
+
+def _holds_converted(net: nn.Module, recipe: Recipe, checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether ``checkpoint`` holds the converted model's AN sites (every key and shape)."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(os.fspath(checkpoint), weights_only=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports an unreadable file
+        return False
+    if not isinstance(state, dict):
+        return False
+    sites = tuple(f"{s.name}." for s in recipe.sites)
+    theirs = apply_recipe(copy.deepcopy(net), recipe).state_dict()
+    keys = [k for k in theirs if k.startswith(sites)]
+    return bool(keys) and all(
+        k in state and tuple(getattr(state[k], "shape", ())) == tuple(theirs[k].shape) for k in keys
+    )
 
 
 def _take_built(
@@ -245,6 +280,10 @@ def _in_chans(net: nn.Module) -> int | None:
         if isinstance(channels, int):
             return channels
     return getattr(net, "in_chans", None)
+
+
+#: The model_kwargs that size a model: a checkpoint's model keeps its own.
+_SIZES = ("num_classes", "in_chans", "img_size")
 
 
 def _model_kwargs(

@@ -71,13 +71,20 @@ def create_model(
     check_model_options(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     opts = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
     opts = {k: v for k, v in opts.items() if v is not None}
-    if img_size is not None:
-        try:
-            model = timm.create_model(name, pretrained=False, img_size=img_size, **opts)
-        except TypeError:
+    try:
+        if img_size is not None:
+            try:
+                model = timm.create_model(name, pretrained=False, img_size=img_size, **opts)
+            except TypeError:  # a model built at any size: no img_size argument
+                model = timm.create_model(name, pretrained=False, **opts)
+        else:
             model = timm.create_model(name, pretrained=False, **opts)
-    else:
-        model = timm.create_model(name, pretrained=False, **opts)
+    except (TypeError, ValueError) as exc:  # options the model's constructor does not take
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelConfigError(
+            f"timm cannot build {name!r} with {kwargs or opts} ({reason}): drop or fix these "
+            "options"
+        ) from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, new_classifier=num_classes is not None)
     return model

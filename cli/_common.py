@@ -82,8 +82,10 @@ def handle_errors(func: F) -> F:
         except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
             if debug:
                 raise
-            from an_search.errors import ANSearchError
+            from an_search.errors import ANSearchError, RecipeError
 
+            if isinstance(e, RecipeError):  # (about a file's fields, not the options)
+                raise fail(str(e)) from None
             if isinstance(e, ANSearchError):
                 raise fail(as_flags(str(e))) from None
             first = (str(e).splitlines() or [""])[0]

@@ -65,9 +65,14 @@ def convert(
         Path | None, typer.Option(help="local weights: .safetensors or .pth (weights_only)")
     ] = None,
     num_classes: Annotated[int | None, typer.Option(help="classifier size")] = None,
+    in_chans: Annotated[int | None, typer.Option(help="input channels (default: 3)")] = None,
     img_size: Annotated[int | None, typer.Option(help="input size for cost and model")] = None,
     init: Annotated[
-        str | None, typer.Option(help="paper or preserve (default: preserve with weights)")
+        str | None,
+        typer.Option(
+            help="paper or preserve (default: preserve with --checkpoint, else paper, "
+            "or --recipe's)"
+        ),
     ] = None,
     no_weight_decay: Annotated[
         bool, typer.Option("--no-weight-decay", help="exclude AN mixtures from weight decay")
@@ -105,7 +110,10 @@ def convert(
     elif model is None:
         raise UnknownModelError("no model given: name a timm model (e.g. resnet50) or --recipe")
     if list_sites:
-        net = create_model(model, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint)
+        sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+        if recipe is not None and checkpoint is None:  # the recipe's model (as converted below)
+            sizes = {**plan.model_kwargs, **{k: v for k, v in sizes.items() if v is not None}}
+        net = create_model(model, checkpoint=checkpoint, **sizes)
         report = find_sites(net)
         if json_out:
             print_json({"model": model, **_report_json(report, {})})
@@ -120,8 +128,8 @@ def convert(
     with stderr().status(f"converting {model}...") if not json_out else nullcontext():
         if recipe is not None:
             result = convert_recipe(
-                plan, model=model, num_classes=num_classes, img_size=img_size,
-                checkpoint=checkpoint, init=init,
+                plan, model=model, num_classes=num_classes, in_chans=in_chans,
+                img_size=img_size, checkpoint=checkpoint, init=init,
             )  # fmt: skip
         else:
             result = run_convert(
@@ -137,6 +145,7 @@ def convert(
                 norm_types=split_list(norm_types),
                 init=init,
                 num_classes=num_classes,
+                in_chans=in_chans,
                 img_size=img_size,
                 checkpoint=checkpoint,
                 no_weight_decay=no_weight_decay,

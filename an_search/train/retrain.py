@@ -36,19 +36,20 @@ class RetrainRun:
     model_dir: Path
 
 
-def _build(
-    recipe: Recipe, data: DataSpec, *, converted: bool, checkpoint: str | None, seed: int
-) -> nn.Module:
-    kwargs = {**recipe.model_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans}
+def _run_recipe(recipe: Recipe, data: DataSpec, img_size: int, checkpoint: str | None) -> Recipe:
+    """The recipe a run builds: sized for the data and the training's image size (a ViT is
+    built at the size it trains at); from loaded weights, AN starts as the norm it replaces
+    (``preserve``), as ``an-convert`` does, since the paper init would discard the pretrained
+    affine of every AN site."""
+    sizes = {"num_classes": data.num_classes, "in_chans": data.in_chans, "img_size": img_size}
+    init = "preserve" if checkpoint is not None else recipe.init
+    return dataclasses.replace(recipe, model_kwargs={**recipe.model_kwargs, **sizes}, init=init)
+
+
+def _build(recipe: Recipe, *, converted: bool, checkpoint: str | None, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the same initial weights for the AN run and the baseline
-    model = create_model(recipe.model, checkpoint=checkpoint, **kwargs)
+    model = create_model(recipe.model, checkpoint=checkpoint, **recipe.model_kwargs)
     return apply_recipe(model, recipe) if converted else model
-
-
-def _starting_recipe(recipe: Recipe, checkpoint: str | None) -> Recipe:
-    """From loaded weights, AN starts as the norm it replaces (``preserve``), as ``an-convert``
-    does: the paper init would discard the pretrained affine of every AN site."""
-    return dataclasses.replace(recipe, init="preserve") if checkpoint is not None else recipe
 
 
 def retrain(
@@ -88,17 +89,20 @@ def retrain(
     """
     if isinstance(nproc, bool) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
-    recipe = _starting_recipe(recipe, checkpoint)
+    recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint)
     runs = []
     for name, converted in (("an", True), ("baseline", False))[: 2 if baseline else 1]:
         run_dir = Path(out_dir) / name
         run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
-        model = _build(recipe, data, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
+        model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
         params = sum(p.numel() for p in model.parameters())
-        kwargs = {**recipe.model_kwargs, "num_classes": data.num_classes, "in_chans": data.in_chans}
-        final = dataclasses.replace(recipe, model_kwargs=kwargs)
-        if not converted:
-            final = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=kwargs)
+        final = (
+            recipe
+            if converted
+            else Recipe.from_selection(
+                model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs
+            )
+        )
         if nproc > 1:
             from .checkpoint import load_checkpoint
             from .distributed import train_distributed

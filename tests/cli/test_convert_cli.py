@@ -241,3 +241,87 @@ def test_recipe_conflicts_and_missing_inputs_are_one_line_errors(tmp_path: Path)
     assert code == 2 and "no model given" in err
     code, _, err = run("mobilenetv3_small_050", "--recipe", str(folder))  # no such site there
     assert code == 2 and "recipe does not fit 'mobilenetv3_small_050'" in err
+
+
+def _weights(tmp_path: Path, name: str, **kwargs: object) -> tuple[Path, dict]:
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    path = tmp_path / f"{name}-{len(kwargs)}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path, state
+
+
+def test_a_recipe_with_weights_takes_the_weights_model(tmp_path: Path) -> None:
+    """A recipe searched on 1-channel 10-class 32 px data, given ImageNet-shaped weights and no
+    sizes: the weights' model (3 channels, their 1000-class classifier kept), as a plain
+    conversion with those weights would be; --in-chans and --num-classes still choose."""
+    import an_search
+
+    searched = an_search.convert(
+        "resnet10t", placement="all", k=3, num_classes=10, in_chans=1, img_size=32, cost=False
+    )
+    an_search.save(searched.model, searched.recipe, tmp_path / "gray")
+    ckpt, state = _weights(tmp_path, "resnet10t")
+    code, out, err = run("--recipe", str(tmp_path / "gray"), "--checkpoint", str(ckpt), "--json",
+                         "--output", str(tmp_path / "rgb"))  # fmt: skip
+    assert code == 0, err
+    import timm
+
+    own_size = list(timm.create_model("resnet10t", pretrained=False).pretrained_cfg["input_size"])
+    assert json.loads(out)["input_size"] == own_size  # (3, 176, 176): the model's own
+    model, recipe = an_search.load(tmp_path / "rgb")
+    assert recipe.model_kwargs == {} and recipe.init == "preserve"
+    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])  # kept, (1000, 512)
+    assert recipe.site_k() == searched.selected
+    code, out, err = run("--recipe", str(tmp_path / "gray"), "--checkpoint", str(ckpt), "--json",
+                         "--in-chans", "1", "--num-classes", "7", "--img-size", "40")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["input_size"] == [1, 40, 40]
+    # without weights, the recipe's own model; --list-sites lists that model's sites
+    code, out, err = run("--recipe", str(tmp_path / "gray"), "--json")
+    assert code == 0 and json.loads(out)["input_size"] == [1, 32, 32]
+    code, out, err = run("--recipe", str(tmp_path / "gray"), "--list-sites", "--json")
+    assert code == 0, err
+    assert {s["name"] for s in json.loads(out)["sites"]} >= set(searched.selected)
+
+
+def test_a_saved_an_model_is_a_recipe_with_its_own_weights(tmp_path: Path) -> None:
+    """`an-convert --recipe DIR --checkpoint DIR/model.safetensors --num-classes 5`: the
+    converted weights load after converting (a new 5-class head), the rest bit for bit."""
+    import an_search
+
+    torch.manual_seed(0)
+    first = an_search.convert("resnet10t", placement="paper", k=4, num_classes=10, cost=False)
+    an_search.save(first.model, first.recipe, tmp_path / "an")
+    code, _, err = run("--recipe", str(tmp_path / "an"), "--checkpoint",
+                       str(tmp_path / "an" / "model.safetensors"), "--num-classes", "5",
+                       "--output", str(tmp_path / "five"))  # fmt: skip
+    assert code == 0, err
+    model, recipe = an_search.load(tmp_path / "five")
+    old, new = first.model.state_dict(), model.state_dict()
+    assert new["fc.weight"].shape == (5, 512) and recipe.model_kwargs == {"num_classes": 5}
+    for key, value in old.items():
+        if not key.startswith("fc."):
+            assert torch.equal(new[key], value), key
+
+
+def test_bad_recipe_fields_and_init_are_named_as_such(tmp_path: Path) -> None:
+    from an_search.rewrite import Recipe
+
+    def recipe(**kwargs: object) -> str:
+        folder = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        site = [{"name": "layer1.0.bn2", "k": 3}]
+        (folder / "recipe.json").write_text(Recipe("resnet10t", dict(kwargs), site).to_json())
+        return str(folder)
+
+    code, _, err = run("--recipe", recipe(), "--init", "bogus")
+    assert code == 2 and "unknown init 'bogus'; use one of: paper, preserve" in err
+    code, _, err = run("--recipe", recipe(num_classes="ten"))
+    assert code == 2 and "invalid recipe: num_classes is 'ten'" in err and "--num" not in err
+    for kwargs, needle in (({"foo": 1}, "foo"), ({"pretrained": True}, "pretrained")):
+        code, _, err = run("--recipe", recipe(**kwargs))
+        assert code == 2 and "timm cannot build 'resnet10t'" in err and needle in err, err
+        assert len(err.strip().splitlines()) == 1

@@ -173,7 +173,7 @@ def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Pa
     s.add_trial(_trial({"recipe": an, "n_sites": 1, "config_key": "a", "macs": 1e6}, value=55.0))
     recipe, where, data = _recipe_from(run, None, None)
     assert recipe.site_k() == {"layer3.0.bn1": 4} and where == run
-    assert data == "/data/three-classes"
+    assert data == ("/data/three-classes", "")  # (path, timm dataset name)
 
 
 def test_the_front_uses_the_studys_cost_objective(tmp_path: Path) -> None:

@@ -66,3 +66,19 @@ def test_retrain_from_weights_starts_an_as_the_norm_it_replaces(tmp_path: Path) 
     (an,) = retrain(recipe, resolve_data(None), _cfg(), tmp_path / "out", checkpoint=str(ckpt))
     _, saved = load(an.model_dir)
     assert saved.init == "preserve" and saved.sites == recipe.sites
+
+
+def test_a_vit_recipe_retrains_at_the_size_it_is_given(tmp_path: Path) -> None:
+    """A ViT searched at 32 px retrained at 48 px: built at 48 (its position embeddings), and
+    the saved recipe says so, so that load() rebuilds what was trained."""
+    import an_search
+
+    searched = an_search.convert(
+        "vit_tiny_patch16_224", placement="all", k=3, num_classes=10, img_size=32, cost=False
+    ).recipe
+    cfg = TrainConfig(epochs=1, batches_per_epoch=1, batch_size=8, img_size=48, val_fraction=0.02,
+                      threads=1)  # fmt: skip
+    (an,) = retrain(searched, resolve_data(None), cfg, tmp_path)
+    model, saved = load(an.model_dir)
+    assert saved.model_kwargs["img_size"] == 48 and saved.sites == searched.sites
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
