@@ -48,19 +48,30 @@ _FLAGS = {
     name: "--" + name.replace("_", "-")
     for name in (
         "n_trials", "batch_size", "batches_per_epoch", "img_size", "train_fraction",
-        "val_fraction", "max_params", "max_macs", "max_latency_ms", "num_classes",
-        "gpus_per_trial",
+        "val_fraction", "max_params", "max_macs", "max_latency_ms", "num_classes", "in_chans",
+        "gpus_per_trial", "epochs", "seed", "lr",
     )
-} | {"ema_decay": "--ema"}  # fmt: skip
-_FIELD = re.compile(r"(?<![\w/.-])(" + "|".join(_FLAGS) + r")(?![\w/.-])")  # (not in paths)
+} | {"ema_decay": "--ema", "n_workers": "--workers"}  # fmt: skip
+#: A field name alone, or a ``train.`` setting of a stored study (``train.batch_size``).
+_FIELD = re.compile(r"(?<![\w/.-])(?:train\.)?(" + "|".join(_FLAGS) + r")(?![\w/.-])")
+_LONE = ("epochs", "seed", "lr")  # (plain words too: translated only as ``train.`` settings)
 _LEADING = re.compile(r"^(epochs|lr|seed|timeout|nproc|device) (must|is)\b")
 _UNSET = re.compile(r"^(--[\w-]+ must be) None or ")  # (an option left out is None)
+#: A quoted value (a path, a name as the user typed it): never translated.
+_QUOTED = re.compile(r"""(?<!\w)('[^']*'|"[^"]*")(?!\w)""")
 
 
 def as_flags(message: str) -> str:
-    """A library message in the command line's words: ``n_trials`` -> ``--n-trials``."""
-    message = _LEADING.sub(r"--\1 \2", _FIELD.sub(lambda m: _FLAGS[m[1]], message))
-    return _UNSET.sub(r"\1 ", message)
+    """A library message in the command line's words: ``n_trials`` -> ``--n-trials``, outside
+    quoted values (paths and names as the user gave them)."""
+
+    def flag(m: re.Match[str]) -> str:
+        plain = m[1] in _LONE and not m[0].startswith("train.")
+        return m[0] if plain else _FLAGS[m[1]]
+
+    parts = _QUOTED.split(message)  # odd items: the quoted values
+    text = "".join(p if i % 2 else _FIELD.sub(flag, p) for i, p in enumerate(parts))
+    return _UNSET.sub(r"\1 ", _LEADING.sub(r"--\1 \2", text))
 
 
 def handle_errors(func: F) -> F:

@@ -340,6 +340,12 @@ def retrain(
         cfg = dataclasses.replace(cfg, lr=lr)
     if data is None and not dataset and searched_on is not None:
         data, dataset = searched_on  # the study's dataset, not the embedded default
+        if data is not None and not Path(data).exists():
+            from an_search.errors import DataError
+
+            raise DataError(
+                f"the study's data {data!r} is not on this machine: give its path here with --data"
+            )
         if not (quiet or json_out):
             shown = f"{dataset} in {data}" if dataset else data
             stderr().print(f"data: {shown} (the study's; --data for another)")
@@ -449,7 +455,7 @@ def _open(
     if storage is None and run_dir is not None and not run_dir.exists():
         raise StorageError(
             f"no run directory {str(run_dir)!r}: pass the --output of an an-search run "
-            "(an-runs/<model>-<space> by default) or --storage"
+            "(an-runs/MODEL-SPACE by default, with -OBJECTIVES for several) or --storage"
         )
     study = open_study(source, study_name)
     if run_dir is not None:

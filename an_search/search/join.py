@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from an_search.errors import StorageError
+from an_search.errors import DataError, StorageError
 from an_search.train import TrainConfig
 
 from ._files import make_dir
@@ -49,6 +49,7 @@ def join_config(
 
     Raises:
         StorageError: no such study, or one that ``an-search run`` did not create.
+        DataError: no ``data`` given, and the study's data path does not exist here.
     """
     study = open_study(storage, study_name)
     attrs = study.user_attrs
@@ -65,6 +66,11 @@ def join_config(
         path = make_dir(run_dir) / f"{space.get('name', path.stem)}.yaml"
         path.write_text(space["text"])
     train = replace(cfg.train, device=device or cfg.train.device)
+    if data is None and cfg.data is not None and not Path(str(cfg.data)).exists():
+        raise DataError(
+            f"the study's data {str(cfg.data)!r} is not on this machine: give its path here "
+            "with --data"
+        )
     return replace(
         cfg,
         storage=storage,

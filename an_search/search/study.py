@@ -246,12 +246,13 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     if study_name is None:
         if len(names) != 1:
             raise StorageError(
-                f"storage holds {len(names)} studies, so a study name is needed: {', '.join(names)}"
+                f"storage holds {len(names)} studies, so a study name is needed (--study-name): "
+                f"{', '.join(map(repr, names))}"
             )
         study_name = names[0]
     if study_name not in names:
         raise StorageError(
-            f"no study of that name in the storage ({', '.join(names)}): {study_name!r}"
+            f"no study of that name in the storage ({', '.join(map(repr, names))}): {study_name!r}"
         )
     return optuna.load_study(study_name=study_name, storage=backend)
 
@@ -343,8 +344,8 @@ def _check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
         return
     raise StorageError(
         f"study {study.study_name!r} was run on {_describe_data(stored)}, this call's data has "
-        f"{_describe_data(data, stored)}: resume it with the same --data, or start another "
-        "study (--study-name or --output)"
+        f"{_describe_data(data, stored)}: give --data the same images (their path may differ), "
+        "or run other data as another study (an-search run --study-name or --output)"
     )
 
 

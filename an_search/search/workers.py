@@ -83,10 +83,9 @@ def plan_workers(
     Raises:
         TrainConfigError: a count below 1, or GPUs that do not split into groups.
     """
-    if gpus_per_trial < 1 or (n_workers is not None and n_workers < 1):
-        raise TrainConfigError(
-            f"workers and GPUs per trial must be at least 1: {n_workers}, {gpus_per_trial}"
-        )
+    for name, value in (("n_workers", n_workers), ("gpus_per_trial", gpus_per_trial)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise TrainConfigError(f"{name} must be at least 1, got {value!r}")
     groups: list[tuple[int, ...] | None] = [None]
     if gpus is not None:
         if not gpus or len(gpus) % gpus_per_trial:
@@ -192,10 +191,11 @@ def _shared_storage(cfg: SearchConfig, run_dir: Path, n: int) -> tuple[str, str 
             "(--storage FILE.log) or a server (postgresql://...), which hold a study of their own"
         )
     if (run_dir / DEFAULT_DB_NAME).exists():  # a journal next to it would be a second study
+        new = "--output DIR" if cfg.output_dir is not None else "--study-name NAME or --output DIR"
         raise StorageError(
-            f"SQLite takes one writer, so {n} workers cannot resume the study in {url}: resume "
-            "it with one process (no --workers or --gpus), or give the workers a new study "
-            "(--study-name NAME or --output DIR)"
+            f"{run_dir} holds a study in SQLite, which takes one writer, so {n} workers cannot "
+            f"share it: run that study with one process (no --workers or --gpus), or give the "
+            f"workers a new study in another run directory ({new})"
         )
     journal = str(run_dir / DEFAULT_JOURNAL_NAME)
     return journal, f"{n} workers share the study through the journal file {journal}"

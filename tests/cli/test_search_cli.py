@@ -202,11 +202,25 @@ def test_errors_name_the_options_the_user_typed(tmp_path: Path, args: list, line
     assert not (tmp_path / "out").exists()
 
 
-def test_python_names_in_paths_are_left_alone() -> None:
+def test_python_names_in_paths_are_left_alone(tmp_path: Path) -> None:
     from cli._common import as_flags
 
     assert as_flags("no images in /data/img_size/train; lower batch_size") == (
         "no images in /data/img_size/train; lower --batch-size"
+    )
+    # a stored study's proxy settings; plain words stay words
+    assert as_flags("study 'a' was run with train.batch_size 64, this call has 32") == (
+        "study 'a' was run with --batch-size 64, this call has 32"
+    )
+    assert (
+        as_flags("train.epochs 3 over 3 epochs, seed kept") == "--epochs 3 over 3 epochs, seed kept"
+    )
+    assert as_flags("train.label_smoothing 0.1") == "train.label_smoothing 0.1"  # no such option
+    # values as typed (quoted) are never rewritten
+    code, _, err = run("run", "resnet10t", "--data", "img_size", "--output", str(tmp_path / "o"))
+    assert code == 2 and "data path 'img_size' does not exist" in err
+    assert as_flags("needed (--study-name): 'resnet10t-default', 'batch_size'") == (
+        "needed (--study-name): 'resnet10t-default', 'batch_size'"
     )
 
 
@@ -259,3 +273,35 @@ def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
         "--output", str(tmp_path / "bad"),
     )  # fmt: skip
     assert code == 2 and "cannot open train data" in err and not (tmp_path / "bad").exists()
+
+
+def test_a_study_whose_data_moved_asks_for_its_path_here(tmp_path: Path) -> None:
+    """retrain and worker read the study's data path; where it is gone, they ask for --data
+    (and retrain with --data of the moved images works)."""
+    import tarfile
+
+    from an_search.train.data import EMBEDDED_ROOT
+
+    data = tmp_path / "imgs"
+    taken: dict[str, int] = {}
+    with tarfile.open(EMBEDDED_ROOT / "train.tar") as tar:
+        for member in tar.getmembers():
+            name = member.name.split("/")[0]
+            if member.isfile() and (name in taken or len(taken) < 2):
+                if taken.setdefault(name, 0) < 40:
+                    taken[name] += 1
+                    (data / member.name).parent.mkdir(parents=True, exist_ok=True)
+                    (data / member.name).write_bytes(tar.extractfile(member).read())
+    out = tmp_path / "run"
+    code, _, err = run("run", "resnet10t", "--data", str(data), "--n-trials", "2", *TINY,
+                       "--output", str(out), "--quiet")  # fmt: skip
+    assert code == 0, err
+    data.rename(tmp_path / "moved")
+    code, _, err = run("retrain", str(out), *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 2 and f"the study's data '{data}' is not on this machine" in err
+    assert "--data" in err
+    code, _, err = run("worker", "--storage", str(out / "study.db"), "--n-trials", "1")
+    assert code == 2 and f"the study's data '{data}' is not on this machine" in err
+    code, _, err = run("retrain", str(out), *TINY, "--data", str(tmp_path / "moved"), "--output",
+                       str(tmp_path / "rt"), "--quiet")  # fmt: skip
+    assert code == 0, err

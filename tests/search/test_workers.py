@@ -69,19 +69,26 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
 
 
 def test_workers_on_a_run_directory_with_sqlite_are_not_sent_to_a_second_study(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A journal beside a one-process run's study.db would hold a new study of the same name,
-    whose reports replace the first's: the message points to one process or a new study."""
+    whose reports replace the first's: the message points to one process or a new study in
+    another run directory, which --study-name makes only when --output does not fix it."""
     run = tmp_path / "run"
     run.mkdir()
     optuna.create_study(storage=f"sqlite:///{run / 'study.db'}", study_name="x")
     with pytest.raises(StorageError) as info:
-        run_workers(SearchConfig("resnet10t", output_dir=run), 2)
+        run_workers(SearchConfig("resnet10t", output_dir=run, study_name="other"), 2)
     message = str(info.value)
-    assert "cannot resume the study in sqlite:///" in message and "--workers" in message
-    assert "--study-name" in message and "--output" in message and "journal" not in message
+    assert f"{run} holds a study in SQLite" in message and "--workers" in message
+    assert "(--output DIR)" in message and "--study-name" not in message
     assert sorted(p.name for p in run.iterdir()) == ["study.db"]
+    monkeypatch.chdir(tmp_path)  # the default run directory: a new name is a new directory
+    default = tmp_path / "an-runs" / "resnet10t-default"
+    default.mkdir(parents=True)
+    optuna.create_study(storage=f"sqlite:///{default / 'study.db'}", study_name="x")
+    with pytest.raises(StorageError, match=r"\(--study-name NAME or --output DIR\)"):
+        run_workers(SearchConfig("resnet10t"), 2)
 
 
 @pytest.mark.parametrize(("omp", "threads"), [(None, 2), ("1", 1), ("8", 2), ("x", 2)])
