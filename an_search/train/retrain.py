@@ -16,7 +16,7 @@ from torch import nn
 
 from an_search.errors import TrainConfigError
 from an_search.models import create_model
-from an_search.rewrite import Recipe, apply_recipe, save
+from an_search.rewrite import Recipe, save
 
 from .config import TrainConfig, TrainResult
 from .data import DataSpec
@@ -47,9 +47,17 @@ def _run_recipe(recipe: Recipe, data: DataSpec, img_size: int, checkpoint: str |
 
 
 def _build(recipe: Recipe, *, converted: bool, checkpoint: str | None, seed: int) -> nn.Module:
+    """The run's model; the AN one as ``an-convert --recipe`` builds it, so that a checkpoint
+    may hold plain weights or a saved AN model's own (fine-tuning it on new data)."""
+    from an_search.conversion import convert_recipe
+
     torch.manual_seed(seed)  # the same initial weights for the AN run and the baseline
-    model = create_model(recipe.model, checkpoint=checkpoint, **recipe.model_kwargs)
-    return apply_recipe(model, recipe) if converted else model
+    if not converted:
+        return create_model(recipe.model, checkpoint=checkpoint, **recipe.model_kwargs)
+    sizes = {k: recipe.model_kwargs.get(k) for k in ("num_classes", "in_chans", "img_size")}
+    return convert_recipe(
+        recipe, checkpoint=checkpoint, init=recipe.init, cost=False, **sizes
+    ).model
 
 
 def retrain(

@@ -82,3 +82,24 @@ def test_a_vit_recipe_retrains_at_the_size_it_is_given(tmp_path: Path) -> None:
     model, saved = load(an.model_dir)
     assert saved.model_kwargs["img_size"] == 48 and saved.sites == searched.sites
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_retrain_fine_tunes_a_saved_an_model_from_its_own_weights(tmp_path: Path) -> None:
+    """--checkpoint of a saved AN model (its converted weights): the AN run starts from them
+    (every non-classifier tensor equal before training), with a classifier for the new data."""
+    import an_search
+
+    torch.manual_seed(0)
+    first = an_search.convert("resnet10t", placement="paper", k=4, num_classes=3, cost=False)
+    an_search.save(first.model, first.recipe, tmp_path / "an")
+    cfg = TrainConfig(epochs=1, batches_per_epoch=1, batch_size=8, val_fraction=0.02,
+                      threads=1, lr=1e-12, warmup_epochs=0)  # fmt: skip
+    (run,) = retrain(first.recipe, resolve_data(None), cfg, tmp_path / "out",
+                     checkpoint=str(tmp_path / "an" / "model.safetensors"))  # fmt: skip
+    model, saved = load(run.model_dir)
+    assert saved.model_kwargs["num_classes"] == 10 and saved.sites == first.recipe.sites
+    old, new = first.model.state_dict(), model.state_dict()
+    assert new["fc.weight"].shape == (10, 512)
+    for key, value in old.items():  # one update at lr 1e-12: the weights as loaded
+        if not key.startswith("fc.") and value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(new[key], value, rtol=0, atol=1e-9, msg=key)
