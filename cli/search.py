@@ -338,17 +338,21 @@ def retrain(
     )
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
-    if data is None and not dataset and searched_on is not None:
-        data, dataset = searched_on  # the study's dataset, not the embedded default
-        if data is not None and not Path(data).exists():
-            from an_search.errors import DataError
+    if searched_on is not None and not dataset:  # the study's dataset, not the embedded one
+        dataset = searched_on[1]  # (a --data alone: the same dataset's files elsewhere)
+        if data is None:
+            data = searched_on[0]
+            if data is not None and not Path(data).exists():
+                from an_search.errors import DataError
 
-            raise DataError(
-                f"the study's data {data!r} is not on this machine: give its path here with --data"
-            )
-        if not (quiet or json_out):
-            shown = f"{dataset} in {data}" if dataset else data
-            stderr().print(f"data: {shown} (the study's; --data for another)")
+                raise DataError(
+                    f"the study's data {data!r} is not on this machine: give its path here "
+                    "with --data"
+                )
+    if not (quiet or json_out):
+        shown = f"{dataset} in {data}" if dataset else data or "the embedded Animal-MNIST"
+        whose = " (the study's; --data for another)" if searched_on is not None else ""
+        stderr().print(f"data: {shown}{whose}")
     spec = resolve_data(data, name=dataset)
     classes = recipe.model_kwargs.get("num_classes")
     if data is None and not dataset and classes not in (None, spec.num_classes):
@@ -426,7 +430,7 @@ def _recipe_from(
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
-        return read_recipe(file), file.parent, None
+        return read_recipe(file), file.parent, _exported_from(file.parent)
     study, _, where = _open(source, storage, study_name)
     from an_search.search import ranked_trials
 
@@ -435,10 +439,29 @@ def _recipe_from(
         raise RecipeError(
             f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
         )
+    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, _searched_on(study)
+
+
+def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:
+    """The study's data path and timm dataset name (None: the embedded data)."""
     config = study.user_attrs.get("config") or {}
     data, dataset = config.get("data"), config.get("dataset") or ""
-    searched = (data, dataset) if data or dataset else None
-    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, searched
+    return (data, dataset) if data or dataset else None
+
+
+def _exported_from(folder: Path) -> tuple[str | None, str] | None:
+    """For a recipe that ``an-search export`` wrote into RUN_DIR/export/rank*: the data of the
+    study in RUN_DIR (None: another recipe, or a run directory without one study)."""
+    from an_search.errors import StorageError
+    from an_search.search import open_study
+
+    run_dir = folder.parent.parent
+    if folder.parent.name != "export" or not folder.name.startswith("rank"):
+        return None
+    try:
+        return _searched_on(open_study(run_dir))
+    except StorageError:
+        return None
 
 
 def _open(

@@ -39,6 +39,15 @@ _TRAIN_NAMES = ("train", "training")
 _VAL_NAMES = ("val", "validation", "valid", "eval", "test")
 _PACKED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".rar")
 _LAYOUT_HINT = "use root/<class>/<image> or root/train/<class>/... plus root/val/<class>/..."
+#: timm's torchvision datasets (``timm.data.create_dataset``'s ``torch/`` names).
+_TORCH_NAMES = (
+    "cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "imagenet",
+    "places365", "inaturalist", "inat", "image_folder", "folder",
+)  # fmt: skip
+_NAMED_HINT = (
+    "put its files in the root as torchvision keeps them (e.g. ROOT/MNIST/raw/, "
+    "ROOT/cifar-10-batches-py/); nothing is downloaded"
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,11 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
             detail = f"not a readable tar: {detail}"
         if "Found 0 images" in detail:  # timm's ReaderImageFolder on a folder without images
             raise DataError(f"no images found in {root} (.png, .jpg, ...); {_LAYOUT_HINT}") from e
+        if spec.name:  # (torchvision's own advice, download=True, is not ours to give)
+            detail = detail.split(" You can use download=True")[0]
+            raise DataError(
+                f"cannot open {spec.name}'s {split} split in {root!r} ({detail}); {_NAMED_HINT}"
+            ) from e
         raise DataError(f"cannot open {split} data at {root!r} ({detail}); {_LAYOUT_HINT}") from e
     clean_reader(ds, root, fixed_classes=class_map is not None)  # hidden files, nested folders
     return ds
@@ -161,6 +175,23 @@ def _check_classes(spec: DataSpec, where: str) -> DataSpec:
     return DataSpec(**{**spec.__dict__, "num_classes": len(classes), "class_names": names})
 
 
+def _check_name(name: str, root: Path | None, download: bool) -> None:
+    """A timm dataset name this code reads (random access: ``torch/`` and ``hfds/``), with a
+    root unless it may be downloaded."""
+    prefix, _, rest = name.partition("/")
+    known = prefix.lower() == "torch" and rest.lower() in _TORCH_NAMES
+    if not (known or (prefix.lower() == "hfds" and rest)):
+        raise DataError(
+            f"unknown dataset {name!r}: give torch/NAME ({', '.join(_TORCH_NAMES[:6])}...) or "
+            "hfds/NAME, or leave the name out for image folders and tars"
+        )
+    if root is None and not download:
+        raise DataError(
+            f"dataset {name!r} needs its root folder, where its files are (--data ROOT); "
+            "nothing is downloaded"
+        )
+
+
 def _embedded() -> DataSpec:
     train, val = EMBEDDED_ROOT / "train.tar", EMBEDDED_ROOT / "validation.tar"
     if not (train.is_file() and val.is_file()):
@@ -207,6 +238,7 @@ def resolve_data(
         raise DataError(f"holdout must be in (0, 1), got {holdout}; e.g. 0.2")
     root = None if path is None else Path(path).expanduser()
     if name:
+        _check_name(name, root, download)
         spec = DataSpec(str(root or ""), str(root or ""), 0, name=name, download=download)
         return _check_classes(spec, f"{name} at {root}")
     if not root.exists():

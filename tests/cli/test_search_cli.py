@@ -168,10 +168,11 @@ def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None
     (tmp_path / "recipe.json").write_text(recipe.to_json())
     code, _, err = run("retrain", str(tmp_path), *TINY, "--output", str(tmp_path / "rt"))
     assert code == 130
-    assert err.strip() == (
+    assert err.strip().splitlines() == [
+        "data: the embedded Animal-MNIST",
         f"error: interrupted; checkpoints are kept in {tmp_path / 'rt'}: re-run with --resume "
-        "to continue"
-    )
+        "to continue",
+    ]
 
 
 def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:
@@ -267,12 +268,23 @@ def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
     code, _, err = run("retrain", str(out), *TINY, "--output", str(tmp_path / "rt"))
     assert code == 0, err
     assert f"data: torch/mnist in {root} (the study's" in err
+    # an exported recipe in the run directory: the study's data too
+    code, stdout, err = run("export", str(out), "--top", "1", "--json")
+    (exported,) = json.loads(stdout)["exported"]
+    code, _, err = run("retrain", exported, *TINY, "--output", str(tmp_path / "rt2"))
+    assert code == 0 and f"data: torch/mnist in {root} (the study's" in err, err
+    # the files moved: --data alone keeps the study's dataset name
+    root.rename(tmp_path / "moved")
+    code, _, err = run("retrain", str(out), *TINY, "--data", str(tmp_path / "moved"),
+                       "--output", str(tmp_path / "rt3"))  # fmt: skip
+    assert code == 0 and f"data: torch/mnist in {tmp_path / 'moved'}" in err, err
 
     code, _, err = run(
         "run", "resnet10t", "--dataset", "torch/mnist", "--data", str(tmp_path / "none"),
         "--output", str(tmp_path / "bad"),
     )  # fmt: skip
-    assert code == 2 and "cannot open train data" in err and not (tmp_path / "bad").exists()
+    assert code == 2 and "cannot open torch/mnist's train split" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_study_whose_data_moved_asks_for_its_path_here(tmp_path: Path) -> None:

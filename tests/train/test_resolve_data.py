@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -125,8 +126,28 @@ def test_val_fraction_is_stratified() -> None:
 
 
 def test_named_dataset_not_downloaded(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cannot open train data"):
+    with pytest.raises(DataError) as info:
         resolve_data(tmp_path, name="torch/mnist")
+    message = str(info.value)
+    assert "cannot open torch/mnist's train split" in message and "ROOT/MNIST/raw/" in message
+    assert "download=True" not in message and "root/<class>" not in message
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "needle"),
+    [
+        (None, "torch/mnist", "dataset 'torch/mnist' needs its root folder"),
+        (".", "bogus/name", "unknown dataset 'bogus/name': give torch/NAME"),
+        (".", "torch/nosuch", "unknown dataset 'torch/nosuch'"),
+        (".", "mnist", "unknown dataset 'mnist'"),
+    ],
+)
+def test_a_dataset_name_is_checked_before_any_folder_is_read(
+    path: str | None, name: str, needle: str
+) -> None:
+    """timm reads an unknown name as a plain folder; here it is an error that says so."""
+    with pytest.raises(DataError, match=re.escape(needle)):
+        resolve_data(path, name=name)
 
 
 @pytest.mark.parametrize("path", ["", "  "])
