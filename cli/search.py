@@ -421,7 +421,7 @@ def retrain(
 
 def _recipe_from(
     source: Path | None, storage: str | None, study_name: str | None
-) -> tuple[Any, Path, tuple[str, str] | None]:
+) -> tuple[Any, Path, tuple[str | None, str] | None]:
     """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
     the folder for outputs and, from a study that searched on a dataset, its path and timm name
     (None: the embedded data, or a recipe file)."""
