@@ -180,7 +180,7 @@ def _report_json(report: SiteReport, selected: dict[str, int]) -> dict[str, Any]
 
 
 def _result_json(model: str, result: ConvertResult, output: Path | None) -> dict[str, Any]:
-    sel = result.selected
+    sel, how = result.selected, {r.name: r for r in result.recipe.sites}
     before, after = result.cost_before, result.cost_after
     assert before is not None and after is not None
     return {
@@ -188,7 +188,12 @@ def _result_json(model: str, result: ConvertResult, output: Path | None) -> dict
         "input_size": list(result.input_size),
         "traced": result.report.traced,
         "fallback_reason": result.report.fallback_reason,
-        "sites": [_site_row(s, sel[s.name]) for s in result.report.sites if s.name in sel],
+        "sites": [
+            {**_site_row(s, sel[s.name]), "head": how[s.name].head, "pool": how[s.name].pool}
+            for s in result.report.sites
+            if s.name in sel
+        ],
+        "init": result.recipe.init,
         "params_before": before.params,
         "params_after": after.params,
         "macs_before": before.macs,
@@ -224,13 +229,20 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     if not result.report.traced:
         stderr().print(styled("note:", "yellow", f"not traced ({result.report.fallback_reason})"))
     by_name = {s.name: s for s in result.report.sites}
-    table = Table(title=f"{model}: AN at {len(result.selected)} of {len(by_name)} sites")
-    for col in ("site", "type", "C", "stage", "K", "roles"):
+    how = {r.name: f"{r.head}, {r.pool}" for r in result.recipe.sites}
+    kinds = set(how.values())
+    shared = f"head and pool {kinds.pop()}, " if len(kinds) == 1 else ""  # else a column
+    table = Table(
+        title=f"{model}: AN at {len(result.selected)} of {len(by_name)} sites ({shared}init "
+        f"{result.recipe.init})"
+    )
+    for col in ("site", "type", "C", "stage", "K", "roles", *(() if shared else ("head, pool",))):
         table.add_column(col)
     for name, k in result.selected.items():
         s = by_name[name]
         stage = "-" if s.stage is None else str(s.stage)
-        table.add_row(name, s.norm_type, str(s.channels), stage, str(k), ", ".join(s.roles))
+        mixed = () if shared else (how[name],)
+        table.add_row(name, s.norm_type, str(s.channels), stage, str(k), ", ".join(s.roles), *mixed)
     out = stdout()
     out.print(table)
     totals = Table(title=f"cost at input {tuple(result.input_size)} (MACs = multiply-adds)")

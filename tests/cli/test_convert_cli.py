@@ -325,3 +325,24 @@ def test_bad_recipe_fields_and_init_are_named_as_such(tmp_path: Path) -> None:
         code, _, err = run("--recipe", recipe(**kwargs))
         assert code == 2 and "timm cannot build 'resnet10t'" in err and needle in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_output_shows_each_sites_head_pool_and_the_init(tmp_path: Path) -> None:
+    from an_search.rewrite import Recipe
+
+    sites = [
+        {"name": "layer1.0.bn2", "k": 3, "head": "mlp", "pool": "avg"},
+        {"name": "layer2.0.bn2", "k": 5, "head": "bn-softmax", "pool": "avgmax"},
+    ]
+    (tmp_path / "recipe.json").write_text(Recipe("resnet10t", {}, sites).to_json())
+    code, out, err = run("--recipe", str(tmp_path), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [(s["name"], s["k"], s["head"], s["pool"]) for s in data["sites"]] == [
+        (s["name"], s["k"], s["head"], s["pool"]) for s in sites
+    ]
+    assert data["init"] == "paper"
+    code, out, err = run("--recipe", str(tmp_path))  # mixed: a column
+    assert code == 0 and "head, pool" in out and "bn-softmax, avgmax" in out and "mlp, avg" in out
+    code, out, err = run("resnet10t", "--head", "mlp", "--pool", "avg", "--img-size", "32")
+    assert code == 0 and "(head and pool mlp, avg, init paper)" in out  # one for all: the title
