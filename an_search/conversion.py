@@ -28,7 +28,7 @@ from .rewrite import (
     select_sites,
 )
 
-__all__ = ["ConvertResult", "convert", "convert_recipe"]
+__all__ = ["ConvertResult", "convert", "convert_recipe", "recipe_model_kwargs"]
 
 
 @dataclass
@@ -183,14 +183,10 @@ def convert_recipe(
         init = "preserve" if checkpoint is not None else recipe.init
     if init not in INITS:
         raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
-    own = dict(recipe.model_kwargs)
-    sizes = {k: own.pop(k) for k in _SIZES if k in own}
-    try:
-        check_model_options(**sizes)
-    except ModelConfigError as exc:
-        raise RecipeError(f"invalid recipe: {exc} in model_kwargs: fix recipe.json") from None
-    given = _model_kwargs(num_classes, in_chans, img_size)
-    kwargs = {**own, **({} if checkpoint is not None else sizes), **given}
+    kwargs = recipe_model_kwargs(
+        recipe, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+        checkpoint=checkpoint,
+    )  # fmt: skip
     final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
     net = create_model(name, **kwargs)
     input_size = model_input_size(net, kwargs.get("img_size"))
@@ -204,6 +200,30 @@ def convert_recipe(
         load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
     after = count_cost(net, input_size) if cost else None
     return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+
+
+def recipe_model_kwargs(
+    recipe: Recipe,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> dict[str, object]:
+    """The ``create_model`` kwargs :func:`convert_recipe` builds with: the recipe's, less its
+    sizes when a checkpoint gives the model (its own sizes), then the sizes given here.
+
+    Raises:
+        RecipeError: the recipe's sizes are not ones a model can take.
+    """
+    own = dict(recipe.model_kwargs)
+    sizes = {k: own.pop(k) for k in _SIZES if k in own}
+    try:
+        check_model_options(**sizes)
+    except ModelConfigError as exc:
+        raise RecipeError(f"invalid recipe: {exc} in model_kwargs: fix recipe.json") from None
+    given = _model_kwargs(num_classes, in_chans, img_size)
+    return {**own, **({} if checkpoint is not None else sizes), **given}
 
 
 def _holds_converted(net: nn.Module, recipe: Recipe, checkpoint: str | os.PathLike[str]) -> bool:

@@ -88,7 +88,7 @@ def convert(
 ) -> None:
     """Convert MODEL to Attentive Normalization and report params and MACs before/after."""
     from an_search.conversion import convert as run_convert
-    from an_search.conversion import convert_recipe
+    from an_search.conversion import convert_recipe, recipe_model_kwargs
     from an_search.errors import InvalidKError, RecipeError, UnknownModelError
     from an_search.models import create_model
     from an_search.rewrite import find_sites, read_recipe, save
@@ -110,9 +110,11 @@ def convert(
     elif model is None:
         raise UnknownModelError("no model given: name a timm model (e.g. resnet50) or --recipe")
     if list_sites:
-        sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
-        if recipe is not None and checkpoint is None:  # the recipe's model (as converted below)
-            sizes = {**plan.model_kwargs, **{k: v for k, v in sizes.items() if v is not None}}
+        sizes: dict[str, Any] = {
+            "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size
+        }  # fmt: skip
+        if recipe is not None:  # the model the conversion below would build
+            sizes = recipe_model_kwargs(plan, checkpoint=checkpoint, **sizes)
         net = create_model(model, checkpoint=checkpoint, **sizes)
         report = find_sites(net)
         if json_out:

@@ -341,14 +341,10 @@ def retrain(
     if searched_on is not None and not dataset:  # the study's dataset, not the embedded one
         dataset = searched_on[1]  # (a --data alone: the same dataset's files elsewhere)
         if data is None:
-            data = searched_on[0]
-            if data is not None and not Path(data).exists():
-                from an_search.errors import DataError
+            from an_search.search import check_study_data
 
-                raise DataError(
-                    f"the study's data {data!r} is not on this machine: give its path here "
-                    "with --data"
-                )
+            data = searched_on[0]
+            check_study_data(data)
     if not (quiet or json_out):
         shown = f"{dataset} in {data}" if dataset else data or "the embedded Animal-MNIST"
         whose = " (the study's; --data for another)" if searched_on is not None else ""

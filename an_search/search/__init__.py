@@ -14,7 +14,7 @@ from __future__ import annotations
 from .build import Built, build_model, cost_input_size, measure_latency_ms
 from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
 from .ddp import DDPObjective
-from .join import config_from_dict, join_config
+from .join import check_study_data, config_from_dict, join_config
 from .objective import TRIAL_ERRORS, Objective
 from .plots import plot_history, plot_pareto
 from .report import (
@@ -71,6 +71,7 @@ __all__ = [
     "WorkerPlan",
     "build_model",
     "check_space",
+    "check_study_data",
     "config_from_dict",
     "config_key",
     "cost_input_size",

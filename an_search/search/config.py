@@ -88,9 +88,7 @@ class SearchConfig:
         objectives starts its own study; file-name safe."""
         if self.study_name:
             return self.study_name
-        given = self.objectives
-        names = [n.strip() for n in (given.split(",") if isinstance(given, str) else given)]
-        names = [n for n in names if n]
+        names = _objective_names(self.objectives)
         tail = "" if names == ["top1"] else "-" + "-".join(names)
         return re.sub(r"[^\w.-]+", "_", f"{self.model}-{space_name}{tail}")
 
@@ -143,8 +141,7 @@ def parse_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
     Raises:
         UnknownNameError: an unknown or repeated name, or a list not starting with top1.
     """
-    names = objectives.split(",") if isinstance(objectives, str) else list(objectives)
-    names = [n.strip() for n in names if n.strip()]
+    names = _objective_names(objectives)
     for name in names:
         if name not in OBJECTIVES:
             raise UnknownNameError(f"unknown objective (known: {', '.join(OBJECTIVES)}): {name!r}")
@@ -153,3 +150,9 @@ def parse_objectives(objectives: Sequence[str] | str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UnknownNameError(f"objectives must not repeat a name: {','.join(names)!r}")
     return tuple(names)
+
+
+def _objective_names(objectives: Sequence[str] | str) -> list[str]:
+    """``"top1, macs"`` or a sequence -> the names, stripped, empty ones left out."""
+    names = objectives.split(",") if isinstance(objectives, str) else list(objectives)
+    return [n.strip() for n in names if n.strip()]

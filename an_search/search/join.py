@@ -20,7 +20,19 @@ from ._files import make_dir
 from .config import SearchConfig
 from .study import open_study
 
-__all__ = ["config_from_dict", "join_config"]
+__all__ = ["check_study_data", "config_from_dict", "join_config"]
+
+
+def check_study_data(path: str | os.PathLike[str] | None) -> None:
+    """Raise DataError when a study's stored data path (None: the embedded data) is not here.
+
+    Raises:
+        DataError: naming the path and ``--data``, the way to give its path on this machine.
+    """
+    if path is not None and not Path(path).exists():
+        raise DataError(
+            f"the study's data {str(path)!r} is not on this machine: give its path here with --data"
+        )
 
 
 def join_config(
@@ -66,11 +78,8 @@ def join_config(
         path = make_dir(run_dir) / f"{space.get('name', path.stem)}.yaml"
         path.write_text(space["text"])
     train = replace(cfg.train, device=device or cfg.train.device)
-    if data is None and cfg.data is not None and not Path(str(cfg.data)).exists():
-        raise DataError(
-            f"the study's data {str(cfg.data)!r} is not on this machine: give its path here "
-            "with --data"
-        )
+    if data is None:
+        check_study_data(cfg.data)
     return replace(
         cfg,
         storage=storage,
