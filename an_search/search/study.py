@@ -94,9 +94,7 @@ def create_or_load_study(
     ):  # the default database, or the workers' journal: the run directory is made here
         make_dir(run_dir)
     directions = [OBJECTIVES[o][1] for o in objectives]
-    study = optuna.create_study(
-        storage=open_storage(url), study_name=name, load_if_exists=True, directions=directions
-    )
+    study = _open_or_create(open_storage(url), name, directions)
     _check_same_search(study, cfg, objectives, space)
     _check_same_data(study, data)
     trials = study.get_trials(deepcopy=False)
@@ -121,6 +119,22 @@ def create_or_load_study(
     fail_dead_worker_trials(study)
     _enqueue_baselines(study)
     return study, message
+
+
+def _open_or_create(
+    storage: optuna.storages.BaseStorage, name: str, directions: list[str]
+) -> optuna.Study:
+    """Load the study when it exists, else create it.
+
+    ``create_study(load_if_exists=True)`` alone would append a second "create study" record
+    to a journal on every resume, refused or not; loading first writes nothing.
+    """
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # (a worker that starts at the same time may create it first)
+        return optuna.create_study(
+            storage=storage, study_name=name, load_if_exists=True, directions=directions
+        )
 
 
 def run_search(

@@ -128,3 +128,25 @@ def test_journal_keeps_unowned_running_trials(tmp_path: Path) -> None:
     anonymous = _running(study, None)
     assert fail_dead_worker_trials(study) == []
     assert study.get_trials()[anonymous].state == TrialState.RUNNING
+
+
+def test_resuming_a_journal_study_appends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume, refused or not, leaves the journal as it was: Optuna's
+    ``create_study(load_if_exists=True)`` would append a second "create study" record."""
+    from an_search.errors import StorageError as Refused
+    from an_search.search import SearchConfig, create_or_load_study
+
+    monkeypatch.chdir(tmp_path)
+    journal = tmp_path / "study.log"
+    first, _ = create_or_load_study(SearchConfig("resnet10t", storage=str(journal)))
+    written = journal.read_bytes()
+    again, _ = create_or_load_study(SearchConfig("resnet10t", storage=str(journal)))
+    assert again.study_name == first.study_name and journal.read_bytes() == written
+    other = SearchConfig("resnet18", storage=str(journal), study_name=first.study_name)
+    with pytest.raises(Refused):  # another model under the same name
+        create_or_load_study(other)
+    assert journal.read_bytes() == written
+    creates = [line for line in written.decode().splitlines() if '"op_code":0,' in line]
+    assert len(creates) == 1  # (op code 0: create study)
