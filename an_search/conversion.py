@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .cost import CostReport, count_cost
 from .errors import ModelConfigError, RecipeError, UnknownNameError
 from .layers.attentive_norm import INITS
-from .models import check_model_options, create_model, load_checkpoint, model_input_size
+from .models import (
+    check_model_options,
+    create_model,
+    load_checkpoint,
+    model_input_size,
+    read_checkpoint,
+)
 from .rewrite import (
     Recipe,
     RecipeSite,
@@ -192,12 +199,14 @@ def convert_recipe(
     input_size = model_input_size(net, kwargs.get("img_size"))
     report = find_sites(net)
     before = count_cost(net, input_size) if cost else None
-    converted = checkpoint is not None and _holds_converted(net, final, checkpoint)
+    state = None if checkpoint is None else read_checkpoint(checkpoint)
+    converted = state is not None and _holds_converted(net, final, state)
+    new_classifier = num_classes is not None
     if checkpoint is not None and not converted:
-        load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
+        load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
     apply_recipe(net, final)
     if converted:
-        load_checkpoint(net, checkpoint, new_classifier=num_classes is not None)
+        load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
     after = count_cost(net, input_size) if cost else None
     return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
 
@@ -226,22 +235,12 @@ def recipe_model_kwargs(
     return {**own, **({} if checkpoint is not None else sizes), **given}
 
 
-def _holds_converted(net: nn.Module, recipe: Recipe, checkpoint: str | os.PathLike[str]) -> bool:
-    """Whether ``checkpoint`` holds the converted model's AN sites (every key and shape)."""
-    from timm.models import load_state_dict
-
-    try:
-        state = load_state_dict(os.fspath(checkpoint), weights_only=True)
-    except Exception:  # noqa: BLE001 - load_checkpoint reports an unreadable file
-        return False
-    if not isinstance(state, dict):
-        return False
+def _holds_converted(net: nn.Module, recipe: Recipe, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds the converted model's AN sites (every key and shape)."""
     sites = tuple(f"{s.name}." for s in recipe.sites)
     theirs = apply_recipe(copy.deepcopy(net), recipe).state_dict()
     keys = [k for k in theirs if k.startswith(sites)]
-    return bool(keys) and all(
-        k in state and tuple(getattr(state[k], "shape", ())) == tuple(theirs[k].shape) for k in keys
-    )
+    return bool(keys) and all(k in state and state[k].shape == theirs[k].shape for k in keys)
 
 
 def _take_built(

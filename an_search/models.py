@@ -23,6 +23,7 @@ __all__ = [
     "create_model",
     "describe_mismatch",
     "load_checkpoint",
+    "read_checkpoint",
     "model_input_size",
 ]
 
@@ -119,20 +120,14 @@ def _check_tag(name: str) -> None:
         )
 
 
-def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str], *, new_classifier: bool = False
-) -> None:
-    """Load weights into ``model`` strictly.
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a weights file: a safetensors file or a torch state_dict (``weights_only=True``).
 
-    Args:
-        model: the model to load into.
-        path: a safetensors file or a torch state_dict (``weights_only=True``).
-        new_classifier: the caller chose the model's classes (``num_classes``): a checkpoint
-            classifier of another shape is dropped, the model keeps its new one. Otherwise such a
-            classifier is an error, as in ``timm.models.load_checkpoint``.
+    timm's reader unwraps a training checkpoint (``state_dict``, ``model``) and strips a DDP
+    ``module.`` prefix.
 
     Raises:
-        CheckpointError: missing, corrupt or mismatched file (message names the fix).
+        CheckpointError: missing, unreadable, or no state_dict of tensors (message names the fix).
     """
     from timm.models import load_state_dict
 
@@ -149,6 +144,32 @@ def load_checkpoint(
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
+    return state
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    new_classifier: bool = False,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Load weights into ``model`` strictly.
+
+    Args:
+        model: the model to load into.
+        path: a safetensors file or a torch state_dict (``weights_only=True``).
+        new_classifier: the caller chose the model's classes (``num_classes``): a checkpoint
+            classifier of another shape is dropped, the model keeps its new one. Otherwise such a
+            classifier is an error, as in ``timm.models.load_checkpoint``.
+        state: the file's weights when :func:`read_checkpoint` has already read them (``path``
+            then only names the file in errors).
+
+    Raises:
+        CheckpointError: missing, corrupt or mismatched file (message names the fix).
+    """
+    path = os.fspath(path)
+    state = dict(read_checkpoint(path) if state is None else state)
     own = model.state_dict()
     state = _as_timm_loads(model, own, state)
     head = _classifier_keys(model)

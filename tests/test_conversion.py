@@ -151,3 +151,36 @@ def test_convert_recipe_refuses_a_model_without_its_sites() -> None:
     recipe = an_search.convert("resnet10t", num_classes=10).recipe
     with pytest.raises(RecipeError, match="recipe does not fit 'mobilenetv3_small_050'"):
         an_search.convert_recipe(recipe, model="mobilenetv3_small_050")
+
+
+@pytest.mark.parametrize("saved", ["plain", "converted"])
+def test_convert_recipe_reads_its_checkpoint_once(
+    saved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Telling plain weights from a saved AN model's does not read the file a second time;
+    either kind still loads (the model's weights are the file's)."""
+    import timm.models
+
+    recipe = an_search.convert("resnet10t", placement="last-in-block", num_classes=10).recipe
+    source = (
+        timm.create_model("resnet10t", num_classes=10)
+        if saved == "plain"
+        else an_search.convert_recipe(recipe).model
+    )
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(ckpt))
+    reads: list[str] = []
+    real = timm.models.load_state_dict
+
+    def counted(path: str, *args: object, **kwargs: object) -> object:
+        reads.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(timm.models, "load_state_dict", counted)
+    result = an_search.convert_recipe(recipe, checkpoint=ckpt, num_classes=10)
+    assert reads == [str(ckpt)]
+    got = result.model.state_dict()
+    shared = [k for k in source.state_dict() if k in got and "num_batches" not in k]
+    assert len(shared) > 20
+    for key in shared if saved == "converted" else [k for k in shared if k.startswith("fc.")]:
+        assert torch.equal(got[key], source.state_dict()[key]), key
