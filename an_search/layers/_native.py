@@ -25,6 +25,7 @@ import torch
 from an_search._atomic import replacing
 
 __all__ = [
+    "NATIVE_DTYPES",
     "HeadSpec",
     "as_layout_of",
     "channels_last_map",
@@ -45,6 +46,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
+NATIVE_DTYPES = (torch.float32, torch.float64)  # what the C kernels take
 _SOURCES = [Path(__file__).with_name(n) for n in ("_native.c", "_native_bc.c", "_native_cl.c")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("_native_vec.h", "_native_head.h")]  # (key)
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]

@@ -60,7 +60,7 @@ from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, fold, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._fx import fx_leaf, traced_input
-from ._native import channels_last_map, native_available
+from ._native import NATIVE_DTYPES, channels_last_map, native_available
 from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
 from ._triton_spec import SITE_ATTR
@@ -73,7 +73,6 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
-_NATIVE_DTYPES = (torch.float32, torch.float64)
 _PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR, SITE_ATTR)  # cached plans and site in __dict__
 
 
@@ -380,7 +379,7 @@ class AttentiveNorm(nn.Module):
     def _native_eval_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """The checks of a CPU ``x`` shared by the eager and compiled native eval: dtype, rank,
         layout (contiguous or channels-last), not empty, and no autograd recording."""
-        if x.dtype not in _NATIVE_DTYPES or x.dim() not in dims:
+        if x.dtype not in NATIVE_DTYPES or x.dim() not in dims:
             return False
         if not x.is_contiguous() and not channels_last_map(x):
             return False

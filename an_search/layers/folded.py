@@ -33,12 +33,11 @@ from torch import nn
 from ._device_eval import _DevicePlan, device_plan, plan_dtype, recording, run_device_plan
 from ._eval_plan import _NAMES, _Plan, _spec
 from ._fx import fx_leaf, traced_input
-from ._native import channels_last_map, library
+from ._native import NATIVE_DTYPES, channels_last_map, library
 
 __all__ = ["FoldedAttentiveNorm"]
 
 _CACHE = "_an_folded"  # in __dict__, left out of the pickled state
-_NATIVE = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -117,7 +116,7 @@ class FoldedAttentiveNorm(nn.Module):
             return found
         tensors = self._tensors()
         kernel = None
-        if x.is_cpu and dtype in _NATIVE and library() is not None:
+        if x.is_cpu and dtype in NATIVE_DTYPES and library() is not None:
             kernel = _Plan(None, *_spec(tensors, self.scalars, dtype))
         found = _Derived(
             dtype, x.device, tuple(self._buffers.values()),
