@@ -174,24 +174,50 @@ def load_checkpoint(
     state = _as_timm_loads(model, own, state)
     head = _classifier_keys(model)
     other = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
-    if other and not new_classifier:
+    shapes = {k: v.shape for k, v in state.items()}
+    problems = describe_mismatch({k: shapes[k] for k in shapes if k not in other}, own, skip=head)
+    if other and not new_classifier and not problems:  # (the body fits: only the classifier)
         key = min(other, key=lambda k: (not k.endswith(".weight"), k))
         classes = state[key].shape[0] if state[key].dim() else "?"
+        if classes != (own[key].shape[0] if own[key].dim() else "?"):
+            raise CheckpointError(
+                f"checkpoint {path!r} has a {classes}-class classifier ({key} "
+                f"{tuple(state[key].shape)}), the model {getattr(model, 'num_classes', '?')}: "
+                f"pass num_classes={classes} to keep it, or another num_classes for a new "
+                "classifier"
+            )
+        problems = describe_mismatch(shapes, own, skip=head)  # (as many classes, other inputs)
+    if problems:
+        chans = _input_channels(model, own, state)
+        fix = (
+            f"pass in_chans={chans} (the checkpoint's input channels)"
+            if chans is not None
+            else "check the model name, num_classes, in_chans and img_size"
+        )
         raise CheckpointError(
-            f"checkpoint {path!r} has a {classes}-class classifier ({key} "
-            f"{tuple(state[key].shape)}), the model {getattr(model, 'num_classes', '?')}: "
-            f"pass num_classes={classes} (--num-classes {classes}) to keep it, or another "
-            "num_classes for a new classifier"
+            f"checkpoint {path!r} does not match {type(model).__name__}: {problems}; {fix}"
         )
     for key in other:
         del state[key]
-    problems = describe_mismatch({k: v.shape for k, v in state.items()}, own, skip=head)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path!r} does not match {type(model).__name__}: {problems}; "
-            "check the model name, --num-classes and --img-size"
-        )
     model.load_state_dict(state, strict=False)
+
+
+def _input_channels(
+    model: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> int | None:
+    """The checkpoint's input channels, when they are all it differs in (its first convs)."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    shapes = {k: v.shape for k, v in state.items()}
+    chans = set()
+    for name in [first] if isinstance(first, str) else list(first or ()):
+        key = f"{name}.weight"
+        if key in shapes and key in own and len(shapes[key]) == own[key].dim() >= 2:
+            a, b = shapes[key], own[key].shape
+            if a[1] != b[1] and (a[0], *a[2:]) == (b[0], *b[2:]):
+                chans.add(int(a[1]))
+                shapes[key] = b
+    fits = not describe_mismatch(shapes, own, skip=_classifier_keys(model))
+    return chans.pop() if len(chans) == 1 and fits else None
 
 
 def _as_timm_loads(
@@ -217,7 +243,10 @@ def _as_timm_loads(
         if key in state and key in own and state[key].dim() == own[key].dim() == 4:
             theirs, ours = state[key].shape, own[key].shape
             if theirs[1] != ours[1] and (theirs[0], *theirs[2:]) == (ours[0], *ours[2:]):
-                state[key] = adapt_input_conv(ours[1], state[key])
+                try:
+                    state[key] = adapt_input_conv(ours[1], state[key])
+                except (AssertionError, NotImplementedError):  # (e.g. 1 -> 2 or 4 -> 1)
+                    pass  # reported as a mismatch, with the channels to pass
     return state
 
 

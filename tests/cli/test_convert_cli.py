@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import an_search
 from cli.convert import app
 
 RUNNER = CliRunner()
@@ -116,6 +117,56 @@ def test_saved_to_names_the_directory_given(tmp_path: Path) -> None:
     assert f"saved to {out_dir}/" in err and (out_dir / "recipe.json").is_file()
 
 
+@pytest.mark.parametrize(
+    ("stored", "given", "needle"),
+    [
+        (1, 2, "pass --in-chans=1 (the checkpoint's input channels)"),  # timm: NotImplementedError
+        (4, 1, "pass --in-chans=4 (the checkpoint's input channels)"),  # timm: AssertionError
+        (4, None, "pass --in-chans=4 (the checkpoint's input channels)"),
+    ],
+)
+def test_weights_for_other_input_channels_name_theirs(
+    stored: int, given: int | None, needle: str, tmp_path: Path
+) -> None:
+    """Input channels timm cannot adapt the first conv to are a one-line error naming the
+    checkpoint's channels; with them it loads (the first conv is the file's)."""
+    import timm
+
+    ref = timm.create_model("resnet10t", pretrained=False, in_chans=stored)
+    ckpt = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), ckpt)
+    extra = [] if given is None else ["--in-chans", str(given)]
+    code, _, err = run("resnet10t", "--checkpoint", str(ckpt), *extra)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    out_dir = tmp_path / "out"
+    code, _, err = run(
+        "resnet10t", "--checkpoint", str(ckpt), "--in-chans", str(stored), "--output", str(out_dir)
+    )
+    assert code == 0, err
+    loaded, _ = an_search.load(out_dir)
+    assert torch.equal(loaded.state_dict()["conv1.0.weight"], ref.state_dict()["conv1.0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "needle"),
+    [
+        ("resnet14t", {}, "unexpected keys"),  # (its fc takes 2048 features: not a class count)
+        ("resnet10t", {"global_pool": "catavgmax"}, "1 shape mismatches (first: fc.weight"),
+    ],
+)
+def test_weights_of_another_model_name_what_to_check(
+    model: str, kwargs: dict, needle: str, tmp_path: Path
+) -> None:
+    """A classifier that differs in its inputs, not its classes, is no --num-classes matter."""
+    import timm
+
+    ckpt = tmp_path / "w.pth"
+    torch.save(timm.create_model(model, pretrained=False, **kwargs).state_dict(), ckpt)
+    code, _, err = run("resnet10t", "--checkpoint", str(ckpt))
+    assert code == 2 and needle in err and "class classifier" not in err, err
+    assert "check the model name, --num-classes, --in-chans and --img-size" in err
+
+
 def test_another_classifier_needs_num_classes(tmp_path: Path) -> None:
     """timm's load_checkpoint refuses a 10-class checkpoint for a 1000-class model; so do we,
     naming --num-classes (with it, the classifier is kept)."""
@@ -127,7 +178,9 @@ def test_another_classifier_needs_num_classes(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
     out_dir = tmp_path / "out"
     code, _, err = run("resnet10t", "--checkpoint", str(ckpt), "--output", str(out_dir))
-    assert code == 2 and "10-class classifier" in err and "--num-classes 10" in err
+    assert code == 2 and "10-class classifier" in err
+    assert "pass --num-classes=10 to keep it, or another --num-classes for a new" in err
+    assert err.count("--num-classes") == 2  # (named once each, not twice)
     assert not out_dir.exists()
     code, _, err = run(
         "resnet10t", "--checkpoint", str(ckpt), "--num-classes", "10", "--output", str(out_dir)
