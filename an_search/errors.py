@@ -71,6 +71,10 @@ class SpaceError(ANSearchError, ValueError):
     """A search space file with unknown keys, bad values, or no valid configuration."""
 
 
+class TrialParamsError(ANSearchError, ValueError):
+    """A trial's parameters (one enqueued by hand, say) that the search space cannot take."""
+
+
 class DataError(ANSearchError):
     """A dataset path or layout that cannot be used for training."""
 

@@ -15,7 +15,9 @@ User attributes of a trial (what reports read):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -23,10 +25,12 @@ import torch
 from optuna.trial import TrialState
 
 from an_search.errors import (
+    ANSearchError,
     InvalidKError,
     NonFiniteLossError,
     NoSitesSelectedError,
     RecipeError,
+    TrialParamsError,
     UnknownNameError,
 )
 from an_search.rewrite import SiteReport
@@ -37,17 +41,19 @@ from .build import Built, build_model, cost_input_size
 from .config import SearchConfig
 from .sampling import BASELINES, config_key, sample_recipe
 from .space import SearchSpace
-from .storage import record_worker
+from .storage import fail_dead_worker_trials, heartbeat_enabled, record_worker
 
 __all__ = ["TRIAL_ERRORS", "Objective"]
 
 #: Errors that fail one trial (recorded as ``fail_reason``) without stopping the study: a
-#: configuration the converter refuses, or one too large for the GPU.
+#: configuration the converter refuses, parameters the space cannot take (enqueued by hand),
+#: or a configuration too large for the GPU.
 TRIAL_ERRORS: tuple[type[BaseException], ...] = (
     InvalidKError,
     NoSitesSelectedError,
     UnknownNameError,
     RecipeError,
+    TrialParamsError,
     torch.cuda.OutOfMemoryError,
 )
 _SCALE = {"macs": 1e-9, "params": 1e-6, "latency": 1.0}  # objective values: GMACs, M, ms
@@ -55,6 +61,9 @@ _COST_KEY = {"macs": "macs", "params": "params", "latency": "latency_ms"}
 _WAIT_POLL_S = 2.0
 _BUILD_POLL_S = 0.25
 _BUILD_WAIT_S = 120.0  # an earlier trial silent this long without a key: its worker is gone
+#: A RUNNING trial that recorded no worker this long after it started is no an-search trial (a
+#: user's ``study.ask()``, another tool's): not waited for.
+_UNCLAIMED_S = 30.0
 
 
 class Objective:
@@ -88,11 +97,9 @@ class Objective:
         start = time.perf_counter()
         record_worker(trial, self.call)
         baseline = trial.user_attrs.get("baseline")
-        config = (
-            dict(BASELINES[baseline]) if baseline else sample_recipe(trial, self.space, self.report)
-        )
-        trial.set_user_attr("config", config)
         try:
+            config = self._config(trial, baseline)
+            trial.set_user_attr("config", config)
             built = self.build(config)
         except TRIAL_ERRORS as exc:  # this configuration only: the study goes on
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}".splitlines()[0])
@@ -112,6 +119,24 @@ class Objective:
         if earlier is not None:
             return self._reuse(trial, start, earlier, built.cost)
         return self._train(trial, start, built, baseline is not None)
+
+    def _config(self, trial: optuna.trial.Trial, baseline: str | None) -> dict[str, Any]:
+        """The trial's ``convert()`` arguments: a baseline's, or sampled from the space."""
+        if baseline:
+            if baseline not in BASELINES:
+                raise TrialParamsError(
+                    f"unknown baseline {baseline!r} (known: {', '.join(BASELINES)})"
+                )
+            return dict(BASELINES[baseline])
+        try:
+            return sample_recipe(trial, self.space, self.report)
+        except ANSearchError:
+            raise
+        except ValueError as exc:  # Optuna's: an enqueued value outside the space, or another
+            # distribution stored under one of the space's names
+            raise TrialParamsError(
+                f"the trial's parameters do not fit the space: {exc}".splitlines()[0]
+            ) from None
 
     def build(self, config: dict[str, Any]) -> Built:
         """Build the model ``config`` describes and measure it (see :func:`build_model`)."""
@@ -162,7 +187,9 @@ class Objective:
         With several workers, an earlier trial may still be building its model and not have
         recorded its key yet: it may be this very configuration, so wait (at most
         ``_BUILD_WAIT_S``) until it has. Keys are recorded before this check, so of two twins
-        the later one always sees the earlier one and only the earlier one trains.
+        the later one always sees the earlier one and only the earlier one trains. A twin whose
+        worker dies while this one waits is failed here (its process gone from this host, or
+        its heartbeat stale on a server database), and this one trains.
         """
         study = trial.study
         since = time.monotonic()
@@ -178,15 +205,23 @@ class Objective:
             finished = [t for t in twins if t.state != TrialState.RUNNING]
             if finished:
                 return min(finished, key=lambda t: t.number)
+            now = datetime.now()  # (Optuna's datetime_start: local, naive)
             building = [
                 t
                 for t in earlier
-                if t.state == TrialState.RUNNING and "config_key" not in t.user_attrs
+                if t.state == TrialState.RUNNING
+                and "config_key" not in t.user_attrs
+                and (
+                    "worker" in t.user_attrs
+                    or t.datetime_start is None
+                    or (now - t.datetime_start).total_seconds() < _UNCLAIMED_S
+                )
             ]
             if not twins and (not building or time.monotonic() - since > _BUILD_WAIT_S):
                 return None
             # another worker is training it (or building one that may be it): wait
             time.sleep(_WAIT_POLL_S if twins else _BUILD_POLL_S)
+            _fail_stale(study)
 
     def _reuse(
         self,
@@ -241,3 +276,13 @@ class Objective:
             raise optuna.TrialPruned(pruned[0])
         attrs.update(top1=result.top1, top5=result.top5)
         return self._finish(trial, start, result.top1, built.cost, **attrs)
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose worker died: on this host (its recorded process is gone) and, on a
+    server database, by Optuna's heartbeat; their retries are queued as at a trial's start."""
+    fail_dead_worker_trials(study, unowned=False)
+    if heartbeat_enabled(study):
+        with warnings.catch_warnings():  # experimental since Optuna 2.9, still in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)

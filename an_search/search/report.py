@@ -26,6 +26,7 @@ from an_search.errors import OutputDirError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
+from .storage import hide_password, with_driver
 
 __all__ = [
     "dashboard_command",
@@ -168,8 +169,10 @@ def check_report_dir(out_dir: str | os.PathLike[str], study_name: str) -> None:
 
 
 def dashboard_command(storage_url: str) -> str:
-    """The shell command that opens the study in optuna-dashboard."""
-    return f"optuna-dashboard {shlex.quote(storage_url)}"
+    """The shell command that opens the study in optuna-dashboard: the URL with the database
+    driver an-search opens it with (``postgresql+psycopg2://`` when that is the installed one),
+    and a server password shown as ``***`` (to type in)."""
+    return f"optuna-dashboard {shlex.quote(hide_password(with_driver(storage_url)))}"
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -10,10 +10,11 @@ Which storage (DESIGN point 9):
 - a path ending ``.db``, ``.sqlite`` or ``.sqlite3``: that SQLite file;
 - any Optuna storage URL (``sqlite:///``, ``postgresql://``, ``mysql://``): ``RDBStorage``. Server
   databases get Optuna's heartbeat (``heartbeat_interval``, ``grace_period``), so a worker that
-  dies on another machine has its trial marked FAIL by the next worker that starts a trial, and
-  re-queued once (``RetryHeartbeatStaleTrialCallback``, Optuna 5's name for
-  ``RetryFailedTrialCallback``). ``$AN_SEARCH_HEARTBEAT_INTERVAL`` and
-  ``$AN_SEARCH_GRACE_PERIOD`` (seconds) override the defaults below.
+  dies on another machine has its trial marked FAIL by the next worker that starts a trial (or
+  that waits for it, see ``Objective``), and re-queued once (:class:`RetryStaleTrial`, Optuna's
+  ``RetryHeartbeatStaleTrialCallback``, once ``RetryFailedTrialCallback``).
+  ``$AN_SEARCH_HEARTBEAT_INTERVAL`` and ``$AN_SEARCH_GRACE_PERIOD`` (seconds) override the
+  defaults below.
 
 Stale trials (the rule): every trial records its worker (host, pid, process start time) when it
 starts. When a search starts, a RUNNING trial of the study is marked FAIL (user attribute
@@ -26,6 +27,7 @@ never touched, so a killed search loses nothing but the trial it was running.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -49,6 +51,7 @@ from an_search.errors import StorageError
 __all__ = [
     "DEFAULT_DB_NAME",
     "DEFAULT_JOURNAL_NAME",
+    "RetryStaleTrial",
     "count_trials",
     "fail_dead_worker_trials",
     "heartbeat_enabled",
@@ -56,6 +59,7 @@ __all__ = [
     "open_storage",
     "record_worker",
     "resolve_storage_url",
+    "with_driver",
 ]
 
 DEFAULT_DB_NAME = "study.db"
@@ -68,6 +72,27 @@ HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
 #: A dead worker's trial is re-queued this many times at most (then it stays FAIL).
 HEARTBEAT_MAX_RETRY = 1
+#: What a re-queued trial keeps: its configuration (params, and the baseline it is), and the
+#: retry chain; not what the dead run recorded (fail_reason, worker, Hyperband's rungs...).
+_REQUEUED_USER_ATTRS = ("baseline",)
+_REQUEUED_SYSTEM_ATTRS = ("fixed_params", "failed_trial", "retry_history")
+
+
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a stale trial, re-queueing its configuration only.
+
+    Optuna's callback copies every attribute of the dead trial into the retry: its
+    ``fail_reason`` then showed on a retry that completed, and its Hyperband rungs (system
+    attributes) counted as the retry's.
+    """
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        kept = copy.deepcopy(trial)
+        kept.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in _REQUEUED_USER_ATTRS}
+        kept.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if k in _REQUEUED_SYSTEM_ATTRS
+        }
+        super().__call__(study, kept)
 
 
 def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | Path) -> str:
@@ -118,12 +143,10 @@ def open_storage(url: str) -> BaseStorage:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
-                _with_driver(url),
+                with_driver(url),
                 heartbeat_interval=interval,
                 grace_period=grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=HEARTBEAT_MAX_RETRY
-                ),
+                heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=HEARTBEAT_MAX_RETRY),
             )
     except ImportError as exc:
         raise StorageError(
@@ -174,13 +197,19 @@ def record_worker(trial: optuna.trial.Trial, call: str | None = None) -> None:
     trial.set_user_attr(_WORKER_KEY, worker)
 
 
-def fail_dead_worker_trials(study: optuna.Study) -> list[int]:
+def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> list[int]:
     """Mark FAIL the RUNNING trials whose worker died (the rule in the module docstring).
+
+    Args:
+        study: the study.
+        unowned: on SQLite, also fail RUNNING trials that recorded no worker (False: only
+            trials whose recorded worker is gone, as while other trials may be starting).
 
     Returns:
         The numbers of the trials marked FAIL.
     """
-    sqlite = isinstance(_rdb(study), RDBStorage) and _rdb(study).url.startswith("sqlite")
+    rdb = _rdb(study)
+    sqlite = unowned and isinstance(rdb, RDBStorage) and rdb.url.startswith("sqlite")
     retry = None  # the heartbeat's retry callback, on server databases
     if heartbeat_enabled(study):
         retry = study._storage.get_heartbeat_stale_trial_callback()
@@ -208,7 +237,7 @@ def heartbeat_enabled(study: optuna.Study) -> bool:
     return interval is not None and interval() is not None
 
 
-def _with_driver(url: str) -> str:
+def with_driver(url: str) -> str:
     """``postgresql://`` with the driver that is installed.
 
     SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the ``postgres`` extra installs

@@ -308,7 +308,21 @@ def _check_same_search(
 ) -> None:
     """A resumed study must be the same search (else its trials do not compare)."""
     attrs = study.user_attrs
-    if "model" not in attrs:
+    expected = [OBJECTIVES[o][1] for o in objectives]
+    directions = [d.name.lower() for d in study.directions]
+    if "model" not in attrs:  # (an empty study made elsewhere is taken if its directions fit)
+        trials = study.get_trials(deepcopy=False)
+        if trials:
+            raise StorageError(
+                f"study {study.study_name!r} holds {len(trials)} trials but no an-search settings "
+                "(another tool made it): use another study name (--study-name)"
+            )
+        if directions != expected:
+            goals = ", ".join(f"{d}s {o}" for d, o in zip(expected, objectives, strict=True))
+            raise StorageError(
+                f"study {study.study_name!r} was made to {'/'.join(directions)}, this search "
+                f"{goals}: use another study name (--study-name)"
+            )
         return
     if attrs["model"] != cfg.model or tuple(attrs["objectives"]) != objectives:
         raise StorageError(

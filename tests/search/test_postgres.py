@@ -150,4 +150,53 @@ def test_dead_local_worker_trial_is_requeued_once_like_the_heartbeat() -> None:
     retry = trials[1]
     assert retry.system_attrs["failed_trial"] == trial.number
     assert retry.params == trials[0].params  # the same configuration, asked again
+    assert "fail_reason" not in retry.user_attrs and "worker" not in retry.user_attrs
     assert fail_dead_worker_trials(study) == []  # nothing RUNNING left: no second retry
+
+
+_TWIN = """
+import os, sys, time, optuna
+from an_search.search import open_storage
+study = optuna.load_study(study_name=sys.argv[1], storage=open_storage(sys.argv[2]))
+def objective(trial):
+    trial.set_user_attr("worker", {"host": "another-machine", "pid": 1, "start": None})
+    trial.set_user_attr("config_key", "k")
+    print("training", flush=True)
+    time.sleep(600)
+study.optimize(objective, n_trials=1)
+"""
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask
+def test_a_twin_that_another_machine_left_is_failed_by_its_heartbeat_while_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trial waiting for its twin (the same model, trained on another machine) notices when
+    that machine dies: the twin's heartbeat goes stale, it is failed and re-queued, and the
+    waiting trial trains instead of waiting for ever."""
+    from an_search.search.objective import Objective
+
+    monkeypatch.setenv("AN_SEARCH_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("AN_SEARCH_GRACE_PERIOD", "2")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(storage=open_storage(URL), study_name=name)
+    twin = subprocess.Popen(
+        [sys.executable, "-c", _TWIN, name, URL], stdout=subprocess.PIPE, text=True
+    )
+    assert twin.stdout is not None and twin.stdout.readline() == "training\n"
+    os.kill(twin.pid, signal.SIGKILL)
+    twin.wait()
+    mine = study.ask()
+    found: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: found.append(Objective._finished_twin(None, mine, "k")),  # type: ignore[arg-type]
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(60)
+    assert found == [None]  # nothing finished to reuse: this trial trains
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and "fail_reason" not in trials[0].user_attrs
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert [t.state for t in retry] == [TrialState.WAITING]
+    assert "config_key" not in retry[0].user_attrs and "worker" not in retry[0].user_attrs

@@ -142,6 +142,18 @@ def test_dashboard_command_quotes() -> None:
     assert dashboard_command("/runs/j.log") == "optuna-dashboard /runs/j.log"
 
 
+def test_dashboard_command_names_the_driver_and_hides_the_password() -> None:
+    """The printed command opens what an-search opened (SQLAlchemy 2.1 reads a bare
+    ``postgresql://`` as psycopg 3, which the ``postgres`` extra does not install), and prints
+    no password."""
+    from importlib.util import find_spec
+
+    psycopg2_only = find_spec("psycopg") is None and find_spec("psycopg2") is not None
+    scheme = "postgresql+psycopg2" if psycopg2_only else "postgresql"
+    command = dashboard_command("postgresql://alice:s3cret@db.example:5432/an_search")
+    assert command == f"optuna-dashboard '{scheme}://alice:***@db.example:5432/an_search'"
+
+
 def test_export_again_removes_only_stale_recipe_folders(
     study: optuna.Study, tmp_path: Path
 ) -> None:

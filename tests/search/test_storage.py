@@ -150,3 +150,30 @@ def test_resuming_a_journal_study_appends_nothing(
     assert journal.read_bytes() == written
     creates = [line for line in written.decode().splitlines() if '"op_code":0,' in line]
     assert len(creates) == 1  # (op code 0: create study)
+
+
+def test_a_study_another_tool_made_is_not_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Optuna study of the same name that an-search did not make: one with trials, or one
+    that minimizes (``optuna create-study``'s default), is refused; an empty maximizing one is
+    taken, and gets the search's settings."""
+    from an_search.search import SearchConfig, create_or_load_study
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/s.db"
+    theirs = optuna.create_study(storage=url, study_name="theirs", direction="maximize")
+    theirs.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    optuna.create_study(storage=url, study_name="empty-min")
+    optuna.create_study(storage=url, study_name="empty-max", direction="maximize")
+    with pytest.raises(StorageError, match="'theirs' holds 2 trials but no an-search settings"):
+        create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="theirs"))
+    with pytest.raises(StorageError, match="made to minimize, this search maximizes top1"):
+        create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="empty-min"))
+    two = SearchConfig("resnet10t", storage=url, study_name="empty-max", objectives="top1,macs")
+    with pytest.raises(StorageError, match="to maximize, this search maximizes top1, minimizes"):
+        create_or_load_study(two)
+    assert [len(optuna.load_study(study_name=n, storage=url).trials) for n in ("theirs",)] == [2]
+    taken, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="empty-max"))
+    assert taken.user_attrs["model"] == "resnet10t"
+    assert [t.user_attrs["baseline"] for t in taken.trials] == ["bn", "paper"]

@@ -374,3 +374,27 @@ def test_settings_an_older_study_did_not_store_are_not_compared(
     train = replace(e2e.cfg.train, label_smoothing=0.0)
     resumed, _ = create_or_load_study(replace(e2e.cfg, storage=db, train=train, cost_img_size=64))
     assert len(resumed.trials) == N_TRIALS
+
+
+def test_trials_enqueued_outside_the_space_fail_alone(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """Parameters the space cannot take (enqueued by hand), or an unknown baseline, fail that
+    trial with a reason; the study goes on (before: an internal error stopped the run)."""
+    db = tmp_path / "enqueued.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    cfg = replace(e2e.cfg, storage=db, n_trials=3)
+    study, _ = create_or_load_study(cfg)
+    trained = next(t for t in e2e.study.get_trials() if t.params and t.user_attrs.get("steps"))
+    study.enqueue_trial({**trained.params, "placement": "bogus"})
+    study.enqueue_trial({}, user_attrs={"baseline": "nosuch"})
+    study.enqueue_trial(trained.params)  # a good one after them: reused, not trained
+    trials = run_search(cfg).get_trials()[N_TRIALS:]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, trained.state]
+    assert (
+        trials[0]
+        .user_attrs["fail_reason"]
+        .startswith("TrialParamsError: the trial's parameters do not fit the space: 'bogus' not in")
+    )
+    assert trials[1].user_attrs["fail_reason"] == (
+        "TrialParamsError: unknown baseline 'nosuch' (known: bn, paper)"
+    )
+    assert trials[2].user_attrs["duplicate_of"] == trained.number
