@@ -132,12 +132,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     from timm.models import load_state_dict
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory: pass the weights file in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: pass an existing weights file")
     try:
         state = load_state_dict(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        reason = _clip(str(e).splitlines()[0]) if str(e) else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path!r} cannot be read ({reason}): pass a safetensors file or a "
             "torch state_dict saved with torch.save"
@@ -145,6 +147,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
     return state
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """``text`` cut at the last word that fits in ``limit`` characters (``...`` when cut)."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "..."
 
 
 def load_checkpoint(
@@ -172,28 +179,38 @@ def load_checkpoint(
     state = dict(read_checkpoint(path) if state is None else state)
     own = model.state_dict()
     state = _as_timm_loads(model, own, state)
-    head = _classifier_keys(model)
-    other = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
+    head = _classifier_keys(model, state)
+    other = sorted(
+        k for k in head if k in state and (k not in own or state[k].shape != own[k].shape)
+    )
+    # (BatchNorm keeps its own counter when a file has none, as torchvision's weights)
+    skip = head | {k for k in own if k.endswith(".num_batches_tracked")}
     shapes = {k: v.shape for k, v in state.items()}
-    problems = describe_mismatch({k: shapes[k] for k in shapes if k not in other}, own, skip=head)
+    problems = describe_mismatch({k: shapes[k] for k in shapes if k not in other}, own, skip=skip)
     if other and not new_classifier and not problems:  # (the body fits: only the classifier)
         key = min(other, key=lambda k: (not k.endswith(".weight"), k))
         classes = state[key].shape[0] if state[key].dim() else "?"
-        if classes != (own[key].shape[0] if own[key].dim() else "?"):
+        mine = own[key].shape[0] if key in own and own[key].dim() else None
+        if classes != mine:
             raise CheckpointError(
                 f"checkpoint {path!r} has a {classes}-class classifier ({key} "
                 f"{tuple(state[key].shape)}), the model {getattr(model, 'num_classes', '?')}: "
                 f"pass num_classes={classes} to keep it, or another num_classes for a new "
                 "classifier"
             )
-        problems = describe_mismatch(shapes, own, skip=head)  # (as many classes, other inputs)
+        problems = describe_mismatch(shapes, own, skip=skip)  # (as many classes, other inputs)
     if problems:
-        chans = _input_channels(model, own, state)
-        fix = (
-            f"pass in_chans={chans} (the checkpoint's input channels)"
-            if chans is not None
-            else "check the model name, num_classes, in_chans and img_size"
-        )
+        body = {k: v for k, v in state.items() if k not in other}
+        chans = _input_channels(model, own, body, skip)
+        if chans is not None:
+            fix = f"pass in_chans={chans} (the checkpoint's input channels)"
+        elif any(".attn.head." in k and k not in own for k in state):
+            fix = (
+                "it holds AttentiveNorm sites, a saved AN model's weights: give its recipe too "
+                "(an-convert --recipe FOLDER --checkpoint FILE, or an_search.load(FOLDER))"
+            )
+        else:
+            fix = "check that it is this model's (name, classes, input channels, image size)"
         raise CheckpointError(
             f"checkpoint {path!r} does not match {type(model).__name__}: {problems}; {fix}"
         )
@@ -203,9 +220,13 @@ def load_checkpoint(
 
 
 def _input_channels(
-    model: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+    model: nn.Module,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    skip: Collection[str],
 ) -> int | None:
-    """The checkpoint's input channels, when they are all it differs in (its first convs)."""
+    """The checkpoint's input channels, when they are all it differs in (its first convs;
+    ``skip``: keys the model may have that ``state`` need not)."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     shapes = {k: v.shape for k, v in state.items()}
     chans = set()
@@ -216,7 +237,7 @@ def _input_channels(
             if a[1] != b[1] and (a[0], *a[2:]) == (b[0], *b[2:]):
                 chans.add(int(a[1]))
                 shapes[key] = b
-    fits = not describe_mismatch(shapes, own, skip=_classifier_keys(model))
+    fits = not describe_mismatch(shapes, own, skip=skip)
     return chans.pop() if len(chans) == 1 and fits else None
 
 
@@ -276,13 +297,15 @@ def describe_mismatch(
     return "; ".join(parts)
 
 
-def _classifier_keys(model: nn.Module) -> set[str]:
+def _classifier_keys(model: nn.Module, state: Mapping[str, object] | None = None) -> set[str]:
+    """The classifier's keys in the model's state dict and in ``state`` (a checkpoint's: a
+    headless model, ``num_classes=0``, has none of its own)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("classifier") or ()
     if isinstance(names, str):
         names = (names,)
-    own = model.state_dict()
-    return {k for k in own for n in names if k.startswith(n + ".")}
+    keys = [*model.state_dict(), *(state or ())]
+    return {k for k in keys for n in names if k.startswith(n + ".")}
 
 
 def model_input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:

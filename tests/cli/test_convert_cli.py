@@ -164,7 +164,7 @@ def test_weights_of_another_model_name_what_to_check(
     torch.save(timm.create_model(model, pretrained=False, **kwargs).state_dict(), ckpt)
     code, _, err = run("resnet10t", "--checkpoint", str(ckpt))
     assert code == 2 and needle in err and "class classifier" not in err, err
-    assert "check the model name, --num-classes, --in-chans and --img-size" in err
+    assert "check that it is this model's (name, classes, input channels, image size)" in err
 
 
 def test_another_classifier_needs_num_classes(tmp_path: Path) -> None:
@@ -399,3 +399,48 @@ def test_output_shows_each_sites_head_pool_and_the_init(tmp_path: Path) -> None:
     assert code == 0 and "head, pool" in out and "bn-softmax, avgmax" in out and "mlp, avg" in out
     code, out, err = run("resnet10t", "--head", "mlp", "--pool", "avg", "--img-size", "32")
     assert code == 0 and "(head and pool mlp, avg, init paper)" in out  # one for all: the title
+
+
+def test_torchvision_style_and_headless_loads(tmp_path: Path) -> None:
+    """Weights without BatchNorm's ``num_batches_tracked`` (torchvision's ImageNet files) load,
+    as they do in torch and timm; ``--num-classes 0`` (timm's headless model) drops the file's
+    classifier, as timm's pretrained loading does. The model computes what the file's does."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet10t", pretrained=False).eval()
+    for m in ref.modules():  # (statistics of their own, so that loading them shows)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    ckpt = tmp_path / "tv.pth"
+    torch.save(state, ckpt)
+    x = torch.randn(2, 3, 64, 64)
+    for extra in ([], ["--num-classes", "0"]):
+        out_dir = tmp_path / f"out{len(extra)}"
+        code, _, err = run("resnet10t", "--checkpoint", str(ckpt), *extra, "--output", str(out_dir))
+        assert code == 0, err
+        loaded = an_search.load(out_dir)[0].eval()
+        assert bool(extra) == ("fc.weight" not in loaded.state_dict())
+        with torch.no_grad():
+            want = (
+                ref(x) if not extra else ref.forward_head(ref.forward_features(x), pre_logits=True)
+            )
+            torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_path_messages(tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    code, _, err = run("resnet10t", "--num-classes", "10", "--output", str(saved))
+    assert code == 0, err
+    code, _, err = run("resnet10t", "--checkpoint", str(saved))
+    assert code == 2 and "is a directory: pass the weights file in it" in err, err
+    code, _, err = run(
+        "resnet10t", "--num-classes", "10", "--checkpoint", str(saved / "model.safetensors")
+    )
+    assert code == 2 and "a saved AN model's weights: give its recipe too" in err, err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    code, _, err = run("resnet10t", "--checkpoint", str(bad))
+    reason = err.split("cannot be read (", 1)[1].split("): pass", 1)[0]
+    assert code == 2 and len(reason) <= 123 and (not reason.endswith("...") or reason[-4] != " ")
