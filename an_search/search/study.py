@@ -31,6 +31,7 @@ from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
+from ._weights import check_same_weights, weights_summary
 from .build import build_model
 from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
@@ -97,13 +98,15 @@ def create_or_load_study(
     study = _open_or_create(open_storage(url), name, directions)
     _check_same_search(study, cfg, objectives, space)
     _check_same_data(study, data)
+    weights = weights_summary(cfg.checkpoint)
+    check_same_weights(study, weights)
     trials = study.get_trials(deepcopy=False)
-    if (
-        data is not None
-        and "data" not in study.user_attrs
-        and all(t.state == TrialState.WAITING for t in trials)
-    ):  # (one from before this was stored, with trials run on unknown data, stays unchecked)
-        study.set_user_attr("data", data)
+    if all(t.state == TrialState.WAITING for t in trials):
+        # (one from before these were stored, with trials run on unknown ones, stays unchecked)
+        if data is not None and "data" not in study.user_attrs:
+            study.set_user_attr("data", data)
+        if "weights" not in study.user_attrs:
+            study.set_user_attr("weights", weights)
     n_before = len(trials)
     study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
     if n_before == 0:

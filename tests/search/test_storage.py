@@ -177,3 +177,43 @@ def test_a_study_another_tool_made_is_not_taken_over(
     taken, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="empty-max"))
     assert taken.user_attrs["model"] == "resnet10t"
     assert [t.user_attrs["baseline"] for t in taken.trials] == ["bn", "paper"]
+
+
+def test_a_resume_from_other_weights_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study stores its checkpoint's content (SHA-256), not its path: the same file under
+    another name resumes; other weights, or none, are refused (their trials do not compare)."""
+    import hashlib
+    import shutil
+
+    import timm
+    import torch
+
+    from an_search.search import SearchConfig, create_or_load_study
+
+    monkeypatch.chdir(tmp_path)
+    first, other = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), first)
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
+    moved = tmp_path / "elsewhere" / "copy.pth"
+    moved.parent.mkdir()
+    shutil.copy(first, moved)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, checkpoint=first))
+    stored = study.user_attrs["weights"]
+    assert stored["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert stored["bytes"] == first.stat().st_size
+    create_or_load_study(SearchConfig("resnet10t", storage=url, checkpoint=moved))
+    with pytest.raises(
+        StorageError, match=r"started its trials from 'a.pth' \(sha256 .*this call from 'b.pth'"
+    ):
+        create_or_load_study(SearchConfig("resnet10t", storage=url, checkpoint=other))
+    with pytest.raises(StorageError, match="this call from random init"):
+        create_or_load_study(SearchConfig("resnet10t", storage=url))
+    plain = SearchConfig("resnet10t", storage=url, study_name="plain")
+    assert create_or_load_study(plain)[0].user_attrs["weights"] is None
+    with pytest.raises(StorageError, match="from random init .*this call from 'a.pth'"):
+        create_or_load_study(
+            SearchConfig("resnet10t", storage=url, study_name="plain", checkpoint=first)
+        )
