@@ -8,17 +8,15 @@ path, which may differ on another machine) is stored, and a resume from other we
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
 import optuna
 
+from an_search._digest import file_sha256
 from an_search.errors import CheckpointError, StorageError
 
 __all__ = ["check_same_weights", "weights_summary"]
-
-_CHUNK = 1 << 20
 
 
 def weights_summary(checkpoint: str | os.PathLike[str] | None) -> dict[str, Any] | None:
@@ -30,17 +28,14 @@ def weights_summary(checkpoint: str | os.PathLike[str] | None) -> dict[str, Any]
     if checkpoint is None:
         return None
     path = os.fspath(checkpoint)
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+        sha256 = file_sha256(path)
     except OSError as exc:
         raise CheckpointError(
             f"checkpoint {path!r} cannot be read ({exc.strerror or exc}): pass an existing "
             "weights file"
         ) from None
-    return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path), "file": path}
+    return {"sha256": sha256, "bytes": os.path.getsize(path), "file": path}
 
 
 def check_same_weights(study: optuna.Study, weights: dict[str, Any] | None) -> None:

@@ -58,7 +58,8 @@ def _rank_main(spec_path: str) -> None:
         model, _ = load(spec["model_dir"])
         if spec["sync_bn"]:
             model = convert_sync_batchnorm(model)
-        result = proxy_train(model, data, train, on_epoch=_RankOnEpoch(store, rank, train.device))
+        on_epoch = _RankOnEpoch(store, rank, train.device)
+        result = proxy_train(model, data, train, on_epoch=on_epoch, run=spec.get("run"))
     except Exception as exc:
         _report_error(store, exc, rank)
         raise

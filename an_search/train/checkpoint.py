@@ -9,6 +9,7 @@ previous checkpoint intact. It is read with ``torch.load(weights_only=True)``: n
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from an_search._atomic import replacing
 from an_search.errors import CheckpointError, OutputDirError
 
-__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "check_writable", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "last.pth"
 
@@ -35,11 +36,31 @@ def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any]) ->
         with replacing(path) as tmp:
             torch.save(state, tmp)
     except OSError as e:
-        raise OutputDirError(
-            f"cannot write checkpoint to {directory} ({e.strerror}); "
-            "choose a writable checkpoint_dir"
-        ) from e
+        raise _unwritable(directory, e) from e
     return path
+
+
+def check_writable(directory: str | os.PathLike[str]) -> None:
+    """Create ``directory`` (and its parents) and check that a file can be written in it, before
+    any training, which would otherwise find out only at its first checkpoint.
+
+    Raises:
+        OutputDirError: it cannot be created or written.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise _unwritable(directory, e) from e
+
+
+def _unwritable(directory: Path, e: OSError) -> OutputDirError:
+    return OutputDirError(
+        f"cannot write checkpoints to {directory} ({e.strerror or e}): choose a writable "
+        "output directory"
+    )
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

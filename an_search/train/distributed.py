@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ def train_distributed(
     on_epoch: OnEpoch | None = None,
     sync_bn: bool = False,
     threads: int | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> DistributedResult:
     """Proxy-train ``model`` in ``nproc`` torchrun processes; this process decides each epoch.
 
@@ -91,6 +92,7 @@ def train_distributed(
             answer reaches every rank before the next epoch.
         sync_bn: convert BatchNorms (AN's inner ones included) to ``SyncBatchNorm`` (CUDA only).
         threads: torch threads per rank on CPU (None: ``train.threads``).
+        run: what the run trains, stored with its checkpoints (as for ``proxy_train``).
 
     Raises:
         NonFiniteLossError: a rank's loss became NaN or infinite.
@@ -116,6 +118,7 @@ def train_distributed(
             "train": asdict(spec_train),
             "data": asdict(data),
             "sync_bn": sync_bn,
+            "run": None if run is None else dict(run),
             "backend": "nccl" if cuda else "gloo",
         }
         (work / "spec.json").write_text(json.dumps(spec))

@@ -12,10 +12,12 @@ checkpoint after epoch e continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 from itertools import islice
@@ -35,7 +37,7 @@ from an_search.train.config import MACHINE_SETTINGS, TrainConfig, TrainResult
 from an_search.train.data import DataSpec
 from an_search.train.loaders import create_loaders
 
-__all__ = ["OnEpoch", "Progress", "proxy_train"]
+__all__ = ["OnEpoch", "Progress", "check_same_run", "proxy_train"]
 
 OnEpoch = Callable[[int, float, float], bool]
 Progress = Callable[[int, int], None]
@@ -87,6 +89,7 @@ def proxy_train(
     *,
     on_epoch: OnEpoch | None = None,
     progress: Progress | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data` for `cfg.epochs` short epochs; validate after each.
 
@@ -97,6 +100,8 @@ def proxy_train(
         on_epoch: called as on_epoch(epoch, top1, top5) after each epoch (epoch 1-based);
             returning True stops training there (the search prunes the trial).
         progress: called as progress(done_updates, total_updates) after every update.
+        run: what this run trains (JSON-able: its recipe, data, starting weights), stored with
+            its checkpoints; a resume from a checkpoint stored for another run is refused.
 
     Returns:
         TrainResult with the last epoch's validation accuracy and the per-epoch history.
@@ -176,6 +181,7 @@ def proxy_train(
                         f"checkpoint in {cfg.checkpoint_dir} has {key}={saved[key]!r}, "
                         f"not {getattr(cfg, key)!r}; use the same setting or delete it"
                     )
+            check_same_run(cfg.checkpoint_dir, state.get("run"), run)
             try:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -252,6 +258,7 @@ def proxy_train(
                         "num_updates": num_updates,
                         "history": history,
                         "config": asdict(cfg),
+                        "run": None if run is None else json.dumps(run, sort_keys=True),
                     },
                 )
             if on_epoch is not None and on_epoch(epoch, top1, top5):
@@ -268,3 +275,23 @@ def proxy_train(
         wall_s=time.perf_counter() - t_start,
         stopped_early=stopped_early,
     )
+
+
+def check_same_run(
+    directory: str | os.PathLike[str] | None, stored: str | None, run: Mapping[str, Any] | None
+) -> None:
+    """Refuse to resume a checkpoint stored for another run (``stored``: its ``run`` entry; one
+    stored without is not compared: from before this was stored, or by a caller without one).
+
+    Raises:
+        CheckpointError: the runs differ (the message names what differs).
+    """
+    if stored is None or run is None:
+        return
+    theirs, ours = json.loads(stored), json.loads(json.dumps(run, sort_keys=True))
+    differ = [k for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint in {directory} was saved by a run with another {', '.join(differ)}: "
+            f"delete {directory} to start over, or use another output directory"
+        )

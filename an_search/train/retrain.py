@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from an_search._digest import file_sha256
 from an_search.errors import TrainConfigError
 from an_search.models import create_model
 from an_search.rewrite import Recipe, save
 
+from .checkpoint import check_writable, load_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import DataSpec
-from .proxy import OnEpoch, Progress, proxy_train
+from .proxy import OnEpoch, Progress, check_same_run, proxy_train
 
 __all__ = ["RetrainRun", "retrain"]
 
@@ -98,8 +100,15 @@ def retrain(
     if isinstance(nproc, bool) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
     recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint)
+    # what each run's checkpoints are for: a resume of another recipe's, data's or weights' is
+    # refused (paths aside: the data and weights may have moved)
+    classes = list(data.class_names) or data.num_classes
+    weights = file_sha256(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
+    names = ("an", "baseline")[: 2 if baseline else 1]
+    for name in names:  # (before any training: else found at the first checkpoint)
+        check_writable(Path(out_dir) / name)
     runs = []
-    for name, converted in (("an", True), ("baseline", False))[: 2 if baseline else 1]:
+    for name, converted in zip(names, (True, False), strict=False):
         run_dir = Path(out_dir) / name
         run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
         model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
@@ -111,16 +120,21 @@ def retrain(
                 model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs
             )
         )
+        run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
+        if cfg.resume:  # (before torchrun starts ranks that would each refuse it)
+            saved = load_checkpoint(run_dir)
+            check_same_run(run_dir, None if saved is None else saved.get("run"), run)
         if nproc > 1:
-            from .checkpoint import load_checkpoint
             from .distributed import train_distributed
 
             result = train_distributed(
-                model, final, data, run_cfg, nproc=nproc, on_epoch=on_epoch
+                model, final, data, run_cfg, nproc=nproc, on_epoch=on_epoch, run=run
             ).result
             model.load_state_dict(load_checkpoint(run_dir)["model"])  # rank 0's final weights
         else:
-            result = proxy_train(model, data, run_cfg, on_epoch=on_epoch, progress=progress)
+            result = proxy_train(
+                model, data, run_cfg, on_epoch=on_epoch, progress=progress, run=run
+            )
         model_dir = save(model, final, run_dir / "model")
         runs.append(RetrainRun(name, params, result, run_dir, model_dir))
     return runs

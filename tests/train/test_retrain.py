@@ -103,3 +103,38 @@ def test_retrain_fine_tunes_a_saved_an_model_from_its_own_weights(tmp_path: Path
     for key, value in old.items():  # one update at lr 1e-12: the weights as loaded
         if not key.startswith("fc.") and value.is_floating_point() and "running" not in key:
             torch.testing.assert_close(new[key], value, rtol=0, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_of_another_recipes_checkpoints_is_refused(nproc: int, tmp_path: Path) -> None:
+    """Checkpoints remember the run they were saved by: a resume with a recipe that differs in
+    nothing that changes a weight's shape (the pool) is refused, not reported as that run; the
+    same recipe resumes (nothing left to train: the saved result)."""
+    import dataclasses
+
+    from an_search.errors import CheckpointError
+    from an_search.rewrite import RecipeSite
+
+    data = resolve_data(None)
+    first = _recipe()
+    done = retrain(first, data, _cfg(), tmp_path, nproc=nproc)[0]
+    pooled = [RecipeSite(**{**dataclasses.asdict(s), "pool": "avg"}) for s in first.sites]
+    other = dataclasses.replace(first, sites=pooled)
+    resume = dataclasses.replace(_cfg(), resume=True)
+    with pytest.raises(CheckpointError, match="saved by a run with another recipe: delete"):
+        retrain(other, data, resume, tmp_path, nproc=nproc)
+    again = retrain(first, data, resume, tmp_path, nproc=nproc)[0]
+    assert again.result.history == done.result.history
+
+
+def test_an_unwritable_output_is_refused_before_training(tmp_path: Path) -> None:
+    from an_search.errors import OutputDirError
+
+    (tmp_path / "afile").write_text("not a directory")
+    updates: list[int] = []
+    with pytest.raises(OutputDirError, match="cannot write checkpoints to .*afile/out/an"):
+        retrain(
+            _recipe(), resolve_data(None), _cfg(), tmp_path / "afile" / "out",
+            progress=lambda done, total: updates.append(done),
+        )  # fmt: skip
+    assert updates == []  # not one update trained
