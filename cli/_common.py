@@ -7,7 +7,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -74,6 +75,25 @@ def as_flags(message: str) -> str:
     return _UNSET.sub(r"\1 ", _LEADING.sub(r"--\1 \2", text))
 
 
+#: What Ctrl-C leaves where a command says nothing else: files are written to a temporary
+#: name and renamed, so each is the old one or the new one, whole.
+_NOTHING_HALF_WRITTEN = "no file was left half-written (re-run the command)"
+
+
+@contextmanager
+def on_interrupt(message: str | Callable[[], str], debug: bool = False) -> Iterator[None]:
+    """Ctrl-C in the block ends the command with ``error: interrupted; MESSAGE`` (exit 130): what
+    is kept and how to go on, which only the command knows (a traceback with --debug).
+    ``message`` may be a function, asked at the interrupt."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if debug or os.environ.get("AN_SEARCH_DEBUG") == "1":
+            raise
+        text = message() if callable(message) else message
+        raise fail(f"interrupted; {text}", 130) from None
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one-line messages and exit code 2 (tracebacks with --debug)."""
 
@@ -87,9 +107,7 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             if debug:
                 raise
-            raise fail(
-                "interrupted; completed work is kept (re-run the command to resume)", 130
-            ) from None
+            raise fail(f"interrupted; {_NOTHING_HALF_WRITTEN}", 130) from None
         except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
             if debug:
                 raise

@@ -13,6 +13,7 @@ from ._common import (
     Quiet,
     fail,
     handle_errors,
+    on_interrupt,
     print_json,
     split_list,
     stderr,
@@ -140,7 +141,11 @@ def run(
     from ._progress import TrialProgress
 
     err = stderr()
-    with TrialProgress(err, total=n_trials, enabled=not quiet and not json_out) as bar:
+    kept = "finished trials are kept: the same command continues the study (adding --n-trials)"
+    with (
+        on_interrupt(kept, debug),
+        TrialProgress(err, total=n_trials, enabled=not quiet and not json_out) as bar,
+    ):
         if workers is None and gpus is None and gpus_per_trial == 1 and not sync_bn:
             study = run_search(
                 cfg, callbacks=[bar.on_trial], on_message=err.print, progress=bar.on_step
@@ -149,7 +154,9 @@ def run(
             study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn)
     from an_search.search import load_space
 
-    _emit_report(study, cfg.run_dir(load_space(space).name), json_out)
+    run_dir = cfg.run_dir(load_space(space).name)
+    with on_interrupt(f"the study is done; write its report with: an-search report {run_dir}"):
+        _emit_report(study, run_dir, json_out)
 
 
 @app.command()
@@ -248,7 +255,10 @@ def worker(
         timeout=timeout,
     )
     err = stderr()
-    with TrialProgress(err, total=None, enabled=not quiet) as bar:
+    with (
+        on_interrupt("finished trials are kept: re-run the worker to go on", debug),
+        TrialProgress(err, total=None, enabled=not quiet) as bar,
+    ):
         study = _run_workers(cfg, bar, workers, gpus, gpus_per_trial, sync_bn, join=True)
     err.print(f"study {study.study_name}: {len(study.trials)} trials; this machine is done")
 
@@ -361,7 +371,13 @@ def retrain(
     from ._progress import TrialProgress
 
     out_dir = output or (where / "retrain")
-    try:
+
+    def kept() -> str:  # (a plain re-run starts again: say how to continue)
+        if any(Path(out_dir).glob("*/last.pth")):
+            return f"checkpoints are kept in {out_dir}: re-run with --resume to continue"
+        return "no epoch had ended, so there is no checkpoint to resume from (re-run to start)"
+
+    with on_interrupt(kept, debug):
         with TrialProgress(
             stderr(), total=None, enabled=not (quiet or json_out), trials=False,
             step_label="training",
@@ -376,13 +392,6 @@ def retrain(
                 nproc=nproc,
                 progress=bar.on_step,
             )
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        raise fail(  # a plain re-run starts again: say how to continue
-            f"interrupted; checkpoints are kept in {out_dir}: re-run with --resume to continue",
-            130,
-        ) from None
     rows = [
         {
             "run": r.name,

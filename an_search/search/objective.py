@@ -56,6 +56,8 @@ TRIAL_ERRORS: tuple[type[BaseException], ...] = (
     TrialParamsError,
     torch.cuda.OutOfMemoryError,
 )
+#: The ``fail_reason`` of a trial cut by Ctrl-C.
+INTERRUPTED = "interrupted by SIGINT (Ctrl-C)"
 _SCALE = {"macs": 1e-9, "params": 1e-6, "latency": 1.0}  # objective values: GMACs, M, ms
 _COST_KEY = {"macs": "macs", "params": "params", "latency": "latency_ms"}
 _WAIT_POLL_S = 2.0
@@ -94,6 +96,14 @@ class Objective:
         self.call: str | None = None
 
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:  # (Optuna ends it FAIL: say why, as for other failures)
+            if "fail_reason" not in trial.user_attrs:  # (a worker's guard may have said it)
+                trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+
+    def _run(self, trial: optuna.trial.Trial) -> float | list[float]:
         start = time.perf_counter()
         record_worker(trial, self.call)
         baseline = trial.user_attrs.get("baseline")

@@ -34,7 +34,7 @@ from an_search.errors import WorkerError
 
 from .config import SearchConfig
 from .ddp import DDPObjective
-from .objective import TRIAL_ERRORS, Objective
+from .objective import INTERRUPTED, TRIAL_ERRORS, Objective
 from .storage import count_trials, heartbeat_enabled
 from .study import prepare_search, quiet_optuna
 
@@ -134,7 +134,7 @@ class _SigintGuard:
                 with self.training():
                     return inner(trial, built, guarded)
             except KeyboardInterrupt:  # later SIGINTs are ignored: this write is not cut
-                trial.set_user_attr("fail_reason", "interrupted by SIGINT (Ctrl-C)")
+                trial.set_user_attr("fail_reason", INTERRUPTED)
                 raise
 
         objective.run_training = run_training  # type: ignore[method-assign]

@@ -444,3 +444,19 @@ def test_checkpoint_path_messages(tmp_path: Path) -> None:
     code, _, err = run("resnet10t", "--checkpoint", str(bad))
     reason = err.split("cannot be read (", 1)[1].split("): pass", 1)[0]
     assert code == 2 and len(reason) <= 123 and (not reason.endswith("...") or reason[-4] != " ")
+
+
+def test_ctrl_c_in_an_convert_says_nothing_was_half_written(tmp_path: Path, monkeypatch) -> None:
+    """No "re-run to resume" (nothing resumes): the new output directory is gone."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(an_search, "save", interrupted)
+    monkeypatch.setattr("an_search.rewrite.save", interrupted)
+    out_dir = tmp_path / "out"
+    code, _, err = run("resnet10t", "--output", str(out_dir))
+    assert code == 130 and not out_dir.exists()
+    assert err.strip().splitlines()[-1] == (
+        "error: interrupted; no file was left half-written (re-run the command)"
+    )

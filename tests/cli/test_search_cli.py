@@ -156,7 +156,10 @@ def test_retrain_progress_shows_the_training_not_an_empty_trial_count(tmp_path: 
     assert "trials" not in err
 
 
-def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_in_retrain_says_whether_there_is_a_checkpoint_to_resume(
+    checkpointed: bool, tmp_path: Path, monkeypatch
+) -> None:
     import an_search.train.retrain as retrain_module
     from an_search.rewrite import Recipe
 
@@ -166,13 +169,47 @@ def test_ctrl_c_in_retrain_points_to_resume(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(retrain_module, "retrain", interrupted)
     recipe = Recipe.from_selection(model="resnet10t", selected={"layer1.0.bn1": 4})
     (tmp_path / "recipe.json").write_text(recipe.to_json())
+    if checkpointed:  # (an epoch had ended: its checkpoint is there)
+        (tmp_path / "rt" / "an").mkdir(parents=True)
+        (tmp_path / "rt" / "an" / "last.pth").write_bytes(b"")
     code, _, err = run("retrain", str(tmp_path), *TINY, "--output", str(tmp_path / "rt"))
     assert code == 130
+    said = (
+        f"checkpoints are kept in {tmp_path / 'rt'}: re-run with --resume to continue"
+        if checkpointed
+        else "no epoch had ended, so there is no checkpoint to resume from (re-run to start)"
+    )
     assert err.strip().splitlines() == [
         "data: the embedded Animal-MNIST",
-        f"error: interrupted; checkpoints are kept in {tmp_path / 'rt'}: re-run with --resume "
-        "to continue",
+        f"error: interrupted; {said}",
     ]
+
+
+@pytest.mark.parametrize("where", ["trials", "report"])
+def test_ctrl_c_in_run_says_how_to_go_on(where: str, tmp_path: Path, monkeypatch) -> None:
+    """During the trials, a re-run continues the study (adding --n-trials); during the final
+    report, the study is done: a re-run would add trials, so the report command is named."""
+    import optuna
+
+    import an_search.search as search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    study = optuna.create_study(direction="maximize")
+    monkeypatch.setattr(
+        search, "run_search", interrupted if where == "trials" else lambda *a, **k: study
+    )
+    monkeypatch.setattr(search, "write_report", interrupted)
+    out = tmp_path / "run"
+    code, _, err = run("run", "resnet10t", *TINY, "--output", str(out), "--quiet")
+    assert code == 130
+    said = (
+        "finished trials are kept: the same command continues the study (adding --n-trials)"
+        if where == "trials"
+        else f"the study is done; write its report with: an-search report {out}"
+    )
+    assert err.strip().splitlines()[-1] == f"error: interrupted; {said}"
 
 
 def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:

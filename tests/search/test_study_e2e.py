@@ -398,3 +398,22 @@ def test_trials_enqueued_outside_the_space_fail_alone(e2e: SimpleNamespace, tmp_
         "TrialParamsError: unknown baseline 'nosuch' (known: bn, paper)"
     )
     assert trials[2].user_attrs["duplicate_of"] == trained.number
+
+
+def test_a_trial_cut_by_ctrl_c_says_so(
+    e2e: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from an_search.search import objective
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objective, "proxy_train", interrupted)
+    cfg = replace(e2e.cfg, output_dir=tmp_path / "run", n_trials=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg)
+    (trial, *_) = optuna.load_study(
+        study_name="e2e", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    ).get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "interrupted by SIGINT (Ctrl-C)"
