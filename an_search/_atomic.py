@@ -1,12 +1,17 @@
 """Atomic file replacement: write a temporary file beside the target, then rename it over.
 
 A crash or an error leaves either the old file or the new one, never half of one, and no
-temporary behind. Used for saved models, checkpoints, reports and the built C kernels.
+temporary behind. Used for saved models, checkpoints, reports and the built C kernels. A
+temporary that a killed process left (SIGKILL, the OOM killer: no cleanup runs) is deleted by
+the next write of the same target: temporaries are named after their host and process, so only
+those of processes gone from this host are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +30,9 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
     umask, as ``open(path, "w")`` would. Raises OSError when the directory cannot be written.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    ours = f".{path.name}.{socket.gethostname()}-"
+    _sweep(path.parent, ours, suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -34,6 +41,31 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _sweep(directory: Path, prefix: str, suffix: str) -> None:
+    """Delete the temporaries ``prefix<pid>.*<suffix>`` in ``directory`` whose process is gone."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return  # (mkstemp says why the directory cannot be used)
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):  # (another process swept it first)
+                os.unlink(directory / name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # (another user's process, or no such number: leave its file)
+    return True
 
 
 def _mode(path: Path) -> int:

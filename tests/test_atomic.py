@@ -53,3 +53,46 @@ def test_replacing_keeps_the_replaced_files_mode(tmp_path: Path) -> None:
     with replacing(target) as tmp:
         Path(tmp).write_text("new")
     assert stat.S_IMODE(target.stat().st_mode) == 0o640 and target.read_text() == "new"
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from an_search._atomic import replacing
+with replacing(sys.argv[1]) as tmp:
+    Path(tmp).write_text("half")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: the temporary stays until the next write of that target, which
+    deletes it; a live writer's temporary, and one from another host, are left alone."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    target = tmp_path / "model.safetensors"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    temps = [Path(w.stdout.readline().strip()) for w in writers]  # type: ignore[union-attr]
+    killed, alive = writers
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    elsewhere = tmp_path / f".model.safetensors.{socket.gethostname()}x-{killed.pid}.abc.tmp"
+    elsewhere.write_text("another host's")
+    assert temps[0].is_file() and temps[0].name.startswith(".model.safetensors.")
+    try:
+        with replacing(target) as tmp:
+            Path(tmp).write_text("whole")
+        assert target.read_text() == "whole"
+        assert not temps[0].exists() and temps[1].is_file() and elsewhere.is_file()
+    finally:
+        alive.kill()
+        alive.wait()
