@@ -94,6 +94,9 @@ def run(
     max_params: Annotated[float | None, typer.Option(help="budget: parameters")] = None,
     max_macs: Annotated[float | None, typer.Option(help="budget: MACs at the proxy size")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="budget: batch-1 ms")] = None,
+    pruner: Annotated[
+        str, typer.Option(help="auto (Hyperband for top1 alone), hyperband, or none")
+    ] = "auto",
     checkpoint: Checkpoint = None,
     device: Device = "cpu",
     seed: Seed = 0,
@@ -137,6 +140,7 @@ def run(
         train=train,
         checkpoint=checkpoint,
         dataset=dataset,
+        pruner=pruner,
     )
     from ._progress import TrialProgress
 

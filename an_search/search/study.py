@@ -85,6 +85,8 @@ def create_or_load_study(
         SpaceError, UnknownNameError: a bad space, objective or pruner name.
     """
     objectives = parse_objectives(cfg.objectives)
+    if cfg.pruner not in PRUNERS:  # (before the storage gets the study)
+        raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {cfg.pruner!r}")
     space = space or load_space(cfg.space)
     name = cfg.resolved_study_name(space.name)
     run_dir = cfg.run_dir(space.name)
@@ -393,8 +395,6 @@ def _describe_data(data: dict[str, Any], other: dict[str, Any] | None = None) ->
 def _sampler_pruner(
     cfg: SearchConfig, objectives: tuple[str, ...], seed: int
 ) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner, str | None]:
-    if cfg.pruner not in PRUNERS:
-        raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {cfg.pruner!r}")
     nop = optuna.pruners.NopPruner()
     if len(objectives) > 1:
         sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)

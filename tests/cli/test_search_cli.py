@@ -354,3 +354,19 @@ def test_a_study_whose_data_moved_asks_for_its_path_here(tmp_path: Path) -> None
     code, _, err = run("retrain", str(out), *TINY, "--data", str(tmp_path / "moved"), "--output",
                        str(tmp_path / "rt"), "--quiet")  # fmt: skip
     assert code == 0, err
+
+
+def test_the_pruner_is_chosen_on_the_command_line(tmp_path: Path) -> None:
+    import optuna
+
+    out = tmp_path / "run"
+    code, _, err = run("run", "resnet10t", "--pruner", "bogus", *TINY, "--output", str(out))
+    assert code == 2 and "unknown pruner (known: auto, hyperband, none): 'bogus'" in err
+    assert not out.exists()  # refused before a study or run directory was made
+    code, _, err = run(
+        "run", "resnet10t", "--pruner", "none", "--n-trials", "1", *TINY, "--output", str(out),
+        "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    study = optuna.load_study(study_name="resnet10t-default", storage=f"sqlite:///{out}/study.db")
+    assert study.user_attrs["config"]["pruner"] == "none"
