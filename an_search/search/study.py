@@ -312,11 +312,11 @@ def _check_same_search(
     study: optuna.Study, cfg: SearchConfig, objectives: tuple[str, ...], space: SearchSpace
 ) -> None:
     """A resumed study must be the same search (else its trials do not compare)."""
+    trials = study.get_trials(deepcopy=False)  # (first: a creator writes settings, then trials)
     attrs = study.user_attrs
     expected = [OBJECTIVES[o][1] for o in objectives]
     directions = [d.name.lower() for d in study.directions]
     if "model" not in attrs:  # (an empty study made elsewhere is taken if its directions fit)
-        trials = study.get_trials(deepcopy=False)
         if trials:
             raise StorageError(
                 f"study {study.study_name!r} holds {len(trials)} trials but no an-search settings "
