@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from an_search.errors import BudgetError, UnknownNameError
+from an_search.errors import BudgetError, TrainConfigError, UnknownNameError
 from an_search.train import TrainConfig
 
 __all__ = ["OBJECTIVES", "PRUNERS", "SearchConfig", "parse_objectives"]
@@ -118,6 +119,50 @@ class SearchConfig:
             out[name] = float(limit)
         return out
 
+    def validate(self) -> None:
+        """Check every setting's type and range, the training settings' too, before anything
+        is built or stored (a bad one would fail deep inside the first trial, after the study
+        stored it, and the corrected call would then be refused as another search).
+
+        Raises:
+            TrainConfigError: the first setting of a wrong type or out of range.
+            UnknownNameError: an unknown objective or pruner.
+        """
+        if not isinstance(self.train, TrainConfig):
+            raise TrainConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        self.train.validate()
+        for name in ("model", "study_name", "dataset"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "study_name" and value is None):
+                raise TrainConfigError(f"{name} must be a string, got {value!r}")
+        if not self.model:
+            raise TrainConfigError("model must be a timm model name, got ''")
+        if not isinstance(self.objectives, str) and not (
+            isinstance(self.objectives, Sequence)
+            and all(isinstance(o, str) for o in self.objectives)
+        ):
+            raise TrainConfigError(f"objectives must be names, got {self.objectives!r}")
+        parse_objectives(self.objectives)
+        if self.pruner not in PRUNERS:
+            raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {self.pruner!r}")
+        if self.timeout is not None and (not _real(self.timeout) or self.timeout <= 0):
+            raise TrainConfigError(f"timeout must be None or positive, got {self.timeout!r}")
+        for name, low, optional in _INT_SETTINGS:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not _integral(value) or value < low:
+                rule = {0: "0 or more", 1: "positive"}.get(low, f"{low} or more")
+                kind = "" if _integral(value) else "an integer, "
+                raise TrainConfigError(
+                    f"{name} must be {'None or ' if optional else ''}{kind}{rule}, got {value!r}"
+                )
+        if self.train.checkpoint_dir is not None or self.train.resume:
+            raise TrainConfigError(
+                "train.checkpoint_dir and train.resume are retrain's: a search's trials keep no "
+                "checkpoints (they would all share one file), so leave them unset"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy (paths as strings), stored on the study; the data and checkpoint
         paths made absolute, so that ``retrain`` and workers find them from any folder."""
@@ -125,6 +170,26 @@ class SearchConfig:
         for key in ("data", "checkpoint"):
             data[key] = _absolute(data[key])
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
+
+
+#: (name, lowest value, None allowed) of the integer settings.
+_INT_SETTINGS = (
+    ("n_trials", 1, True),
+    ("seed", 0, False),
+    ("cost_img_size", 1, True),
+    ("hyperband_min_resource", 1, False),
+    ("hyperband_reduction_factor", 2, False),
+    ("population_size", 2, False),
+    ("latency_runs", 1, False),
+)
+
+
+def _integral(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _absolute(value: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:

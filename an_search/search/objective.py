@@ -14,6 +14,7 @@ User attributes of a trial (what reports read):
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -98,9 +99,12 @@ class Objective:
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         try:
             return self._run(trial)
-        except KeyboardInterrupt:  # (Optuna ends it FAIL: say why, as for other failures)
-            if "fail_reason" not in trial.user_attrs:  # (a worker's guard may have said it)
-                trial.set_user_attr("fail_reason", INTERRUPTED)
+        except BaseException as exc:  # (Optuna ends it FAIL: say why, as for TRIAL_ERRORS)
+            if not isinstance(exc, optuna.TrialPruned) and "fail_reason" not in trial.user_attrs:
+                # (set already by TRIAL_ERRORS, or by a worker's guard on SIGINT)
+                reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else _reason(exc)
+                with contextlib.suppress(Exception):  # (the error to raise is exc, not this)
+                    trial.set_user_attr("fail_reason", reason)
             raise
 
     def _run(self, trial: optuna.trial.Trial) -> float | list[float]:
@@ -112,7 +116,7 @@ class Objective:
             trial.set_user_attr("config", config)
             built = self.build(config)
         except TRIAL_ERRORS as exc:  # this configuration only: the study goes on
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            trial.set_user_attr("fail_reason", _reason(exc))
             raise
         recipe = built.recipe.to_dict()
         key = config_key(recipe)
@@ -286,6 +290,11 @@ class Objective:
             raise optuna.TrialPruned(pruned[0])
         attrs.update(top1=result.top1, top5=result.top5)
         return self._finish(trial, start, result.top1, built.cost, **attrs)
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed trial's ``fail_reason``: the error's type and first line."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _fail_stale(study: optuna.Study) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 import os
 import re
 import shlex
@@ -22,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from an_search.errors import OutputDirError
+from an_search.errors import OutputDirError, TrainConfigError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
@@ -203,7 +204,12 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
 
     Returns:
         The directories written, best first.
+
+    Raises:
+        TrainConfigError: ``n`` is not an integer of 0 or more.
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
     written = []
     for rank, trial in enumerate(ranked_trials(study)[:n], start=1):
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])

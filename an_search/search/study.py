@@ -25,7 +25,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from an_search.errors import BudgetError, StorageError, TrainConfigError, UnknownNameError
+from an_search._rng import kept_rng
+from an_search.errors import BudgetError, StorageError
 from an_search.rewrite import find_sites
 from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
@@ -33,7 +34,7 @@ from an_search.train.config import MACHINE_SETTINGS
 from ._files import make_dir
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
-from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
+from .config import OBJECTIVES, SearchConfig, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
 from .report import check_report_dir
 from .sampling import BASELINES, check_space
@@ -84,20 +85,27 @@ def create_or_load_study(
             other objectives, settings or data.
         SpaceError, UnknownNameError: a bad space, objective or pruner name.
     """
+    cfg.validate()  # (before the storage gets the study)
     objectives = parse_objectives(cfg.objectives)
-    if cfg.pruner not in PRUNERS:  # (before the storage gets the study)
-        raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {cfg.pruner!r}")
     space = space or load_space(cfg.space)
     name = cfg.resolved_study_name(space.name)
     run_dir = cfg.run_dir(space.name)
     check_report_dir(run_dir, name)  # before a trial: its report would replace another's
     url = resolve_storage_url(cfg.storage, run_dir)
+    storage = None
     if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}" or (
         "://" not in url and Path(url).parent == Path(run_dir).resolve()
-    ):  # the default database, or the workers' journal: the run directory is made here
+    ):  # the default database, or the workers' journal: the run directory's own
+        storage = open_storage(url) if Path(url.removeprefix("sqlite:///")).is_file() else None
+        others = [n for n in optuna.get_all_study_names(storage) if n != name] if storage else []
+        if others:  # (report.json, checked above, is written only by the CLI)
+            raise StorageError(
+                f"run directory {run_dir} holds study {others[0]!r}; a run directory holds one "
+                "study: give this one another (--output)"
+            )
         make_dir(run_dir)
     directions = [OBJECTIVES[o][1] for o in objectives]
-    study = _open_or_create(open_storage(url), name, directions)
+    study = _open_or_create(storage or open_storage(url), name, directions)
     _check_same_search(study, cfg, objectives, space)
     _check_same_data(study, data)
     weights = weights_summary(cfg.checkpoint)
@@ -161,11 +169,15 @@ def run_search(
         on_message: receives one-line notices (e.g. why pruning is off); the library never prints.
         progress: called as progress(done, total) with the current trial's training updates.
 
+    The caller's random states (Python's, numpy's, torch's) are put back afterwards: trials
+    seed them, so that results repeat.
+
     Raises:
         BudgetError: a budget below the unconverted model's cost (before any training).
+        TrainConfigError: a setting of a wrong type or out of range (before anything is stored).
         StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError: bad input.
     """
-    with quiet_optuna():
+    with quiet_optuna(), kept_rng():
         objective, study = prepare_search(cfg, on_message=on_message)
         trial_limit(study, cfg, join=False)  # the total `an-search worker` stops at
         objective.progress = progress
@@ -202,8 +214,7 @@ def prepare_search(
         TrainConfigError, BudgetError, StorageError, SpaceError, DataError, UnknownModelError,
         UnknownNameError.
     """
-    cfg.train.validate()  # (before anything is built on its device)
-    _check_run_settings(cfg)
+    cfg.validate()  # (before anything is built on its device, or stored)
     space = load_space(cfg.space)
     data = resolve_data(None if cfg.data is None else str(cfg.data), name=cfg.dataset)
     train = cfg.train
@@ -274,14 +285,6 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
             f"no study of that name in the storage ({', '.join(map(repr, names))}): {study_name!r}"
         )
     return optuna.load_study(study_name=study_name, storage=backend)
-
-
-def _check_run_settings(cfg: SearchConfig) -> None:
-    for name, value in (("n_trials", cfg.n_trials), ("timeout", cfg.timeout)):
-        if value is not None and (isinstance(value, bool) or value <= 0):
-            raise TrainConfigError(f"{name} must be None or positive, got {value!r}")
-    if cfg.seed < 0:
-        raise TrainConfigError(f"seed must be 0 or more, got {cfg.seed!r}")
 
 
 def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +81,9 @@ class TrainConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        """Raise TrainConfigError naming the first setting out of range."""
+        """Raise TrainConfigError naming the first setting of a wrong type or out of range, or
+        an optimizer or scheduler (with its settings) that timm's factories refuse."""
+        _check_types(self)
         checks = [
             (self.epochs >= 1, "epochs", "at least 1"),
             (
@@ -98,6 +101,13 @@ class TrainConfig:
             (self.workers >= 0, "workers", "0 or more"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)"),
             (self.seed >= 0, "seed", "0 or more"),
+            (self.threads is None or self.threads >= 1, "threads", "None or at least 1"),
+            (self.momentum >= 0, "momentum", "0 or more"),
+            (self.weight_decay >= 0, "weight_decay", "0 or more"),
+            (self.warmup_lr >= 0, "warmup_lr", "0 or more"),
+            (self.min_lr >= 0, "min_lr", "0 or more"),
+            (0.0 <= self.hflip <= 1.0, "hflip", "in [0, 1]"),
+            (0 < self.scale[0] <= self.scale[1], "scale", "(low, high) with 0 < low <= high"),
             (not self.resume or self.checkpoint_dir, "resume", "used with a checkpoint_dir"),
         ]
         for ok, name, rule in checks:
@@ -111,6 +121,80 @@ class TrainConfig:
             raise TrainConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if kind == "cuda" and not torch.cuda.is_available():
             raise TrainConfigError(f"device {self.device!r} but CUDA is not available; use 'cpu'")
+        _check_factories(self)
+
+
+_INTS = ("epochs", "img_size", "batch_size", "seed", "workers")
+_OPTIONAL_INTS = ("batches_per_epoch", "threads")
+_FLOATS = (
+    "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "label_smoothing",
+    "hflip", "train_fraction", "val_fraction",
+)  # fmt: skip
+_BOOLS = ("amp", "channels_last", "resume")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each setting of the type it is compared as (a string or float where an int goes would
+    fail deep inside training, or be silently rounded)."""
+
+    def integral(v: object) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def real(v: object) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    wrong = [(n, "an integer") for n in _INTS if not integral(getattr(cfg, n))]
+    wrong += [
+        (n, "None or an integer")
+        for n in _OPTIONAL_INTS
+        if getattr(cfg, n) is not None and not integral(getattr(cfg, n))
+    ]
+    wrong += [(n, "a number") for n in _FLOATS if not real(getattr(cfg, n))]
+    wrong += [(n, "True or False") for n in _BOOLS if not isinstance(getattr(cfg, n), bool)]
+    wrong += [
+        (n, "a name") for n in ("opt", "sched", "device") if not isinstance(getattr(cfg, n), str)
+    ]
+    if cfg.ema_decay is not None and not real(cfg.ema_decay):
+        wrong.append(("ema_decay", "None or a number"))
+    scale = cfg.scale
+    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(map(real, scale))):
+        wrong.append(("scale", "a pair of numbers (low, high)"))
+    if wrong:
+        name, kind = wrong[0]
+        raise TrainConfigError(f"{name} must be {kind}, got {getattr(cfg, name)!r}")
+
+
+def _check_factories(cfg: TrainConfig) -> None:
+    """Build the optimizer and scheduler on one parameter, as training will, so that a name or
+    setting timm refuses is found before anything runs."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = create_optimizer_v2(
+            [param], opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        )
+    except Exception as exc:  # noqa: BLE001 - timm raises ValueError, TypeError, ...
+        raise TrainConfigError(
+            f"opt {cfg.opt!r} cannot be built by timm ({_first_line(exc)}): use a name of "
+            "timm.optim.list_optimizers()"
+        ) from None
+    try:
+        create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - ValueError, AssertionError ("plateau"), ...
+        raise TrainConfigError(
+            f"sched {cfg.sched!r} cannot be built by timm ({_first_line(exc)}): use one that "
+            "steps every update (cosine, tanh, step, multistep, poly)"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from an_search._digest import file_sha256
+from an_search._rng import kept_rng
 from an_search.errors import TrainConfigError
 from an_search.models import create_model
 from an_search.rewrite import Recipe, save
@@ -94,11 +95,33 @@ def retrain(
         The runs, the recipe's first; each final model is saved (an-convert format) in
         ``out_dir/<name>/model``.
 
+    The caller's random states (Python's, numpy's, torch's) are put back afterwards.
+
     Raises:
-        TrainConfigError: ``nproc`` below 1.
+        TrainConfigError: ``nproc`` below 1, or a setting of ``cfg`` out of range.
     """
-    if isinstance(nproc, bool) or nproc < 1:
+    with kept_rng():
+        return _retrain(
+            recipe, data, cfg, out_dir, baseline=baseline, checkpoint=checkpoint, nproc=nproc,
+            on_epoch=on_epoch, progress=progress,
+        )  # fmt: skip
+
+
+def _retrain(
+    recipe: Recipe,
+    data: DataSpec,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    baseline: bool,
+    checkpoint: str | None,
+    nproc: int,
+    on_epoch: OnEpoch | None,
+    progress: Progress | None,
+) -> list[RetrainRun]:
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
+    cfg.validate()  # (before a folder is made)
     recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint)
     # what each run's checkpoints are for: a resume of another recipe's, data's or weights' is
     # refused (paths aside: the data and weights may have moved)

@@ -153,3 +153,34 @@ def test_ema_is_validated(tiny_root: Path) -> None:
 def test_config_validation(field: str, value: object) -> None:
     with pytest.raises(TrainConfigError, match=field):
         TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"opt": "adamw_typo"}, "opt 'adamw_typo' cannot be built by timm"),
+        ({"sched": "cosin"}, "sched 'cosin' cannot be built by timm (Unknown scheduler"),
+        ({"sched": "plateau"}, "sched 'plateau' cannot be built by timm"),  # (steps per epoch)
+        ({"min_lr": -1.0}, "min_lr must be 0 or more, got -1.0"),
+        ({"momentum": "x"}, "momentum must be a number, got 'x'"),
+        ({"batches_per_epoch": 1.5}, "batches_per_epoch must be None or an integer, got 1.5"),
+        ({"epochs": "2"}, "epochs must be an integer, got '2'"),
+        ({"scale": (-1.0, 0.5)}, "scale must be (low, high) with 0 < low <= high"),
+        ({"scale": (1.0, 0.5)}, "scale must be (low, high) with 0 < low <= high"),
+        ({"scale": 0.5}, "scale must be a pair of numbers"),
+        ({"hflip": 2.0}, "hflip must be in [0, 1], got 2.0"),
+        ({"weight_decay": -1.0}, "weight_decay must be 0 or more"),
+        ({"warmup_lr": -1.0}, "warmup_lr must be 0 or more"),
+        ({"threads": 0}, "threads must be None or at least 1, got 0"),
+        ({"amp": "yes"}, "amp must be True or False"),
+        ({"ema_decay": "0.9"}, "ema_decay must be None or a number"),
+    ],
+)
+def test_settings_that_used_to_fail_inside_training_are_refused_up_front(
+    settings: dict, message: str
+) -> None:
+    """Each of these failed only when training began (timm's factories, islice, torch), with
+    a raw ValueError, AssertionError or TypeError; or, for the ranges, ran silently."""
+    with pytest.raises(TrainConfigError) as info:
+        TrainConfig(**settings).validate()
+    assert message in str(info.value) and "\n" not in str(info.value)
