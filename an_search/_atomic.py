@@ -3,14 +3,15 @@
 A crash or an error leaves either the old file or the new one, never half of one, and no
 temporary behind. Used for saved models, checkpoints, reports and the built C kernels. A
 temporary that a killed process left (SIGKILL, the OOM killer: no cleanup runs) is deleted by
-the next write of the same target: temporaries are named after their host and process, so only
-those of processes gone from this host are.
+the next write of the same target: temporaries are named after their host, PID namespace and
+process, so only those of processes gone from this host are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -25,22 +26,36 @@ __all__ = ["replacing"]
 def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the temporary is deleted and ``path`` is
-    untouched. The new file keeps the replaced file's permissions, or gets ``0o666`` less the
-    umask, as ``open(path, "w")`` would. Raises OSError when the directory cannot be written.
+    The temporary lives in a folder of its own (``.NAME.HOST-PIDNS-PID.XXXX.tmp``), so that a
+    writer's own temporaries (safetensors writes one and renames it) are swept with it. On any
+    exception (including KeyboardInterrupt) the folder is deleted and ``path`` is untouched.
+    The new file keeps the replaced file's permissions, or gets ``0o666`` less the umask, as
+    ``open(path, "w")`` would. Raises OSError when the directory cannot be written.
     """
     path = Path(path)
-    ours = f".{path.name}.{socket.gethostname()}-"
+    ours = f".{path.name}.{_OWNER}"
     _sweep(path.parent, ours, suffix)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix))
+    tmp = folder / path.name
     try:
-        yield tmp
-        os.chmod(tmp, _mode(path))  # mkstemp's 0600 -> what open() would have given
+        yield str(tmp)
+        os.chmod(tmp, _mode(path))  # what open() would have given
         os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner() -> str:
+    """This host and PID namespace (containers sharing a hostname and a volume have their own
+    process ids): ``HOST-NS-``; a temporary's process id is only compared within both."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}-"
+
+
+_OWNER = _owner()
 
 
 def _sweep(directory: Path, prefix: str, suffix: str) -> None:
@@ -48,14 +63,18 @@ def _sweep(directory: Path, prefix: str, suffix: str) -> None:
     try:
         names = os.listdir(directory)
     except OSError:
-        return  # (mkstemp says why the directory cannot be used)
+        return  # (mkdtemp says why the directory cannot be used)
     for name in names:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
         pid = name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):  # (another process swept it first)
-                os.unlink(directory / name)
+            stale = directory / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # (a temporary file, as written before they had folders)
+                with contextlib.suppress(OSError):  # (another process swept it first)
+                    stale.unlink()
 
 
 def _alive(pid: int) -> bool:

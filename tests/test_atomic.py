@@ -61,14 +61,16 @@ from pathlib import Path
 from an_search._atomic import replacing
 with replacing(sys.argv[1]) as tmp:
     Path(tmp).write_text("half")
+    (Path(tmp).parent / ".tmpAbC123").write_text("a writer's own temporary (safetensors')")
     print(tmp, flush=True)
     time.sleep(600)
 """
 
 
 def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path: Path) -> None:
-    """SIGKILL runs no cleanup: the temporary stays until the next write of that target, which
-    deletes it; a live writer's temporary, and one from another host, are left alone."""
+    """SIGKILL runs no cleanup: the temporary (with what the writer put beside it, as
+    safetensors does) stays until the next write of that target, which deletes it; a live
+    writer's temporary, and one from another host, are left alone."""
     import signal
     import socket
     import subprocess
@@ -81,18 +83,22 @@ def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path: Path) -
         )
         for _ in range(2)
     ]
-    temps = [Path(w.stdout.readline().strip()) for w in writers]  # type: ignore[union-attr]
+    temps = [Path(w.stdout.readline().strip()).parent for w in writers]  # type: ignore[union-attr]
     killed, alive = writers
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
-    elsewhere = tmp_path / f".model.safetensors.{socket.gethostname()}x-{killed.pid}.abc.tmp"
+    elsewhere = tmp_path / f".model.safetensors.{socket.gethostname()}x-0-{killed.pid}.abc.tmp"
     elsewhere.write_text("another host's")
-    assert temps[0].is_file() and temps[0].name.startswith(".model.safetensors.")
+    assert (temps[0] / ".tmpAbC123").is_file() and temps[0].name.startswith(".model.safetensors.")
     try:
         with replacing(target) as tmp:
             Path(tmp).write_text("whole")
         assert target.read_text() == "whole"
-        assert not temps[0].exists() and temps[1].is_file() and elsewhere.is_file()
+        assert not temps[0].exists() and (temps[1] / ".tmpAbC123").is_file()
+        assert elsewhere.is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [target.name, temps[1].name, elsewhere.name]
+        )
     finally:
         alive.kill()
         alive.wait()
