@@ -107,16 +107,17 @@ def create_or_load_study(
     directions = [OBJECTIVES[o][1] for o in objectives]
     study = _open_or_create(storage or open_storage(url), name, directions)
     _check_same_search(study, cfg, objectives, space)
-    _check_same_data(study, data)
     weights = weights_summary(cfg.checkpoint)
-    check_same_weights(study, weights)
     trials = study.get_trials(deepcopy=False)
-    if all(t.state == TrialState.WAITING for t in trials):
-        # (one from before these were stored, with trials run on unknown ones, stays unchecked)
-        if data is not None and "data" not in study.user_attrs:
-            study.set_user_attr("data", data)
-        if "weights" not in study.user_attrs:
-            study.set_user_attr("weights", weights)
+    if any(t.state != TrialState.WAITING for t in trials):  # (trials ran on the stored ones;
+        _check_same_data(study, data)  # a study from before they were stored is unchecked)
+        check_same_weights(study, weights)
+    else:  # (nothing has run yet: this call's data and weights become the study's)
+        for key, value in (("data", data), ("weights", weights)):
+            if key == "weights" or value is not None:
+                value = json.loads(json.dumps(value))
+                if study.user_attrs.get(key, ...) != value:  # (a resume writes nothing)
+                    study.set_user_attr(key, value)
     n_before = len(trials)
     study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
     if n_before == 0:
@@ -319,7 +320,8 @@ def _check_same_search(
     attrs = study.user_attrs
     expected = [OBJECTIVES[o][1] for o in objectives]
     directions = [d.name.lower() for d in study.directions]
-    if "model" not in attrs:  # (an empty study made elsewhere is taken if its directions fit)
+    if "model" not in attrs or "objectives" not in attrs:  # (no settings, or half of them: an
+        # empty study made elsewhere, or one whose creator was killed, is taken if it fits)
         if trials:
             raise StorageError(
                 f"study {study.study_name!r} holds {len(trials)} trials but no an-search settings "

@@ -177,6 +177,11 @@ def test_a_study_another_tool_made_is_not_taken_over(
     taken, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="empty-max"))
     assert taken.user_attrs["model"] == "resnet10t"
     assert [t.user_attrs["baseline"] for t in taken.trials] == ["bn", "paper"]
+    # a creator killed between its settings' writes: taken, its settings written whole
+    half = optuna.create_study(storage=url, study_name="half", direction="maximize")
+    half.set_user_attr("model", "resnet10t")  # (no "objectives" yet: once a KeyError)
+    whole, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, study_name="half"))
+    assert whole.user_attrs["objectives"] == ["top1"] and len(whole.trials) == 2
 
 
 def test_a_resume_from_other_weights_is_refused(
@@ -200,7 +205,11 @@ def test_a_resume_from_other_weights_is_refused(
     moved.parent.mkdir()
     shutil.copy(first, moved)
     url = f"sqlite:///{tmp_path}/s.db"
+    study, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, checkpoint=other))
+    assert study.user_attrs["weights"]["file"] == str(other)
+    # before a trial has run, another call's weights become the study's
     study, _ = create_or_load_study(SearchConfig("resnet10t", storage=url, checkpoint=first))
+    study.tell(study.ask(), 50.0)  # (a trial ran: from here on, the weights are checked)
     stored = study.user_attrs["weights"]
     assert stored["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     assert stored["bytes"] == first.stat().st_size
@@ -212,7 +221,9 @@ def test_a_resume_from_other_weights_is_refused(
     with pytest.raises(StorageError, match="this call from random init"):
         create_or_load_study(SearchConfig("resnet10t", storage=url))
     plain = SearchConfig("resnet10t", storage=url, study_name="plain")
-    assert create_or_load_study(plain)[0].user_attrs["weights"] is None
+    ran, _ = create_or_load_study(plain)
+    assert ran.user_attrs["weights"] is None
+    ran.tell(ran.ask(), 50.0)
     with pytest.raises(StorageError, match="from random init .*this call from 'a.pth'"):
         create_or_load_study(
             SearchConfig("resnet10t", storage=url, study_name="plain", checkpoint=first)
