@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -376,8 +377,11 @@ def retrain(
 
     out_dir = output or (where / "retrain")
 
+    started = time.time()
+
     def kept() -> str:  # (a plain re-run starts again: say how to continue)
-        if any(Path(out_dir).glob("*/last.pth")):
+        saved = [p for p in Path(out_dir).glob("*/last.pth") if p.stat().st_mtime >= started]
+        if saved:  # (this run's: an earlier run's would not resume with these settings)
             return f"checkpoints are kept in {out_dir}: re-run with --resume to continue"
         return "no epoch had ended, so there is no checkpoint to resume from (re-run to start)"
 

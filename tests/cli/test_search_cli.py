@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -169,9 +171,13 @@ def test_ctrl_c_in_retrain_says_whether_there_is_a_checkpoint_to_resume(
     monkeypatch.setattr(retrain_module, "retrain", interrupted)
     recipe = Recipe.from_selection(model="resnet10t", selected={"layer1.0.bn1": 4})
     (tmp_path / "recipe.json").write_text(recipe.to_json())
-    if checkpointed:  # (an epoch had ended: its checkpoint is there)
-        (tmp_path / "rt" / "an").mkdir(parents=True)
-        (tmp_path / "rt" / "an" / "last.pth").write_bytes(b"")
+    (tmp_path / "rt" / "an").mkdir(parents=True)
+    (tmp_path / "rt" / "an" / "last.pth").write_bytes(b"")  # an earlier run's: not resumable
+    os.utime(tmp_path / "rt" / "an" / "last.pth", (0, 0))
+    if checkpointed:  # (an epoch of this run had ended: its checkpoint is there)
+        (tmp_path / "rt" / "baseline").mkdir(parents=True)
+        (tmp_path / "rt" / "baseline" / "last.pth").write_bytes(b"")
+        os.utime(tmp_path / "rt" / "baseline" / "last.pth", (time.time() + 5, time.time() + 5))
     code, _, err = run("retrain", str(tmp_path), *TINY, "--output", str(tmp_path / "rt"))
     assert code == 130
     said = (
