@@ -194,7 +194,9 @@ def _emit_report(
     err = stderr()
     err.print(f"written: {', '.join(str(p) for p in files.values())}")
     if storage_url is not None:
-        err.print(f"dashboard: {dashboard_command(storage_url)}")
+        command = dashboard_command(storage_url)
+        hidden = " (the password is shown as ***: type it there)" if ":***@" in command else ""
+        err.print(f"dashboard: {command}{hidden}")
 
 
 @app.command()
@@ -240,6 +242,9 @@ def worker(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="stop starting trials after (s)")] = None,
     data: Annotated[str | None, typer.Option(help="the dataset's path on this machine")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="the study's starting weights' path on this machine")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: the study's)")] = None,
     output: Annotated[Path | None, typer.Option(help="local run directory")] = None,
     quiet: Quiet = False,
@@ -258,6 +263,7 @@ def worker(
         output_dir=output,
         n_trials=n_trials,
         timeout=timeout,
+        checkpoint=checkpoint,
     )
     err = stderr()
     with (

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from an_search.errors import DataError, StorageError
+from an_search.errors import CheckpointError, DataError, StorageError
 from an_search.train import TrainConfig
 
 from ._files import make_dir
@@ -44,6 +44,7 @@ def join_config(
     output_dir: str | os.PathLike[str] | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> SearchConfig:
     """The settings of a study that ``an-search run`` created elsewhere, to join it from here.
 
@@ -58,10 +59,13 @@ def join_config(
         output_dir: local run directory (default: ``an-runs/<study name>``).
         n_trials: trials to add (default None: up to the total the creator set).
         timeout: seconds after which this machine's workers start no new trial.
+        checkpoint: the study's starting weights' path on this machine (default: the
+            creator's); the study checks that they are the same file's content.
 
     Raises:
         StorageError: no such study, or one that ``an-search run`` did not create.
         DataError: no ``data`` given, and the study's data path does not exist here.
+        CheckpointError: no ``checkpoint`` given, and the study's weights are not here.
     """
     study = open_study(storage, study_name)
     attrs = study.user_attrs
@@ -80,6 +84,11 @@ def join_config(
     train = replace(cfg.train, device=device or cfg.train.device)
     if data is None:
         check_study_data(cfg.data)
+    if checkpoint is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise CheckpointError(
+            f"the study's weights {str(cfg.checkpoint)!r} are not on this machine: give their "
+            "path here with --checkpoint"
+        )
     return replace(
         cfg,
         storage=storage,
@@ -87,6 +96,7 @@ def join_config(
         output_dir=str(run_dir),
         space=str(path) if path.suffix in (".yaml", ".yml") else cfg.space,
         data=data if data is not None else cfg.data,
+        checkpoint=checkpoint if checkpoint is not None else cfg.checkpoint,
         n_trials=n_trials,
         timeout=timeout,
         train=train,

@@ -228,3 +228,37 @@ def test_a_resume_from_other_weights_is_refused(
         create_or_load_study(
             SearchConfig("resnet10t", storage=url, study_name="plain", checkpoint=first)
         )
+
+
+def test_a_worker_gives_the_weights_path_on_its_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`an-search worker --checkpoint PATH`: the creator's path is not on this machine; the
+    same file elsewhere joins (its content is what the study checks)."""
+    import shutil
+
+    import timm
+    import torch
+
+    from an_search.errors import CheckpointError
+    from an_search.search import SearchConfig, create_or_load_study, join_config
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "creator" / "w.pth"
+    weights.parent.mkdir()
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), weights)
+    journal = tmp_path / "study.log"
+    study, _ = create_or_load_study(
+        SearchConfig("resnet10t", storage=str(journal), checkpoint=weights)
+    )
+    study.tell(study.ask(), 50.0)
+    here = tmp_path / "worker" / "copy.pth"
+    here.parent.mkdir()
+    shutil.move(weights, here)
+    with pytest.raises(
+        CheckpointError, match="are not on this machine: give their path here with --checkpoint"
+    ):
+        join_config(str(journal))
+    cfg = join_config(str(journal), checkpoint=here, output_dir=tmp_path / "w")
+    assert cfg.checkpoint == here
+    assert create_or_load_study(cfg)[0].study_name == study.study_name
