@@ -121,7 +121,8 @@ def _retrain(
 ) -> list[RetrainRun]:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
-    cfg.validate()  # (before a folder is made)
+    dataclasses.replace(cfg, checkpoint_dir=os.fspath(out_dir)).validate()  # (before a folder
+    # is made; each run's checkpoint_dir is a folder of out_dir)
     recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint)
     # what each run's checkpoints are for: a resume of another recipe's, data's or weights' is
     # refused (paths aside: the data and weights may have moved)
