@@ -34,7 +34,8 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
     """
     path = Path(path)
     ours = f".{path.name}.{_OWNER}"
-    _sweep(path.parent, ours, suffix)
+    if os.name != "nt":  # (there, os.kill(pid, 0) would send a Ctrl-C event)
+        _sweep(path.parent, ours, suffix)
     folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix))
     tmp = folder / path.name
     try:
@@ -82,7 +83,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
+    except (OSError, OverflowError):
         return True  # (another user's process, or no such number: leave its file)
     return True
 

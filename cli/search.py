@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -160,7 +162,13 @@ def run(
     from an_search.search import load_space
 
     run_dir = cfg.run_dir(load_space(space).name)
-    with on_interrupt(f"the study is done; write its report with: an-search report {run_dir}"):
+    where = str(run_dir)
+    if storage is not None or os.environ.get("OPTUNA_STORAGE"):  # (not the run directory's)
+        from an_search.search.storage import hide_password, resolve_storage_url
+
+        url = hide_password(resolve_storage_url(storage, run_dir))
+        where = f"--storage {shlex.quote(url)} --study-name {shlex.quote(study.study_name)}"
+    with on_interrupt(f"the study is done; write its report with: an-search report {where}", debug):
         _emit_report(study, run_dir, json_out)
 
 
@@ -386,8 +394,9 @@ def retrain(
     started = time.time()
 
     def kept() -> str:  # (a plain re-run starts again: say how to continue)
-        saved = [p for p in Path(out_dir).glob("*/last.pth") if p.stat().st_mtime >= started]
-        if saved:  # (this run's: an earlier run's would not resume with these settings)
+        saved = [p.stat().st_mtime for p in Path(out_dir).glob("*/last.pth")]
+        if any(t >= started for t in saved) or (resume and saved):  # (this run's, or the ones
+            # it resumed; not an earlier run's, which another schedule would not resume)
             return f"checkpoints are kept in {out_dir}: re-run with --resume to continue"
         return "no epoch had ended, so there is no checkpoint to resume from (re-run to start)"
 

@@ -54,7 +54,7 @@ def check_same_weights(study: optuna.Study, weights: dict[str, Any] | None) -> N
     if same:
         return
     raise StorageError(
-        f"study {study.study_name!r} started its trials from {_describe(stored)}, this call "
+        f"study {study.study_name!r} starts its trials from {_describe(stored)}, this call "
         f"from {_describe(weights)}: resume it with the same --checkpoint (its path may "
         "differ), or start another study (--study-name or --output)"
     )

@@ -100,11 +100,11 @@ class Objective:
         try:
             return self._run(trial)
         except BaseException as exc:  # (Optuna ends it FAIL: say why, as for TRIAL_ERRORS)
-            if not isinstance(exc, optuna.TrialPruned) and "fail_reason" not in trial.user_attrs:
-                # (set already by TRIAL_ERRORS, or by a worker's guard on SIGINT)
+            if not isinstance(exc, optuna.TrialPruned):
                 reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else _reason(exc)
                 with contextlib.suppress(Exception):  # (the error to raise is exc, not this)
-                    trial.set_user_attr("fail_reason", reason)
+                    if "fail_reason" not in trial.user_attrs:  # (TRIAL_ERRORS', a guard's)
+                        trial.set_user_attr("fail_reason", reason)
             raise
 
     def _run(self, trial: optuna.trial.Trial) -> float | list[float]:

@@ -222,9 +222,15 @@ def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> lis
             reason = f"its worker process {worker['pid']} on {worker['host']} is gone (killed)"
         else:
             continue
-        # Optuna has no public call to annotate another process's trial: use its storage API.
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        # Optuna has no public call to annotate another process's trial: use its storage API,
+        # as its own fail_stale_trials does; of several workers that find the same dead trial,
+        # the one whose state change lands fails it (and queues its one retry)
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
         failed.append(trial.number)
         if retry is not None:  # re-queued once, as the heartbeat would have done
             retry(study, study._storage.get_trial(trial._trial_id))
@@ -266,7 +272,18 @@ def _rdb(study: optuna.Study) -> BaseStorage:
 
 def _this_worker() -> dict[str, object]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid), "ns": _PID_NS}
+
+
+def _pid_namespace() -> int | None:
+    """This process's PID namespace (containers that share a hostname have their own)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+_PID_NS = _pid_namespace()
 
 
 def _start_time(pid: int) -> str | None:
@@ -279,8 +296,8 @@ def _start_time(pid: int) -> str | None:
 
 
 def _is_dead(worker: dict[str, object]) -> bool:
-    if worker.get("host") != socket.gethostname():
-        return False
+    if worker.get("host") != socket.gethostname() or worker.get("ns", _PID_NS) != _PID_NS:
+        return False  # (another machine, or another PID namespace: its ids are not ours)
     pid = int(worker["pid"])  # type: ignore[call-overload]
     if worker.get("start") is not None:
         return _start_time(pid) != worker["start"]

@@ -108,16 +108,15 @@ def create_or_load_study(
     study = _open_or_create(storage or open_storage(url), name, directions)
     _check_same_search(study, cfg, objectives, space)
     weights = weights_summary(cfg.checkpoint)
+    _check_same_data(study, data)  # (what the study's creator stored: workers joining it
+    check_same_weights(study, weights)  # while its trials still wait are checked too)
     trials = study.get_trials(deepcopy=False)
-    if any(t.state != TrialState.WAITING for t in trials):  # (trials ran on the stored ones;
-        _check_same_data(study, data)  # a study from before they were stored is unchecked)
-        check_same_weights(study, weights)
-    else:  # (nothing has run yet: this call's data and weights become the study's)
-        for key, value in (("data", data), ("weights", weights)):
-            if key == "weights" or value is not None:
-                value = json.loads(json.dumps(value))
-                if study.user_attrs.get(key, ...) != value:  # (a resume writes nothing)
-                    study.set_user_attr(key, value)
+    if all(t.state == TrialState.WAITING for t in trials):
+        # (one from before these were stored, with trials run on unknown ones, stays unchecked)
+        if data is not None and "data" not in study.user_attrs:
+            study.set_user_attr("data", data)
+        if "weights" not in study.user_attrs:
+            study.set_user_attr("weights", weights)
     n_before = len(trials)
     study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
     if n_before == 0:

@@ -6,6 +6,7 @@ checkpoints every epoch into its own directory and ``resume=True`` continues it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -128,37 +129,41 @@ def _retrain(
     # refused (paths aside: the data and weights may have moved)
     classes = list(data.class_names) or data.num_classes
     weights = file_sha256(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
-    names = ("an", "baseline")[: 2 if baseline else 1]
-    for name in names:  # (before any training: else found at the first checkpoint)
+    plain = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs)
+    plans = [("an", True, recipe), ("baseline", False, plain)][: 2 if baseline else 1]
+    # every check before any training: an unwritable folder, a resume of another run's
+    # checkpoints (the baseline's too: else found after the AN run trained)
+    made = [Path(out_dir) / n for n, _, _ in plans if not (Path(out_dir) / n).exists()]
+    for name, _, final in plans:
         check_writable(Path(out_dir) / name)
+        if cfg.resume:
+            saved = load_checkpoint(Path(out_dir) / name)
+            run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
+            check_same_run(Path(out_dir) / name, None if saved is None else saved.get("run"), run)
     runs = []
-    for name, converted in zip(names, (True, False), strict=False):
-        run_dir = Path(out_dir) / name
-        run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
-        model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
-        params = sum(p.numel() for p in model.parameters())
-        final = (
-            recipe
-            if converted
-            else Recipe.from_selection(
-                model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs
-            )
-        )
-        run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
-        if cfg.resume:  # (before torchrun starts ranks that would each refuse it)
-            saved = load_checkpoint(run_dir)
-            check_same_run(run_dir, None if saved is None else saved.get("run"), run)
-        if nproc > 1:
-            from .distributed import train_distributed
+    try:
+        for name, converted, final in plans:
+            run_dir = Path(out_dir) / name
+            run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
+            model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
+            params = sum(p.numel() for p in model.parameters())
+            run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
+            if nproc > 1:
+                from .distributed import train_distributed
 
-            result = train_distributed(
-                model, final, data, run_cfg, nproc=nproc, on_epoch=on_epoch, run=run
-            ).result
-            model.load_state_dict(load_checkpoint(run_dir)["model"])  # rank 0's final weights
-        else:
-            result = proxy_train(
-                model, data, run_cfg, on_epoch=on_epoch, progress=progress, run=run
-            )
-        model_dir = save(model, final, run_dir / "model")
-        runs.append(RetrainRun(name, params, result, run_dir, model_dir))
+                result = train_distributed(
+                    model, final, data, run_cfg, nproc=nproc, on_epoch=on_epoch, run=run
+                ).result
+                model.load_state_dict(load_checkpoint(run_dir)["model"])  # rank 0's weights
+            else:
+                result = proxy_train(
+                    model, data, run_cfg, on_epoch=on_epoch, progress=progress, run=run
+                )
+            model_dir = save(model, final, run_dir / "model")
+            runs.append(RetrainRun(name, params, result, run_dir, model_dir))
+    except BaseException:
+        for folder in made:  # (this call's folders, while still empty: nothing to keep)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return runs

@@ -93,3 +93,25 @@ def test_a_retry_keeps_the_configuration_not_the_dead_runs_records(tmp_path: Pat
     }  # fmt: skip
     RetryStaleTrial(max_retry=1)(study, retry)  # (a second retry of the chain: none, max 1)
     assert len(study.get_trials()) == 2
+
+
+def test_two_processes_that_find_the_same_dead_trial_fail_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting workers look for dead twins every poll: the one whose state change lands fails
+    the trial; the other, working from its earlier list, goes on (before: Optuna's
+    UpdateFinishedTrialError killed that worker)."""
+    from an_search.search.storage import fail_dead_worker_trials
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    first = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    second = optuna.load_study(storage=url, study_name="s")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = first.ask()
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid, "start": "0"})
+    stale = second.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert fail_dead_worker_trials(first, unowned=False) == [dead.number]
+    monkeypatch.setattr(second, "get_trials", lambda **kwargs: stale)
+    assert fail_dead_worker_trials(second, unowned=False) == []
+    assert [t.state for t in first.get_trials()] == [TrialState.FAIL]

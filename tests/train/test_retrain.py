@@ -138,3 +138,20 @@ def test_an_unwritable_output_is_refused_before_training(tmp_path: Path) -> None
             progress=lambda done, total: updates.append(done),
         )  # fmt: skip
     assert updates == []  # not one update trained
+
+
+def test_a_retrain_that_fails_before_training_leaves_no_folders(tmp_path: Path) -> None:
+    from an_search.errors import CheckpointError
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(CheckpointError):
+        retrain(
+            _recipe(),
+            resolve_data(None),
+            _cfg(),
+            tmp_path / "rt",
+            baseline=True,
+            checkpoint=str(bad),
+        )
+    assert not (tmp_path / "rt" / "an").exists() and not (tmp_path / "rt" / "baseline").exists()
