@@ -65,8 +65,11 @@ _WAIT_POLL_S = 2.0
 _BUILD_POLL_S = 0.25
 _BUILD_WAIT_S = 120.0  # an earlier trial silent this long without a key: its worker is gone
 #: A RUNNING trial that recorded no worker this long after it started is no an-search trial (a
-#: user's ``study.ask()``, another tool's): not waited for.
+#: user's ``study.ask()``, another tool's): not waited for. Its age is the older of two clocks:
+#: its start (another machine's clock, which may be skewed) and when this process first saw it
+#: unclaimed, so that a start time that looks too young costs no more than this.
 _UNCLAIMED_S = 30.0
+_FIRST_SEEN: dict[tuple[str, int, object], float] = {}  # (study, number, start) -> monotonic
 
 
 class Objective:
@@ -219,17 +222,12 @@ class Objective:
             finished = [t for t in twins if t.state != TrialState.RUNNING]
             if finished:
                 return min(finished, key=lambda t: t.number)
-            now = datetime.now()  # (Optuna's datetime_start: local, naive)
             building = [
                 t
                 for t in earlier
                 if t.state == TrialState.RUNNING
                 and "config_key" not in t.user_attrs
-                and (
-                    "worker" in t.user_attrs
-                    or t.datetime_start is None
-                    or (now - t.datetime_start).total_seconds() < _UNCLAIMED_S
-                )
+                and ("worker" in t.user_attrs or _unclaimed_age(study, t) < _UNCLAIMED_S)
             ]
             if not twins and (not building or time.monotonic() - since > _BUILD_WAIT_S):
                 return None
@@ -290,6 +288,16 @@ class Objective:
             raise optuna.TrialPruned(pruned[0])
         attrs.update(top1=result.top1, top5=result.top5)
         return self._finish(trial, start, result.top1, built.cost, **attrs)
+
+
+def _unclaimed_age(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:
+    """Seconds a RUNNING trial has gone without recording a worker (see ``_UNCLAIMED_S``)."""
+    key = (study.study_name, trial.number, trial.datetime_start)  # (one trial, in any storage)
+    seen = _FIRST_SEEN.setdefault(key, time.monotonic())
+    age = time.monotonic() - seen
+    if trial.datetime_start is not None:  # (Optuna's: local and naive)
+        age = max(age, (datetime.now() - trial.datetime_start).total_seconds())
+    return age
 
 
 def _reason(exc: BaseException) -> str:

@@ -115,3 +115,25 @@ def test_two_processes_that_find_the_same_dead_trial_fail_it_once(
     monkeypatch.setattr(second, "get_trials", lambda **kwargs: stale)
     assert fail_dead_worker_trials(second, unowned=False) == []
     assert [t.state for t in first.get_trials()] == [TrialState.FAIL]
+
+
+def test_a_start_time_from_a_clock_ahead_costs_at_most_the_unclaimed_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's server-database start times are the writer's local clock: a trial from a
+    machine whose clock is ahead looks young for hours. This process's own first sighting
+    bounds the wait (before: _BUILD_WAIT_S, 120 s, per trial)."""
+    import sqlite3
+    from datetime import datetime, timedelta
+
+    monkeypatch.setattr(objective, "_UNCLAIMED_S", 1.0, raising=False)
+    monkeypatch.setattr(objective, "_BUILD_WAIT_S", 6.0)
+    study = _study(tmp_path)
+    foreign = study.ask()
+    ahead = (datetime.now() + timedelta(hours=3)).isoformat(sep=" ")
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        db.execute("UPDATE trials SET datetime_start = ? WHERE number = ?", (ahead, foreign.number))
+    fresh = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path}/s.db")
+    mine = fresh.ask()
+    found, took = _wait(mine, "k", 20)
+    assert found is None and 1.0 <= took < 4.0
