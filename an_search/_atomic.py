@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._process import PID_NAMESPACE, alive
+
 __all__ = ["replacing"]
 
 
@@ -49,11 +51,7 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
 def _owner() -> str:
     """This host and PID namespace (containers sharing a hostname and a volume have their own
     process ids): ``HOST-NS-``; a temporary's process id is only compared within both."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}-{namespace}-"
+    return f"{socket.gethostname()}-{PID_NAMESPACE or 0}-"
 
 
 _OWNER = _owner()
@@ -69,23 +67,13 @@ def _sweep(directory: Path, prefix: str, suffix: str) -> None:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
         pid = name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             stale = directory / name
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:  # (a temporary file, as written before they had folders)
                 with contextlib.suppress(OSError):  # (another process swept it first)
                     stale.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True  # (another user's process, or no such number: leave its file)
-    return True
 
 
 def _mode(path: Path) -> int:

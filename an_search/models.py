@@ -227,16 +227,10 @@ def _input_channels(
 ) -> int | None:
     """The checkpoint's input channels, when they are all it differs in (its first convs;
     ``skip``: keys the model may have that ``state`` need not)."""
-    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     shapes = {k: v.shape for k, v in state.items()}
-    chans = set()
-    for name in [first] if isinstance(first, str) else list(first or ()):
-        key = f"{name}.weight"
-        if key in shapes and key in own and len(shapes[key]) == own[key].dim() >= 2:
-            a, b = shapes[key], own[key].shape
-            if a[1] != b[1] and (a[0], *a[2:]) == (b[0], *b[2:]):
-                chans.add(int(a[1]))
-                shapes[key] = b
+    keys = _channel_mismatches(model, own, state)
+    chans = {int(shapes[k][1]) for k in keys}
+    shapes.update({k: own[k].shape for k in keys})
     fits = not describe_mismatch(shapes, own, skip=skip)
     return chans.pop() if len(chans) == 1 and fits else None
 
@@ -258,17 +252,29 @@ def _as_timm_loads(
             state = dict(filter_fn(state, model))
         except Exception:  # noqa: BLE001 - unfiltered: a mismatch is then reported as such
             pass
+    for key in _channel_mismatches(model, own, state):
+        if state[key].dim() == 4:
+            try:
+                state[key] = adapt_input_conv(own[key].shape[1], state[key])
+            except (AssertionError, NotImplementedError):  # (e.g. 1 -> 2 or 4 -> 1)
+                pass  # reported as a mismatch, with the channels to pass
+    return state
+
+
+def _channel_mismatches(
+    model: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """The model's first convs (``pretrained_cfg["first_conv"]``) whose weights in ``state``
+    differ from the model's in their input channels alone."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    keys = []
     for name in [first] if isinstance(first, str) else list(first or ()):
         key = f"{name}.weight"
-        if key in state and key in own and state[key].dim() == own[key].dim() == 4:
+        if key in state and key in own and state[key].dim() == own[key].dim() >= 2:
             theirs, ours = state[key].shape, own[key].shape
             if theirs[1] != ours[1] and (theirs[0], *theirs[2:]) == (ours[0], *ours[2:]):
-                try:
-                    state[key] = adapt_input_conv(ours[1], state[key])
-                except (AssertionError, NotImplementedError):  # (e.g. 1 -> 2 or 4 -> 1)
-                    pass  # reported as a mismatch, with the channels to pass
-    return state
+                keys.append(key)
+    return keys
 
 
 def describe_mismatch(

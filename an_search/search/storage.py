@@ -46,6 +46,7 @@ from optuna.storages import (
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from an_search._process import PID_NAMESPACE, alive
 from an_search.errors import StorageError
 
 __all__ = [
@@ -272,18 +273,12 @@ def _rdb(study: optuna.Study) -> BaseStorage:
 
 def _this_worker() -> dict[str, object]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid), "ns": _PID_NS}
-
-
-def _pid_namespace() -> int | None:
-    """This process's PID namespace (containers that share a hostname have their own)."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-_PID_NS = _pid_namespace()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "start": _start_time(pid),
+        "ns": PID_NAMESPACE,
+    }
 
 
 def _start_time(pid: int) -> str | None:
@@ -296,18 +291,15 @@ def _start_time(pid: int) -> str | None:
 
 
 def _is_dead(worker: dict[str, object]) -> bool:
-    if worker.get("host") != socket.gethostname() or worker.get("ns", _PID_NS) != _PID_NS:
+    if (
+        worker.get("host") != socket.gethostname()
+        or worker.get("ns", PID_NAMESPACE) != PID_NAMESPACE
+    ):
         return False  # (another machine, or another PID namespace: its ids are not ours)
     pid = int(worker["pid"])  # type: ignore[call-overload]
     if worker.get("start") is not None:
         return _start_time(pid) != worker["start"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not alive(pid)
 
 
 def _first_line(exc: BaseException) -> str:

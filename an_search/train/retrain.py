@@ -130,24 +130,26 @@ def _retrain(
     classes = list(data.class_names) or data.num_classes
     weights = file_sha256(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
     plain = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs)
-    plans = [("an", True, recipe), ("baseline", False, plain)][: 2 if baseline else 1]
+    plans = [
+        (Path(out_dir) / name, converted, final, {
+            "recipe": final.to_dict(), "classes": classes, "weights": weights,
+        })
+        for name, converted, final in [("an", True, recipe), ("baseline", False, plain)]
+    ][: 2 if baseline else 1]  # fmt: skip
     # every check before any training: an unwritable folder, a resume of another run's
     # checkpoints (the baseline's too: else found after the AN run trained)
-    made = [Path(out_dir) / n for n, _, _ in plans if not (Path(out_dir) / n).exists()]
-    for name, _, final in plans:
-        check_writable(Path(out_dir) / name)
+    made = [run_dir for run_dir, *_ in plans if not run_dir.exists()]
+    for run_dir, _, _, run in plans:
+        check_writable(run_dir)
         if cfg.resume:
-            saved = load_checkpoint(Path(out_dir) / name)
-            run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
-            check_same_run(Path(out_dir) / name, None if saved is None else saved.get("run"), run)
+            saved = load_checkpoint(run_dir)
+            check_same_run(run_dir, None if saved is None else saved.get("run"), run)
     runs = []
     try:
-        for name, converted, final in plans:
-            run_dir = Path(out_dir) / name
+        for run_dir, converted, final, run in plans:
             run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
             params = sum(p.numel() for p in model.parameters())
-            run = {"recipe": final.to_dict(), "classes": classes, "weights": weights}
             if nproc > 1:
                 from .distributed import train_distributed
 
@@ -160,7 +162,7 @@ def _retrain(
                     model, data, run_cfg, on_epoch=on_epoch, progress=progress, run=run
                 )
             model_dir = save(model, final, run_dir / "model")
-            runs.append(RetrainRun(name, params, result, run_dir, model_dir))
+            runs.append(RetrainRun(run_dir.name, params, result, run_dir, model_dir))
     except BaseException:
         for folder in made:  # (this call's folders, while still empty: nothing to keep)
             with contextlib.suppress(OSError):
