@@ -54,6 +54,10 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial, in trial order (columns in the module docstring)."""
     trials = study.get_trials(deepcopy=False)
     rows = [_row(t) for t in trials]
+    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if _is_retry(t)}
+    for row in rows:
+        if row["state"] == TrialState.FAIL.name:
+            row["reason"] = _fail_reason(row["reason"], retries.get(row["number"]))
     for name in ("bn", "paper"):
         ref = _baseline_top1(rows, name)
         for row in rows:
@@ -251,6 +255,17 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
         "config_key": a.get("config_key"),
         "config": a.get("config"),
     }
+
+
+def _is_retry(t: FrozenTrial) -> bool:
+    """Whether ``t`` re-queues a failed trial (Optuna's retry callback names it)."""
+    return isinstance(t.system_attrs.get("failed_trial"), int)
+
+
+def _fail_reason(reason: str | None, retry: int | None) -> str:
+    """A failed trial's reason; Optuna's heartbeat fails a trial without one."""
+    text = reason or "no reason recorded: its worker was killed or its heartbeat went stale"
+    return text if retry is None else f"{text}; retried as trial {retry}"
 
 
 def _describe(t: FrozenTrial) -> str:

@@ -162,8 +162,10 @@ def open_storage(url: str) -> BaseStorage:
 
 
 def hide_password(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***`` (for messages)."""
-    return re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", text)
+    """``text`` with the password of every URL in it replaced by ``***`` (for messages): the
+    one before the host (``user:PASSWORD@``) and a libpq ``password=`` query parameter."""
+    text = re.sub(r"(://[^/:@\s]*:)[^@\s]*@", r"\1***@", text)
+    return re.sub(r"(://\S*?[?&]password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def _check_journal(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import optuna
@@ -87,6 +88,32 @@ def test_rows_states_and_deltas(study: optuna.Study) -> None:
     assert by[2]["gmacs"] == pytest.approx(0.0227)
     # Optuna agrees that the over-budget trial is not the best one.
     assert study.best_trial.number in (2, 6)
+
+
+@pytest.mark.filterwarnings(
+    "ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage"
+)
+def test_a_trial_the_heartbeat_failed_gets_a_reason_and_its_retry(tmp_path: Path) -> None:
+    """Optuna's heartbeat fails a silent worker's trial with no reason: the report says what
+    is known, and names the retry that re-queued it."""
+    from an_search.search.storage import RetryStaleTrial
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'hb.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
+        heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=1),
+    )
+    s = optuna.create_study(storage=storage, direction="maximize")
+    silent = s.ask()
+    storage.record_heartbeat(silent._trial_id)  # then its worker goes silent
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(s)
+    rows = study_table(s)
+    assert [r["state"] for r in rows] == ["FAIL", "WAITING"]
+    reason = rows[0]["reason"]
+    assert "heartbeat" in reason and reason.endswith("; retried as trial 1")
+    assert rows[1]["reason"] is None
 
 
 def test_pareto_front_matches_brute_force(study: optuna.Study) -> None:

@@ -65,6 +65,18 @@ def test_a_server_password_is_not_printed_in_storage_errors() -> None:
     )
 
 
+def test_a_query_string_password_is_not_printed_in_storage_errors() -> None:
+    url = "postgresql://alice@127.0.0.1:1/an_search?sslmode=disable&password=s3cr3t-pw"
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "s3cr3t" not in message
+    assert "an_search?sslmode=disable&password=***" in message
+    assert hide_password("x postgresql://h/db?PASSWORD=a&user=b y") == (
+        "x postgresql://h/db?PASSWORD=***&user=b y"
+    )
+
+
 def test_corrupt_sqlite_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not a database" * 100)
