@@ -7,13 +7,14 @@ No hub downloads: ``pretrained=False`` always; weights come from a file the user
 from __future__ import annotations
 
 import difflib
-import numbers
 import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from an_search._values import is_integer
 
 from ._compat import filter_torchscript_warning
 from .errors import CheckpointError, ModelConfigError, UnknownModelError
@@ -100,9 +101,7 @@ def check_model_options(
         ("in_chans", in_chans, 1),
         ("img_size", img_size, 1),
     ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
-        ):
+        if value is not None and (not is_integer(value) or value < low):
             raise ModelConfigError(f"{what} is {value!r}: give an integer >= {low}")
 
 

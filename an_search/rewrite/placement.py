@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from an_search._values import is_integer
 from an_search.errors import MAX_K, InvalidKError, NoSitesSelectedError, UnknownNameError
 
 from ._roles import ROLES
@@ -122,11 +123,7 @@ def match_pattern(pattern: str, name: str) -> bool:
 
 
 def _check_k(value: object, what: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or not 1 <= value <= MAX_K
-    ):
+    if not is_integer(value) or not 1 <= value <= MAX_K:
         raise InvalidKError(f"{what} is {value!r}: K must be an integer from 1 to {MAX_K}")
     return int(value)
 

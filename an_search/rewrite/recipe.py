@@ -9,13 +9,13 @@ weights strictly. No pickles, no GraphModules.
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
+from an_search._values import is_integer
 from an_search.errors import MAX_K, ANSearchError, RecipeError
 
 __all__ = [
@@ -59,7 +59,7 @@ def _site(value: Any) -> RecipeSite:
     if not isinstance(site.name, str) or not site.name:
         raise _fail(f"site name {site.name!r} is not a module name")
     k = site.k
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+    if not is_integer(k) or not 1 <= k <= MAX_K:
         raise _fail(f"site {site.name!r} has K={k!r}, K must be an integer from 1 to {MAX_K}")
     if not isinstance(site.head, str) or not isinstance(site.pool, str):
         raise _fail(f"site {site.name!r} head/pool must be names")

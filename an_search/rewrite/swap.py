@@ -9,11 +9,11 @@ branches and stochastic depth.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from an_search._values import is_integer
 from an_search.errors import MAX_K, InvalidKError, UnknownNameError
 
 from .tracer import is_norm_module
@@ -86,7 +86,7 @@ def apply_an(
 
     olds = {}
     for name, k in site_k.items():
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+        if not is_integer(k) or not 1 <= k <= MAX_K:
             raise InvalidKError(f"K for {name!r} is {k!r}: K must be an integer from 1 to {MAX_K}")
         old = _get(model, name)
         if not name or not is_norm_module(old):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from an_search._values import is_integer, is_number
 from an_search.errors import BudgetError, TrainConfigError, UnknownNameError
 from an_search.train import TrainConfig
 
@@ -145,15 +145,15 @@ class SearchConfig:
         parse_objectives(self.objectives)
         if self.pruner not in PRUNERS:
             raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {self.pruner!r}")
-        if self.timeout is not None and (not _real(self.timeout) or self.timeout <= 0):
+        if self.timeout is not None and (not is_number(self.timeout) or self.timeout <= 0):
             raise TrainConfigError(f"timeout must be None or positive, got {self.timeout!r}")
         for name, low, optional in _INT_SETTINGS:
             value = getattr(self, name)
             if optional and value is None:
                 continue
-            if not _integral(value) or value < low:
+            if not is_integer(value) or value < low:
                 rule = {0: "0 or more", 1: "positive"}.get(low, f"{low} or more")
-                kind = "" if _integral(value) else "an integer, "
+                kind = "" if is_integer(value) else "an integer, "
                 raise TrainConfigError(
                     f"{name} must be {'None or ' if optional else ''}{kind}{rule}, got {value!r}"
                 )
@@ -182,14 +182,6 @@ _INT_SETTINGS = (
     ("population_size", 2, False),
     ("latency_runs", 1, False),
 )
-
-
-def _integral(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _absolute(value: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:

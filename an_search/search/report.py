@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import numbers
 import os
 import re
 import shlex
@@ -23,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from an_search._values import is_integer
 from an_search.errors import OutputDirError, TrainConfigError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
@@ -212,7 +212,7 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
     Raises:
         TrainConfigError: ``n`` is not an integer of 0 or more.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    if not is_integer(n) or n < 0:
         raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
     written = []
     for rank, trial in enumerate(ranked_trials(study)[:n], start=1):

@@ -47,6 +47,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from an_search._process import PID_NAMESPACE, alive
+from an_search._values import first_line
 from an_search.errors import StorageError
 
 __all__ = [
@@ -152,12 +153,12 @@ def open_storage(url: str) -> BaseStorage:
     except ImportError as exc:
         raise StorageError(
             f"storage {hide_password(url)!r} needs a database driver that is not installed "
-            f"(pip install 'an-search[postgres]' for PostgreSQL): {_first_line(exc)}"
+            f"(pip install 'an-search[postgres]' for PostgreSQL): {first_line(exc)}"
         ) from None
     except Exception as exc:  # sqlalchemy, OSError, corrupt files: all mean "cannot open"
         raise StorageError(
             f"storage {hide_password(url)!r} cannot be opened (check the path, its directory, "
-            f"the server and the credentials): {_first_line(exc)}"
+            f"the server and the credentials): {first_line(exc)}"
         ) from None
 
 
@@ -302,11 +303,6 @@ def _is_dead(worker: dict[str, object]) -> bool:
     if worker.get("start") is not None:
         return _start_time(pid) != worker["start"]
     return not alive(pid)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def count_trials(

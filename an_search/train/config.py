@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
+from an_search._values import first_line, is_integer, is_number
 from an_search.errors import TrainConfigError
 
 __all__ = ["MACHINE_SETTINGS", "TrainConfig", "TrainResult"]
@@ -137,27 +137,21 @@ def _check_types(cfg: TrainConfig) -> None:
     """Each setting of the type it is compared as (a string or float where an int goes would
     fail deep inside training, or be silently rounded)."""
 
-    def integral(v: object) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def real(v: object) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-    wrong = [(n, "an integer") for n in _INTS if not integral(getattr(cfg, n))]
+    wrong = [(n, "an integer") for n in _INTS if not is_integer(getattr(cfg, n))]
     wrong += [
         (n, "None or an integer")
         for n in _OPTIONAL_INTS
-        if getattr(cfg, n) is not None and not integral(getattr(cfg, n))
+        if getattr(cfg, n) is not None and not is_integer(getattr(cfg, n))
     ]
-    wrong += [(n, "a number") for n in _FLOATS if not real(getattr(cfg, n))]
+    wrong += [(n, "a number") for n in _FLOATS if not is_number(getattr(cfg, n))]
     wrong += [(n, "True or False") for n in _BOOLS if not isinstance(getattr(cfg, n), bool)]
     wrong += [
         (n, "a name") for n in ("opt", "sched", "device") if not isinstance(getattr(cfg, n), str)
     ]
-    if cfg.ema_decay is not None and not real(cfg.ema_decay):
+    if cfg.ema_decay is not None and not is_number(cfg.ema_decay):
         wrong.append(("ema_decay", "None or a number"))
     scale = cfg.scale
-    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(map(real, scale))):
+    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(map(is_number, scale))):
         wrong.append(("scale", "a pair of numbers (low, high)"))
     if wrong:
         name, kind = wrong[0]
@@ -177,7 +171,7 @@ def _check_factories(cfg: TrainConfig) -> None:
         )
     except Exception as exc:  # noqa: BLE001 - timm raises ValueError, TypeError, ...
         raise TrainConfigError(
-            f"opt {cfg.opt!r} cannot be built by timm ({_first_line(exc)}): use a name of "
+            f"opt {cfg.opt!r} cannot be built by timm ({first_line(exc)}): use a name of "
             "timm.optim.list_optimizers()"
         ) from None
     try:
@@ -187,14 +181,9 @@ def _check_factories(cfg: TrainConfig) -> None:
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - ValueError, AssertionError ("plateau"), ...
         raise TrainConfigError(
-            f"sched {cfg.sched!r} cannot be built by timm ({_first_line(exc)}): use one that "
+            f"sched {cfg.sched!r} cannot be built by timm ({first_line(exc)}): use one that "
             "steps every update (cosine, tanh, step, multistep, poly)"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 
 from an_search._digest import file_sha256
 from an_search._rng import kept_rng
+from an_search._values import is_integer
 from an_search.errors import TrainConfigError
 from an_search.models import create_model
 from an_search.rewrite import Recipe, save
@@ -120,7 +121,7 @@ def _retrain(
     on_epoch: OnEpoch | None,
     progress: Progress | None,
 ) -> list[RetrainRun]:
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+    if not is_integer(nproc) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
     dataclasses.replace(cfg, checkpoint_dir=os.fspath(out_dir)).validate()  # (before a folder
     # is made; each run's checkpoint_dir is a folder of out_dir)
