@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,11 +219,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _raise_rank_error(store: dist.TCPStore, rc: int, log: str, nproc: int) -> None:
-    """Raise the cause of a failed torchrun: the ranks' root error, else torchrun's last line."""
+    """Raise the cause of a failed torchrun: the ranks' root error; a rank killed by a signal
+    (which records none); else torchrun's last error line."""
     errors = [
         json.loads(store.get(f"error/{r}")) for r in range(nproc) if store.check([f"error/{r}"])
     ]
-    if errors:
+    died = _root_cause(log)
+    if errors and not (died is not None and all(e.get("comm") for e in errors)):
         err = min(errors, key=_cause_first)
         if err["type"] == "NonFiniteLossError":
             raise NonFiniteLossError(
@@ -231,9 +234,23 @@ def _raise_rank_error(store: dist.TCPStore, rc: int, log: str, nproc: int) -> No
         raise WorkerError(
             f"rank {err['rank']} of the torchrun trial failed: {err['type']}: {err['message']}"
         )
+    if died is not None:  # only its peers' echoes of it, if any, were recorded
+        raise WorkerError(f"{died} (torchrun exited with code {rc} before training finished)")
     lines = [ln for ln in log.splitlines() if "Error" in ln or "error" in ln]
     last = lines[-1].strip()[:200] if lines else "no error line in its output"
     raise WorkerError(f"torchrun exited with code {rc} before training finished: {last}")
+
+
+def _root_cause(log: str) -> str | None:
+    """The rank that torchrun's failure summary names as its root cause, when that rank left
+    no error of its own (killed by a signal, e.g. SIGKILL by hand or by the OOM killer)."""
+    _, found, cause = log.partition("Root Cause (first observed failure):")
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
+    code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$", cause, re.M)
+    if not found or rank is None or code is None:
+        return None
+    how = f"was killed by {code[2]}" if code[2] else f"exited with code {code[1]}"
+    return f"rank {rank[1]} of the torchrun trial {how} before it reported an error"
 
 
 def _cause_first(err: dict[str, Any]) -> tuple[bool, bool, int]:

@@ -64,6 +64,20 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _share_buffers(*models: nn.Module | None) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating.
+
+    Each rank updates them from its own batches (DDP broadcasts rank 0's only at the start of
+    the next training forward), so the ranks would evaluate models that differ from the one
+    rank 0 saves, and the summed accuracy would be no model's.
+    """
+    if _dist_world() == 1:
+        return
+    for model in models:
+        for buffer in model.buffers() if model is not None else ():
+            dist.broadcast(buffer, src=0)
+
+
 @torch.inference_mode()
 def _evaluate(model: nn.Module, loader: Any, autocast: Any) -> tuple[float, float]:
     """Top-1 and top-5 (%) over the whole loader, summed over ranks under torch.distributed."""
@@ -233,6 +247,7 @@ def proxy_train(
                 if progress is not None:
                     progress(num_updates, total_steps)
 
+            _share_buffers(model, ema.module if ema is not None else None)
             top1, top5 = _evaluate(model, loaders.val, autocast)
             record = {
                 "epoch": epoch,

@@ -139,14 +139,14 @@ def _retrain(
     ][: 2 if baseline else 1]  # fmt: skip
     # every check before any training: an unwritable folder, a resume of another run's
     # checkpoints (the baseline's too: else found after the AN run trained)
-    made = [run_dir for run_dir, *_ in plans if not run_dir.exists()]
-    for run_dir, _, _, run in plans:
-        check_writable(run_dir)
-        if cfg.resume:
-            saved = load_checkpoint(run_dir)
-            check_same_run(run_dir, None if saved is None else saved.get("run"), run)
+    made = _missing_folders([run_dir for run_dir, *_ in plans])
     runs = []
     try:
+        for run_dir, _, _, run in plans:
+            check_writable(run_dir)
+            if cfg.resume:
+                saved = load_checkpoint(run_dir)
+                check_same_run(run_dir, None if saved is None else saved.get("run"), run)
         for run_dir, converted, final, run in plans:
             run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
@@ -170,3 +170,15 @@ def _retrain(
                 folder.rmdir()
         raise
     return runs
+
+
+def _missing_folders(folders: list[Path]) -> list[Path]:
+    """The folders and parents of ``folders`` that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    for folder in folders:
+        for path in (folder, *folder.absolute().parents):
+            if path.exists():
+                break
+            if path.absolute() not in missing:
+                missing.append(path.absolute())
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)

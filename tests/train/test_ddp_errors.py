@@ -22,7 +22,7 @@ from an_search.search import BASELINES, DDPObjective, SearchConfig, build_model,
 from an_search.train import TrainConfig, resolve_data
 from an_search.train.distributed import train_distributed
 
-FAIL_ENV = "AN_SEARCH_TEST_RANK1_FAILS"  # "raise" or "nan"
+FAIL_ENV = "AN_SEARCH_TEST_RANK1_FAILS"  # "raise", "nan" or "kill"
 INJECTED = "injected failure in rank 1"
 # Rank 1 fails at update 2 of 3: rank 0 is then in the all-reduce of its own backward.
 TINY = TrainConfig(
@@ -47,6 +47,10 @@ if os.environ.get("RANK") == "1" and os.environ.get("{FAIL_ENV}"):
             return loss
         if _mode == "raise":
             raise RuntimeError("{INJECTED}")
+        if _mode == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         return loss * float("nan")
 
     F.cross_entropy = _failing
@@ -55,7 +59,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("{FAIL_ENV}"):
 
 @pytest.fixture
 def rank1_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``rank1_fails(mode)``: make rank 1 of the next torchrun fail ("raise" or "nan")."""
+    """``rank1_fails(mode)``: make rank 1 of the next torchrun fail ("raise", "nan", "kill")."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -73,6 +77,19 @@ def test_rank_1_error_is_reported_not_rank_0_connection_error(rank1_fails) -> No
     message = str(info.value)
     assert f"rank 1 of the torchrun trial failed: RuntimeError: {INJECTED}" in message
     assert "Connection closed" not in message
+
+
+def test_a_rank_killed_by_a_signal_is_named_as_the_cause(rank1_fails) -> None:
+    """A SIGKILLed rank records no error: torchrun's root cause names it (not the last log
+    line with "error" in it, nor rank 0's echo of the lost connection)."""
+    rank1_fails("kill")
+    data = resolve_data(None)
+    built = build_model(SearchConfig("resnet10t", train=TINY), data, BASELINES["bn"])
+    with pytest.raises(WorkerError) as info:
+        train_distributed(built.model, built.recipe, data, TINY, nproc=2, threads=1)
+    message = str(info.value)
+    assert message.startswith("rank 1 of the torchrun trial was killed by SIGKILL"), message
+    assert "Connection closed" not in message and "error_file" not in message
 
 
 def test_nan_loss_on_rank_1_prunes_the_trial(tmp_path: Path, rank1_fails) -> None:

@@ -140,18 +140,25 @@ def test_an_unwritable_output_is_refused_before_training(tmp_path: Path) -> None
     assert updates == []  # not one update trained
 
 
-def test_a_retrain_that_fails_before_training_leaves_no_folders(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["bad.pth", "missing.pth"])
+def test_a_retrain_that_fails_before_training_leaves_no_folders(
+    weights: str, tmp_path: Path
+) -> None:
+    """Nor the output folder and its parents that it made (an existing one is kept)."""
     from an_search.errors import CheckpointError
 
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not weights")
-    with pytest.raises(CheckpointError):
-        retrain(
-            _recipe(),
-            resolve_data(None),
-            _cfg(),
-            tmp_path / "rt",
-            baseline=True,
-            checkpoint=str(bad),
-        )
-    assert not (tmp_path / "rt" / "an").exists() and not (tmp_path / "rt" / "baseline").exists()
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "rt" / "deep", tmp_path / "kept"):
+        with pytest.raises(CheckpointError):
+            retrain(
+                _recipe(),
+                resolve_data(None),
+                _cfg(),
+                out,
+                baseline=True,
+                checkpoint=str(tmp_path / weights),
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
