@@ -229,6 +229,13 @@ def export(
         raise fail(
             f"study {study.study_name!r} has no finished, feasible trial with AN to export yet"
         )
+    if len(dirs) < top:
+        stderr().print(
+            f"note: {len(dirs)} of the {top} asked for: the study has no more finished, "
+            "feasible trials with AN (baselines, duplicates and over-budget trials are left out)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if json_out:
         print_json({"exported": [str(d) for d in dirs]})
         return
@@ -498,7 +505,7 @@ def _open(
     import os
 
     from an_search.errors import StorageError
-    from an_search.search import open_study, resolve_storage_url
+    from an_search.search import open_study, study_storage_url
 
     source = storage or (str(run_dir) if run_dir is not None else os.environ.get("OPTUNA_STORAGE"))
     if source is None:
@@ -509,13 +516,11 @@ def _open(
             "(an-runs/MODEL-SPACE by default, with -OBJECTIVES for several) or --storage"
         )
     study = open_study(source, study_name)
-    if run_dir is not None:
-        where = run_dir
-        url = resolve_storage_url(None if storage is None else storage, run_dir)
-    else:
-        where = Path("an-runs") / study.study_name
-        url = resolve_storage_url(source, where)
-    return study, url, where
+    where = run_dir if run_dir is not None else Path("an-runs") / study.study_name
+    return study, study_storage_url(source), where
+
+
+GMACS = ".5g"  # significant digits: a 32 px proxy's 0.022557 and 0.022598 stay apart
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -541,7 +546,7 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
             str(r["number"]),
             r["configuration"],
             _fmt(r["params"] and r["params"] / 1e6, ".3f"),
-            _fmt(r["gmacs"], ".4f"),
+            _fmt(r["gmacs"], GMACS),
             _fmt(r["top1"] if r["top1"] is not None else r["last_top1"], ".2f"),
             _fmt(r["delta_bn"], "+.2f"),
             _fmt(r["delta_paper"], "+.2f"),
@@ -554,7 +559,7 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
     pt = Table(title=f"Pareto front (top1 vs {column if cost != 'latency' else 'latency'})")
     for col in ("#", "configuration", column, "top1"):
         pt.add_column(col)
-    spec = {"gmacs": ".4f", "params": ",", "latency_ms": ".2f"}[key]
+    spec = {"gmacs": GMACS, "params": ",", "latency_ms": ".2f"}[key]
     for r in front:
         pt.add_row(str(r["number"]), r["configuration"], _fmt(r[key], spec), _fmt(r["top1"], ".2f"))
     out.print(pt)

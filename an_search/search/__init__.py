@@ -47,6 +47,7 @@ from .study import (
     prepare_search,
     quiet_optuna,
     run_search,
+    study_storage_url,
 )
 from .worker import SharedTrialBudget, count_trials, run_worker
 from .workers import WorkerPlan, plan_workers, run_workers
@@ -88,6 +89,7 @@ __all__ = [
     "measure_latency_ms",
     "open_storage",
     "open_study",
+    "study_storage_url",
     "pareto_front",
     "ranked_trials",
     "parse_objectives",

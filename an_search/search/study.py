@@ -55,8 +55,9 @@ __all__ = [
     "open_study",
     "prepare_search",
     "quiet_optuna",
-    "trial_limit",
     "run_search",
+    "study_storage_url",
+    "trial_limit",
 ]
 
 NO_PRUNING_MESSAGE = (
@@ -249,16 +250,11 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
-    """Load an existing study for reports: a storage URL/file, or a run directory.
-
-    Args:
-        storage: URL, journal or SQLite file, or a run directory holding ``study.db``
-            (or ``study.log``).
-        study_name: needed only when the storage holds several studies.
+def study_storage_url(storage: str | Path) -> str:
+    """The storage that :func:`open_study` reads ``storage`` as: a URL or journal file path.
 
     Raises:
-        StorageError: nothing to open, no such study, or several studies and no name.
+        StorageError: a run directory without a study file, or a storage file that is missing.
     """
     path = Path(storage)
     if "://" not in str(storage) and path.is_dir():
@@ -271,7 +267,21 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
         file = Path(url.removeprefix("sqlite:///"))
         if not file.is_file():
             raise StorageError(f"storage file must exist to read a study: {file}")
-    backend = open_storage(url)
+    return url
+
+
+def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
+    """Load an existing study for reports: a storage URL/file, or a run directory.
+
+    Args:
+        storage: URL, journal or SQLite file, or a run directory holding ``study.db``
+            (or ``study.log``).
+        study_name: needed only when the storage holds several studies.
+
+    Raises:
+        StorageError: nothing to open, no such study, or several studies and no name.
+    """
+    backend = open_storage(study_storage_url(storage))
     names = optuna.get_all_study_names(backend)
     if study_name is None:
         if len(names) != 1:

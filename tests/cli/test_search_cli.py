@@ -48,6 +48,12 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     (exported,) = json.loads(stdout)["exported"]
     recipe_dir = Path(exported)
     assert (recipe_dir / "recipe.json").is_file()
+    assert "note:" not in err
+    code, stdout, err = run("export", str(out), "--top", "5", "--json")
+    assert code == 0, err
+    more = json.loads(stdout)["exported"]  # the trials with AN: the paper's, the sampled one
+    assert more[0] == exported and 1 <= len(more) <= 2
+    assert f"note: {len(more)} of the 5 asked for" in err
     winner = an_search.rewrite.read_recipe(recipe_dir)
 
     # the winner into an ImageNet-size model, as an-convert: the searched sites, K and heads
@@ -227,6 +233,41 @@ def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:
     code, out, err = run("export", str(run_dir))
     assert code == 2 and out == ""
     assert "has no finished, feasible trial with AN to export yet" in err
+
+
+def test_report_names_the_storage_it_read_whatever_optuna_storage_says(tmp_path: Path) -> None:
+    import optuna
+
+    dbs = []
+    for name in ("mine", "other"):
+        (tmp_path / name).mkdir()
+        dbs.append(f"sqlite:///{tmp_path / name / 'study.db'}")
+        optuna.create_study(study_name=name, storage=dbs[-1])
+    res = RUNNER.invoke(
+        app, ["report", str(tmp_path / "mine")], env={**ENV, "OPTUNA_STORAGE": dbs[1]}
+    )
+    assert res.exit_code == 0, res.stderr
+    assert "study mine" in res.stdout
+    assert f"dashboard: optuna-dashboard {dbs[0]}" in res.stderr and dbs[1] not in res.stderr
+
+
+def test_the_report_tells_close_small_costs_apart(tmp_path: Path) -> None:
+    """Two proxy-size models 0.2% apart in MACs: the tables must not print them equal (a
+    front that lists both would look wrong)."""
+    import optuna
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(
+        study_name="close", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize"
+    )
+    for macs, top1 in ((22_557_440, 33.4), (22_597_912, 42.6)):
+        attrs = {"macs": macs, "params": 5_000_000, "config": {"placement": "all"}}
+        study.add_trial(create_trial(value=top1, user_attrs=attrs))
+    code, stdout, err = run("report", str(tmp_path))
+    assert code == 0, err
+    table, front = stdout.split("Pareto front")
+    for text in (table, front):  # both trials are on the front: cheaper, or more accurate
+        assert "0.022557" in text and "0.022598" in text, text
 
 
 @pytest.mark.parametrize(
