@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -114,7 +115,7 @@ class SearchConfig:
         for name, limit in limits.items():
             if limit is None:
                 continue
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+            if not is_number(limit) or not 0 < limit < math.inf:  # (NaN fails too)
                 raise BudgetError(f"max_{name} must be a positive number: {limit!r}")
             out[name] = float(limit)
         return out

@@ -26,6 +26,7 @@ Errors are one line, "rule, then the bad value", raised as :class:`SpaceError`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -77,9 +78,20 @@ class Param:
             return self.value
         if isinstance(d, CategoricalDistribution):
             return trial.suggest_categorical(name, d.choices)
-        if isinstance(d, IntDistribution):
-            return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
-        return trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        with warnings.catch_warnings():  # (Optuna warns of an enqueued value out of range and
+            # takes it: refused below, the trial's fail_reason says so)
+            warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range")
+            if isinstance(d, IntDistribution):
+                value = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+            else:
+                value = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        if not d._contains(d.to_internal_repr(value)):
+            step = f" in steps of {d.step}" if d.step not in (None, 1) else ""
+            raise ValueError(
+                f"{name}={value!r} is outside the space: {d.low} to {d.high}{step}"
+                + (", log scale" if d.log else "")
+            )
+        return value
 
     def values(self) -> tuple[Any, ...]:
         """All values this parameter can take (a float range gives its two ends)."""
@@ -149,7 +161,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f"line {line + 1}" if line is not None else "?"
         problem = getattr(exc, "problem", None) or ""
-        detail = f" ({problem})" if problem.startswith("duplicate key") else ""
+        detail = f" ({problem})" if problem.startswith(("duplicate key", "a key must")) else ""
         raise SpaceError(f"search space must be valid YAML{detail}: {source} {where}") from None
     return parse_space(data, name=name, source=source, text=text)
 
@@ -159,8 +171,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     last one silently, so a space with two ``k:`` entries searched only the second."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<) first, as SafeLoader does
         seen: set = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # (a list or mapping: unhashable)
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name, not a {kind}", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

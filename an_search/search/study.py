@@ -317,8 +317,9 @@ def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | 
 
 #: Settings a trial's result depends on beyond the model and objectives (``train.*``: the proxy
 #: training's); a resumed study must keep them. Paths (data, checkpoint) and the device, threads
-#: and loader workers may differ, e.g. on another machine.
-_SAME_SETTINGS = ("cost_img_size", "latency_runs")
+#: and loader workers may differ, e.g. on another machine. The budgets too: the stored trials
+#: were judged by the study's, and another would rank (and export) trials over it.
+_SAME_SETTINGS = ("cost_img_size", "latency_runs", "max_params", "max_macs", "max_latency_ms")
 
 
 def _check_same_search(

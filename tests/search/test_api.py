@@ -14,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from an_search.errors import StorageError, TrainConfigError, UnknownNameError
+from an_search.errors import BudgetError, StorageError, TrainConfigError, UnknownNameError
 from an_search.search import SearchConfig, export_top, run_search
 from an_search.train import TrainConfig, resolve_data
 from an_search.train.retrain import retrain
@@ -52,6 +52,9 @@ def tiny(tmp_path: Path, tiny_train) -> SearchConfig:
         ({"train": None}, TrainConfigError, "train must be a TrainConfig, got NoneType"),
         ({"timeout": "10"}, TrainConfigError, "timeout must be None or positive, got '10'"),
         ({"pruner": "median"}, UnknownNameError, "unknown pruner"),
+        ({"max_params": float("nan")}, BudgetError, "max_params must be a positive number: nan"),
+        ({"max_macs": float("inf")}, BudgetError, "max_macs must be a positive number: inf"),
+        ({"max_latency_ms": 0}, BudgetError, "max_latency_ms must be a positive number: 0"),
         ({"train": TrainConfig(opt="adamw_typo")}, TrainConfigError, "opt 'adamw_typo'"),
         ({"train": TrainConfig(checkpoint_dir="ck")}, TrainConfigError, "are retrain's"),
     ],

@@ -114,6 +114,19 @@ def test_bad_files(tmp_path: Path) -> None:
     twice.write_text("placement: paper\nk: {type: categorical, choices: [4]}\nk: 8\n")
     with pytest.raises(SpaceError, match=r"valid YAML \(duplicate key 'k'\): .*twice.yaml line 3"):
         load_space(twice)
+    for text in ("? [a, b]\n: c\n", "{[a]: 1}\n"):  # a key that is no name
+        listed = tmp_path / "listed.yaml"
+        listed.write_text(text)
+        with pytest.raises(SpaceError, match=r"valid YAML \(a key must be a name, not a list\)"):
+            load_space(listed)
+    merged = tmp_path / "merged.yaml"  # YAML merge keys, as safe_load reads them
+    merged.write_text("placement: paper\nk:\n  <<: {type: int, low: 2, shared: true}\n  high: 8\n")
+    assert load_space(merged) == parse_space(
+        {"placement": "paper", "k": {"type": "int", "low": 2, "high": 8, "shared": True}},
+        name="merged",
+        source=str(merged.resolve()),
+        text=merged.read_text(),
+    )
     with pytest.raises(SpaceError, match="must exist"):
         load_space(tmp_path / "missing.yaml")
     with pytest.raises(SpaceError, match="shipped name"):
@@ -139,6 +152,30 @@ def test_sample_recipe_presets(report) -> None:
         "head": "mlp",
         "pool": "avg",
     }
+
+
+@pytest.mark.parametrize(
+    ("k", "enqueued", "why"),
+    [
+        ({"type": "int", "low": 2, "high": 32, "step": 2}, 3, "2 to 32 in steps of 2"),
+        ({"type": "int", "low": 2, "high": 32, "step": 2}, 1000, "2 to 32 in steps of 2"),
+        ({"type": "int", "low": 1, "high": 64, "log": True}, 100, "1 to 64, log scale"),
+    ],
+)
+def test_an_enqueued_number_outside_the_space_is_refused(
+    k: dict, enqueued: int, why: str, report, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Optuna only warns of a fixed value out of range, and takes it: the trial would train a
+    configuration the space does not hold. The objective turns the ValueError into the trial's
+    fail_reason; a value in the space is taken."""
+    space = parse_space({"placement": "paper", "k": {**k, "shared": True}})
+    study = optuna.create_study()
+    study.enqueue_trial({"k": enqueued})
+    with pytest.raises(ValueError, match=f"k={enqueued} is outside the space: {why}$"):
+        sample_recipe(study.ask(), space, report)
+    assert not [w for w in recwarn if "out of range" in str(w.message)]
+    study.enqueue_trial({"k": 4})
+    assert sample_recipe(study.ask(), space, report)["k"] == 4
 
 
 def test_sample_recipe_per_stage_asks_k_only_where_used(report) -> None:

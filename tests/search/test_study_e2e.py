@@ -289,6 +289,8 @@ def test_the_run_stores_the_total_a_joining_worker_stops_at(
         ({"train": {"epochs": 1}}, "train.epochs 3, this call has 1"),
         ({"train": {"img_size": 48}}, "train.img_size 32, this call has 48"),
         ({"cost_img_size": 64}, "cost_img_size None, this call has 64"),
+        ({"max_params": 5e6}, "max_params 4977658, this call has 5000000.0"),
+        ({"max_macs": 3e7}, "max_macs None, this call has 30000000.0"),
         ({"space": "paper-neighbourhood"}, "space 'space', this call has 'paper-neighbourhood'"),
     ],
 )
