@@ -542,6 +542,8 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
         state = "INFEASIBLE" if r["infeasible"] else r["state"]
         if r["duplicate_of"] is not None:
             state += f" (=#{r['duplicate_of']})"
+        if r["state"] == "RUNNING" and r["reason"]:
+            state += " (worker gone)"
         table.add_row(
             str(r["number"]),
             r["configuration"],

@@ -27,7 +27,7 @@ from an_search.errors import OutputDirError, TrainConfigError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
-from .storage import hide_password, with_driver
+from .storage import hide_password, with_driver, worker_gone
 
 __all__ = [
     "dashboard_command",
@@ -55,9 +55,11 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
     trials = study.get_trials(deepcopy=False)
     rows = [_row(t) for t in trials]
     retries = {t.system_attrs["failed_trial"]: t.number for t in trials if _is_retry(t)}
-    for row in rows:
+    for row, trial in zip(rows, trials, strict=True):
         if row["state"] == TrialState.FAIL.name:
             row["reason"] = _fail_reason(row["reason"], retries.get(row["number"]))
+        elif row["state"] == TrialState.RUNNING.name and (gone := worker_gone(trial)):
+            row["reason"] = f"{gone}: the next run or worker on the study fails and re-queues it"
     for name in ("bn", "paper"):
         ref = _baseline_top1(rows, name)
         for row in rows:

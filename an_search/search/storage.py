@@ -56,6 +56,7 @@ __all__ = [
     "RetryStaleTrial",
     "count_trials",
     "fail_dead_worker_trials",
+    "worker_gone",
     "heartbeat_enabled",
     "hide_password",
     "open_storage",
@@ -222,9 +223,9 @@ def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> lis
         worker = trial.user_attrs.get(_WORKER_KEY)
         if worker is None and sqlite:
             reason = "the search that ran it stopped before the trial recorded its worker"
-        elif worker is not None and _is_dead(worker):
-            reason = f"its worker process {worker['pid']} on {worker['host']} is gone (killed)"
         else:
+            reason = worker_gone(trial)
+        if reason is None:
             continue
         # Optuna has no public call to annotate another process's trial: use its storage API,
         # as its own fail_stale_trials does; of several workers that find the same dead trial,
@@ -239,6 +240,15 @@ def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> lis
         if retry is not None:  # re-queued once, as the heartbeat would have done
             retry(study, study._storage.get_trial(trial._trial_id))
     return failed
+
+
+def worker_gone(trial: FrozenTrial) -> str | None:
+    """Why ``trial``'s recorded worker is known to be gone (a dead process on this host), or
+    None (alive, elsewhere, or none recorded)."""
+    worker = trial.user_attrs.get(_WORKER_KEY)
+    if not isinstance(worker, dict) or not _is_dead(worker):
+        return None
+    return f"its worker process {worker['pid']} on {worker['host']} is gone (killed)"
 
 
 def heartbeat_enabled(study: optuna.Study) -> bool:

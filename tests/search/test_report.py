@@ -116,6 +116,28 @@ def test_a_trial_the_heartbeat_failed_gets_a_reason_and_its_retry(tmp_path: Path
     assert rows[1]["reason"] is None
 
 
+def test_a_running_trial_whose_worker_is_gone_says_so(tmp_path: Path) -> None:
+    """A killed search leaves its trial RUNNING until the next run fails it; the report tells
+    it from a trial that is still training."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    s = optuna.create_study(storage=url, study_name="killed", direction="maximize")
+    child = (
+        "import optuna; from an_search.search.storage import record_worker; "
+        f"record_worker(optuna.load_study(study_name='killed', storage={url!r}).ask())"
+    )
+    subprocess.run([sys.executable, "-c", child], check=True)  # it records itself, then ends
+    from an_search.search.storage import record_worker
+
+    record_worker(s.ask())  # this live process's trial
+    gone, live = study_table(s)
+    assert gone["state"] == live["state"] == "RUNNING"
+    assert gone["reason"].startswith("its worker process ") and "is gone" in gone["reason"]
+    assert live["reason"] is None
+
+
 def test_pareto_front_matches_brute_force(study: optuna.Study) -> None:
     rows = study_table(study)
     front = pareto_front(rows)
