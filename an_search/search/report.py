@@ -54,7 +54,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial, in trial order (columns in the module docstring)."""
     trials = study.get_trials(deepcopy=False)
     rows = [_row(t) for t in trials]
-    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if _is_retry(t)}
+    retries = {_retried(t): t.number for t in trials if _retried(t) is not None}
     for row, trial in zip(rows, trials, strict=True):
         if row["state"] == TrialState.FAIL.name:
             row["reason"] = _fail_reason(row["reason"], retries.get(row["number"]))
@@ -259,9 +259,13 @@ def _row(t: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def _is_retry(t: FrozenTrial) -> bool:
-    """Whether ``t`` re-queues a failed trial (Optuna's retry callback names it)."""
-    return isinstance(t.system_attrs.get("failed_trial"), int)
+def _retried(t: FrozenTrial) -> int | None:
+    """The failed trial that ``t`` re-queues: named by Optuna's retry callback, or by the
+    search's re-queue of a baseline that did not finish; else None."""
+    for number in (t.system_attrs.get("failed_trial"), t.user_attrs.get("requeued_from")):
+        if is_integer(number):
+            return number
+    return None
 
 
 def _fail_reason(reason: str | None, retry: int | None) -> str:

@@ -430,9 +430,16 @@ def _sampler_pruner(
 def _enqueue_baselines(study: optuna.Study) -> None:
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=alive)}
+    failed = {
+        t.user_attrs.get("baseline"): t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    }  # (the last failed run of each: the report names its re-queued run)
     for name in BASELINES:
         if name not in have:
-            study.enqueue_trial({}, user_attrs={"baseline": name})
+            attrs: dict[str, Any] = {"baseline": name}
+            if name in failed:
+                attrs["requeued_from"] = failed[name]
+            study.enqueue_trial({}, user_attrs=attrs)
 
 
 def _check_budgets(cfg: SearchConfig, cost: dict[str, float]) -> None:

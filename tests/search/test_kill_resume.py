@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from an_search.search import SearchConfig, run_search
+from an_search.search import SearchConfig, run_search, study_table
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = """
@@ -97,6 +97,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_train) -> None:
     assert child.returncode == -signal.SIGKILL
     before = study.get_trials()
     assert before[1].state == TrialState.RUNNING  # what a killed process leaves behind
+    assert f"process {child.pid} " in study_table(study)[1]["reason"]  # the report says so
 
     cfg = SearchConfig(
         "resnet10t", output_dir=run_dir, study_name="killed", n_trials=1, train=tiny_train()
@@ -109,3 +110,4 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_train) -> None:
     assert after[2].user_attrs["baseline"] == "paper" and after[2].state == TrialState.COMPLETE
     assert not [t for t in after if t.state == TrialState.RUNNING]
     assert [t.number for t in after] == [0, 1, 2]
+    assert study_table(study)[1]["reason"].endswith("; retried as trial 2")
