@@ -289,15 +289,21 @@ def _take_built(
 
 
 def _in_chans(net: nn.Module) -> int | None:
-    """Input channels of a built timm model: its ``first_conv``'s (pretrained_cfg), or None."""
+    """Input channels of a built timm model: its ``first_conv``'s (pretrained_cfg), or None.
+
+    A ``SpaceToDepth`` stem before it (TResNet) folds each block of pixels into channels: the
+    conv takes ``block ** 2`` times the image's channels."""
+    from timm.layers import SpaceToDepth
+
     first = (getattr(net, "pretrained_cfg", None) or {}).get("first_conv")
+    folds = [m.bs for m in net.modules() if isinstance(m, SpaceToDepth)]
     for conv in [first] if isinstance(first, str) else list(first or ()):
         try:
             channels = getattr(net.get_submodule(conv), "in_channels", None)
         except AttributeError:
             continue
         if isinstance(channels, int):
-            return channels
+            return channels // folds[0] ** 2 if folds else channels
     return getattr(net, "in_chans", None)
 
 

@@ -40,6 +40,21 @@ def test_built_with_other_kwargs_round_trips(kwargs: dict, tmp_path: Path) -> No
     _round_trip(result.model, result.recipe, tmp_path)
 
 
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_a_space_to_depth_stem_counts_the_images_channels(in_chans: int, tmp_path: Path) -> None:
+    """TResNet's first_conv takes 16 x the image's channels (SpaceToDepth folds 4 x 4 pixels
+    into channels): the recipe must say the image's, or it rebuilds another model."""
+    net = timm.create_model("tresnet_m", pretrained=False, in_chans=in_chans, num_classes=10)
+    assert net.get_submodule(net.pretrained_cfg["first_conv"]).in_channels == 16 * in_chans
+    result = an_search.convert(net, placement="paper", in_chans=in_chans, cost=False)
+    assert result.recipe.model_kwargs["in_chans"] == in_chans
+    an_search.save(result.model, result.recipe, tmp_path / "out")
+    loaded, _ = an_search.load(tmp_path / "out")
+    x = torch.randn(1, in_chans, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), result.model.eval()(x), rtol=0, atol=0)
+
+
 def test_converting_a_converted_model_keeps_its_sites(tmp_path: Path) -> None:
     net = an_search.convert("resnet10t", placement="paper", head="mlp", cost=False).model
     first = {n: (m.k, m.head_name) for n, m in net.named_modules() if isinstance(m, AttentiveNorm)}

@@ -17,6 +17,7 @@ import pytest
 import timm
 import timm.layers as tl
 import torch
+from timm.models import metaformer
 from torch import nn
 
 from an_search.layers import AttentiveNorm
@@ -56,6 +57,16 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[type, ...], int]] = {
     "convnext_atto_rms (RmsNorm)": (
         lambda: timm.create_model("convnext_atto_rms"),
         (tl.RmsNorm2d, tl.RmsNorm),
+        32,
+    ),
+    "poolformerv2_s12 (MetaFormer v2: GroupNorm1NoBias)": (
+        lambda: timm.create_model("poolformerv2_s12"),
+        (metaformer.GroupNorm1NoBias,),
+        64,  # (at 32 px stage 3 is 1 x 1, where pool(x) - x is 0: its norm1 gets no gradient)
+    ),
+    "convformer_s18 (LayerNorm2dNoBias, LayerNormNoBias)": (
+        lambda: timm.create_model("convformer_s18"),
+        (metaformer.LayerNorm2dNoBias, metaformer.LayerNormNoBias),
         32,
     ),
     "vit with RmsNorm": (
@@ -103,6 +114,7 @@ def test_all_sites_preserve_params_and_train(name: str) -> None:
     _randomize_norms(model, set(site_k))
     modules = dict(model.named_modules())
     assert set(site_k) == {s.name for s in report.sites if s.supported}
+    assert {type(modules[n]) for n in site_k} & set(families)  # the family's norms convert
     expected_delta = sum(
         3 * K * s.channels + 2 * K - _affine_numel(modules[s.name]) for s in report.sites
         if s.name in site_k

@@ -32,6 +32,7 @@ from timm.layers.filter_response_norm import FilterResponseNormAct2d, FilterResp
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.inplace_abn import InplaceAbn
 from timm.layers.split_batchnorm import SplitBatchNorm2d
+from timm.models import metaformer
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -82,14 +83,17 @@ SUPPORTED_NORM_CLASSES: dict[type[nn.Module], str] = {
     nn.GroupNorm: "groupnorm",
     _TN.GroupNorm: "groupnorm",
     _TN.GroupNorm1: "groupnorm",
+    metaformer.GroupNorm1NoBias: "groupnorm",  # (MetaFormer v2's norms: timm's, bias None)
     _TNA.GroupNormAct: "groupnorm",
     _TNA.GroupNorm1Act: "groupnorm",
     nn.LayerNorm: "layernorm",
     _TN.LayerNorm: "layernorm",
+    metaformer.LayerNormNoBias: "layernorm",
     _TN.LayerNormFp32: "layernorm",
     _TNA.LayerNormAct: "layernorm",
     _TNA.LayerNormActFp32: "layernorm",
     _TN.LayerNorm2d: "layernorm2d",
+    metaformer.LayerNorm2dNoBias: "layernorm2d",
     _TN.LayerNorm2dFp32: "layernorm2d",
     _TN.LayerNormExp2d: "layernorm2d",
     _TNA.LayerNormAct2d: "layernorm2d",

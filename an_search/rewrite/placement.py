@@ -238,6 +238,16 @@ def select_sites(
         raise UnknownNameError(
             f"unknown placement {placement!r}: choose from {', '.join(PLACEMENTS)}"
         )
+    if not report.sites:
+        raise NoSitesSelectedError(
+            "the model has no normalization layer, and AN replaces norms: convert a model with "
+            "BatchNorm, GroupNorm or LayerNorm (NF-Nets and ResMLP, for instance, have none)"
+        )
+    if not report.supported:
+        raise NoSitesSelectedError(
+            f"none of the model's {len(report.sites)} norms is of a type AN supports: run with "
+            "--list-sites to see their types"
+        )
     k_of = _site_k(report, _k_per_stage(report, k))
     chosen = _filter(report, PLACEMENTS[placement].pick(report), roles, stages, norm_types)
     names = {s.name for s in chosen} | {s.name for s in _include(report, include)}

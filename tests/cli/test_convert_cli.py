@@ -86,6 +86,7 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
         (["resnet18", "--head", "[/foo]"], "'[/foo]'"),  # user text is not rich markup
         (["resnet18", "--placement", "none", "--include", "layer[ab]*"], "'layer[ab]*'"),
         (["resnet18", "--checkpoint", "w[red]x.pth"], "'w[red]x.pth'"),
+        (["nf_resnet26"], "the model has no normalization layer, and AN replaces norms"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:

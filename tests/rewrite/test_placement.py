@@ -193,3 +193,28 @@ def test_k_above_the_ceiling_is_refused(r50) -> None:
     for k in (MAX_K + 1, 10**20, [10, 10, 10, MAX_K + 1]):
         with pytest.raises(InvalidKError, match=f"from 1 to {MAX_K}"):
             select_sites(r50, "paper", k=k)
+
+
+class _OnlyInstanceNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.InstanceNorm2d(8, affine=True)  # a norm AN does not take
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        (lambda: timm.create_model("nf_resnet26", pretrained=False), "has no normalization layer"),
+        (_OnlyInstanceNorm, "none of the model's 1 norms is of a type AN supports"),
+    ],
+)
+def test_a_model_without_norms_to_convert_says_so(model, needle: str) -> None:
+    """Not "placement 'paper' selects no site ... adjust": no placement could select one."""
+    report = find_sites(model())
+    for placement in ("paper", "all", "none"):
+        with pytest.raises(NoSitesSelectedError, match=needle):
+            select_sites(report, placement=placement, include=["*"])
