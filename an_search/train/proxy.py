@@ -188,13 +188,7 @@ def proxy_train(
         num_updates, start_epoch = 0, 1
         state = load_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if state is not None:
-            saved = state.get("config", {})
-            for key in (f.name for f in fields(cfg) if f.name not in MACHINE_SETTINGS):
-                if key in saved and saved[key] != getattr(cfg, key):
-                    raise CheckpointError(
-                        f"checkpoint in {cfg.checkpoint_dir} has {key}={saved[key]!r}, "
-                        f"not {getattr(cfg, key)!r}; use the same setting or delete it"
-                    )
+            check_same_settings(cfg, state.get("config", {}))
             check_same_run(cfg.checkpoint_dir, state.get("run"), run)
             try:
                 model.load_state_dict(state["model"])
@@ -290,6 +284,21 @@ def proxy_train(
         wall_s=time.perf_counter() - t_start,
         stopped_early=stopped_early,
     )
+
+
+def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint saved with other training settings (``saved``: its
+    ``config``); where it runs (device, threads, loader workers) may differ.
+
+    Raises:
+        CheckpointError: a setting differs (the message names it).
+    """
+    for key in (f.name for f in fields(cfg) if f.name not in MACHINE_SETTINGS):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise CheckpointError(
+                f"checkpoint in {cfg.checkpoint_dir} has {key}={saved[key]!r}, "
+                f"not {getattr(cfg, key)!r}; use the same setting or delete it"
+            )
 
 
 def check_same_run(

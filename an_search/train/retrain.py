@@ -25,7 +25,7 @@ from an_search.rewrite import Recipe, save
 from .checkpoint import check_writable, load_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import DataSpec
-from .proxy import OnEpoch, Progress, check_same_run, proxy_train
+from .proxy import OnEpoch, Progress, check_same_run, check_same_settings, proxy_train
 
 __all__ = ["RetrainRun", "retrain"]
 
@@ -144,9 +144,12 @@ def _retrain(
     try:
         for run_dir, _, _, run in plans:
             check_writable(run_dir)
-            if cfg.resume:
-                saved = load_checkpoint(run_dir)
-                check_same_run(run_dir, None if saved is None else saved.get("run"), run)
+            if cfg.resume and (saved := load_checkpoint(run_dir)) is not None:
+                # (here, not in training: under torchrun a rank would find it, after the start)
+                check_same_settings(
+                    dataclasses.replace(cfg, checkpoint_dir=str(run_dir)), saved.get("config", {})
+                )
+                check_same_run(run_dir, saved.get("run"), run)
         for run_dir, converted, final, run in plans:
             run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)

@@ -123,6 +123,9 @@ def test_resume_of_another_recipes_checkpoints_is_refused(nproc: int, tmp_path: 
     resume = dataclasses.replace(_cfg(), resume=True)
     with pytest.raises(CheckpointError, match="saved by a run with another recipe: delete"):
         retrain(other, data, resume, tmp_path, nproc=nproc)
+    faster = dataclasses.replace(resume, lr=2 * resume.lr)  # (found before torchrun starts)
+    with pytest.raises(CheckpointError, match=r"^checkpoint in .*/an has lr=0.4, not 0.8; use"):
+        retrain(first, data, faster, tmp_path, nproc=nproc)
     again = retrain(first, data, resume, tmp_path, nproc=nproc)[0]
     assert again.result.history == done.result.history
 
