@@ -397,6 +397,12 @@ def retrain(
     from ._progress import TrialProgress
 
     out_dir = output or (where / "retrain")
+    if resume and not list(Path(out_dir).glob("*/last.pth")):
+        stderr().print(
+            f"note: --resume found no checkpoint in {out_dir}: training from the start",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     started = time.time()
 

@@ -161,7 +161,14 @@ def test_retrain_progress_shows_the_training_not_an_empty_trial_count(tmp_path: 
     assert code == 0, err
     (bar,) = [line for line in err.splitlines() if line.startswith("training")]
     assert "2/2" in bar  # TINY: one epoch of two updates
-    assert "trials" not in err
+    assert "trials" not in err and "note:" not in err
+    for out, found in (("rt", True), ("rt2", False)):  # --resume without a checkpoint says so
+        code, _, err = run(
+            "retrain", str(tmp_path), *TINY, "--output", str(tmp_path / out), "--resume"
+        )
+        assert code == 0, err
+        note = f"note: --resume found no checkpoint in {tmp_path / out}: training from the start"
+        assert (note in err) is not found, err
 
 
 @pytest.mark.parametrize("checkpointed", [True, False])
