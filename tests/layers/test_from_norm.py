@@ -11,6 +11,7 @@ from timm import layers as tl
 from timm.layers.evo_norm import EvoNorm2dB0
 from timm.layers.filter_response_norm import FilterResponseNormTlu2d
 from timm.layers.norm import LayerNormExp2d
+from timm.models import metaformer
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -61,6 +62,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str, int]] = {
         2 * C,
     ),
     "GroupNorm1Act": (lambda: tl.GroupNorm1Act(C), NCHW, "groupnorm", 2 * C),
+    "GroupNorm1NoBias": (lambda: metaformer.GroupNorm1NoBias(C), NCHW, "groupnorm", C),
+    "LayerNorm2dNoBias": (lambda: metaformer.LayerNorm2dNoBias(C), NCHW, "layernorm2d", C),
+    "LayerNormNoBias": (lambda: metaformer.LayerNormNoBias(C), TOKENS, "layernorm", C),
     "nn.LayerNorm": (lambda: nn.LayerNorm(C), TOKENS, "layernorm", 2 * C),
     "nn.LayerNorm-no-bias": (lambda: nn.LayerNorm(C, bias=False), (4, 3, 3, C), "layernorm", C),
     "nn.LayerNorm-no-affine": (
