@@ -171,10 +171,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     last one silently, so a space with two ``k:`` entries searched only the second."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # merge keys (<<) first, as SafeLoader does
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # (``<<``: SafeLoader merges; the mapping's own keys override)
             if not isinstance(key_node, yaml.ScalarNode):  # (a list or mapping: unhashable)
                 kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
                 raise yaml.constructor.ConstructorError(

@@ -224,7 +224,8 @@ def _raise_rank_error(store: dist.TCPStore, rc: int, log: str, nproc: int) -> No
     errors = [
         json.loads(store.get(f"error/{r}")) for r in range(nproc) if store.check([f"error/{r}"])
     ]
-    died = _root_cause(log)
+    root = _root_cause(log)  # (its rank, what happened), used when that rank recorded nothing
+    died = root[1] if root is not None and root[0] not in {e["rank"] for e in errors} else None
     if errors and not (died is not None and all(e.get("comm") for e in errors)):
         err = min(errors, key=_cause_first)
         if err["type"] == "NonFiniteLossError":
@@ -241,16 +242,17 @@ def _raise_rank_error(store: dist.TCPStore, rc: int, log: str, nproc: int) -> No
     raise WorkerError(f"torchrun exited with code {rc} before training finished: {last}")
 
 
-def _root_cause(log: str) -> str | None:
-    """The rank that torchrun's failure summary names as its root cause, when that rank left
-    no error of its own (killed by a signal, e.g. SIGKILL by hand or by the OOM killer)."""
+def _root_cause(log: str) -> tuple[int, str] | None:
+    """The rank that torchrun's failure summary names as its root cause, and how it ended;
+    the caller uses it when that rank recorded no error of its own (killed by a signal, e.g.
+    SIGKILL by hand or by the OOM killer)."""
     _, found, cause = log.partition("Root Cause (first observed failure):")
     rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
     code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$", cause, re.M)
     if not found or rank is None or code is None:
         return None
     how = f"was killed by {code[2]}" if code[2] else f"exited with code {code[1]}"
-    return f"rank {rank[1]} of the torchrun trial {how} before it reported an error"
+    return int(rank[1]), f"rank {rank[1]} of the torchrun trial {how} before it reported an error"
 
 
 def _cause_first(err: dict[str, Any]) -> tuple[bool, bool, int]:

@@ -119,14 +119,16 @@ def test_bad_files(tmp_path: Path) -> None:
         listed.write_text(text)
         with pytest.raises(SpaceError, match=r"valid YAML \(a key must be a name, not a list\)"):
             load_space(listed)
-    merged = tmp_path / "merged.yaml"  # YAML merge keys, as safe_load reads them
-    merged.write_text("placement: paper\nk:\n  <<: {type: int, low: 2, shared: true}\n  high: 8\n")
-    assert load_space(merged) == parse_space(
-        {"placement": "paper", "k": {"type": "int", "low": 2, "high": 8, "shared": True}},
-        name="merged",
-        source=str(merged.resolve()),
-        text=merged.read_text(),
+    merged = tmp_path / "merged.yaml"  # YAML merge keys: the space is what safe_load reads
+    # (the mapping's own keys override merged ones; several anchors may share a key)
+    merged.write_text(
+        "placement: paper\nk:\n  <<: [{low: 4, shared: true}, {type: int, low: 2, high: 32}]\n"
+        "  high: 8\n"
     )
+    data = yaml.safe_load(merged.read_text())
+    assert data["k"]["high"] == 8 and data["k"]["low"] in (2, 4)
+    kwargs = {"name": "merged", "source": str(merged.resolve()), "text": merged.read_text()}
+    assert load_space(merged) == parse_space(data, **kwargs)
     with pytest.raises(SpaceError, match="must exist"):
         load_space(tmp_path / "missing.yaml")
     with pytest.raises(SpaceError, match="shipped name"):

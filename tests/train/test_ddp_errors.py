@@ -90,6 +90,54 @@ def test_rank_1_failure_is_reported_not_rank_0_connection_error(
     assert "Connection closed" not in message and "error_file" not in message
 
 
+def _torchrun_summary(rank: int, exitcode: str) -> str:
+    """torchrun's failure summary, as it prints it (torch 2.x elastic)."""
+    return (
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "Root Cause (first observed failure):\n[0]:\n  time      : 2026-11-28_04:01:55\n"
+        f"  host      : localhost\n  rank      : {rank} (local_rank: {rank})\n"
+        f"  exitcode  : {exitcode}\n  error_file: <N/A>\n  traceback : To enable traceback\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("recorded", "root", "cause"),
+    [
+        # every rank recorded a backend error (all "comm"), and torchrun names rank 0 (exit 1):
+        # rank 0's own error is the cause, not "exited ... before it reported an error"
+        (
+            {0: ("DistBackendError", "NCCL error in: ProcessGroupNCCL.cpp:1", True, 1),
+             1: ("DistBackendError", "NCCL error in: ProcessGroupNCCL.cpp:2", True, 2)},
+            (0, "1 (pid: 7)"),
+            "rank 0 of the torchrun trial failed: DistBackendError: NCCL error in: "
+            "ProcessGroupNCCL.cpp:1",
+        ),
+        # rank 1 was SIGKILLed (it recorded nothing); rank 0 recorded the lost connection
+        (
+            {0: ("RuntimeError", "Connection closed by peer", True, 1)},
+            (1, "-9 (pid: 8)  (SIGKILL)"),
+            "rank 1 of the torchrun trial was killed by SIGKILL before it reported an error",
+        ),
+    ],
+)  # fmt: skip
+def test_the_cause_is_a_recorded_error_unless_the_root_rank_left_none(
+    recorded: dict, root: tuple, cause: str
+) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from an_search.train.distributed import _raise_rank_error
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for rank, (kind, message, comm, seq) in recorded.items():
+        record = {"type": kind, "message": message, "rank": rank, "comm": comm, "seq": seq}
+        store.set(f"error/{rank}", json.dumps(record))
+    with pytest.raises(WorkerError) as info:
+        _raise_rank_error(store, 1, _torchrun_summary(*root), nproc=2)
+    assert str(info.value).startswith(cause), str(info.value)
+
+
 def test_nan_loss_on_rank_1_prunes_the_trial(tmp_path: Path, rank1_fails) -> None:
     """As in one process: a non-finite loss prunes the trial (it does not end FAIL)."""
     rank1_fails("nan")
