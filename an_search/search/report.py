@@ -4,8 +4,9 @@ Rows are plain dicts (the CLI renders them with rich, ``--json`` dumps them). Co
 number, state, baseline, configuration (one line), params, gmacs, latency_ms, top1 (final
 validation top-1 % of a COMPLETE feasible trial, else None), last_top1 (last epoch reached, also
 for pruned trials), epochs, delta_bn / delta_paper (top1 minus the baseline's), infeasible,
-over_budget, duplicate_of, reason (why pruned or failed; of a RUNNING trial, that its worker is gone), n_sites, steps, wall_s, config_key,
-config. Every file is written atomically (temporary file, then ``os.replace``).
+over_budget, duplicate_of, reason (why pruned or failed; of a RUNNING trial, that its worker
+is gone), n_sites, steps, wall_s, config_key, config. Every file is written atomically
+(temporary file, then ``os.replace``).
 """
 
 from __future__ import annotations
