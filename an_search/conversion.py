@@ -21,6 +21,7 @@ from .layers.attentive_norm import INITS
 from .models import (
     check_model_options,
     create_model,
+    first_convs,
     load_checkpoint,
     model_input_size,
     read_checkpoint,
@@ -289,15 +290,14 @@ def _take_built(
 
 
 def _in_chans(net: nn.Module) -> int | None:
-    """Input channels of a built timm model: its ``first_conv``'s (pretrained_cfg), or None.
+    """Input channels of a built timm model: its first conv's (:func:`first_convs`), or None.
 
     A ``SpaceToDepth`` stem before it (TResNet) folds each block of pixels into channels: the
     conv takes ``block ** 2`` times the image's channels."""
     from timm.layers import SpaceToDepth
 
-    first = (getattr(net, "pretrained_cfg", None) or {}).get("first_conv")
     folds = [m.bs for m in net.modules() if isinstance(m, SpaceToDepth)]
-    for conv in [first] if isinstance(first, str) else list(first or ()):
+    for conv in first_convs(net):
         try:
             channels = getattr(net.get_submodule(conv), "in_channels", None)
         except AttributeError:

@@ -23,6 +23,7 @@ __all__ = [
     "check_model_options",
     "create_model",
     "describe_mismatch",
+    "first_convs",
     "load_checkpoint",
     "read_checkpoint",
     "model_input_size",
@@ -260,14 +261,20 @@ def _as_timm_loads(
     return state
 
 
+def first_convs(model: nn.Module) -> list[str]:
+    """The names of a timm model's input convs (``pretrained_cfg["first_conv"]``: one name or
+    several); none for a model without a ``pretrained_cfg``."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    return [first] if isinstance(first, str) else list(first or ())
+
+
 def _channel_mismatches(
     model: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
 ) -> list[str]:
-    """The model's first convs (``pretrained_cfg["first_conv"]``) whose weights in ``state``
-    differ from the model's in their input channels alone."""
-    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    """The model's first convs (:func:`first_convs`) whose weights in ``state`` differ from
+    the model's in their input channels alone."""
     keys = []
-    for name in [first] if isinstance(first, str) else list(first or ()):
+    for name in first_convs(model):
         key = f"{name}.weight"
         if key in state and key in own and state[key].dim() == own[key].dim() >= 2:
             theirs, ours = state[key].shape, own[key].shape

@@ -55,7 +55,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial, in trial order (columns in the module docstring)."""
     trials = study.get_trials(deepcopy=False)
     rows = [_row(t) for t in trials]
-    retries = {_retried(t): t.number for t in trials if _retried(t) is not None}
+    retries = {failed: t.number for t in trials if (failed := _retried(t)) is not None}
     for row, trial in zip(rows, trials, strict=True):
         if row["state"] == TrialState.FAIL.name:
             row["reason"] = _fail_reason(row["reason"], retries.get(row["number"]))

@@ -56,13 +56,13 @@ __all__ = [
     "RetryStaleTrial",
     "count_trials",
     "fail_dead_worker_trials",
-    "worker_gone",
     "heartbeat_enabled",
     "hide_password",
     "open_storage",
     "record_worker",
     "resolve_storage_url",
     "with_driver",
+    "worker_gone",
 ]
 
 DEFAULT_DB_NAME = "study.db"

@@ -428,12 +428,11 @@ def _sampler_pruner(
 
 
 def _enqueue_baselines(study: optuna.Study) -> None:
-    alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=alive)}
-    failed = {
-        t.user_attrs.get("baseline"): t.number
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    }  # (the last failed run of each: the report names its re-queued run)
+    trials = study.get_trials(deepcopy=False)
+    have = {t.user_attrs.get("baseline") for t in trials if t.state != TrialState.FAIL}
+    failed = {  # (the last failed run of each: the report names its re-queued run)
+        t.user_attrs.get("baseline"): t.number for t in trials if t.state == TrialState.FAIL
+    }
     for name in BASELINES:
         if name not in have:
             attrs: dict[str, Any] = {"baseline": name}

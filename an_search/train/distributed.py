@@ -247,7 +247,7 @@ def _root_cause(log: str) -> tuple[int, str] | None:
     the caller uses it when that rank recorded no error of its own (killed by a signal, e.g.
     SIGKILL by hand or by the OOM killer)."""
     _, found, cause = log.partition("Root Cause (first observed failure):")
-    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.M)
     code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$", cause, re.M)
     if not found or rank is None or code is None:
         return None

@@ -132,26 +132,24 @@ def _retrain(
     weights = file_sha256(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
     plain = Recipe.from_selection(model=recipe.model, selected={}, model_kwargs=recipe.model_kwargs)
     plans = [
-        (Path(out_dir) / name, converted, final, {
+        (run_dir, dataclasses.replace(cfg, checkpoint_dir=str(run_dir)), converted, final, {
             "recipe": final.to_dict(), "classes": classes, "weights": weights,
         })
         for name, converted, final in [("an", True, recipe), ("baseline", False, plain)]
+        for run_dir in [Path(out_dir) / name]
     ][: 2 if baseline else 1]  # fmt: skip
     # every check before any training: an unwritable folder, a resume of another run's
     # checkpoints (the baseline's too: else found after the AN run trained)
     made = _missing_folders([run_dir for run_dir, *_ in plans])
     runs = []
     try:
-        for run_dir, _, _, run in plans:
+        for run_dir, run_cfg, _, _, run in plans:
             check_writable(run_dir)
             if cfg.resume and (saved := load_checkpoint(run_dir)) is not None:
                 # (here, not in training: under torchrun a rank would find it, after the start)
-                check_same_settings(
-                    dataclasses.replace(cfg, checkpoint_dir=str(run_dir)), saved.get("config", {})
-                )
+                check_same_settings(run_cfg, saved.get("config", {}))
                 check_same_run(run_dir, saved.get("run"), run)
-        for run_dir, converted, final, run in plans:
-            run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(run_dir))
+        for run_dir, run_cfg, converted, final, run in plans:
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
             params = sum(p.numel() for p in model.parameters())
             if nproc > 1:
@@ -179,9 +177,9 @@ def _missing_folders(folders: list[Path]) -> list[Path]:
     """The folders and parents of ``folders`` that do not exist yet, deepest first."""
     missing: list[Path] = []
     for folder in folders:
-        for path in (folder, *folder.absolute().parents):
+        for path in (full := folder.absolute(), *full.parents):
             if path.exists():
                 break
-            if path.absolute() not in missing:
-                missing.append(path.absolute())
+            if path not in missing:
+                missing.append(path)
     return sorted(missing, key=lambda p: len(p.parts), reverse=True)
