@@ -9,9 +9,11 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.text import Text
 
@@ -124,6 +126,45 @@ def handle_errors(func: F) -> F:
             ) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: click's exceptions, wherever this typer takes click from (its own copy since typer 0.22).
+_CLICK = sys.modules[typer.BadParameter.__module__]
+
+
+class _OneLineUsage:
+    """A command line that click cannot parse (an unknown option, a value of the wrong type, a
+    missing argument) ends as every other bad input does: ``error: MESSAGE (see 'CMD --help')``
+    on one line, exit 2, instead of typer's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        run = super().main  # type: ignore[misc]
+        if not standalone_mode:
+            return run(*args, standalone_mode=False, **kwargs)
+        try:
+            code = run(*args, standalone_mode=False, **kwargs)
+        except _CLICK.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # the help (rich has printed it)
+                if e.format_message().strip():
+                    e.show()
+                sys.exit(e.exit_code)
+            first = (e.format_message().strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            path = e.ctx.command_path if e.ctx is not None else Path(sys.argv[0]).name
+            where = f" (see '{path} --help')"
+            raise SystemExit(fail(first + where, e.exit_code).exit_code) from None
+        except _CLICK.ClickException as e:
+            raise SystemExit(fail(e.format_message(), e.exit_code).exit_code) from None
+        except typer.Abort:
+            raise SystemExit(fail("aborted", 1).exit_code) from None
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class Group(_OneLineUsage, typer.core.TyperGroup):
+    """typer's group, with one-line usage errors (``typer.Typer(cls=Group)``)."""
+
+
+class Command(_OneLineUsage, typer.core.TyperCommand):
+    """typer's command, with one-line usage errors (``@app.command(cls=Command)``)."""
 
 
 def split_list(value: str | None) -> list[str] | None:

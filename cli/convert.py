@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ._common import (
+    Command,
     Debug,
     JsonOut,
     handle_errors,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def convert(
     model: Annotated[

@@ -12,6 +12,7 @@ import typer
 
 from ._common import (
     Debug,
+    Group,
     JsonOut,
     Quiet,
     fail,
@@ -30,6 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    cls=Group,
     help="Search where and how to use Attentive Normalization in a timm model (Optuna).",
 )
 

@@ -87,6 +87,10 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
         (["resnet18", "--placement", "none", "--include", "layer[ab]*"], "'layer[ab]*'"),
         (["resnet18", "--checkpoint", "w[red]x.pth"], "'w[red]x.pth'"),
         (["nf_resnet26"], "the model has no normalization layer, and AN replaces norms"),
+        # command lines click cannot parse: one line too, not typer's usage box
+        (["resnet18", "--bogus"], "No such option: --bogus (see '"),
+        (["resnet18", "--in-chans", "x"], "Invalid value for '--in-chans'"),
+        (["resnet18", "resnet50"], "Got unexpected extra argument(s) (resnet50)"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:

@@ -107,6 +107,11 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
         (["run", "resnet10t", "--seed", "-1"], "seed must be 0 or more, got -1"),
         (["run", "resnet10t", "--device", "tpu"], "device must be cpu, cuda or cuda:N"),
         (["export", "/nonexistent/run", "--top", "0"], "--top must be at least 1, got 0"),
+        # command lines click cannot parse: one line too, not typer's usage box
+        (["export", "/nonexistent/run", "--top", "abc"], "Invalid value for '--top'"),
+        (["export", "--topp", "3"], "No such option: --topp"),
+        (["bogus"], "No such command 'bogus' (see '"),
+        (["run"], "Missing argument 'model' (see '"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
