@@ -14,7 +14,7 @@ from an_search._values import is_integer, is_number
 from an_search.errors import BudgetError, TrainConfigError, UnknownNameError
 from an_search.train import TrainConfig
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SearchConfig", "parse_objectives"]
+__all__ = ["OBJECTIVES", "PRUNERS", "SearchConfig", "no_infinite_budget", "parse_objectives"]
 
 #: Objective name -> (metric name shown by Optuna/optuna-dashboard, direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -183,6 +183,12 @@ _INT_SETTINGS = (
     ("population_size", 2, False),
     ("latency_runs", 1, False),
 )
+
+
+def no_infinite_budget(key: str, value: Any) -> Any:
+    """A stored budget (``max_*``) of ``inf`` as None. Versions before budgets were checked took
+    ``--max-params inf`` as no limit and stored it; a resume or a joining worker reads it so."""
+    return None if key.startswith("max_") and value == math.inf else value
 
 
 def _absolute(value: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:

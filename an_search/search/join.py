@@ -17,7 +17,7 @@ from an_search.errors import CheckpointError, DataError, StorageError
 from an_search.train import TrainConfig
 
 from ._files import make_dir
-from .config import SearchConfig
+from .config import SearchConfig, no_infinite_budget
 from .study import open_study
 
 __all__ = ["check_study_data", "config_from_dict", "join_config"]
@@ -109,7 +109,7 @@ def config_from_dict(data: dict[str, Any]) -> SearchConfig:
     if "scale" in train:
         train["scale"] = tuple(train["scale"])
     known = SearchConfig.__dataclass_fields__
-    fields = {k: v for k, v in data.items() if k in known and k != "train"}
+    fields = {k: no_infinite_budget(k, v) for k, v in data.items() if k in known and k != "train"}
     if isinstance(fields.get("objectives"), list):
         fields["objectives"] = tuple(fields["objectives"])
     return SearchConfig(**fields, train=TrainConfig(**train))

@@ -34,7 +34,7 @@ from an_search.train.config import MACHINE_SETTINGS
 from ._files import make_dir
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
-from .config import OBJECTIVES, SearchConfig, parse_objectives
+from .config import OBJECTIVES, SearchConfig, no_infinite_budget, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
 from .report import check_report_dir
 from .sampling import BASELINES, check_space
@@ -354,7 +354,7 @@ def _check_same_search(
     if not isinstance(stored, dict):
         return
     # (a setting the study's version did not store yet is not compared)
-    pairs = [(k, stored[k], given[k]) for k in _SAME_SETTINGS if k in stored]
+    pairs = [(k, no_infinite_budget(k, stored[k]), given[k]) for k in _SAME_SETTINGS if k in stored]
     train = stored.get("train") or {}
     pairs += [
         (f"train.{k}", train[k], v)

@@ -308,6 +308,24 @@ def test_resume_with_other_settings_is_refused(
     assert len(optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}").trials) == N_TRIALS
 
 
+def test_a_study_stored_with_an_infinite_budget_resumes_without_one(
+    e2e: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Versions before budgets were checked took ``--max-macs inf`` (no limit) and stored it:
+    such a study resumes, and is joined, as one without that budget."""
+    from an_search.search import join_config
+
+    db = tmp_path / "inf.db"
+    shutil.copy(e2e.root / "run" / "study.db", db)
+    stored = optuna.load_study(study_name="e2e", storage=f"sqlite:///{db}")
+    assert stored.user_attrs["config"]["max_macs"] is None
+    stored.set_user_attr("config", {**stored.user_attrs["config"], "max_macs": float("inf")})
+    assert len(run_search(replace(e2e.cfg, storage=db, n_trials=1)).trials) == N_TRIALS + 1
+    assert join_config(str(db), "e2e", output_dir=tmp_path / "w").max_macs is None
+    with pytest.raises(StorageError, match="max_macs None, this call has 30000000.0"):
+        run_search(replace(e2e.cfg, storage=db, max_macs=3e7))  # (a budget now is another one)
+
+
 def test_resume_with_other_space_text_and_free_settings(
     e2e: SimpleNamespace, tmp_path: Path
 ) -> None:
