@@ -36,6 +36,11 @@ _LAZY = {
     "save": ("an_search.rewrite", "save"),
 }
 
+#: Subpackages, imported on first use as attributes (``an_search.search.run_search(...)``).
+_SUBMODULES = frozenset(
+    {"conversion", "cost", "data", "errors", "layers", "models", "rewrite", "search", "train"}
+)
+
 if TYPE_CHECKING:
     from .conversion import ConvertResult, convert, convert_recipe
     from .layers import AttentiveNorm, fold_sites
@@ -43,9 +48,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"an_search.{name}")
     raise AttributeError(f"module 'an_search' has no attribute {name!r}")

@@ -66,7 +66,9 @@ def convert(
         Path | None, typer.Option(help="local weights: .safetensors or .pth (weights_only)")
     ] = None,
     num_classes: Annotated[int | None, typer.Option(help="classifier size")] = None,
-    in_chans: Annotated[int | None, typer.Option(help="input channels (default: 3)")] = None,
+    in_chans: Annotated[
+        int | None, typer.Option(help="input channels (default: 3, or --recipe's)")
+    ] = None,
     img_size: Annotated[int | None, typer.Option(help="input size for cost and model")] = None,
     init: Annotated[
         str | None,
@@ -90,7 +92,7 @@ def convert(
     """Convert MODEL to Attentive Normalization and report params and MACs before/after."""
     from an_search.conversion import convert as run_convert
     from an_search.conversion import convert_recipe, recipe_model_kwargs
-    from an_search.errors import InvalidKError, RecipeError, UnknownModelError
+    from an_search.errors import InvalidKError, ModelConfigError, RecipeError, UnknownModelError
     from an_search.models import create_model
     from an_search.rewrite import find_sites, read_recipe, save
 
@@ -111,6 +113,10 @@ def convert(
     elif model is None:
         raise UnknownModelError("no model given: name a timm model (e.g. resnet50) or --recipe")
     if list_sites:
+        if output is not None:
+            raise ModelConfigError(
+                "--list-sites converts nothing, so --output would stay empty: drop one of them"
+            )
         sizes: dict[str, Any] = {
             "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size
         }  # fmt: skip

@@ -3,6 +3,8 @@ rebuilds the model (``load`` of what ``save`` wrote gives the same outputs)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,19 @@ def test_convert_recipe_reads_its_checkpoint_once(
     assert len(shared) > 20
     for key in shared if saved == "converted" else [k for k in shared if k.startswith("fc.")]:
         assert torch.equal(got[key], source.state_dict()[key]), key
+
+
+def test_subpackages_are_attributes_of_a_fresh_import() -> None:
+    """``import an_search`` then ``an_search.search.run_search`` (as the README writes it), in a
+    process that has imported nothing else of the package."""
+    code = (
+        "import an_search\n"
+        "print(an_search.search.run_search.__name__, an_search.train.resolve_data.__name__,\n"
+        "      an_search.rewrite.read_recipe.__name__, an_search.errors.ANSearchError.__name__)\n"
+        "try:\n    an_search.nothing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.splitlines() == [
+        "run_search resolve_data read_recipe ANSearchError",
+        "module 'an_search' has no attribute 'nothing'",
+    ]

@@ -158,5 +158,6 @@ def _run(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
 
 def recording(x: torch.Tensor) -> bool:
     """Whether autograd records through ``x`` (device_eval itself never runs then; the
-    folded module's ops do, and its CPU kernel does not)."""
-    return x.requires_grad and torch.is_grad_enabled()
+    folded module's ops do, and its CPU kernel does not). Under ``torch.jit.trace`` always:
+    one graph whatever the grad mode (its check re-traces under ``no_grad``)."""
+    return torch.jit.is_tracing() or (x.requires_grad and torch.is_grad_enabled())

@@ -91,6 +91,7 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
         (["resnet18", "--bogus"], "No such option: --bogus (see '"),
         (["resnet18", "--in-chans", "x"], "Invalid value for '--in-chans'"),
         (["resnet18", "resnet50"], "Got unexpected extra argument(s) (resnet50)"),
+        (["resnet18", "--list-sites", "--output", "o"], "--list-sites converts nothing"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:

@@ -130,6 +130,10 @@ def test_pickles_copies_and_traces() -> None:
         exported = torch.export.export(folded, (x,)).module()
         for graph in (traced, exported):
             torch.testing.assert_close(graph(x2), expected2, **TOL[torch.float32])
+    # traced with grad on (a model's maps require grad): trace's check re-traces under no_grad,
+    # and the two graphs must be the same
+    traced = torch.jit.trace(folded, x.clone().requires_grad_())
+    torch.testing.assert_close(traced(x2), expected2, **TOL[torch.float32])
 
 
 def test_timm_reparameterize_model_folds_every_site() -> None:
