@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from .cost import CostReport, count_cost
-from .errors import ModelConfigError, RecipeError, UnknownNameError
+from .errors import CheckpointError, ModelConfigError, RecipeError, UnknownNameError
 from .layers.attentive_norm import INITS
 from .models import (
     check_model_options,
+    classifier_keys,
     create_model,
     first_convs,
     load_checkpoint,
@@ -169,7 +170,8 @@ def convert_recipe(
     recipe's (its classes, input channels and image size); with a checkpoint it is the
     checkpoint's (the model's own sizes, as for ``convert``: the recipe's come from the search's
     proxy data), unless given here. The checkpoint may hold plain weights (loaded, then
-    converted) or the recipe's converted ones (a saved AN model: loaded after converting).
+    converted) or the recipe's converted ones (a saved AN model: loaded after converting; built
+    at the recipe's sizes where its weights fit them, e.g. a ViT's image size).
 
     Args:
         recipe: the recipe (``an_search.rewrite.read_recipe`` reads one from a file).
@@ -191,17 +193,33 @@ def convert_recipe(
         init = "preserve" if checkpoint is not None else recipe.init
     if init not in INITS:
         raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
-    kwargs = recipe_model_kwargs(
-        recipe, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-        checkpoint=checkpoint,
-    )  # fmt: skip
-    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
+    sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+    kwargs = recipe_model_kwargs(recipe, **sizes, checkpoint=checkpoint)
     net = create_model(name, **kwargs)
+    state = None if checkpoint is None else read_checkpoint(checkpoint)
+    converted = False
+    if state is not None:
+        differs = _site_difference(net, recipe, state)
+        converted = differs is None
+        if differs is not None and any(".attn.head." in k for k in state):
+            raise CheckpointError(
+                f"checkpoint {os.fspath(checkpoint)!r} holds AttentiveNorm sites, not this "
+                f"recipe's ({differs}): give the recipe its weights were saved with"
+            )
+    if converted and (own := recipe_model_kwargs(recipe, **sizes)) != kwargs:
+        # a saved AN model, of the recipe's sizes where its weights fit them (a ViT's image
+        # size, its classes and input channels): built so, not resampled to timm's defaults
+        fits = create_model(name, **own)
+        theirs = apply_recipe(copy.deepcopy(fits), recipe).state_dict()
+        new_head = classifier_keys(fits, state) if num_classes is not None else set()
+        if theirs.keys() - new_head == state.keys() - new_head and all(
+            theirs[k].shape == v.shape for k, v in state.items() if k not in new_head
+        ):
+            kwargs, net = own, fits
+    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
     input_size = model_input_size(net, kwargs.get("img_size"))
     report = find_sites(net)
     before = count_cost(net, input_size) if cost else None
-    state = None if checkpoint is None else read_checkpoint(checkpoint)
-    converted = state is not None and _holds_converted(net, final, state)
     new_classifier = num_classes is not None
     if checkpoint is not None and not converted:
         load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
@@ -236,12 +254,20 @@ def recipe_model_kwargs(
     return {**own, **({} if checkpoint is not None else sizes), **given}
 
 
-def _holds_converted(net: nn.Module, recipe: Recipe, state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``state`` holds the converted model's AN sites (every key and shape)."""
+def _site_difference(
+    net: nn.Module, recipe: Recipe, state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """None where ``state`` holds the converted model's AN sites (every key and shape); else
+    the first difference."""
     sites = tuple(f"{s.name}." for s in recipe.sites)
     theirs = apply_recipe(copy.deepcopy(net), recipe).state_dict()
     keys = [k for k in theirs if k.startswith(sites)]
-    return bool(keys) and all(k in state and state[k].shape == theirs[k].shape for k in keys)
+    for k in keys:
+        if k not in state:
+            return f"{k} missing"
+        if state[k].shape != theirs[k].shape:
+            return f"{k} {tuple(state[k].shape)} stored, {tuple(theirs[k].shape)} in the recipe's"
+    return None if keys else "the recipe has no site"
 
 
 def _take_built(

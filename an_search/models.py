@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from .errors import CheckpointError, ModelConfigError, UnknownModelError
 
 __all__ = [
     "check_model_options",
+    "classifier_keys",
     "create_model",
     "describe_mismatch",
     "first_convs",
@@ -136,17 +138,58 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path!r} is a directory: pass the weights file in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: pass an existing weights file")
-    try:
-        state = load_state_dict(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
-        reason = _clip(str(e).splitlines()[0]) if str(e) else type(e).__name__
+    named = path.endswith(".safetensors")
+    if named != _is_safetensors(path) and (named is False or _is_torch_file(path)):
+        kind, fix = (
+            ("a safetensors", "to end in .safetensors") if not named else ("a torch", ".pth")
+        )
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be read ({reason}): pass a safetensors file or a "
-            "torch state_dict saved with torch.save"
-        ) from None
+            f"checkpoint {path!r} is {kind} file, and files are read by their name: rename it {fix}"
+        )
+    with warnings.catch_warnings(record=True) as caught:  # (torch's, about a file it can't read)
+        warnings.simplefilter("always")
+        try:
+            state = load_state_dict(path, weights_only=True)
+        except (AttributeError, TypeError):  # (timm's unwrapping of what is no dict)
+            state = None
+        except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
+            reason, fix = _reason(e)
+            raise CheckpointError(f"checkpoint {path!r} cannot be read ({reason}): {fix}") from None
+    for w in caught:  # (a file that was read: its warnings are the user's)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path!r} holds no state_dict of tensors: re-save it")
+        raise CheckpointError(
+            f"checkpoint {path!r} holds no state_dict of tensors: save model.state_dict() with "
+            "torch.save or safetensors"
+        )
     return state
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether the file starts as a safetensors file does: a header length, then ``{"``."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and int.from_bytes(head[:8], "little") > 0 and head[8:] in (b'{"', b"{}")
+
+
+def _is_torch_file(path: str) -> bool:
+    """Whether the file starts as ``torch.save``'s do: a zip archive, or a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def _reason(e: Exception) -> tuple[str, str]:
+    """Why a weights file could not be read, and the fix."""
+    text = str(e)
+    if "weights_only" in text or "Weights only" in text:  # (a whole model, other objects)
+        return (
+            "it holds Python objects besides tensors, which weights_only loading refuses, e.g. "
+            "a whole pickled model",
+            "save model.state_dict() with torch.save or safetensors",
+        )
+    reason = _clip(text.splitlines()[0]) if text else type(e).__name__
+    return reason, "pass a safetensors file or a torch state_dict saved with torch.save"
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -179,7 +222,7 @@ def load_checkpoint(
     state = dict(read_checkpoint(path) if state is None else state)
     own = model.state_dict()
     state = _as_timm_loads(model, own, state)
-    head = _classifier_keys(model, state)
+    head = classifier_keys(model, state)
     other = sorted(
         k for k in head if k in state and (k not in own or state[k].shape != own[k].shape)
     )
@@ -187,6 +230,13 @@ def load_checkpoint(
     skip = head | {k for k in own if k.endswith(".num_batches_tracked")}
     shapes = {k: v.shape for k, v in state.items()}
     problems = describe_mismatch({k: shapes[k] for k in shapes if k not in other}, own, skip=skip)
+    headless = sorted(k for k in head if k in own and k not in state)
+    if headless and not new_classifier and not problems:  # (a random classifier, silently)
+        raise CheckpointError(
+            f"checkpoint {path!r} has no classifier ({headless[0]} missing: a headless "
+            f"model's weights), the model a {getattr(model, 'num_classes', '?')}-class one: "
+            "pass num_classes=0 for none, or num_classes=N for a new classifier"
+        )
     if other and not new_classifier and not problems:  # (the body fits: only the classifier)
         key = min(other, key=lambda k: (not k.endswith(".weight"), k))
         classes = state[key].shape[0] if state[key].dim() else "?"
@@ -309,7 +359,7 @@ def describe_mismatch(
     return "; ".join(parts)
 
 
-def _classifier_keys(model: nn.Module, state: Mapping[str, object] | None = None) -> set[str]:
+def classifier_keys(model: nn.Module, state: Mapping[str, object] | None = None) -> set[str]:
     """The classifier's keys in the model's state dict and in ``state`` (a checkpoint's: a
     headless model, ``num_classes=0``, has none of its own)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -217,3 +217,82 @@ def test_subpackages_are_attributes_of_a_fresh_import() -> None:
         "run_search resolve_data read_recipe ANSearchError",
         "module 'an_search' has no attribute 'nothing'",
     ]
+
+
+def test_a_checkpoint_without_a_classifier_needs_num_classes(tmp_path: Path) -> None:
+    """A headless model's weights (``num_classes=0``) into a model with a classifier: refused,
+    as timm's strict load refuses them, rather than a random classifier loaded silently."""
+    from an_search.models import create_model
+
+    headless = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    ckpt = tmp_path / "headless.safetensors"
+    save_file({k: v.contiguous() for k, v in headless.state_dict().items()}, str(ckpt))
+    with pytest.raises(CheckpointError, match=r"has no classifier \(fc\.\w+ missing.*num_classes"):
+        create_model("resnet10t", checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="has no classifier"):
+        an_search.convert("resnet10t", checkpoint=ckpt, cost=False)
+    for classes in (0, 7):  # none, or a new one: the body is the file's
+        model = create_model("resnet10t", num_classes=classes, checkpoint=ckpt)
+        assert torch.equal(model.layer1[0].conv1.weight, headless.layer1[0].conv1.weight)
+
+
+def test_unreadable_checkpoints_say_why(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """Each file that is no state_dict of tensors gets its own reason and fix, and no torch
+    warning about the file comes before the error."""
+    import pickle
+
+    from an_search.models import read_checkpoint
+
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}
+    named_pth, named_st = tmp_path / "st.pth", tmp_path / "torch.safetensors"
+    save_file(state, str(named_pth))
+    torch.save(state, named_st)
+    torch.save([torch.zeros(2)], listed := tmp_path / "list.pth")
+    torch.save(nn.Linear(2, 2), whole := tmp_path / "model.pth")
+    (raw := tmp_path / "raw.pkl").write_bytes(pickle.dumps(state, protocol=4))
+    cases = [
+        (named_pth, "is a safetensors file, and files are read by their name: rename it to end"),
+        (named_st, "is a torch file, and files are read by their name: rename it .pth"),
+        (listed, "holds no state_dict of tensors: save model.state_dict()"),
+        (whole, "holds Python objects besides tensors.*save model.state_dict()"),
+        (raw, "save model.state_dict\\(\\) with torch.save"),
+    ]
+    for path, needle in cases:
+        with pytest.raises(CheckpointError, match=needle):
+            read_checkpoint(path)
+    assert not [str(w.message) for w in recwarn if "pickle" in str(w.message).lower()]
+    assert read_checkpoint(named_pth.rename(tmp_path / "st.safetensors")).keys() == state.keys()
+
+
+def test_convert_recipe_names_an_an_checkpoint_of_another_recipe(tmp_path: Path) -> None:
+    """A saved AN model's weights with a recipe of other K: the sites differ, and the fix is
+    the recipe the weights were saved with (not "give its recipe too")."""
+    saved = an_search.convert("resnet10t", placement="paper", k=4, num_classes=10, cost=False)
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.model.state_dict().items()}, str(ckpt))
+    other = an_search.convert("resnet10t", placement="paper", num_classes=10, cost=False).recipe
+    with pytest.raises(CheckpointError) as info:
+        an_search.convert_recipe(other, checkpoint=ckpt)
+    message = str(info.value)
+    assert "holds AttentiveNorm sites, not this recipe's (layer1.0.bn1." in message
+    assert "(4, 64) stored, (10, 64) in the recipe's" in message
+    assert message.endswith("give the recipe its weights were saved with")
+    same = an_search.convert_recipe(saved.recipe, checkpoint=ckpt, cost=False).model.state_dict()
+    assert all(torch.equal(same[k], v) for k, v in saved.model.state_dict().items())
+
+
+def test_convert_recipe_rebuilds_a_saved_vit_at_its_own_size(tmp_path: Path) -> None:
+    """A saved 64-pixel AN ViT re-headed through its recipe keeps its 64 pixels (its position
+    embeddings as saved), not resampled to timm's 224."""
+    vit = an_search.convert("vit_tiny_patch16_224", img_size=64, cost=False)
+    an_search.save(vit.model, vit.recipe, tmp_path / "vit")
+    ckpt = tmp_path / "vit" / "model.safetensors"
+    moved = an_search.convert_recipe(vit.recipe, checkpoint=ckpt, num_classes=10, cost=False)
+    assert moved.input_size == (3, 64, 64)
+    assert moved.recipe.model_kwargs == {"img_size": 64, "num_classes": 10}
+    assert torch.equal(moved.model.pos_embed, vit.model.pos_embed)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = vit.model.eval().forward_head(vit.model.forward_features(x), pre_logits=True)
+        mine = moved.model.eval().forward_head(moved.model.forward_features(x), pre_logits=True)
+    assert torch.equal(mine, features)
