@@ -25,6 +25,7 @@ from an_search.train.distributed import die_with_parent
 
 from ._files import make_dir
 from .config import SearchConfig
+from .sampling import enqueue_baselines
 from .storage import fail_dead_worker_trials, heartbeat_enabled
 
 if TYPE_CHECKING:
@@ -106,10 +107,11 @@ def watch_workers(
     except ValueError:  # not the main thread: Ctrl-C cannot reach this loop anyway
         previous = None
     try:
-        while not flag and any(p.poll() is None for p in procs):
+        # (every one polled: a killed worker is reaped, so its trials' process reads as gone)
+        while not flag and any([p.poll() is None for p in procs]):
             report_finished(study, seen, on_trial)
-            if not heartbeat_enabled(study):  # (with heartbeats, the workers retry it)
-                fail_dead_worker_trials(study)
+            if not heartbeat_enabled(study) and fail_dead_worker_trials(study):
+                enqueue_baselines(study)  # (with heartbeats, the workers retry it)
             time.sleep(poll_s)
         if flag:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C: cleanup goes on

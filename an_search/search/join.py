@@ -18,7 +18,7 @@ from an_search.train import TrainConfig
 
 from ._files import make_dir
 from .config import SearchConfig, no_infinite_budget
-from .study import open_study
+from .study import open_study, study_storage_url
 
 __all__ = ["check_study_data", "config_from_dict", "join_config"]
 
@@ -91,7 +91,7 @@ def join_config(
         )
     return replace(
         cfg,
-        storage=storage,
+        storage=study_storage_url(storage),  # (a run directory: the study file in it)
         study_name=study.study_name,
         output_dir=str(run_dir),
         space=str(path) if path.suffix in (".yaml", ".yml") else cfg.space,

@@ -40,7 +40,7 @@ from an_search.train.proxy import OnEpoch
 
 from .build import Built, build_model, cost_input_size
 from .config import SearchConfig
-from .sampling import BASELINES, config_key, sample_recipe
+from .sampling import BASELINES, config_key, enqueue_baselines, sample_recipe
 from .space import SearchSpace
 from .storage import fail_dead_worker_trials, heartbeat_enabled, record_worker
 
@@ -308,7 +308,8 @@ def _reason(exc: BaseException) -> str:
 def _fail_stale(study: optuna.Study) -> None:
     """Fail the trials whose worker died: on this host (its recorded process is gone) and, on a
     server database, by Optuna's heartbeat; their retries are queued as at a trial's start."""
-    fail_dead_worker_trials(study, unowned=False)
+    if fail_dead_worker_trials(study, unowned=False):  # (a dead baseline: queued again)
+        enqueue_baselines(study)
     if heartbeat_enabled(study):
         with warnings.catch_warnings():  # experimental since Optuna 2.9, still in 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -28,7 +28,7 @@ from an_search.errors import OutputDirError, TrainConfigError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
-from .storage import hide_password, with_driver, worker_gone
+from .storage import heartbeat_enabled, hide_password, with_driver, worker_gone
 
 __all__ = [
     "dashboard_command",
@@ -60,7 +60,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
         if row["state"] == TrialState.FAIL.name:
             row["reason"] = _fail_reason(row["reason"], retries.get(row["number"]))
         elif row["state"] == TrialState.RUNNING.name and (gone := worker_gone(trial)):
-            row["reason"] = f"{gone}: the next run or worker on the study fails and re-queues it"
+            row["reason"] = f"{gone}: {_next(study, trial)}"
     for name in ("bn", "paper"):
         ref = _baseline_top1(rows, name)
         for row in rows:
@@ -267,6 +267,18 @@ def _retried(t: FrozenTrial) -> int | None:
         if is_integer(number):
             return number
     return None
+
+
+def _next(study: optuna.Study, trial: FrozenTrial) -> str:
+    """What the next process on the study does with a RUNNING trial whose worker is gone."""
+    if trial.user_attrs.get("baseline"):
+        return "the next run or worker on the study fails it and queues the baseline again"
+    if heartbeat_enabled(study):
+        return "the next run or worker on the study fails and re-queues it"
+    return (
+        "the next run or worker on the study fails it (trials are re-queued on a server "
+        "database only)"
+    )
 
 
 def _fail_reason(reason: str | None, retry: int | None) -> str:

@@ -13,19 +13,38 @@ import hashlib
 import json
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from an_search.errors import NoSitesSelectedError, SpaceError
 from an_search.rewrite import SiteReport, default_k, select_sites
 
 from ._names import PER_STAGE
 from .space import Param, SearchSpace
 
-__all__ = ["BASELINES", "check_space", "config_key", "sample_recipe"]
+__all__ = ["BASELINES", "check_space", "config_key", "enqueue_baselines", "sample_recipe"]
 
 #: The two enqueued reference configurations: the unconverted model and the paper's placement.
 BASELINES: dict[str, dict[str, Any]] = {
     "bn": {"placement": "none"},
     "paper": {"placement": "paper"},
 }
+
+
+def enqueue_baselines(study: optuna.Study) -> None:
+    """Queue each baseline the study does not hold (or holds only as FAIL: a re-queued run
+    records ``requeued_from``, the last failed one's number)."""
+    trials = study.get_trials(deepcopy=False)
+    have = {t.user_attrs.get("baseline") for t in trials if t.state != TrialState.FAIL}
+    failed = {  # (the last failed run of each: the report names its re-queued run)
+        t.user_attrs.get("baseline"): t.number for t in trials if t.state == TrialState.FAIL
+    }
+    for name in BASELINES:
+        if name not in have:
+            attrs: dict[str, Any] = {"baseline": name}
+            if name in failed:
+                attrs["requeued_from"] = failed[name]
+            study.enqueue_trial({}, user_attrs=attrs)
 
 
 def sample_recipe(trial: Any, space: SearchSpace, report: SiteReport) -> dict[str, Any]:

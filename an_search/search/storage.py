@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_DB_NAME",
     "DEFAULT_JOURNAL_NAME",
     "RetryStaleTrial",
+    "check_sqlite_writer",
     "count_trials",
     "fail_dead_worker_trials",
     "heartbeat_enabled",
@@ -242,6 +243,31 @@ def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> lis
     return failed
 
 
+def check_sqlite_writer(study: optuna.Study) -> None:
+    """Refuse a SQLite study that another live process is running (a RUNNING trial whose
+    recorded worker is not known to be gone): SQLite takes one writer at a time.
+
+    Raises:
+        StorageError: naming the trial, its process, and the storages several processes share.
+    """
+    rdb = _rdb(study)
+    if not (isinstance(rdb, RDBStorage) and rdb.url.startswith("sqlite")):
+        return
+    me = _this_worker()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(_WORKER_KEY)
+        if not isinstance(worker, dict) or worker_gone(trial) is not None:
+            continue  # (no worker recorded: stale on SQLite, failed as such)
+        if (worker.get("host"), worker.get("pid")) == (me["host"], me["pid"]):
+            continue
+        raise StorageError(
+            f"study {study.study_name!r} in {hide_password(rdb.url)} is being run: trial "
+            f"{trial.number} is RUNNING in process {worker.get('pid')} on {worker.get('host')}, "
+            "and SQLite takes one writer: wait for that run to end, or share a study between "
+            "processes through a journal file (--storage FILE.log) or a server database"
+        )
+
+
 def worker_gone(trial: FrozenTrial) -> str | None:
     """Why ``trial``'s recorded worker is known to be gone (a dead process on this host), or
     None (alive, elsewhere, or none recorded)."""
@@ -320,11 +346,13 @@ def count_trials(
 ) -> int:
     """Trials that count against a shared budget: all but FAIL trials that were re-queued.
 
-    A trial failed by the heartbeat and retried (its number in a retry's ``retry_history``) is
-    counted once, through its retry. ``waiting=False`` leaves out WAITING trials too; ``call``
+    A trial failed by the heartbeat and retried (its number in a retry's ``retry_history``), or
+    a failed baseline queued again (its number a run's ``requeued_from``), is counted once,
+    through its retry. ``waiting=False`` leaves out WAITING trials too; ``call``
     counts only the trials that workers of that call ran (:func:`record_worker`), never WAITING.
     """
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried |= {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
     return sum(
         1
         for t in trials

@@ -37,13 +37,15 @@ from .build import build_model
 from .config import OBJECTIVES, SearchConfig, no_infinite_budget, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
 from .report import check_report_dir
-from .sampling import BASELINES, check_space
+from .sampling import BASELINES, check_space, enqueue_baselines
 from .space import SearchSpace, load_space
 from .storage import (
     DEFAULT_DB_NAME,
     DEFAULT_JOURNAL_NAME,
+    check_sqlite_writer,
     count_trials,
     fail_dead_worker_trials,
+    hide_password,
     open_storage,
     resolve_storage_url,
 )
@@ -107,6 +109,7 @@ def create_or_load_study(
         make_dir(run_dir)
     directions = [OBJECTIVES[o][1] for o in objectives]
     study = _open_or_create(storage or open_storage(url), name, directions)
+    check_sqlite_writer(study)
     _check_same_search(study, cfg, objectives, space)
     weights = weights_summary(cfg.checkpoint)
     _check_same_data(study, data)  # (what the study's creator stored: workers joining it
@@ -131,7 +134,7 @@ def create_or_load_study(
         )
         study.set_user_attr("config", cfg.to_dict())
     fail_dead_worker_trials(study)
-    _enqueue_baselines(study)
+    enqueue_baselines(study)
     return study, message
 
 
@@ -178,15 +181,18 @@ def run_search(
         TrainConfigError: a setting of a wrong type or out of range (before anything is stored).
         StorageError, SpaceError, DataError, UnknownModelError, UnknownNameError: bad input.
     """
+    from .worker import SharedTrialBudget  # (worker.py builds on this module)
+
     with quiet_optuna(), kept_rng():
         objective, study = prepare_search(cfg, on_message=on_message)
-        trial_limit(study, cfg, join=False)  # the total `an-search worker` stops at
+        limit = trial_limit(study, cfg, join=False)  # the total `an-search worker` stops at
         objective.progress = progress
         study.optimize(
             objective,
             n_trials=cfg.n_trials,
             timeout=cfg.timeout,
-            callbacks=list(callbacks),
+            # (workers that joined share the total: their trials count too)
+            callbacks=[*callbacks, SharedTrialBudget(limit)],
             catch=TRIAL_ERRORS,
         )
     return study
@@ -283,6 +289,11 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     """
     backend = open_storage(study_storage_url(storage))
     names = optuna.get_all_study_names(backend)
+    if not names:
+        raise StorageError(
+            f"storage {hide_password(str(storage))!r} holds no study: give the storage of one "
+            "that `an-search run` made"
+        )
     if study_name is None:
         if len(names) != 1:
             raise StorageError(
@@ -425,20 +436,6 @@ def _sampler_pruner(
         reduction_factor=cfg.hyperband_reduction_factor,
     )
     return sampler, pruner, None
-
-
-def _enqueue_baselines(study: optuna.Study) -> None:
-    trials = study.get_trials(deepcopy=False)
-    have = {t.user_attrs.get("baseline") for t in trials if t.state != TrialState.FAIL}
-    failed = {  # (the last failed run of each: the report names its re-queued run)
-        t.user_attrs.get("baseline"): t.number for t in trials if t.state == TrialState.FAIL
-    }
-    for name in BASELINES:
-        if name not in have:
-            attrs: dict[str, Any] = {"baseline": name}
-            if name in failed:
-                attrs["requeued_from"] = failed[name]
-            study.enqueue_trial({}, user_attrs=attrs)
 
 
 def _check_budgets(cfg: SearchConfig, cost: dict[str, float]) -> None:

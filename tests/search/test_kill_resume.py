@@ -97,7 +97,9 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_train) -> None:
     assert child.returncode == -signal.SIGKILL
     before = study.get_trials()
     assert before[1].state == TrialState.RUNNING  # what a killed process leaves behind
-    assert f"process {child.pid} " in study_table(study)[1]["reason"]  # the report says so
+    reason = study_table(study)[1]["reason"]  # the report says so, and what comes next
+    assert f"process {child.pid} " in reason
+    assert reason.endswith("fails it and queues the baseline again")
 
     cfg = SearchConfig(
         "resnet10t", output_dir=run_dir, study_name="killed", n_trials=1, train=tiny_train()

@@ -268,3 +268,31 @@ def test_a_worker_gives_the_weights_path_on_its_machine(
     cfg = join_config(str(journal), checkpoint=here, output_dir=tmp_path / "w")
     assert cfg.checkpoint == here
     assert create_or_load_study(cfg)[0].study_name == study.study_name
+
+
+def test_the_report_says_what_becomes_of_a_dead_workers_trial(tmp_path: Path) -> None:
+    """On a journal a sampled trial is failed and not retried (Optuna retries on a server
+    database only), a baseline is queued again: the report's reason says which."""
+    from an_search.search import study_table
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.log")), study_name="s")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = {"host": socket.gethostname(), "pid": gone.pid, "start": "0"}
+    sampled = _running(study, worker)
+    baseline = study.ask()
+    baseline.set_user_attr("worker", worker)
+    baseline.set_user_attr("baseline", "bn")
+    reasons = {row["number"]: row["reason"] for row in study_table(study)}
+    assert reasons[sampled].endswith("fails it (trials are re-queued on a server database only)")
+    assert reasons[baseline.number].endswith("fails it and queues the baseline again")
+    assert all(f"process {gone.pid} " in reason for reason in reasons.values())
+
+
+@pytest.mark.parametrize("name", ["empty.log", "empty.db"])
+def test_an_empty_storage_says_it_holds_no_study(tmp_path: Path, name: str) -> None:
+    from an_search.search import open_study
+
+    (tmp_path / name).touch()
+    with pytest.raises(StorageError, match=rf"storage '.*{name}' holds no study: give the"):
+        open_study(tmp_path / name)

@@ -283,6 +283,19 @@ def test_the_run_stores_the_total_a_joining_worker_stops_at(
         run_workers(join_config(str(db), "e2e", output_dir=tmp_path / "w"), join=True)
 
 
+def test_a_worker_joins_through_the_run_directory(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """`an-search worker --storage RUN_DIR` (as `report` takes it): the run directory's study
+    file is the storage the worker shares."""
+    from an_search.search import join_config, run_workers
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(e2e.root / "run" / "study.db", copy / "study.db")
+    joined = join_config(str(copy), "e2e", output_dir=tmp_path / "w")
+    assert joined.storage == f"sqlite:///{copy / 'study.db'}"
+    assert len(run_workers(joined, join=True).trials) == N_TRIALS  # (its total: all done)
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -209,6 +211,73 @@ def test_worker_n_trials_adds_its_own_while_other_processes_add_theirs(
     assert len({t.user_attrs["worker"]["call"] for t in own}) == 1
 
 
+def test_a_run_stops_at_its_total_when_a_worker_joined_it(tmp_path: Path, tiny_train) -> None:
+    """`an-search run --n-trials 4` (no --workers) and an `an-search worker` that joined it: the
+    total is shared, the run does not add its 4 on top of the worker's trials."""
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=tmp_path / "run",
+        study_name="joined",
+        storage=tmp_path / "study.log",
+        n_trials=4,
+        train=tiny_train(**TRAIN),
+    )
+    others: list[int] = []
+
+    def a_worker_adds_trials(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not others:  # after the run's first trial, 2 trials that a joined worker ran
+            for _ in range(2):
+                study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.1))
+            others.extend(t.number for t in study.get_trials(deepcopy=False)[-2:])
+
+    study = run_search(cfg, callbacks=[a_worker_adds_trials])
+    trials = study.get_trials()
+    assert study.user_attrs["target_trials"] == 4 and len(others) == 2
+    assert len(trials) == 4  # the run's own: the two baselines (the queue is never left)
+    assert [t.user_attrs.get("baseline") for t in trials if t.number not in others] == [
+        "bn",
+        "paper",
+    ]
+
+
+def test_a_sqlite_study_another_process_runs_is_not_joined(tmp_path: Path, tiny_train) -> None:
+    """SQLite takes one writer: a worker (or a resume) on a study whose trial a live process
+    is training is refused, and that trial is left RUNNING (not failed as stale)."""
+    from an_search.search import join_config
+    from an_search.search.storage import record_worker
+    from an_search.search.study import prepare_search
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=tmp_path / "run",
+        study_name="busy",
+        storage=db,
+        n_trials=2,
+        train=tiny_train(**TRAIN),
+    )
+    prepare_search(cfg)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        trial = open_study(db, "busy").ask()
+        record_worker(trial)
+        study = optuna.load_study(study_name="busy", storage=db)
+        worker = {**trial.user_attrs["worker"], "pid": other.pid, "start": None}
+        study._storage.set_trial_user_attr(trial._trial_id, "worker", worker)
+        joined = join_config(db, "busy", output_dir=tmp_path / "w")
+        with pytest.raises(StorageError, match=rf"trial 0 is RUNNING in process {other.pid} on"):
+            run_workers(joined, join=True)
+        with pytest.raises(StorageError, match="SQLite takes one writer: wait for that run"):
+            run_search(cfg)
+        assert study.get_trials()[0].state == TrialState.RUNNING
+    finally:
+        other.kill()
+        other.wait()
+    assert run_search(cfg).get_trials()[0].state == TrialState.FAIL  # its process is gone now
+
+
 def test_two_workers_share_a_journal_and_never_train_twice(tmp_path: Path, tiny_train) -> None:
     cfg = SearchConfig(
         "resnet10t",
@@ -282,6 +351,47 @@ def test_ctrl_c_stops_all_workers_and_leaves_nothing_running(tmp_path: Path, tin
     for pid in {t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}:
         with pytest.raises(ProcessLookupError):  # every worker is gone
             os.kill(pid, 0)
+
+
+def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
+    tmp_path: Path, tiny_train
+) -> None:
+    """`run --workers 2` whose worker training the BN baseline is SIGKILLed: the run queues the
+    baseline again (the other worker trains it), and the dead trial does not take a place of
+    the total."""
+    run = tmp_path / "run"
+    cfg = SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=run,
+        study_name="stop",
+        n_trials=4,
+        train=tiny_train(epochs=3, batches_per_epoch=6),  # trials long enough to cut
+    )
+    killed: list[int] = []
+
+    def kill_the_baselines_worker() -> None:
+        _wait_for_two_running_trials(run / "study.log", 180)
+        first = open_study(run / "study.log", "stop").get_trials(deepcopy=False)[0]
+        if first.state == TrialState.RUNNING:
+            killed.append(first.user_attrs["worker"]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_baselines_worker, daemon=True)
+    killer.start()
+    messages: list[str] = []
+    study = run_workers(cfg, 2, poll_s=0.2, on_message=messages.append)
+    killer.join(timeout=5)
+    assert killed, "the baseline finished before it could be killed"
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and "is gone" in trials[0].user_attrs["fail_reason"]
+    again = [t for t in trials if t.user_attrs.get("requeued_from") == 0]
+    assert len(again) == 1 and again[0].user_attrs["baseline"] == "bn"
+    assert again[0].state == TrialState.COMPLETE
+    assert again[0].user_attrs["worker"]["pid"] != killed[0]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 4 and count_trials(trials) == len(trials) - 1
+    assert any("exited with code -9" in m for m in messages)
 
 
 def _wait_for_two_running_trials(journal: Path, limit_s: float) -> list[int]:
