@@ -18,6 +18,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -123,19 +124,20 @@ class Objective:
             raise
         recipe = built.recipe.to_dict()
         key = config_key(recipe)
-        for name, value in {**built.cost, "recipe": recipe, "config_key": key}.items():
+        cost = _first_measured(trial, key, built.cost)
+        for name, value in {**cost, "recipe": recipe, "config_key": key}.items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("n_sites", len(recipe["sites"]))
         trial.set_user_attr("cost_input_size", list(cost_input_size(self.cfg, self.data)))
 
-        over = self._set_constraints(trial, built.cost)
+        over = self._set_constraints(trial, cost)
         if over:
             trial.set_user_attr("infeasible", over)
-            return self._finish(trial, start, 0.0, built.cost, steps=0)
+            return self._finish(trial, start, 0.0, cost, steps=0)
         earlier = self._finished_twin(trial, key)
         if earlier is not None:
-            return self._reuse(trial, start, earlier, built.cost)
-        return self._train(trial, start, built, baseline is not None)
+            return self._reuse(trial, start, earlier, cost)
+        return self._train(trial, start, replace(built, cost=cost), baseline is not None)
 
     def _config(self, trial: optuna.trial.Trial, baseline: str | None) -> dict[str, Any]:
         """The trial's ``convert()`` arguments: a baseline's, or sampled from the space."""
@@ -298,6 +300,19 @@ def _unclaimed_age(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> floa
     if trial.datetime_start is not None:  # (Optuna's: local and naive)
         age = max(age, (datetime.now() - trial.datetime_start).total_seconds())
     return age
+
+
+def _first_measured(
+    trial: optuna.trial.Trial, key: str, cost: dict[str, float]
+) -> dict[str, float]:
+    """The cost the study's first trial of this model recorded, else ``cost``: one model, one
+    cost (a twin's own latency differs by the noise, and would put it on or off a front, or a
+    budget, alone)."""
+    for t in trial.study.get_trials(deepcopy=False):
+        if t.number < trial.number and t.user_attrs.get("config_key") == key:
+            if all(name in t.user_attrs for name in cost):
+                return {name: t.user_attrs[name] for name in cost}
+    return cost
 
 
 def _reason(exc: BaseException) -> str:

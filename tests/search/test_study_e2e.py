@@ -187,6 +187,8 @@ def test_resume_continues_and_reuses_duplicates(e2e: SimpleNamespace, tmp_path: 
     assert new.number == N_TRIALS and new.params == trained.params
     assert new.user_attrs["duplicate_of"] == trained.number and new.user_attrs["steps"] == 0
     assert new.state == trained.state and new.values == trained.values
+    for cost in ("params", "macs", "latency_ms"):  # one model, one cost: not measured again
+        assert new.user_attrs[cost] == trained.user_attrs[cost]
     assert sum("baseline" in t.user_attrs for t in trials) == 2  # not enqueued again
     for old, again in zip(e2e.study.get_trials(), trials[:N_TRIALS], strict=True):
         assert (old.number, old.state, old.values) == (again.number, again.state, again.values)
