@@ -9,7 +9,6 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -149,8 +148,10 @@ class _OneLineUsage:
                     e.show()
                 sys.exit(e.exit_code)
             first = (e.format_message().strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-            path = e.ctx.command_path if e.ctx is not None else Path(sys.argv[0]).name
-            where = f" (see '{path} --help')"
+            # (without a context, e.g. an option missing its value: which command is unknown)
+            where = (
+                f" (see '{e.ctx.command_path} --help')" if e.ctx else " (see the command's --help)"
+            )
             raise SystemExit(fail(first + where, e.exit_code).exit_code) from None
         except _CLICK.ClickException as e:
             raise SystemExit(fail(e.format_message(), e.exit_code).exit_code) from None

@@ -244,8 +244,10 @@ def fail_dead_worker_trials(study: optuna.Study, *, unowned: bool = True) -> lis
 
 
 def check_sqlite_writer(study: optuna.Study) -> None:
-    """Refuse a SQLite study that another live process is running (a RUNNING trial whose
-    recorded worker is not known to be gone): SQLite takes one writer at a time.
+    """Refuse a SQLite study that another live process of this host is running (a RUNNING
+    trial whose recorded worker is alive): SQLite takes one writer at a time. A worker on
+    another host, or in another PID namespace, cannot be proven alive: such a trial stays
+    RUNNING, and the study is taken (a run killed there is resumed here).
 
     Raises:
         StorageError: naming the trial, its process, and the storages several processes share.
@@ -258,7 +260,9 @@ def check_sqlite_writer(study: optuna.Study) -> None:
         worker = trial.user_attrs.get(_WORKER_KEY)
         if not isinstance(worker, dict) or worker_gone(trial) is not None:
             continue  # (no worker recorded: stale on SQLite, failed as such)
-        if (worker.get("host"), worker.get("pid")) == (me["host"], me["pid"]):
+        if worker.get("host") != me["host"] or worker.get("ns", PID_NAMESPACE) != PID_NAMESPACE:
+            continue  # (its liveness is unknown here)
+        if worker.get("pid") == me["pid"]:
             continue
         raise StorageError(
             f"study {study.study_name!r} in {hide_password(rdb.url)} is being run: trial "

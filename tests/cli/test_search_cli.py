@@ -112,6 +112,7 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
         (["export", "--topp", "3"], "No such option: --topp"),
         (["bogus"], "No such command 'bogus' (see '"),
         (["run"], "Missing argument 'model' (see '"),
+        (["export", "--top"], "Option '--top' requires an argument (see the command's --help)"),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:

@@ -276,6 +276,15 @@ def test_a_sqlite_study_another_process_runs_is_not_joined(tmp_path: Path, tiny_
         other.kill()
         other.wait()
     assert run_search(cfg).get_trials()[0].state == TrialState.FAIL  # its process is gone now
+    # a run killed on another host (or in another container) cannot be proven alive from here:
+    # its trial stays RUNNING, and the study resumes
+    study = optuna.load_study(study_name="busy", storage=db)
+    elsewhere = study.ask()
+    elsewhere.set_user_attr("worker", {**worker, "host": worker["host"] + "-other"})
+    elsewhere.set_user_attr("config_key", "training-there")  # (built: no twin waits for it)
+    trials = run_search(cfg).get_trials()
+    assert trials[elsewhere.number].state == TrialState.RUNNING
+    assert trials[-1].state == TrialState.COMPLETE
 
 
 def test_two_workers_share_a_journal_and_never_train_twice(tmp_path: Path, tiny_train) -> None:
