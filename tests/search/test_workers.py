@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -214,14 +215,8 @@ def test_worker_n_trials_adds_its_own_while_other_processes_add_theirs(
 def test_a_run_stops_at_its_total_when_a_worker_joined_it(tmp_path: Path, tiny_train) -> None:
     """`an-search run --n-trials 4` (no --workers) and an `an-search worker` that joined it: the
     total is shared, the run does not add its 4 on top of the worker's trials."""
-    cfg = SearchConfig(
-        "resnet10t",
-        space=_space(tmp_path),
-        output_dir=tmp_path / "run",
-        study_name="joined",
-        storage=tmp_path / "study.log",
-        n_trials=4,
-        train=tiny_train(**TRAIN),
+    cfg = _tiny(
+        tmp_path, tiny_train, study_name="joined", storage=tmp_path / "study.log", n_trials=4
     )
     others: list[int] = []
 
@@ -249,15 +244,7 @@ def test_a_sqlite_study_another_process_runs_is_not_joined(tmp_path: Path, tiny_
     from an_search.search.study import prepare_search
 
     db = f"sqlite:///{tmp_path}/s.db"
-    cfg = SearchConfig(
-        "resnet10t",
-        space=_space(tmp_path),
-        output_dir=tmp_path / "run",
-        study_name="busy",
-        storage=db,
-        n_trials=2,
-        train=tiny_train(**TRAIN),
-    )
+    cfg = _tiny(tmp_path, tiny_train, study_name="busy", storage=db, n_trials=2)
     prepare_search(cfg)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -329,14 +316,7 @@ def test_two_workers_share_a_journal_and_never_train_twice(tmp_path: Path, tiny_
 def test_ctrl_c_stops_all_workers_and_leaves_nothing_running(tmp_path: Path, tiny_train) -> None:
     """SIGINT to the parent process (this one; a thread sends it, as `kill -INT` would)."""
     run = tmp_path / "run"
-    cfg = SearchConfig(
-        "resnet10t",
-        space=_space(tmp_path),
-        output_dir=run,
-        study_name="stop",
-        n_trials=40,
-        train=tiny_train(epochs=3, batches_per_epoch=6),  # trials long enough to cut
-    )
+    cfg = _cuttable(tmp_path, tiny_train, n_trials=40)
     running: list[int] = []
 
     def interrupt_when_both_train() -> None:
@@ -369,14 +349,7 @@ def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
     baseline again (the other worker trains it), and the dead trial does not take a place of
     the total."""
     run = tmp_path / "run"
-    cfg = SearchConfig(
-        "resnet10t",
-        space=_space(tmp_path),
-        output_dir=run,
-        study_name="stop",
-        n_trials=4,
-        train=tiny_train(epochs=3, batches_per_epoch=6),  # trials long enough to cut
-    )
+    cfg = _cuttable(tmp_path, tiny_train, n_trials=4)
     killed: list[int] = []
 
     def kill_the_baselines_worker() -> None:
@@ -401,6 +374,26 @@ def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) >= 4 and count_trials(trials) == len(trials) - 1
     assert any("exited with code -9" in m for m in messages)
+
+
+def _tiny(tmp_path: Path, tiny_train, **settings: Any) -> SearchConfig:
+    """A search of the four-configuration space in tmp_path/run, trials of two updates."""
+    return SearchConfig(
+        "resnet10t", space=_space(tmp_path), output_dir=tmp_path / "run",
+        train=tiny_train(**TRAIN), **settings,
+    )  # fmt: skip
+
+
+def _cuttable(tmp_path: Path, tiny_train, n_trials: int) -> SearchConfig:
+    """Study "stop" in tmp_path/run, with trials long enough to cut while two workers train."""
+    return SearchConfig(
+        "resnet10t",
+        space=_space(tmp_path),
+        output_dir=tmp_path / "run",
+        study_name="stop",
+        n_trials=n_trials,
+        train=tiny_train(epochs=3, batches_per_epoch=6),
+    )
 
 
 def _wait_for_two_running_trials(journal: Path, limit_s: float) -> list[int]:
