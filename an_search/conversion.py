@@ -22,6 +22,7 @@ from .models import (
     check_model_options,
     classifier_keys,
     create_model,
+    describe_mismatch,
     first_convs,
     load_checkpoint,
     model_input_size,
@@ -212,9 +213,8 @@ def convert_recipe(
         fits = create_model(name, **own)
         theirs = apply_recipe(copy.deepcopy(fits), recipe).state_dict()
         new_head = classifier_keys(fits, state) if num_classes is not None else set()
-        if theirs.keys() - new_head == state.keys() - new_head and all(
-            theirs[k].shape == v.shape for k, v in state.items() if k not in new_head
-        ):
+        shapes = {k: v.shape for k, v in state.items() if k not in new_head}
+        if not describe_mismatch(shapes, theirs, skip=new_head):
             kwargs, net = own, fits
     final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
     input_size = model_input_size(net, kwargs.get("img_size"))
