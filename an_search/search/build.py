@@ -23,7 +23,13 @@ from an_search.train import DataSpec
 
 from .config import SearchConfig
 
-__all__ = ["Built", "build_model", "cost_input_size", "measure_latency_ms"]
+__all__ = [
+    "Built",
+    "build_model",
+    "cost_input_size",
+    "measure_latency_ms",
+    "model_latency_ms",
+]
 
 
 @dataclass
@@ -41,13 +47,16 @@ def cost_input_size(cfg: SearchConfig, data: DataSpec) -> tuple[int, int, int]:
     return (data.in_chans, side, side)
 
 
-def build_model(cfg: SearchConfig, data: DataSpec, config: dict[str, Any]) -> Built:
+def build_model(
+    cfg: SearchConfig, data: DataSpec, config: dict[str, Any], *, latency: bool = True
+) -> Built:
     """Build the model a configuration describes, with the same init for every trial, and cost it.
 
     Args:
         cfg: the search settings (model name, checkpoint, proxy image size, device).
         data: the dataset (classes and input channels).
         config: ``convert()`` arguments; ``{"placement": "none"}`` builds the unconverted model.
+        latency: time it too (:func:`model_latency_ms`); False leaves ``latency_ms`` out.
     """
     torch.manual_seed(cfg.train.seed)
     common = {
@@ -61,19 +70,25 @@ def build_model(cfg: SearchConfig, data: DataSpec, config: dict[str, Any]) -> Bu
     else:
         result = convert(cfg.model, **config, **common, checkpoint=cfg.checkpoint, cost=False)
         model, recipe = result.model, result.recipe
-    size = cost_input_size(cfg, data)
-    cost = count_cost(model, size)
+    cost = count_cost(model, cost_input_size(cfg, data))
     figures: dict[str, float] = {"params": cost.params, "macs": cost.macs}
+    if latency:
+        figures["latency_ms"] = model_latency_ms(cfg, data, model)
+    return Built(model, recipe, figures)
+
+
+def model_latency_ms(cfg: SearchConfig, data: DataSpec, model: nn.Module) -> float:
+    """:func:`measure_latency_ms` of a trial's model: at the cost input size, on the training
+    device, with the threads training will use."""
     threads = torch.get_num_threads()
-    if cfg.train.threads is not None:  # time it with the threads training will use
+    if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     try:
-        figures["latency_ms"] = measure_latency_ms(
-            model, size, cfg.train.device, runs=cfg.latency_runs
+        return measure_latency_ms(
+            model, cost_input_size(cfg, data), cfg.train.device, runs=cfg.latency_runs
         )
     finally:
         torch.set_num_threads(threads)
-    return Built(model, recipe, figures)
 
 
 def measure_latency_ms(

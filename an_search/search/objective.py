@@ -39,7 +39,7 @@ from an_search.rewrite import SiteReport
 from an_search.train import DataSpec, TrainResult, proxy_train
 from an_search.train.proxy import OnEpoch
 
-from .build import Built, build_model, cost_input_size
+from .build import Built, build_model, cost_input_size, model_latency_ms
 from .config import SearchConfig
 from .sampling import BASELINES, config_key, enqueue_baselines, sample_recipe
 from .space import SearchSpace
@@ -124,7 +124,10 @@ class Objective:
             raise
         recipe = built.recipe.to_dict()
         key = config_key(recipe)
-        cost = _first_measured(trial, key, built.cost)
+        cost = _first_measured(trial, key) or {
+            **built.cost,
+            "latency_ms": model_latency_ms(self.cfg, self.data, built.model),
+        }
         for name, value in {**cost, "recipe": recipe, "config_key": key}.items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("n_sites", len(recipe["sites"]))
@@ -158,8 +161,9 @@ class Objective:
             ) from None
 
     def build(self, config: dict[str, Any]) -> Built:
-        """Build the model ``config`` describes and measure it (see :func:`build_model`)."""
-        return build_model(self.cfg, self.data, config)
+        """Build the model ``config`` describes and count it (see :func:`build_model`); its
+        latency is timed only if no earlier trial of the study has timed the same model."""
+        return build_model(self.cfg, self.data, config, latency=False)
 
     def run_training(
         self, trial: optuna.trial.Trial, built: Built, on_epoch: OnEpoch
@@ -302,17 +306,15 @@ def _unclaimed_age(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> floa
     return age
 
 
-def _first_measured(
-    trial: optuna.trial.Trial, key: str, cost: dict[str, float]
-) -> dict[str, float]:
-    """The cost the study's first trial of this model recorded, else ``cost``: one model, one
-    cost (a twin's own latency differs by the noise, and would put it on or off a front, or a
-    budget, alone)."""
+def _first_measured(trial: optuna.trial.Trial, key: str) -> dict[str, float] | None:
+    """The cost the study's first trial of this model recorded (None: none has): one model,
+    one cost (a twin's own latency differs by the noise, and would put it on or off a front,
+    or a budget, alone), and no time spent timing it again."""
     for t in trial.study.get_trials(deepcopy=False):
         if t.number < trial.number and t.user_attrs.get("config_key") == key:
-            if all(name in t.user_attrs for name in cost):
-                return {name: t.user_attrs[name] for name in cost}
-    return cost
+            if all(name in t.user_attrs for name in _COST_KEY.values()):
+                return {name: t.user_attrs[name] for name in _COST_KEY.values()}
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,9 +16,10 @@ of it is waiting, running or finished (e.g. it was killed). They are trained in 
 from __future__ import annotations
 
 import json
+import sqlite3
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,9 @@ def prepare_search(
         processes=processes,
     )  # fmt: skip
     objectives = parse_objectives(cfg.objectives)
-    unconverted = build_model(cfg, data, BASELINES["bn"])
+    unconverted = build_model(
+        cfg, data, BASELINES["bn"], latency="latency_ms" in cfg.budgets()
+    )  # (timed only for a latency budget)
     _check_budgets(cfg, unconverted.cost)
     report = find_sites(unconverted.model)
     check_space(space, report)
@@ -273,7 +276,27 @@ def study_storage_url(storage: str | Path) -> str:
         file = Path(url.removeprefix("sqlite:///"))
         if not file.is_file():
             raise StorageError(f"storage file must exist to read a study: {file}")
+        if url.startswith("sqlite:///") and not _has_optuna_tables(file):
+            raise _no_study(storage)  # (before Optuna makes it a database)
     return url
+
+
+def _no_study(storage: str | Path) -> StorageError:
+    return StorageError(
+        f"storage {hide_password(str(storage))!r} holds no study: give the storage of one that "
+        "`an-search run` made"
+    )
+
+
+def _has_optuna_tables(file: Path) -> bool:
+    """Whether a SQLite file holds Optuna's tables, read without writing: True for a file that
+    is no database (:func:`open_storage` says what it is), False for an empty one."""
+    try:
+        with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'studies'").fetchone()
+    except sqlite3.Error:
+        return True
+    return found is not None
 
 
 def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
@@ -290,10 +313,7 @@ def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Stu
     backend = open_storage(study_storage_url(storage))
     names = optuna.get_all_study_names(backend)
     if not names:
-        raise StorageError(
-            f"storage {hide_password(str(storage))!r} holds no study: give the storage of one "
-            "that `an-search run` made"
-        )
+        raise _no_study(storage)
     if study_name is None:
         if len(names) != 1:
             raise StorageError(

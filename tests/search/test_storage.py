@@ -296,3 +296,12 @@ def test_an_empty_storage_says_it_holds_no_study(tmp_path: Path, name: str) -> N
     (tmp_path / name).touch()
     with pytest.raises(StorageError, match=rf"storage '.*{name}' holds no study: give the"):
         open_study(tmp_path / name)
+    assert (tmp_path / name).stat().st_size == 0  # read, not made a database
+
+
+def test_a_file_that_is_no_database_is_not_told_it_holds_no_study(tmp_path: Path) -> None:
+    from an_search.search import open_study
+
+    (tmp_path / "notes.db").write_text("not a database\n" * 100)
+    with pytest.raises(StorageError, match="cannot be opened .*: .*not a database"):
+        open_study(tmp_path / "notes.db")

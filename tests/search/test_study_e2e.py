@@ -26,6 +26,7 @@ import timm
 import yaml
 from optuna.trial import TrialState
 
+import an_search.search.build as build_module
 from an_search.errors import BudgetError, StorageError
 from an_search.search import (
     NO_PRUNING_MESSAGE,
@@ -168,8 +169,15 @@ def test_optuna_cli_reads_the_study(e2e: SimpleNamespace) -> None:
     assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
 
 
-def test_resume_continues_and_reuses_duplicates(e2e: SimpleNamespace, tmp_path: Path) -> None:
+def test_resume_continues_and_reuses_duplicates(
+    e2e: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A second run on (a copy of) the same storage adds trials after the first run's."""
+    timed: list[int] = []  # the real timing, counted: a duplicate's model is not timed again
+    measure = build_module.measure_latency_ms
+    monkeypatch.setattr(
+        build_module, "measure_latency_ms", lambda *a, **k: timed.append(1) or measure(*a, **k)
+    )
     db = tmp_path / "resumed.db"
     shutil.copy(e2e.root / "run" / "study.db", db)
     cfg = replace(e2e.cfg, storage=db, n_trials=1)
@@ -189,6 +197,7 @@ def test_resume_continues_and_reuses_duplicates(e2e: SimpleNamespace, tmp_path: 
     assert new.state == trained.state and new.values == trained.values
     for cost in ("params", "macs", "latency_ms"):  # one model, one cost: not measured again
         assert new.user_attrs[cost] == trained.user_attrs[cost]
+    assert timed == []
     assert sum("baseline" in t.user_attrs for t in trials) == 2  # not enqueued again
     for old, again in zip(e2e.study.get_trials(), trials[:N_TRIALS], strict=True):
         assert (old.number, old.state, old.values) == (again.number, again.state, again.values)
