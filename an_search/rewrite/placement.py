@@ -26,6 +26,7 @@ import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from an_search._values import is_integer
 from an_search.errors import MAX_K, InvalidKError, NoSitesSelectedError, UnknownNameError
@@ -203,15 +204,35 @@ def _include(report: SiteReport, patterns: Sequence[str]) -> list[Site]:
     return added
 
 
+def _listed(name: str, value: Any, kind: type) -> tuple[Any, ...] | None:
+    """``value`` as a tuple of ``kind`` items: one item alone too (a string is one name, not
+    its letters). Raises TypeError for other items."""
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, kind | str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = (value,)
+    bad = [v for v in items if not isinstance(v, kind) or isinstance(v, bool)]
+    if bad:
+        label = "int" if kind is numbers.Integral else kind.__name__
+        raise TypeError(
+            f"{name} takes {label} items (one, or a list of them), not "
+            f"{type(bad[0]).__name__}: {bad[0]!r}"
+        )
+    return items
+
+
 def select_sites(
     report: SiteReport,
     placement: str = "paper",
     *,
-    roles: Sequence[str] | None = None,
-    stages: Sequence[int] | None = None,
-    norm_types: Sequence[str] | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
+    roles: str | Sequence[str] | None = None,
+    stages: int | Sequence[int] | None = None,
+    norm_types: str | Sequence[str] | None = None,
+    include: str | Sequence[str] = (),
+    exclude: str | Sequence[str] = (),
     k: int | Sequence[int] | None = None,
 ) -> dict[str, int]:
     """Choose sites and their K (precedence in the module docstring).
@@ -219,10 +240,11 @@ def select_sites(
     Args:
         report: From :func:`an_search.rewrite.find_sites`.
         placement: A name in :data:`PLACEMENTS`.
-        roles: Keep sites having any of these roles.
-        stages: Keep sites in these stage indices.
+        roles: Keep sites having any of these roles (one name: that role).
+        stages: Keep sites in these stage indices (one int: that stage).
         norm_types: Keep sites whose class name or base kind is listed.
-        include: Patterns adding supported sites (each must match one).
+        include: Patterns adding supported sites (each must match one; one string: one
+            pattern, not its characters).
         exclude: Patterns removing sites (may match none).
         k: One int, one int per stage, or None for :func:`default_k`.
 
@@ -233,7 +255,14 @@ def select_sites(
         UnknownNameError: unknown placement, role, stage or norm type.
         InvalidKError: K < 1 or a K list whose length is not the number of stages.
         NoSitesSelectedError: nothing selected, a bad regex, or an include matching nothing.
+        TypeError: a filter that is not a name (an int) or a list of them.
     """
+    roles, norm_types = _listed("roles", roles, str), _listed("norm_types", norm_types, str)
+    stages = _listed("stages", stages, numbers.Integral)
+    include, exclude = (
+        _listed("include", include, str) or (),
+        _listed("exclude", exclude, str) or (),
+    )
     if placement not in PLACEMENTS:
         raise UnknownNameError(
             f"unknown placement {placement!r}: choose from {', '.join(PLACEMENTS)}"

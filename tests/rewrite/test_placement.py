@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import timm
@@ -87,6 +88,27 @@ def test_precedence_filters_then_include_then_exclude(r50) -> None:
     assert "bn1" not in select_sites(r50, "paper", include=["bn1"], exclude=["bn1"])
     # a base kind works as a norm type
     assert len(select_sites(r50, "all", norm_types=["batchnorm"])) == 53
+
+
+def test_one_name_is_one_filter_not_its_letters(r50) -> None:
+    """A lone string (or int) means a one-item list: a string is a Sequence[str] of letters,
+    and "layer4.*" as letters held the pattern "*", which excluded every site."""
+    one = select_sites(r50, "all", exclude="layer4.0.bn1")
+    assert set(one) == set(select_sites(r50, "all")) - {"layer4.0.bn1"}
+    assert set(select_sites(r50, "all", exclude="layer4.*")) == {
+        n for n in select_sites(r50, "all") if not n.startswith("layer4.")
+    }
+    assert select_sites(r50, "none", include="bn1") == {"bn1": 10}
+    assert select_sites(r50, "all", roles="after-1x1", stages=3, norm_types="BatchNorm2d") == (
+        select_sites(r50, "all", roles=["after-1x1"], stages=[3], norm_types=["BatchNorm2d"])
+    )
+    for kwargs, text in [
+        ({"stages": "3"}, "stages takes int items (one, or a list of them), not str: '3'"),
+        ({"stages": [1.0]}, "stages takes int items (one, or a list of them), not float: 1.0"),
+        ({"exclude": [3]}, "exclude takes str items (one, or a list of them), not int: 3"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(text)):
+            select_sites(r50, "all", **kwargs)
 
 
 def test_glob_vs_regex(r50) -> None:
