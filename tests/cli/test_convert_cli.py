@@ -104,6 +104,13 @@ def test_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
     assert needle in lines[0]
 
 
+def test_an_image_size_below_the_models_downsampling_one_line_exit_2() -> None:
+    code, _, err = run("convnext_atto", "--img-size", "16")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: a 16x16 input is too small for this model, which downsamples")
+    assert err.strip().endswith("give a larger --img-size, 32 or more")
+
+
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_bad_image_size_one_line_exit_2(size: str) -> None:
     code, _, err = run("resnet18", "--img-size", size)

@@ -8,6 +8,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 from an_search.cost import UNIT, count_cost
+from an_search.errors import ModelConfigError
 
 INPUT = (3, 32, 32)
 BATCH = 2
@@ -131,3 +132,28 @@ def test_a_model_flop_counter_cannot_run_is_still_counted() -> None:
     stock = FlopCountAnalysis(pit.eval(), x)
     stock.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     assert report.macs == stock.total() > 0 and report.flop_counter_macs is None
+
+
+def test_an_input_smaller_than_the_models_downsampling_is_named() -> None:
+    """ConvNeXt's last downsampling conv (2x2) cannot run on the 1x1 map of a 16 px input: a
+    one-line error naming the size to give, not torch's RuntimeError."""
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+    need = max(f["reduction"] for f in model.feature_info)
+    with pytest.raises(ModelConfigError) as info:
+        count_cost(model, (3, 16, 16))
+    text = str(info.value)
+    assert text.startswith(f"a 16x16 input is too small for this model, which downsamples {need}x")
+    assert "Kernel size can't be greater than actual input size" in text
+    assert text.endswith(f"give a larger --img-size, {need} or more") and "\n" not in text
+    assert count_cost(model, (3, need, need)).macs > 0
+
+
+def test_a_failing_forward_on_a_large_enough_input_is_raised_as_it_is() -> None:
+    class Broken(torch.nn.Module):
+        feature_info = [{"reduction": 4}]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("a bug of the model's own")
+
+    with pytest.raises(RuntimeError, match="a bug of the model's own"):
+        count_cost(Broken(), (3, 8, 8))
