@@ -362,7 +362,8 @@ def retrain(
     from an_search.train import TrainConfig, resolve_data
     from an_search.train.retrain import retrain as run_retrain
 
-    recipe, where, searched_on = _recipe_from(source, storage, study_name)
+    recipe, where, study = _recipe_from(source, storage, study_name)
+    searched_on = _searched_on(study) if study is not None else None
     cfg = TrainConfig(
         epochs=epochs,
         batches_per_epoch=batches_per_epoch,
@@ -383,6 +384,13 @@ def retrain(
 
             data = searched_on[0]
             check_study_data(data)
+    if checkpoint is None and study is not None:  # what its trials started from, as its data
+        from an_search.search import study_checkpoint
+
+        found = study_checkpoint(study)
+        checkpoint = Path(found) if found is not None else None
+        if found is not None and not (quiet or json_out):
+            stderr().print(f"weights: {found} (the study's; --checkpoint for others)")
     if not (quiet or json_out):
         shown = f"{dataset} in {data}" if dataset else data or "the embedded Animal-MNIST"
         whose = " (the study's; --data for another)" if searched_on is not None else ""
@@ -395,6 +403,13 @@ def retrain(
         raise DataError(
             f"the recipe's model has {classes} classes, the embedded data {spec.num_classes}: "
             "pass --data with the dataset it was searched on"
+        )
+    if classes not in (None, spec.num_classes) and not (quiet or json_out):
+        stderr().print(
+            f"note: the recipe's model has {classes} classes, this data {spec.num_classes}: "
+            "its classifier is made for the data",
+            highlight=False,
+            soft_wrap=True,
         )
     from ._progress import TrialProgress
 
@@ -464,10 +479,10 @@ def retrain(
 
 def _recipe_from(
     source: Path | None, storage: str | None, study_name: str | None
-) -> tuple[Any, Path, tuple[str | None, str] | None]:
+) -> tuple[Any, Path, optuna.Study | None]:
     """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
-    the folder for outputs and, from a study that searched on a dataset, its path and timm name
-    (None: the embedded data, or a recipe file)."""
+    the folder for outputs and the study it came from (None: a recipe file of no run
+    directory's export)."""
     from an_search.errors import RecipeError
     from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
@@ -482,7 +497,7 @@ def _recipe_from(
         raise RecipeError(
             f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
         )
-    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, _searched_on(study)
+    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, study
 
 
 def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:
@@ -492,9 +507,9 @@ def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:
     return (data, dataset) if data or dataset else None
 
 
-def _exported_from(folder: Path) -> tuple[str | None, str] | None:
-    """For a recipe that ``an-search export`` wrote into RUN_DIR/export/rank*: the data of the
-    study in RUN_DIR (None: another recipe, or a run directory without one study)."""
+def _exported_from(folder: Path) -> optuna.Study | None:
+    """For a recipe that ``an-search export`` wrote into RUN_DIR/export/rank*: the study in
+    RUN_DIR (None: another recipe, or a run directory without one study)."""
     from an_search.errors import StorageError
     from an_search.search import open_study
 
@@ -502,7 +517,7 @@ def _exported_from(folder: Path) -> tuple[str | None, str] | None:
     if folder.parent.name != "export" or not folder.name.startswith("rank"):
         return None
     try:
-        return _searched_on(open_study(run_dir))
+        return open_study(run_dir)
     except StorageError:
         return None
 

@@ -11,6 +11,7 @@ parallel workers (``workers``, ``worker``) and trials under torchrun (``ddp``).
 
 from __future__ import annotations
 
+from ._weights import study_checkpoint
 from .build import Built, build_model, cost_input_size, measure_latency_ms
 from .config import OBJECTIVES, PRUNERS, SearchConfig, parse_objectives
 from .ddp import DDPObjective
@@ -89,6 +90,7 @@ __all__ = [
     "measure_latency_ms",
     "open_storage",
     "open_study",
+    "study_checkpoint",
     "study_storage_url",
     "pareto_front",
     "ranked_trials",

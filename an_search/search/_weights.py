@@ -16,7 +16,7 @@ import optuna
 from an_search._digest import file_sha256
 from an_search.errors import CheckpointError, StorageError
 
-__all__ = ["check_same_weights", "weights_summary"]
+__all__ = ["check_same_weights", "study_checkpoint", "weights_summary"]
 
 
 def weights_summary(checkpoint: str | os.PathLike[str] | None) -> dict[str, Any] | None:
@@ -58,6 +58,35 @@ def check_same_weights(study: optuna.Study, weights: dict[str, Any] | None) -> N
         f"from {_describe(weights)}: resume it with the same --checkpoint (its path may "
         "differ), or start another study (--study-name or --output)"
     )
+
+
+def study_checkpoint(study: optuna.Study) -> str | None:
+    """The weights file ``study``'s trials started from, on this machine (None: random init).
+
+    It is the path the study stored, checked to hold the same content (a study from before
+    the content was stored: the path, if it is there).
+
+    Raises:
+        CheckpointError: the file is not on this machine, or holds other weights now.
+    """
+    weights = study.user_attrs.get("weights")
+    path = (study.user_attrs.get("config") or {}).get("checkpoint")
+    if "weights" not in study.user_attrs:
+        return path if path and os.path.isfile(path) else None
+    if not weights:
+        return None
+    path = path or weights.get("file")
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(
+            f"the study's trials started from {_describe(weights)}, which is not at "
+            f"{str(path)!r} on this machine: give its path here with --checkpoint"
+        )
+    if file_sha256(path) != weights.get("sha256"):
+        raise CheckpointError(
+            f"{path!r} no longer holds the weights the study's trials started from "
+            f"({_describe(weights)}): give those with --checkpoint"
+        )
+    return path
 
 
 def _describe(weights: dict[str, Any] | None) -> str:

@@ -430,3 +430,54 @@ def test_the_pruner_is_chosen_on_the_command_line(tmp_path: Path) -> None:
     assert code == 0, err
     study = optuna.load_study(study_name="resnet10t-default", storage=f"sqlite:///{out}/study.db")
     assert study.user_attrs["config"]["pruner"] == "none"
+
+
+def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
+    tmp_path: Path,
+) -> None:
+    """A search from --checkpoint ranks trials trained from those weights: its winner retrains
+    from them too (before: from random init, with no word), found where the study stored them
+    and checked to be the same content."""
+    import hashlib
+
+    import timm
+
+    from an_search.train.checkpoint import load_checkpoint
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), weights)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    out = tmp_path / "run"
+    args = ["--epochs", "1", "--batches-per-epoch", "1", "--batch-size", "8"]
+    code, _, err = run(
+        "run", "resnet10t", "--n-trials", "2", *args, "--val-fraction", "0.05",
+        "--checkpoint", str(weights), "--output", str(out), "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert run("export", str(out), "--top", "1")[0] == 0
+    for source, rt in (
+        (out, tmp_path / "rt1"),
+        (out / "export" / "rank1_trial1", tmp_path / "rt2"),
+    ):
+        code, _, err = run("retrain", str(source), *args, "--output", str(rt))
+        assert code == 0, err
+        assert f"weights: {weights} (the study's; --checkpoint for others)" in err
+        assert json.loads(load_checkpoint(rt / "an")["run"])["weights"] == sha
+
+    other = tmp_path / "other.pth"  # --checkpoint still chooses
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
+    code, _, err = run("retrain", str(out), *args, "-q", "--checkpoint", str(other))
+    assert code == 0, err
+    assert json.loads(load_checkpoint(out / "retrain" / "an")["run"])["weights"] != sha
+
+    weights.write_bytes(other.read_bytes())
+    code, _, err = run("retrain", str(out), *args, "-q", "--output", str(tmp_path / "rt3"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"'{weights}' no longer holds the weights the study's trials started from" in err
+    weights.unlink()
+    code, _, err = run("retrain", str(out), *args, "-q", "--output", str(tmp_path / "rt3"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (
+        f"which is not at '{weights}' on this machine: give its path here with --checkpoint" in err
+    )
+    assert not (tmp_path / "rt3").exists()
