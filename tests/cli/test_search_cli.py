@@ -156,6 +156,29 @@ def test_retrain_of_a_recipe_for_other_classes_needs_data(tmp_path: Path) -> Non
     assert code == 2 and "has 3 classes, the embedded data 10" in err and "--data" in err
 
 
+def test_retrain_on_data_of_other_classes_than_the_recipes_says_so(tmp_path: Path) -> None:
+    import tarfile
+
+    from an_search.rewrite import Recipe
+    from an_search.train.data import EMBEDDED_ROOT
+
+    with tarfile.open(EMBEDDED_ROOT / "train.tar") as tf:  # 3 of its classes, 8 images each
+        members = [m for m in tf.getmembers() if m.isfile()]
+        classes = sorted({m.name.split("/")[0] for m in members})[:3]
+        for cls in classes:
+            for m in [m for m in members if m.name.startswith(cls + "/")][:8]:
+                (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+                (tmp_path / "data" / m.name).write_bytes(tf.extractfile(m).read())
+    recipe = Recipe.from_selection(
+        model="resnet10t", selected={"layer1.0.bn1": 4}, model_kwargs={"num_classes": 10}
+    )
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    args = ["--epochs", "1", "--batches-per-epoch", "1", "--batch-size", "8"]
+    code, _, err = run("retrain", str(tmp_path), *args, "--data", str(tmp_path / "data"))
+    assert code == 0, err
+    assert "note: the recipe's model has 10 classes, this data 3: its classifier is made " in err
+
+
 def test_retrain_progress_shows_the_training_not_an_empty_trial_count(tmp_path: Path) -> None:
     from an_search.rewrite import Recipe
 
