@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from ._rng import kept_rng
 from .cost import CostReport, count_cost
 from .errors import CheckpointError, ModelConfigError, RecipeError, UnknownNameError
 from .layers.attentive_norm import INITS
@@ -83,6 +85,7 @@ def convert(
     checkpoint: str | os.PathLike[str] | None = None,
     no_weight_decay: bool = False,
     cost: bool = True,
+    seed: int | None = None,
 ) -> ConvertResult:
     """Convert a timm model (by name or instance) to use Attentive Normalization.
 
@@ -105,53 +108,58 @@ def convert(
         checkpoint: local weights file loaded before converting (into a built model too).
         no_weight_decay: name the AN mixture parameters in ``model.no_weight_decay()``.
         cost: count params and MACs before and after (fvcore).
+        seed: torch's seed for the random init (the model's by name, AN's, ``preserve``'s
+            symmetry-breaking noise), the caller's random states kept (None: torch's as it is).
 
     Returns:
         A ``ConvertResult``; the model is changed in place.
     """
-    prior: list[RecipeSite] = []
-    if isinstance(model, str):
-        name = model
-        net = create_model(
-            model,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            img_size=img_size,
-            checkpoint=checkpoint,
+    with _seeded(seed):
+        prior: list[RecipeSite] = []
+        if isinstance(model, str):
+            name = model
+            net = create_model(
+                model,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                img_size=img_size,
+                checkpoint=checkpoint,
+            )
+            model_kwargs = _model_kwargs(num_classes, in_chans, img_size)
+        else:
+            net = model
+            name, prior = _take_built(net, num_classes, in_chans, img_size, checkpoint)
+            model_kwargs = _model_kwargs(
+                getattr(net, "num_classes", None), _in_chans(net), img_size
+            )
+        if init is None:
+            init = "preserve" if checkpoint is not None else "paper"
+        input_size = model_input_size(net, img_size)
+        report = find_sites(net)
+        selected = select_sites(
+            report,
+            placement,
+            roles=roles,
+            stages=stages,
+            norm_types=norm_types,
+            include=include,
+            exclude=exclude,
+            k=k,
         )
-        model_kwargs = _model_kwargs(num_classes, in_chans, img_size)
-    else:
-        net = model
-        name, prior = _take_built(net, num_classes, in_chans, img_size, checkpoint)
-        model_kwargs = _model_kwargs(getattr(net, "num_classes", None), _in_chans(net), img_size)
-    if init is None:
-        init = "preserve" if checkpoint is not None else "paper"
-    input_size = model_input_size(net, img_size)
-    report = find_sites(net)
-    selected = select_sites(
-        report,
-        placement,
-        roles=roles,
-        stages=stages,
-        norm_types=norm_types,
-        include=include,
-        exclude=exclude,
-        k=k,
-    )
-    before = count_cost(net, input_size) if cost else None
-    apply_an(net, selected, head=head, pool=pool, init=init, no_weight_decay=no_weight_decay)
-    after = count_cost(net, input_size) if cost else None
-    recipe = Recipe.from_selection(
-        model=name,
-        model_kwargs=model_kwargs,
-        prior=prior,
-        selected=selected,
-        head=head,
-        pool=pool,
-        init=init,
-        no_weight_decay=no_weight_decay,
-    )
-    return ConvertResult(net, recipe, report, selected, before, after, input_size)
+        before = count_cost(net, input_size) if cost else None
+        apply_an(net, selected, head=head, pool=pool, init=init, no_weight_decay=no_weight_decay)
+        after = count_cost(net, input_size) if cost else None
+        recipe = Recipe.from_selection(
+            model=name,
+            model_kwargs=model_kwargs,
+            prior=prior,
+            selected=selected,
+            head=head,
+            pool=pool,
+            init=init,
+            no_weight_decay=no_weight_decay,
+        )
+        return ConvertResult(net, recipe, report, selected, before, after, input_size)
 
 
 def convert_recipe(
@@ -164,6 +172,7 @@ def convert_recipe(
     checkpoint: str | os.PathLike[str] | None = None,
     init: str | None = None,
     cost: bool = True,
+    seed: int | None = None,
 ) -> ConvertResult:
     """Convert a timm model as a recipe says (e.g. an ``an-search export`` winner).
 
@@ -184,50 +193,64 @@ def convert_recipe(
         init: ``paper`` or ``preserve``; default ``preserve`` when a checkpoint is loaded (as
             for ``convert``), else the recipe's (a searched ``init``, if the space had one).
         cost: count params and MACs before and after (fvcore).
+        seed: as for :func:`convert`.
 
     Raises:
         UnknownModelError, UnknownNameError, ModelConfigError, CheckpointError,
         RecipeError: bad recipe sizes, or a site of the recipe that is not in the model.
     """
-    name = model or recipe.model
-    if init is None:
-        init = "preserve" if checkpoint is not None else recipe.init
-    if init not in INITS:
-        raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
-    sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
-    kwargs = recipe_model_kwargs(recipe, **sizes, checkpoint=checkpoint)
-    net = create_model(name, **kwargs)
-    state = None if checkpoint is None else read_checkpoint(checkpoint)
-    converted = False
-    if state is not None:
-        differs = _site_difference(net, recipe, state)
-        converted = differs is None
-        if differs is not None and any(".attn.head." in k for k in state):
-            raise CheckpointError(
-                f"checkpoint {os.fspath(checkpoint)!r} holds AttentiveNorm sites, not this "
-                f"recipe's ({differs}): give the recipe its weights were saved with"
-            )
-    if converted and (own := recipe_model_kwargs(recipe, **sizes)) != kwargs:
-        # a saved AN model, of the recipe's sizes where its weights fit them (a ViT's image
-        # size, its classes and input channels): built so, not resampled to timm's defaults
-        fits = create_model(name, **own)
-        theirs = apply_recipe(copy.deepcopy(fits), recipe).state_dict()
-        new_head = classifier_keys(fits, state) if num_classes is not None else set()
-        shapes = {k: v.shape for k, v in state.items() if k not in new_head}
-        if not describe_mismatch(shapes, theirs, skip=new_head):
-            kwargs, net = own, fits
-    final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
-    input_size = model_input_size(net, kwargs.get("img_size"))
-    report = find_sites(net)
-    before = count_cost(net, input_size) if cost else None
-    new_classifier = num_classes is not None
-    if checkpoint is not None and not converted:
-        load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
-    apply_recipe(net, final)
-    if converted:
-        load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
-    after = count_cost(net, input_size) if cost else None
-    return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+    with _seeded(seed):
+        name = model or recipe.model
+        if init is None:
+            init = "preserve" if checkpoint is not None else recipe.init
+        if init not in INITS:
+            raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
+        sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+        kwargs = recipe_model_kwargs(recipe, **sizes, checkpoint=checkpoint)
+        net = create_model(name, **kwargs)
+        state = None if checkpoint is None else read_checkpoint(checkpoint)
+        converted = False
+        if state is not None:
+            differs = _site_difference(net, recipe, state)
+            converted = differs is None
+            if differs is not None and any(".attn.head." in k for k in state):
+                raise CheckpointError(
+                    f"checkpoint {os.fspath(checkpoint)!r} holds AttentiveNorm sites, not this "
+                    f"recipe's ({differs}): give the recipe its weights were saved with"
+                )
+        if converted and (own := recipe_model_kwargs(recipe, **sizes)) != kwargs:
+            # a saved AN model, of the recipe's sizes where its weights fit them (a ViT's image
+            # size, its classes and input channels): built so, not resampled to timm's defaults
+            fits = create_model(name, **own)
+            theirs = apply_recipe(copy.deepcopy(fits), recipe).state_dict()
+            new_head = classifier_keys(fits, state) if num_classes is not None else set()
+            shapes = {k: v.shape for k, v in state.items() if k not in new_head}
+            if not describe_mismatch(shapes, theirs, skip=new_head):
+                kwargs, net = own, fits
+        final = replace(recipe, model=name, model_kwargs=kwargs, init=init)
+        input_size = model_input_size(net, kwargs.get("img_size"))
+        report = find_sites(net)
+        before = count_cost(net, input_size) if cost else None
+        new_classifier = num_classes is not None
+        if checkpoint is not None and not converted:
+            load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
+        apply_recipe(net, final)
+        if converted:
+            load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
+        after = count_cost(net, input_size) if cost else None
+        return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """The block with torch seeded by ``seed`` and the caller's random states put back after
+    it; None: the block as it is."""
+    if seed is None:
+        yield
+        return
+    with kept_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def recipe_model_kwargs(

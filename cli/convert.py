@@ -86,6 +86,9 @@ def convert(
     output: Annotated[
         Path | None, typer.Option(help="write model.safetensors + recipe.json here")
     ] = None,
+    seed: Annotated[
+        int, typer.Option(help="seed of the random init (model and AN): same seed, same weights")
+    ] = 0,
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
@@ -138,7 +141,7 @@ def convert(
         if recipe is not None:
             result = convert_recipe(
                 plan, model=model, num_classes=num_classes, in_chans=in_chans,
-                img_size=img_size, checkpoint=checkpoint, init=init,
+                img_size=img_size, checkpoint=checkpoint, init=init, seed=seed,
             )  # fmt: skip
         else:
             result = run_convert(
@@ -158,6 +161,7 @@ def convert(
                 img_size=img_size,
                 checkpoint=checkpoint,
                 no_weight_decay=no_weight_decay,
+                seed=seed,
             )
         if output is not None:
             save(result.model, result.recipe, output)

@@ -296,3 +296,23 @@ def test_convert_recipe_rebuilds_a_saved_vit_at_its_own_size(tmp_path: Path) -> 
         features = vit.model.eval().forward_head(vit.model.forward_features(x), pre_logits=True)
         mine = moved.model.eval().forward_head(moved.model.forward_features(x), pre_logits=True)
     assert torch.equal(mine, features)
+
+
+def test_a_seeded_conversion_repeats_and_keeps_the_callers_random_state() -> None:
+    """``seed`` fixes the model's init and AN's, by name and by recipe; the caller's torch
+    stream goes on as if the call had not run."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = an_search.convert("resnet10t", img_size=32, cost=False, seed=3)
+    assert torch.equal(torch.rand(3), expected)
+    again = an_search.convert("resnet10t", img_size=32, cost=False, seed=3).model.state_dict()
+    other = an_search.convert("resnet10t", img_size=32, cost=False, seed=4).model.state_dict()
+    state = first.model.state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert any(not torch.equal(state[k], other[k]) for k in state)
+    by_recipe = [
+        an_search.convert_recipe(first.recipe, cost=False, seed=3).model.state_dict()
+        for _ in range(2)
+    ]
+    assert all(torch.equal(by_recipe[0][k], by_recipe[1][k]) for k in state)

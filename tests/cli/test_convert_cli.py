@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from typer.testing import CliRunner
 
@@ -70,6 +71,29 @@ def test_output_then_reload_identical(tmp_path: Path) -> None:
     m2.eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(m1(x), m2(x), rtol=0, atol=0)
+
+
+def test_the_same_command_writes_the_same_weights(tmp_path: Path) -> None:
+    """--seed (0 by default) fixes the random init, the model's and AN's (before: each run
+    wrote other weights); from loaded weights, preserve's noise too."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(1)
+    save_file(timm.create_model("resnet10t").state_dict(), weights)
+    files = {}
+    for name, extra in [
+        ("a", []), ("b", []), ("c", ["--seed", "1"]),
+        ("d", ["--checkpoint", str(weights)]), ("e", ["--checkpoint", str(weights)]),
+        ("f", ["--checkpoint", str(weights), "--seed", "1"]),
+    ]:  # fmt: skip
+        code, _, err = run(
+            "resnet10t", "--img-size", "32", "--output", str(tmp_path / name), *extra
+        )
+        assert code == 0, err
+        files[name] = (tmp_path / name / "model.safetensors").read_bytes()
+    assert files["a"] == files["b"] != files["c"]
+    assert files["d"] == files["e"] != files["f"]
 
 
 @pytest.mark.parametrize(
