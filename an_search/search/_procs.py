@@ -69,7 +69,7 @@ def start_worker(
     root = str(Path(__file__).resolve().parents[2])  # the workers import this very package
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "an_search.search._worker_main", str(config)]
-    cmd += ["--index", str(plan.index), "--nproc", str(plan.nproc), "--status", str(status)]
+    cmd += ["--nproc", str(plan.nproc), "--status", str(status)]
     cmd += ["--cpus", ",".join(map(str, plan.cpus))] if plan.cpus else []
     cmd += ["--limit", str(limit)] if limit is not None else []
     cmd += ["--call", call] if call is not None else []

@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     guard.install()
     parser = argparse.ArgumentParser(prog="python -m an_search.search._worker_main")
     parser.add_argument("config", type=Path, help="SearchConfig as JSON (to_dict)")
-    parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--call", default=None, help="the worker call's id (own-trial budget)")
     parser.add_argument("--nproc", type=int, default=1)
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(
             cfg,
             limit=args.limit,
-            index=args.index,
             nproc=args.nproc,
             sync_bn=args.sync_bn,
             guard=guard,

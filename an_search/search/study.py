@@ -5,8 +5,9 @@
 Sampler and pruner: one objective uses TPE (seeded, group-decomposed for the conditional
 parameters; budgets reach it as trial constraints) with Hyperband pruning on the per-epoch
 validation top-1; several objectives use NSGA-II and no pruner (Optuna cannot prune
-multi-objective studies), with a message saying so. A resumed study reseeds the sampler with
-``seed + number of trials so far``, so it does not replay the first run's proposals.
+multi-objective studies), with a message saying so. The sampler is seeded afresh for each trial
+from ``seed`` and the trial's number (``_seeding``): a study resumed or split over calls proposes
+what one uninterrupted call would have, given the same trials so far.
 
 Baselines: the unconverted model (``baseline=bn``) and the paper's placement (``baseline=paper``)
 are enqueued once per study, ahead of any sampled trial; one is enqueued again only when no trial
@@ -33,6 +34,7 @@ from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
+from ._seeding import PerTrialSeedSampler
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
 from .config import OBJECTIVES, SearchConfig, no_infinite_budget, parse_objectives
@@ -123,7 +125,7 @@ def create_or_load_study(
         if "weights" not in study.user_attrs:
             study.set_user_attr("weights", weights)
     n_before = len(trials)
-    study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives, cfg.seed + n_before)
+    study.sampler, study.pruner, message = _sampler_pruner(cfg, objectives)
     if n_before == 0:
         with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -439,15 +441,18 @@ def _describe_data(data: dict[str, Any], other: dict[str, Any] | None = None) ->
 
 
 def _sampler_pruner(
-    cfg: SearchConfig, objectives: tuple[str, ...], seed: int
+    cfg: SearchConfig, objectives: tuple[str, ...]
 ) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner, str | None]:
     nop = optuna.pruners.NopPruner()
     if len(objectives) > 1:
-        sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
+        sampler = PerTrialSeedSampler(
+            lambda seed: optuna.samplers.NSGAIISampler(
+                population_size=cfg.population_size, seed=seed
+            ),
+            cfg.seed,
+        )
         return sampler, nop, NO_PRUNING_MESSAGE if cfg.pruner != "none" else None
-    with warnings.catch_warnings():  # group=True is marked experimental since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, group=True)
+    sampler = PerTrialSeedSampler(_tpe, cfg.seed)
     if cfg.pruner == "none":
         return sampler, nop, None
     pruner = optuna.pruners.HyperbandPruner(
@@ -456,6 +461,12 @@ def _sampler_pruner(
         reduction_factor=cfg.hyperband_reduction_factor,
     )
     return sampler, pruner, None
+
+
+def _tpe(seed: int) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():  # group=True is marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, group=True)
 
 
 def _check_budgets(cfg: SearchConfig, cost: dict[str, float]) -> None:

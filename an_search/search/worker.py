@@ -3,8 +3,9 @@
 ``workers.run_workers`` starts these as ``python -m an_search.search._worker_main`` (one per
 GPU group or CPU share), on this machine or, with ``an-search worker``, on others against the
 same server database. Each worker runs ``study.optimize`` on its own copy of the objective (its
-sampler seeded ``seed + 1009 * index``, so no two workers propose the same random start-up
-trials) until the study's shared trial budget is reached (:class:`SharedTrialBudget`).
+sampler seeded per trial from the seed and the trial's number, so no two workers propose the
+same random start-up trials) until the study's shared trial budget is reached
+(:class:`SharedTrialBudget`).
 
 Ctrl-C: the first SIGINT stops the worker. If it arrives while the model trains, the training is
 interrupted at once and Optuna records the trial FAIL; elsewhere (storage writes, building) the
@@ -23,7 +24,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -40,7 +40,6 @@ from .study import prepare_search, quiet_optuna
 
 __all__ = ["SharedTrialBudget", "count_trials", "run_worker"]
 
-_SEED_STRIDE = 1009
 _DRAIN_POLL_S = 2.0
 
 
@@ -144,7 +143,6 @@ def run_worker(
     cfg: SearchConfig,
     *,
     limit: int | None,
-    index: int = 0,
     nproc: int = 1,
     sync_bn: bool = False,
     guard: _SigintGuard | None = None,
@@ -156,7 +154,6 @@ def run_worker(
         cfg: the search settings; ``storage`` must be one that several processes may share.
         limit: total counted trials of the study (:func:`count_trials`), or with ``call`` of
             that call's workers; None: no limit.
-        index: this worker's number (offsets the sampler seed).
         nproc: processes per trial; > 1 trains each trial under torchrun (:mod:`.ddp`).
         sync_bn: SyncBatchNorm in those trials (CUDA only).
         guard: SIGINT handling (installed by :func:`main`); None: Ctrl-C as usual.
@@ -166,10 +163,9 @@ def run_worker(
         KeyboardInterrupt: after a Ctrl-C, once the running trial is recorded FAIL.
     """
     guard = guard or _SigintGuard()
-    wcfg = replace(cfg, seed=cfg.seed + _SEED_STRIDE * index)
     make = partial(DDPObjective, nproc=nproc, sync_bn=sync_bn) if nproc > 1 else Objective
     with quiet_optuna():
-        objective, study = prepare_search(wcfg, make_objective=make, processes=nproc)
+        objective, study = prepare_search(cfg, make_objective=make, processes=nproc)
         guard.check()
         guard.wrap(objective)
         objective.call = call

@@ -82,18 +82,24 @@ def _share_buffers(*models: nn.Module | None) -> None:
 def _evaluate(model: nn.Module, loader: Any, autocast: Any) -> tuple[float, float]:
     """Top-1 and top-5 (%) over the whole loader, summed over ranks under torch.distributed."""
     model.eval()
-    top1, top5 = AverageMeter(), AverageMeter()
+    hits1 = hits5 = count = 0
     for x, y in loader:
         with autocast():
             out = model(x)
         acc1, acc5 = accuracy(out.float(), y, topk=(1, 5))
-        top1.update(acc1.item(), y.size(0))
-        top5.update(acc5.item(), y.size(0))
-    totals = torch.tensor([top1.sum, top5.sum, top1.count], dtype=torch.float64)
+        # timm's float32 percentages back to counts: sums of counts are exact, so two models
+        # right on the same images score the same, to the last bit
+        hits1 += round(acc1.item() * y.size(0) / 100)
+        hits5 += round(acc5.item() * y.size(0) / 100)
+        count += y.size(0)
+    totals = torch.tensor([hits1, hits5, count], dtype=torch.float64)
     if _dist_world() > 1:  # hook for DDP: every rank saw a shard; add them up
         totals = totals.to(next(model.parameters()).device)
         dist.all_reduce(totals)
-    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+    hits1, hits5, count = (int(v) for v in totals.tolist())
+    if not count:
+        return math.nan, math.nan
+    return 100.0 * hits1 / count, 100.0 * hits5 / count
 
 
 def proxy_train(

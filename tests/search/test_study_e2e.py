@@ -239,7 +239,7 @@ def test_several_objectives_use_nsga2_without_pruning(tmp_path: Path, tiny_train
     messages: list[str] = []
     study = run_search(cfg, on_message=messages.append)
     assert messages == [NO_PRUNING_MESSAGE]
-    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    assert isinstance(study.sampler.inner, optuna.samplers.NSGAIISampler)
     assert isinstance(study.pruner, optuna.pruners.NopPruner)
     assert study.metric_names == ["top1", "mparams"]
     (bn,) = study.get_trials(states=(TrialState.COMPLETE,))

@@ -371,8 +371,9 @@ def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
     assert len(again) == 1 and again[0].user_attrs["baseline"] == "bn"
     assert again[0].state == TrialState.COMPLETE
     assert again[0].user_attrs["worker"]["pid"] != killed[0]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) >= 4 and count_trials(trials) == len(trials) - 1
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 4 and count_trials(trials) == len(trials) - 1  # (Hyperband may
+    # prune a sampled trial of 3 epochs)
     assert any("exited with code -9" in m for m in messages)
 
 
