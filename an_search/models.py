@@ -18,14 +18,17 @@ from torch import nn
 from an_search._values import is_integer
 
 from ._compat import filter_torchscript_warning
+from ._modes import eval_mode
 from .errors import CheckpointError, ModelConfigError, UnknownModelError
 
 __all__ = [
+    "check_input_fits",
     "check_model_options",
     "classifier_keys",
     "create_model",
     "describe_mismatch",
     "first_convs",
+    "input_too_small",
     "load_checkpoint",
     "read_checkpoint",
     "model_input_size",
@@ -378,3 +381,47 @@ def model_input_size(model: nn.Module, img_size: int | None = None) -> tuple[int
     if img_size is not None:
         return (in_chans, img_size, img_size)
     return (in_chans, h, w)
+
+
+def _downsampling(model: nn.Module) -> int:
+    """The model's total downsampling (timm's ``feature_info`` reduction; 0: unknown)."""
+    info = getattr(model, "feature_info", None)
+    reductions = [f.get("reduction", 0) for f in info if isinstance(f, dict)] if info else []
+    return max(reductions, default=0)
+
+
+def input_too_small(
+    model: nn.Module, input_size: Sequence[int], exc: Exception
+) -> ModelConfigError | None:
+    """The error to raise for ``exc``, a forward's failure on an input (C, H, W) smaller than
+    the model's downsampling; None when that cannot be why."""
+    need = _downsampling(model)
+    if len(input_size) < 3 or min(input_size[1:]) >= need:
+        return None
+    side = "x".join(map(str, input_size[1:]))
+    return ModelConfigError(
+        f"a {side} input is too small for this model, which downsamples {need}x "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0]}): give a larger --img-size, "
+        f"{need} or more"
+    )
+
+
+def check_input_fits(model: nn.Module, input_size: Sequence[int]) -> None:
+    """Run one batch-1 forward (eval mode, no grad, modes put back) where the input is smaller
+    than the model's downsampling, the only inputs that may not fit.
+
+    Raises:
+        ModelConfigError: the model cannot run an input of that size.
+    """
+    if len(input_size) < 3 or min(input_size[1:]) >= _downsampling(model):
+        return
+    ref = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=ref.device if ref is not None else None)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except RuntimeError as exc:
+        too_small = input_too_small(model, input_size, exc)
+        if too_small is None:
+            raise
+        raise too_small from None

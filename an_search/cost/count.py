@@ -27,8 +27,8 @@ from torch import nn
 
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
-from an_search.errors import ModelConfigError
 from an_search.layers import AttentiveNorm
+from an_search.models import input_too_small
 
 from .handles import Handle, extra_handles
 
@@ -124,24 +124,6 @@ def _example_input(model: nn.Module, input_size: tuple[int, ...], batch: int) ->
     return torch.randn(batch, *input_size, device=device, dtype=dtype, generator=generator)
 
 
-def _too_small(
-    model: nn.Module, input_size: tuple[int, ...], exc: RuntimeError
-) -> ModelConfigError | None:
-    """The error to raise when a forward failed on an input smaller than the model's total
-    downsampling (timm's ``feature_info`` reduction); None when that cannot be why."""
-    info = getattr(model, "feature_info", None)
-    reductions = [f.get("reduction", 0) for f in info if isinstance(f, dict)] if info else []
-    need = max(reductions, default=0)
-    if len(input_size) < 3 or min(input_size[1:]) >= need:
-        return None
-    side = "x".join(map(str, input_size[1:]))
-    return ModelConfigError(
-        f"a {side} input is too small for this model, which downsamples {need}x "
-        f"({type(exc).__name__}: {str(exc).splitlines()[0]}): give a larger --img-size, "
-        f"{need} or more"
-    )
-
-
 def _flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int | None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -193,7 +175,7 @@ def count_cost(
         try:
             macs = int(analysis.total())
         except RuntimeError as exc:
-            too_small = _too_small(model, tuple(input_size), exc)
+            too_small = input_too_small(model, tuple(input_size), exc)
             if too_small is None:
                 raise
             raise too_small from None

@@ -19,7 +19,7 @@ from an_search._digest import file_sha256
 from an_search._rng import kept_rng
 from an_search._values import is_integer
 from an_search.errors import TrainConfigError
-from an_search.models import create_model
+from an_search.models import check_input_fits, create_model
 from an_search.rewrite import Recipe, save
 
 from .checkpoint import check_writable, load_checkpoint
@@ -151,6 +151,7 @@ def _retrain(
                 check_same_run(run_dir, saved.get("run"), run)
         for run_dir, run_cfg, converted, final, run in plans:
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
+            check_input_fits(model, (data.in_chans, cfg.img_size, cfg.img_size))
             params = sum(p.numel() for p in model.parameters())
             if nproc > 1:
                 from .distributed import train_distributed

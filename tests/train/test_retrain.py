@@ -165,3 +165,20 @@ def test_a_retrain_that_fails_before_training_leaves_no_folders(
             )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "kept"]
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_an_image_size_below_the_models_downsampling_is_named_before_training(
+    tmp_path: Path,
+) -> None:
+    """(Before: torch's RuntimeError from the first training batch, an internal error.)"""
+    import dataclasses
+
+    from an_search.errors import ModelConfigError
+
+    recipe = Recipe.from_selection(
+        model="convnext_atto", selected={"stages.0.blocks.0.norm": 4}, model_kwargs={}
+    )
+    cfg = dataclasses.replace(_cfg(), img_size=16)
+    with pytest.raises(ModelConfigError, match=r"^a 16x16 input is too small for this model, "):
+        retrain(recipe, resolve_data(None), cfg, tmp_path / "out", baseline=True)
+    assert not (tmp_path / "out" / "an").exists()
