@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,6 +60,7 @@ BatchSize = Annotated[int, typer.Option(help="images per update (per process)")]
 Checkpoint = Annotated[Path | None, typer.Option(help="local weights to start from")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N")]
 Seed = Annotated[int, typer.Option(help="sampler and training seed")]
+TOP = 20  # table rows of a report besides the baselines (report --top)
 RunDir = Annotated[Path | None, typer.Argument(help="run directory of an earlier `an-search run`")]
 Workers = Annotated[
     int | None, typer.Option(help="worker processes sharing the study (default: 1 per GPU group)")
@@ -181,16 +183,26 @@ def report(
     storage: Storage = None,
     study_name: StudyName = None,
     output: Annotated[Path | None, typer.Option(help="where CSV/JSON/PNGs go")] = None,
+    top: Annotated[
+        int,
+        typer.Option(
+            min=0, help="table rows: the baselines and the N best by top-1 (0: every trial)"
+        ),
+    ] = TOP,
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
-    """Tables of every trial and the Pareto front; CSV, JSON and PNG plots."""
+    """Tables of the trials (the best; --top 0: all) and the Pareto front; CSV, JSON, PNGs."""
     study, url, where = _open(run_dir, storage, study_name)
-    _emit_report(study, output or where, json_out, storage_url=url)
+    _emit_report(study, output or where, json_out, storage_url=url, top=top)
 
 
 def _emit_report(
-    study: optuna.Study, out_dir: Path, json_out: bool, storage_url: str | None = None
+    study: optuna.Study,
+    out_dir: Path,
+    json_out: bool,
+    storage_url: str | None = None,
+    top: int = TOP,
 ) -> None:
     """Write CSV/JSON/PNGs into ``out_dir``; print the tables (or JSON) and where files went."""
     from an_search.search import dashboard_command, study_table, write_report
@@ -200,7 +212,7 @@ def _emit_report(
     if json_out:
         print_json({"study": study.study_name, "trials": rows, "files": files})
         return
-    _render_rows(study, rows)
+    _render_rows(study, rows, top)
     err = stderr()
     err.print(f"written: {', '.join(str(p) for p in files.values())}")
     if storage_url is not None:
@@ -552,16 +564,37 @@ def _fmt(v: Any, spec: str = "") -> str:
     return format(v, spec) if spec else str(v)
 
 
-def _render_rows(study: optuna.Study, rows: list[dict[str, Any]]) -> None:
+def _shown(rows: list[dict[str, Any]], top: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows the table shows: all (a study of at most ``top`` trials besides its baselines),
+    or the baselines and the ``top`` best distinct configurations by top-1, in trial order;
+    with a caption saying what was left out."""
+    best = sorted(
+        (r for r in rows if r["top1"] is not None and r["duplicate_of"] is None),
+        key=lambda r: (-r["top1"], r["number"]),
+    )
+    baselines = {r["number"] for r in rows if r["baseline"]}
+    if not top or len(rows) <= len(baselines) + top:  # (no shorter than all of them)
+        return rows, None
+    keep = baselines | {r["number"] for r in best[:top]}
+    states = Counter("INFEASIBLE" if r["infeasible"] else r["state"] for r in rows)
+    counts = ", ".join(f"{n:,} {state.lower()}" for state, n in states.most_common())
+    return [r for r in rows if r["number"] in keep], (
+        f"the baselines and the {top} best by top-1 of {len(rows):,} trials ({counts}); "
+        "`an-search report --top 0` shows all, trials.csv holds every one"
+    )
+
+
+def _render_rows(study: optuna.Study, rows: list[dict[str, Any]], top: int = TOP) -> None:
     from rich.table import Table
 
     from an_search.search import FRONT_COSTS, front_cost, pareto_front
 
     out = stdout()
-    table = Table(title=f"study {study.study_name}: {len(rows)} trials")
+    shown, caption = _shown(rows, top)
+    table = Table(title=f"study {study.study_name}: {len(rows)} trials", caption=caption)
     for col in ("#", "configuration", "M params", "GMACs", "top1", "vs BN", "vs paper", "state"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
-    for r in rows:
+    for r in shown:
         state = "INFEASIBLE" if r["infeasible"] else r["state"]
         if r["duplicate_of"] is not None:
             state += f" (=#{r['duplicate_of']})"

@@ -271,3 +271,39 @@ def test_a_folder_holds_one_studys_report(study: optuna.Study, tmp_path: Path) -
     assert (tmp_path / "report.json").read_text() == before
     assert not (tmp_path / "study.db").exists()  # refused before the study was stored
     write_report(study, tmp_path)  # the same study: replaced, as on every resume
+
+
+def test_the_report_table_shows_the_baselines_and_the_best(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """A long study's table is the baselines and the --top best distinct configurations, with
+    a caption counting the rest (before: every trial, thousands of lines); --top 0: all."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from cli.search import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = optuna.create_study(
+        direction="maximize", study_name="handmade", storage=f"sqlite:///{run / 'study.db'}"
+    )
+    stored.set_user_attr("model", "resnet10t")
+    stored.add_trials(study.get_trials())
+    env = {"NO_COLOR": "1", "COLUMNS": "250"}
+
+    def numbers(*args: str) -> tuple[list[int], str]:
+        res = CliRunner().invoke(app, ["report", str(run), *args], env=env)
+        assert res.exit_code == 0, res.stderr
+        table = res.stdout.split("Pareto front")[0]
+        return [int(n) for n in re.findall(r"^│ (\d+) ", table, flags=re.MULTILINE)], table
+
+    shown, table = numbers("--top", "1")
+    assert shown == [0, 1, 2]  # the baselines, and trial 2 (55.0; its duplicate 6 is not new)
+    caption = " ".join(table.split())
+    assert "the baselines and the 1 best by top-1 of 8 trials (5 complete, " in caption
+    assert all(f"1 {state}" in caption for state in ("pruned", "infeasible", "fail"))
+    assert numbers("--top", "0")[0] == list(range(8))
+    shown, table = numbers()  # the default (20) shows a study this short whole
+    assert shown == list(range(8)) and "best by top-1" not in table
