@@ -374,7 +374,9 @@ def retrain(
     from an_search.train import TrainConfig, resolve_data
     from an_search.train.retrain import retrain as run_retrain
 
-    recipe, where, study = _recipe_from(source, storage, study_name)
+    recipe, where, study, chosen = _recipe_from(source, storage, study_name)
+    if chosen is not None and not (quiet or json_out):
+        stderr().print(f"recipe: {chosen}", highlight=False, soft_wrap=True)
     searched_on = _searched_on(study) if study is not None else None
     cfg = TrainConfig(
         epochs=epochs,
@@ -491,16 +493,16 @@ def retrain(
 
 def _recipe_from(
     source: Path | None, storage: str | None, study_name: str | None
-) -> tuple[Any, Path, optuna.Study | None]:
+) -> tuple[Any, Path, optuna.Study | None, str | None]:
     """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
-    the folder for outputs and the study it came from (None: a recipe file of no run
-    directory's export)."""
+    the folder for outputs, the study it came from (None: a recipe file of no run directory's
+    export) and, for the study's best, which trial it is."""
     from an_search.errors import RecipeError
     from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
-        return read_recipe(file), file.parent, _exported_from(file.parent)
+        return read_recipe(file), file.parent, _exported_from(file.parent), None
     study, _, where = _open(source, storage, study_name)
     from an_search.search import ranked_trials
 
@@ -509,7 +511,17 @@ def _recipe_from(
         raise RecipeError(
             f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
         )
-    return Recipe.from_dict(ranked[0].user_attrs["recipe"]), where, study
+    best = ranked[0]
+    top1 = best.user_attrs.get("top1", best.value)
+    return (
+        Recipe.from_dict(best.user_attrs["recipe"]),
+        where,
+        study,
+        (
+            f"trial {best.number} of study {study.study_name!r} (export's rank 1 of "
+            f"{len(ranked)}, proxy top-1 {top1:.2f})"
+        ),
+    )
 
 
 def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:

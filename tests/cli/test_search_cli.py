@@ -485,6 +485,8 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
         code, _, err = run("retrain", str(source), *args, "--output", str(rt))
         assert code == 0, err
         assert f"weights: {weights} (the study's; --checkpoint for others)" in err
+        from_study = "recipe: trial 1 of study 'resnet10t-default' (export's rank 1 of 1, "
+        assert (from_study in err) is (source == out)  # (an export folder is its own recipe)
         assert json.loads(load_checkpoint(rt / "an")["run"])["weights"] == sha
 
     other = tmp_path / "other.pth"  # --checkpoint still chooses
