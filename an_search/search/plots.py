@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from ._files import atomic_write
 
-__all__ = ["plot_history", "plot_pareto"]
+__all__ = ["history_figure", "pareto_figure", "plot_history", "plot_pareto"]
 
 _BASELINE_STYLE = {
     "bn": {"marker": "*", "color": "black", "label": "BN baseline"},
@@ -33,11 +33,27 @@ def plot_pareto(
     cost: str = "gmacs",
     label: str = "GMACs (multiply-adds, 1e9)",
 ) -> Path:
-    """Top-1 against a cost (row key ``cost``, axis ``label``): every finished feasible trial,
-    the front as a line, baselines marked."""
-    fig = Figure(figsize=(7, 4.5), dpi=110)
+    """Top-1 against a cost (row key ``cost``, axis ``label``): every trained feasible model
+    (a duplicate trial is its first trial's point), the front as a line, baselines marked."""
+    return _save(pareto_figure(rows, front, title=title, cost=cost, label=label), Path(path))
+
+
+def pareto_figure(
+    rows: list[dict[str, Any]],
+    front: list[dict[str, Any]],
+    *,
+    title: str = "",
+    cost: str = "gmacs",
+    label: str = "GMACs (multiply-adds, 1e9)",
+) -> Figure:
+    """The figure :func:`plot_pareto` writes."""
+    fig = Figure(figsize=(8.5, 4.5), dpi=110)
     ax = fig.add_subplot()
-    done = [r for r in rows if r["top1"] is not None and r[cost] is not None]
+    done = [
+        r
+        for r in rows
+        if r["top1"] is not None and r[cost] is not None and r["duplicate_of"] is None
+    ]
     ax.scatter(
         [r[cost] for r in done],
         [r["top1"] for r in done],
@@ -58,20 +74,27 @@ def plot_pareto(
         base = [r for r in done if r["baseline"] == name]
         if base:
             ax.scatter([base[-1][cost]], [base[-1]["top1"]], s=90, zorder=3, **style)
-    infeasible = sum(r["infeasible"] for r in rows)
+    infeasible = sum(bool(r["infeasible"]) for r in rows)
+    pruned = sum(r["state"] == "PRUNED" and r["duplicate_of"] is None for r in rows)
     ax.set_xlabel(label)
     ax.set_ylabel("proxy validation top-1 (%)")
-    ax.set_title(f"{title}  ({len(done)} finished, {infeasible} over budget)".strip())
+    counts = f"{len(done)} trained, {pruned} pruned, {infeasible} over budget"
+    ax.set_title(f"{title}  ({counts})".strip())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    _legend_outside(ax)
+    return fig
 
 
 def plot_history(
     rows: list[dict[str, Any]], path: str | os.PathLike[str], *, title: str = ""
 ) -> Path:
     """Top-1 per trial number (pruned trials at their last epoch), best so far, baselines."""
-    fig = Figure(figsize=(7, 4.5), dpi=110)
+    return _save(history_figure(rows, title=title), Path(path))
+
+
+def history_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
+    """The figure :func:`plot_history` writes."""
+    fig = Figure(figsize=(8.5, 4.5), dpi=110)
     ax = fig.add_subplot()
     done = [r for r in rows if r["top1"] is not None]
     pruned = [r for r in rows if r["state"] == "PRUNED" and r["last_top1"] is not None]
@@ -101,8 +124,14 @@ def plot_history(
     ax.set_ylabel("proxy validation top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    _legend_outside(ax)
+    return fig
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the axes: inside, it hid points of a long study."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.figure.tight_layout()
 
 
 def _save(fig: Figure, path: Path) -> Path:

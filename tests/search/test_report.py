@@ -308,3 +308,23 @@ def test_the_report_table_shows_the_baselines_and_the_best(
     assert numbers("--top", "0")[0] == list(range(8))
     shown, table = numbers()  # the default (20) shows a study this short whole
     assert shown == list(range(8)) and "best by top-1" not in table
+
+
+def test_plots_keep_their_legend_off_the_points_and_count_models(study: optuna.Study) -> None:
+    """The legend sits right of the axes (inside, it hid a long study's points), and the
+    Pareto plot counts trained models: a duplicate trial is its first trial's point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from an_search.search.plots import history_figure, pareto_figure
+
+    rows = study_table(study)
+    figures = [pareto_figure(rows, pareto_front(rows)), history_figure(rows)]
+    for fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        (ax,) = fig.axes
+        legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 > axes.x1 and legend.x1 <= fig.bbox.x1  # beside the axes, in the figure
+    pareto = figures[0].axes[0]
+    trained = [r for r in rows if r["top1"] is not None and r["duplicate_of"] is None]
+    assert len(pareto.collections[0].get_offsets()) == len(trained) == 4  # (not 5 with dup 6)
+    assert pareto.get_title() == "(4 trained, 1 pruned, 1 over budget)"
