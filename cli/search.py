@@ -410,6 +410,8 @@ def retrain(
         whose = " (the study's; --data for another)" if searched_on is not None else ""
         stderr().print(f"data: {shown}{whose}")
     spec = resolve_data(data, name=dataset)
+    if (note := spec.unseen_note()) and not (quiet or json_out):
+        stderr().print(note, highlight=False, soft_wrap=True)
     classes = recipe.model_kwargs.get("num_classes")
     if data is None and not dataset and classes not in (None, spec.num_classes):
         from an_search.errors import DataError

@@ -241,8 +241,9 @@ def prepare_search(
     check_space(space, report)
     objective = make_objective(cfg, objectives, space, report, data)
     study, message = create_or_load_study(cfg, space=space, data=data_summary(data, *images))
-    if message and on_message is not None:
-        on_message(message)
+    for note in (message, data.unseen_note()):
+        if note and on_message is not None:
+            on_message(note)
     return objective, study
 
 

@@ -70,6 +70,7 @@ class DataSpec:
         val_split: validation split name for those datasets.
         download: let timm download a torchvision dataset that is missing.
         description: one line for reports, e.g. "Animal-MNIST (embedded)".
+        unseen_classes: training classes with no image in a separate validation split.
     """
 
     train_root: str
@@ -87,6 +88,18 @@ class DataSpec:
     val_split: str = "validation"
     download: bool = False
     description: str = ""
+    unseen_classes: tuple[str, ...] = ()
+
+    def unseen_note(self) -> str | None:
+        """A one-line note when the validation split lacks classes (None: it has them all)."""
+        if not self.unseen_classes:
+            return None
+        n, shown = len(self.unseen_classes), ", ".join(self.unseen_classes[:3])
+        more = ", ..." if n > 3 else ""
+        return (
+            f"note: the validation split has no images of {n} of the {self.num_classes} "
+            f"classes ({shown}{more}): top-1 never tests them"
+        )
 
 
 def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -> Any:
@@ -172,6 +185,8 @@ def _check_classes(spec: DataSpec, where: str) -> DataSpec:
             raise DataError(f"no validation images in {spec.val_root}; {_LAYOUT_HINT}")
         if unknown and not spec.name:
             raise DataError(f"validation classes {unknown[:3]} not in training; rename or remove")
+        unseen = () if spec.name else tuple(c for c in names if c not in val_classes)
+        spec = DataSpec(**{**spec.__dict__, "unseen_classes": unseen})
     return DataSpec(**{**spec.__dict__, "num_classes": len(classes), "class_names": names})
 
 

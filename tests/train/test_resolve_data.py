@@ -233,3 +233,33 @@ def test_a_hidden_file_in_a_validation_class_keeps_the_labels(
     assert {spec.class_names[t] for path, t in samples if Path(path).parent == first} == {
         first.name
     }
+
+
+def test_a_validation_split_missing_classes_is_noted(tiny_root: Path, tmp_path: Path) -> None:
+    """Labels stay right (the training class map), but top-1 never tests the missing classes:
+    the spec names them, and run and retrain print its note."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    gone = sorted(p.name for p in (root / "val").iterdir())[-2:]
+    for name in gone:
+        shutil.rmtree(root / "val" / name)
+    spec = resolve_data(root)
+    assert spec.num_classes == 10 and spec.unseen_classes == tuple(gone)
+    assert spec.unseen_note() == (
+        f"note: the validation split has no images of 2 of the 10 classes ({', '.join(gone)}): "
+        "top-1 never tests them"
+    )
+    assert resolve_data(tiny_root).unseen_note() is None
+    assert resolve_data(root / "train").unseen_note() is None  # a holdout has every class
+
+
+def test_a_search_on_it_says_so(tiny_root: Path, tmp_path: Path) -> None:
+    from an_search.search import SearchConfig, prepare_search
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    shutil.rmtree(sorted((root / "val").iterdir())[0])
+    messages: list[str] = []
+    cfg = SearchConfig("resnet10t", data=root, output_dir=tmp_path / "run", n_trials=1)
+    prepare_search(cfg, on_message=messages.append)
+    assert messages == [resolve_data(root).unseen_note()] and messages[0] is not None
