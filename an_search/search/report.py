@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -191,7 +192,14 @@ def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
     """
     rows = [r for r in study_table(study) if r["top1"] is not None and r["n_sites"]]
     pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
-    rows.sort(key=lambda r: (r["number"] not in pareto, -r["top1"], r["gmacs"], r["number"]))
+    rows.sort(  # (a trial added by hand may lack its cost: last among equals)
+        key=lambda r: (
+            r["number"] not in pareto,
+            -r["top1"],
+            math.inf if r["gmacs"] is None else r["gmacs"],
+            r["number"],
+        )
+    )
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     ranked, seen = [], set()
     for row in rows:

@@ -328,3 +328,15 @@ def test_plots_keep_their_legend_off_the_points_and_count_models(study: optuna.S
     trained = [r for r in rows if r["top1"] is not None and r["duplicate_of"] is None]
     assert len(pareto.collections[0].get_offsets()) == len(trained) == 4  # (not 5 with dup 6)
     assert pareto.get_title() == "(4 trained, 1 pruned, 1 over budget)"
+
+
+def test_a_trial_added_by_hand_without_its_cost_ranks_after_its_equals() -> None:
+    """(Before: two trials of equal top-1, one without ``macs``, raised TypeError comparing
+    None with a float.)"""
+    from an_search.search import ranked_trials
+
+    s = optuna.create_study(direction="maximize")
+    for key, macs in (("a", None), ("b", 2e7)):
+        attrs = {"recipe": _recipe({"layer3.0.bn1": 4}), "n_sites": 1, "config_key": key}
+        s.add_trial(_trial({**attrs, **({"macs": macs} if macs else {})}, value=55.0))
+    assert [t.number for t in ranked_trials(s)] == [1, 0]
