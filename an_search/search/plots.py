@@ -19,7 +19,7 @@ from ._files import atomic_write
 __all__ = ["history_figure", "pareto_figure", "plot_history", "plot_pareto"]
 
 _BASELINE_STYLE = {
-    "bn": {"marker": "*", "color": "black", "label": "BN baseline"},
+    "bn": {"marker": "*", "color": "black", "label": "unconverted baseline"},
     "paper": {"marker": "D", "color": "tab:red", "label": "paper placement"},
 }
 

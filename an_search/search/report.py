@@ -299,7 +299,7 @@ def _describe(t: FrozenTrial) -> str:
     """One line: baseline name, or placement / per-stage roles, K, head, pool."""
     baseline = t.user_attrs.get("baseline")
     if baseline is not None:
-        return {"bn": "BN baseline (unconverted)", "paper": "paper placement"}.get(
+        return {"bn": "unconverted baseline (no AN)", "paper": "paper placement"}.get(
             baseline, baseline
         )
     config = t.user_attrs.get("config")

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from an_search._rng import kept_rng
 from an_search.errors import BudgetError, StorageError
+from an_search.models import check_input_fits
 from an_search.rewrite import find_sites
 from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
@@ -222,7 +223,7 @@ def prepare_search(
 
     Raises:
         TrainConfigError, BudgetError, StorageError, SpaceError, DataError, UnknownModelError,
-        UnknownNameError.
+        UnknownNameError, ModelConfigError (an image size the model cannot run).
     """
     cfg.validate()  # (before anything is built on its device, or stored)
     space = load_space(cfg.space)
@@ -237,6 +238,8 @@ def prepare_search(
         cfg, data, BASELINES["bn"], latency="latency_ms" in cfg.budgets()
     )  # (timed only for a latency budget)
     _check_budgets(cfg, unconverted.cost)
+    if cfg.cost_img_size not in (None, train.img_size):  # (else the cost's forward checked it)
+        check_input_fits(unconverted.model, (data.in_chans, train.img_size, train.img_size))
     report = find_sites(unconverted.model)
     check_space(space, report)
     objective = make_objective(cfg, objectives, space, report, data)

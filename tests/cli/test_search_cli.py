@@ -32,7 +32,7 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
         "--output", str(out), "--quiet",
     )  # fmt: skip
     assert code == 0, err
-    assert "BN baseline" in stdout and "paper placement" in stdout
+    assert "unconverted baseline" in stdout and "paper placement" in stdout
     for name in ("study.db", "trials.csv", "report.json", "pareto.png", "history.png"):
         assert (out / name).is_file(), name
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"

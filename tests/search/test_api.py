@@ -70,6 +70,21 @@ def test_bad_settings_are_refused_before_anything_is_stored(
     assert not Path(tiny.output_dir).exists()
 
 
+def test_a_training_size_the_model_cannot_run_is_refused_before_the_study(
+    tiny: SearchConfig,
+) -> None:
+    """Costs are measured at ``cost_img_size``, which fits; training at 16 px does not. (Before:
+    the study was created and every trial failed on torch's RuntimeError.)"""
+    from an_search.errors import ModelConfigError
+
+    cfg = replace(
+        tiny, model="convnext_atto", cost_img_size=64, train=replace(tiny.train, img_size=16)
+    )
+    with pytest.raises(ModelConfigError, match=r"^a 16x16 input is too small for this model, "):
+        run_search(cfg)
+    assert not Path(tiny.output_dir).exists()
+
+
 def _draws() -> tuple[float, float, float]:
     return random.random(), float(np.random.rand()), float(torch.rand(1))
 

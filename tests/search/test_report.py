@@ -78,7 +78,7 @@ def test_rows_states_and_deltas(study: optuna.Study) -> None:
         "FAIL",
     ]
     by = {r["number"]: r for r in rows}
-    assert by[0]["configuration"].startswith("BN baseline")
+    assert by[0]["configuration"].startswith("unconverted baseline")
     assert by[2]["delta_bn"] == pytest.approx(5.0) and by[2]["delta_paper"] == pytest.approx(3.0)
     assert by[3]["delta_bn"] == pytest.approx(1.0) and by[3]["delta_paper"] == pytest.approx(-1.0)
     assert by[4]["top1"] is None and by[4]["last_top1"] == 30.0 and by[4]["reason"] == "hyperband"
