@@ -361,6 +361,10 @@ def retrain(
         int, typer.Option(help="processes per run under torchrun (GPUs; gloo on CPU)")
     ] = 1,
     checkpoint: Checkpoint = None,
+    from_scratch: Annotated[
+        bool,
+        typer.Option("--from-scratch", help="random init, not the weights the study started from"),
+    ] = False,
     device: Device = "cpu",
     seed: Annotated[int, typer.Option(help="training seed (both runs start alike)")] = 0,
     output: Annotated[Path | None, typer.Option(help="retrain directory")] = None,
@@ -374,6 +378,12 @@ def retrain(
     from an_search.train import TrainConfig, resolve_data
     from an_search.train.retrain import retrain as run_retrain
 
+    if from_scratch and checkpoint is not None:
+        from an_search.errors import TrainConfigError
+
+        raise TrainConfigError(
+            "--from-scratch starts from random init, --checkpoint from weights: give one of them"
+        )
     recipe, where, study, chosen = _recipe_from(source, storage, study_name)
     if chosen is not None and not (quiet or json_out):
         stderr().print(f"recipe: {chosen}", highlight=False, soft_wrap=True)
@@ -398,13 +408,16 @@ def retrain(
 
             data = searched_on[0]
             check_study_data(data)
-    if checkpoint is None and study is not None:  # what its trials started from, as its data
+    if checkpoint is None and study is not None and not from_scratch:  # as its data: the study's
         from an_search.search import study_checkpoint
 
         found = study_checkpoint(study)
         checkpoint = Path(found) if found is not None else None
         if found is not None and not (quiet or json_out):
-            stderr().print(f"weights: {found} (the study's; --checkpoint for others)")
+            stderr().print(
+                f"weights: {found} (the study's; --checkpoint for others, --from-scratch for "
+                "random init)"
+            )
     if not (quiet or json_out):
         shown = f"{dataset} in {data}" if dataset else data or "the embedded Animal-MNIST"
         whose = " (the study's; --data for another)" if searched_on is not None else ""

@@ -484,7 +484,7 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
     ):
         code, _, err = run("retrain", str(source), *args, "--output", str(rt))
         assert code == 0, err
-        assert f"weights: {weights} (the study's; --checkpoint for others)" in err
+        assert f"weights: {weights} (the study's; --checkpoint for others, --from-scratch" in err
         from_study = "recipe: trial 1 of study 'resnet10t-default' (export's rank 1 of 1, "
         assert (from_study in err) is (source == out)  # (an export folder is its own recipe)
         assert json.loads(load_checkpoint(rt / "an")["run"])["weights"] == sha
@@ -494,6 +494,14 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
     code, _, err = run("retrain", str(out), *args, "-q", "--checkpoint", str(other))
     assert code == 0, err
     assert json.loads(load_checkpoint(out / "retrain" / "an")["run"])["weights"] != sha
+
+    scratch = tmp_path / "rt4"  # --from-scratch: random init, as without a checkpoint
+    code, _, err = run("retrain", str(out), *args, "--from-scratch", "--output", str(scratch))
+    assert code == 0, err
+    assert "weights:" not in err
+    assert json.loads(load_checkpoint(scratch / "an")["run"])["weights"] is None
+    code, _, err = run("retrain", str(out), "--from-scratch", "--checkpoint", str(other))
+    assert code == 2 and "--from-scratch starts from random init, --checkpoint from" in err
 
     weights.write_bytes(other.read_bytes())
     code, _, err = run("retrain", str(out), *args, "-q", "--output", str(tmp_path / "rt3"))
