@@ -619,7 +619,7 @@ def _render_rows(study: optuna.Study, rows: list[dict[str, Any]], top: int = TOP
     out = stdout()
     shown, caption = _shown(rows, top)
     table = Table(title=f"study {study.study_name}: {len(rows)} trials", caption=caption)
-    for col in ("#", "configuration", "M params", "GMACs", "top1", "vs BN", "vs paper", "state"):
+    for col in ("#", "configuration", "M params", "GMACs", "top1", "vs base", "vs paper", "state"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in shown:
         state = "INFEASIBLE" if r["infeasible"] else r["state"]

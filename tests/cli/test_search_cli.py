@@ -33,6 +33,7 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0, err
     assert "unconverted baseline" in stdout and "paper placement" in stdout
+    assert "vs base" in stdout  # (top-1 minus the unconverted model's; "vs BN" said BN of any)
     for name in ("study.db", "trials.csv", "report.json", "pareto.png", "history.png"):
         assert (out / name).is_file(), name
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
