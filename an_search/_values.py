@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["first_line", "is_integer", "is_number"]
+__all__ = ["SEED_MAX", "first_line", "is_integer", "is_number"]
+
+#: The largest seed (numpy's legacy seeds, and the loaders' per-epoch torch seeds, stay in range).
+SEED_MAX = 2**32 - 1
 
 
 def is_integer(value: object) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._rng import kept_rng
+from ._values import SEED_MAX, is_integer
 from .cost import CostReport, count_cost
 from .errors import CheckpointError, ModelConfigError, RecipeError, UnknownNameError
 from .layers.attentive_norm import INITS
@@ -248,6 +249,8 @@ def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
+    if not is_integer(seed) or not 0 <= seed <= SEED_MAX:
+        raise ModelConfigError(f"seed must be an integer from 0 to {SEED_MAX}, got {seed!r}")
     with kept_rng():
         torch.manual_seed(seed)
         yield

@@ -408,11 +408,13 @@ def retrain(
 
             data = searched_on[0]
             check_study_data(data)
+    init = None  # (AN as the loaded norms with a --checkpoint)
     if checkpoint is None and study is not None and not from_scratch:  # as its data: the study's
         from an_search.search import study_checkpoint
 
         found = study_checkpoint(study)
         checkpoint = Path(found) if found is not None else None
+        init = recipe.init if found is not None else None  # (as the trial started)
         if found is not None and not (quiet or json_out):
             stderr().print(
                 f"weights: {found} (the study's; --checkpoint for others, --from-scratch for "
@@ -471,6 +473,7 @@ def retrain(
                 out_dir,
                 baseline=baseline,
                 checkpoint=str(checkpoint) if checkpoint else None,
+                init=init,
                 nproc=nproc,
                 progress=bar.on_step,
             )
@@ -527,7 +530,7 @@ def _recipe_from(
             f"study {study.study_name!r} has no finished, feasible trial with AN to retrain yet"
         )
     best = ranked[0]
-    top1 = best.user_attrs.get("top1", best.value)
+    top1 = best.values[0]  # (objectives start with top1; .value raises for several)
     return (
         Recipe.from_dict(best.user_attrs["recipe"]),
         where,
@@ -595,11 +598,15 @@ def _shown(rows: list[dict[str, Any]], top: int) -> tuple[list[dict[str, Any]], 
     """The rows the table shows: all (a study of at most ``top`` trials besides its baselines),
     or the baselines and the ``top`` best distinct configurations by top-1, in trial order;
     with a caption saying what was left out."""
-    best = sorted(
-        (r for r in rows if r["top1"] is not None and r["duplicate_of"] is None),
+    baselines = {r["number"] for r in rows if r["baseline"]}
+    best = sorted(  # (the baselines are shown besides the top: not among them)
+        (
+            r
+            for r in rows
+            if r["top1"] is not None and r["duplicate_of"] is None and not r["baseline"]
+        ),
         key=lambda r: (-r["top1"], r["number"]),
     )
-    baselines = {r["number"] for r in rows if r["baseline"]}
     if not top or len(rows) <= len(baselines) + top:  # (no shorter than all of them)
         return rows, None
     keep = baselines | {r["number"] for r in best[:top]}

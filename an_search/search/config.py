@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from an_search._values import is_integer, is_number
+from an_search._values import SEED_MAX, is_integer, is_number
 from an_search.errors import BudgetError, TrainConfigError, UnknownNameError
 from an_search.train import TrainConfig
 
@@ -158,6 +158,8 @@ class SearchConfig:
                 raise TrainConfigError(
                     f"{name} must be {'None or ' if optional else ''}{kind}{rule}, got {value!r}"
                 )
+        if self.seed > SEED_MAX:
+            raise TrainConfigError(f"seed must be at most {SEED_MAX} (2**32 - 1), got {self.seed}")
         if self.train.checkpoint_dir is not None or self.train.resume:
             raise TrainConfigError(
                 "train.checkpoint_dir and train.resume are retrain's: a search's trials keep no "

@@ -149,7 +149,11 @@ class Objective:
                 raise TrialParamsError(
                     f"unknown baseline {baseline!r} (known: {', '.join(BASELINES)})"
                 )
-            return dict(BASELINES[baseline])
+            config = dict(BASELINES[baseline])
+            init = self.space.init
+            if baseline == "paper" and init.dist is None and init.value is not None:
+                config["init"] = init.value  # (as the sampled trials start: compared alike)
+            return config
         try:
             return sample_recipe(trial, self.space, self.report)
         except ANSearchError:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from an_search._values import first_line, is_integer, is_number
+from an_search._values import SEED_MAX, first_line, is_integer, is_number
 from an_search.errors import TrainConfigError
 
 __all__ = ["MACHINE_SETTINGS", "TrainConfig", "TrainResult"]
@@ -101,6 +101,7 @@ class TrainConfig:
             (self.workers >= 0, "workers", "0 or more"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)"),
             (self.seed >= 0, "seed", "0 or more"),
+            (self.seed <= SEED_MAX, "seed", f"at most {SEED_MAX} (2**32 - 1)"),
             (self.threads is None or self.threads >= 1, "threads", "None or at least 1"),
             (self.momentum >= 0, "momentum", "0 or more"),
             (self.weight_decay >= 0, "weight_decay", "0 or more"),

@@ -11,6 +11,7 @@ images in the same order. Under torch.distributed the samplers shard the data pe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from timm.data import create_transform
-from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.data.loader import PrefetchLoader
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from an_search.errors import DataError
 from an_search.train.data import DataSpec, dataset_targets, open_dataset
@@ -55,6 +55,22 @@ class Loaders:
             sampler.set_epoch(epoch)  # its permutation is seeded with seed + epoch
         elif self._generator is not None:
             self._generator.manual_seed(self._seed * 100_003 + epoch)
+
+
+class _Shard(Sampler[int]):
+    """Rank ``rank``'s share of ``n`` validation images: ``rank``, ``rank + world``, ... Unlike
+    timm's ``OrderedDistributedSampler`` it does not pad the shards to equal lengths with
+    repeated images, which the summed counts would count twice. (Evaluation runs the
+    unwrapped model: no collective per batch, so shards may differ by one batch.)"""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
 
 
 class _ToMode:
@@ -215,7 +231,7 @@ def create_loaders(
     generator, train_sampler, val_sampler = None, None, None
     if distributed:
         train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
-        val_sampler = OrderedDistributedSampler(val_ds)  # pads to equal shards: counts ~exact
+        val_sampler = _Shard(len(val_ds), dist.get_rank(), dist.get_world_size())
     else:
         generator = torch.Generator().manual_seed(seed)
     device = torch.device(device)

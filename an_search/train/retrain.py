@@ -19,6 +19,7 @@ from an_search._digest import file_sha256
 from an_search._rng import kept_rng
 from an_search._values import is_integer
 from an_search.errors import TrainConfigError
+from an_search.layers.attentive_norm import INITS
 from an_search.models import check_input_fits, create_model
 from an_search.rewrite import Recipe, save
 
@@ -41,13 +42,16 @@ class RetrainRun:
     model_dir: Path
 
 
-def _run_recipe(recipe: Recipe, data: DataSpec, img_size: int, checkpoint: str | None) -> Recipe:
+def _run_recipe(
+    recipe: Recipe, data: DataSpec, img_size: int, checkpoint: str | None, init: str | None
+) -> Recipe:
     """The recipe a run builds: sized for the data and the training's image size (a ViT is
-    built at the size it trains at); from loaded weights, AN starts as the norm it replaces
-    (``preserve``), as ``an-convert`` does, since the paper init would discard the pretrained
-    affine of every AN site."""
+    built at the size it trains at); ``init``, else from loaded weights AN starts as the norm
+    it replaces (``preserve``), as ``an-convert`` does, since the paper init would discard the
+    pretrained affine of every AN site."""
     sizes = {"num_classes": data.num_classes, "in_chans": data.in_chans, "img_size": img_size}
-    init = "preserve" if checkpoint is not None else recipe.init
+    if init is None:
+        init = "preserve" if checkpoint is not None else recipe.init
     return dataclasses.replace(recipe, model_kwargs={**recipe.model_kwargs, **sizes}, init=init)
 
 
@@ -73,6 +77,7 @@ def retrain(
     *,
     baseline: bool = False,
     checkpoint: str | None = None,
+    init: str | None = None,
     nproc: int = 1,
     on_epoch: OnEpoch | None = None,
     progress: Progress | None = None,
@@ -87,6 +92,9 @@ def retrain(
         baseline: also train the unconverted model with the same schedule.
         checkpoint: local weights both runs start from (None: random init, same seed); AN
             then starts as the norm it replaces (``init="preserve"``).
+        init: AN's init, ``paper`` or ``preserve``, whatever the weights (e.g. the recipe's
+            own, to retrain a trial of a search from a checkpoint as the trial started); None:
+            ``preserve`` with a checkpoint, else the recipe's.
         nproc: processes per run; above 1 each run trains under ``torchrun`` (DDP: NCCL on
             CUDA, gloo on CPU) with ``cfg.batch_size`` per process and the lr scaled linearly;
             the final weights come back through rank 0's checkpoint.
@@ -104,8 +112,8 @@ def retrain(
     """
     with kept_rng():
         return _retrain(
-            recipe, data, cfg, out_dir, baseline=baseline, checkpoint=checkpoint, nproc=nproc,
-            on_epoch=on_epoch, progress=progress,
+            recipe, data, cfg, out_dir, baseline=baseline, checkpoint=checkpoint, init=init,
+            nproc=nproc, on_epoch=on_epoch, progress=progress,
         )  # fmt: skip
 
 
@@ -117,15 +125,18 @@ def _retrain(
     *,
     baseline: bool,
     checkpoint: str | None,
+    init: str | None,
     nproc: int,
     on_epoch: OnEpoch | None,
     progress: Progress | None,
 ) -> list[RetrainRun]:
     if not is_integer(nproc) or nproc < 1:
         raise TrainConfigError(f"nproc is the processes per run, 1 or more: got {nproc!r}")
+    if init not in (None, *INITS):
+        raise TrainConfigError(f"init is one of {', '.join(INITS)} (or None): got {init!r}")
     dataclasses.replace(cfg, checkpoint_dir=os.fspath(out_dir)).validate()  # (before a folder
     # is made; each run's checkpoint_dir is a folder of out_dir)
-    recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint)
+    recipe = _run_recipe(recipe, data, cfg.img_size, checkpoint, init)
     # what each run's checkpoints are for: a resume of another recipe's, data's or weights' is
     # refused (paths aside: the data and weights may have moved)
     classes = list(data.class_names) or data.num_classes

@@ -107,6 +107,8 @@ def test_the_same_command_writes_the_same_weights(tmp_path: Path) -> None:
         (["resnet18", "--checkpoint", "/nonexistent/w.safetensors"], "does not exist"),
         (["resnet18.bogus_tag"], "no pretrained tag 'bogus_tag'"),
         (["resnet18", "--k", "99999999999999999999"], "from 1 to 1024"),
+        (["resnet18", "--seed", "99999999999999999999"], "--seed must be an integer from 0 to "),
+        (["resnet18", "--seed", "-1"], "--seed must be an integer from 0 to 4294967295, got -1"),
         (["resnet18", "--head", "[/foo]"], "'[/foo]'"),  # user text is not rich markup
         (["resnet18", "--placement", "none", "--include", "layer[ab]*"], "'layer[ab]*'"),
         (["resnet18", "--checkpoint", "w[red]x.pth"], "'w[red]x.pth'"),

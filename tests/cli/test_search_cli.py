@@ -478,6 +478,12 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
         "--checkpoint", str(weights), "--output", str(out), "-q",
     )  # fmt: skip
     assert code == 0, err
+    import optuna
+
+    study = optuna.load_study(study_name="resnet10t-default", storage=f"sqlite:///{out}/study.db")
+    # the default space fixes init: paper; the paper baseline starts so too, as sampled trials
+    # (before: as the loaded norms, preserve, unlike the trials it was compared with)
+    assert study.trials[1].user_attrs["recipe"]["init"] == "paper"
     assert run("export", str(out), "--top", "1")[0] == 0
     for source, rt in (
         (out, tmp_path / "rt1"),
@@ -489,6 +495,8 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
         from_study = "recipe: trial 1 of study 'resnet10t-default' (export's rank 1 of 1, "
         assert (from_study in err) is (source == out)  # (an export folder is its own recipe)
         assert json.loads(load_checkpoint(rt / "an")["run"])["weights"] == sha
+        recipe = json.loads((rt / "an" / "model" / "recipe.json").read_text())
+        assert recipe["init"] == "paper"  # the trial's (before: preserve, another model)
 
     other = tmp_path / "other.pth"  # --checkpoint still chooses
     torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
@@ -515,3 +523,25 @@ def test_retrain_of_a_study_starts_from_the_weights_its_trials_started_from(
         f"which is not at '{weights}' on this machine: give its path here with --checkpoint" in err
     )
     assert not (tmp_path / "rt3").exists()
+
+
+def test_retrain_of_a_multi_objective_study_takes_its_best(tmp_path: Path) -> None:
+    """(Before: "internal error RuntimeError" from ``FrozenTrial.value``, which a trial of
+    several objectives does not have.)"""
+    import optuna
+
+    out = tmp_path / "run"
+    code, _, err = run(
+        "run", "resnet10t", "--objectives", "top1,macs", "--n-trials", "2", *TINY,
+        "--val-fraction", "0.05", "--output", str(out), "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    storage = f"sqlite:///{out}/study.db"
+    (name,) = optuna.get_all_study_names(storage)
+    paper = optuna.load_study(study_name=name, storage=storage).trials[1]  # (the AN one)
+    code, _, err = run("retrain", str(out), *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 0, err
+    assert (
+        f"recipe: trial 1 of study '{name}' (export's rank 1 of 1, proxy top-1 "
+        f"{paper.values[0]:.2f})" in " ".join(err.split())
+    )

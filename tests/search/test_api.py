@@ -36,6 +36,12 @@ def tiny(tmp_path: Path, tiny_train) -> SearchConfig:
         ({"n_trials": 2.5}, TrainConfigError, "n_trials must be None or an integer, positive"),
         ({"seed": "0"}, TrainConfigError, "seed must be an integer, 0 or more, got '0'"),
         ({"seed": 1.5}, TrainConfigError, "seed must be an integer, 0 or more"),
+        ({"seed": 2**32}, TrainConfigError, "seed must be at most 4294967295 (2**32 - 1)"),
+        (  # (before: an internal error from the loaders' torch seed, after the study was made)
+            {"train": TrainConfig(seed=10**20)},
+            TrainConfigError,
+            "seed must be at most 4294967295 (2**32 - 1), got 100000000000000000000",
+        ),
         (
             {"hyperband_min_resource": 0},
             TrainConfigError,

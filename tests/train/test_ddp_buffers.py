@@ -1,9 +1,9 @@
 """Under DDP every rank evaluates the model that rank 0 saves, BatchNorm statistics included.
 
 Each rank updates its BatchNorm running statistics from its own batches; DDP copies rank 0's
-only at the start of the next training forward. Two real gloo processes train a BatchNorm
+only at the start of the next training forward. Three real gloo processes train a BatchNorm
 ResNet; the test compares their buffers after training and evaluates rank 0's saved model
-itself, in this process, on the whole validation split.
+itself, in this process, on the whole validation split, each image counted once.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import torch.multiprocessing as mp
 from an_search.search import BASELINES, SearchConfig, build_model
 from an_search.train import TrainConfig, create_loaders, proxy_train, resolve_data
 
-# 100 validation images: an even count, so the two ranks' shards are not padded.
+# 100 validation images on 3 ranks: shards of 34, 33 and 33 (timm's OrderedDistributedSampler
+# padded them to 34 each with repeated images, counted twice: of 102).
 TINY = TrainConfig(
     epochs=1, batches_per_epoch=3, batch_size=8, img_size=32, val_fraction=0.05, threads=1
 )
+RANKS = 3
 
 
 def _free_port() -> int:
@@ -33,7 +35,9 @@ def _free_port() -> int:
 
 def _rank(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS
+    )
     try:
         data = resolve_data(None)
         model = build_model(SearchConfig("resnet10t", train=TINY), data, BASELINES["bn"]).model
@@ -48,10 +52,11 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_ranks_evaluate_the_model_rank_0_saves(tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
     for name, tensor in ranks[0]["state"].items():
-        assert torch.equal(tensor, ranks[1]["state"][name]), name  # running stats included
+        for other in ranks[1:]:
+            assert torch.equal(tensor, other["state"][name]), name  # running stats included
     stats = [n for n in ranks[0]["state"] if n.endswith("running_mean")]
     assert stats  # a BatchNorm model: the statistics that drift apart are there
 
