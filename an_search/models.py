@@ -132,7 +132,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ``module.`` prefix.
 
     Raises:
-        CheckpointError: missing, unreadable, or no state_dict of tensors (message names the fix).
+        CheckpointError: missing, unreadable, no state_dict of tensors, or non-finite values
+            (message names the fix).
     """
     from timm.models import load_state_dict
 
@@ -164,6 +165,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint {path!r} holds no state_dict of tensors: save model.state_dict() with "
             "torch.save or safetensors"
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:  # (trained from, every trial was pruned on a NaN loss blamed on the lr)
+        raise CheckpointError(
+            f"checkpoint {path!r} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
+            f"{bad[0]!r} first: give weights saved before training diverged"
         )
     return state
 

@@ -146,7 +146,7 @@ class SearchConfig:
         parse_objectives(self.objectives)
         if self.pruner not in PRUNERS:
             raise UnknownNameError(f"unknown pruner (known: {', '.join(PRUNERS)}): {self.pruner!r}")
-        if self.timeout is not None and (not is_number(self.timeout) or self.timeout <= 0):
+        if self.timeout is not None and (not is_number(self.timeout) or not self.timeout > 0):
             raise TrainConfigError(f"timeout must be None or positive, got {self.timeout!r}")
         for name, low, optional in _INT_SETTINGS:
             value = getattr(self, name)

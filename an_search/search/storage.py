@@ -110,6 +110,9 @@ def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | P
     Returns:
         ``sqlite:///ABSOLUTE`` for SQLite files, the URL as given for other URLs, an absolute path
         for journal files.
+
+    Raises:
+        StorageError: SQLite in memory (a study that cannot be resumed), or no storage.
     """
     text = str(storage) if storage is not None else os.environ.get("OPTUNA_STORAGE") or None
     if text is None:
@@ -118,6 +121,11 @@ def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | P
             return str(journal.resolve())
         return f"sqlite:///{db.resolve()}"
     if "://" in text:
+        if _in_memory(text):
+            raise StorageError(
+                f"storage {text!r} is in memory: the study would be gone when the run ends, "
+                "unresumable; give a file, e.g. sqlite:///study.db"
+            )
         return text
     path = Path(text).expanduser()
     if path.suffix in _JOURNAL_SUFFIXES:
@@ -128,6 +136,18 @@ def resolve_storage_url(storage: str | os.PathLike[str] | None, run_dir: str | P
         "storage must be an Optuna URL (sqlite:///, postgresql://...), a journal file (.log, "
         f".journal) or a SQLite file (.db): {text!r}"
     )
+
+
+def _in_memory(url: str) -> bool:
+    """Whether ``url`` is SQLite in memory (``sqlite://``, ``sqlite:///:memory:``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False  # (open_storage says what is wrong with it)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def open_storage(url: str) -> BaseStorage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,9 @@ class TrainConfig:
         for ok, name, rule in checks:
             if not ok:
                 raise TrainConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        for name in _FLOATS:  # (inf passed "positive": lr inf trained a model of NaN)
+            if not math.isfinite(getattr(self, name)):
+                raise TrainConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
         try:
             kind = torch.device(self.device).type
         except RuntimeError:

@@ -149,6 +149,20 @@ def test_errors_stay_on_one_line_in_a_narrow_terminal() -> None:
     assert len(res.stderr.strip().splitlines()) == 1 and "give 4 values" in res.stderr
 
 
+def test_weights_holding_nan_are_refused(tmp_path: Path) -> None:
+    """(Before: converted without a word; a search from them pruned every trial on a NaN loss,
+    blaming the learning rate.)"""
+    state = timm.create_model("resnet10t").state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["fc.bias"][3] = float("inf")
+    torch.save(state, tmp_path / "w.pth")
+    code, _, err = run("resnet10t", "--checkpoint", str(tmp_path / "w.pth"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (
+        "holds non-finite values (NaN or inf) in 2 tensor(s), 'layer2.0.conv1.weight' first" in err
+    )
+
+
 def test_saved_to_names_the_directory_given(tmp_path: Path) -> None:
     out_dir = tmp_path / "o[red]d"
     code, _, err = run("resnet10t", "--img-size", "32", "--output", str(out_dir))

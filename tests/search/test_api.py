@@ -57,6 +57,13 @@ def tiny(tmp_path: Path, tiny_train) -> SearchConfig:
         ({"objectives": [1]}, TrainConfigError, "objectives must be names, got [1]"),
         ({"train": None}, TrainConfigError, "train must be a TrainConfig, got NoneType"),
         ({"timeout": "10"}, TrainConfigError, "timeout must be None or positive, got '10'"),
+        ({"timeout": float("nan")}, TrainConfigError, "timeout must be None or positive, got nan"),
+        ({"train": TrainConfig(lr=float("inf"))}, TrainConfigError, "lr must be finite, got inf"),
+        (
+            {"train": TrainConfig(weight_decay=float("inf"))},
+            TrainConfigError,
+            "weight_decay must be finite, got inf",
+        ),
         ({"pruner": "median"}, UnknownNameError, "unknown pruner"),
         ({"max_params": float("nan")}, BudgetError, "max_params must be a positive number: nan"),
         ({"max_macs": float("inf")}, BudgetError, "max_macs must be a positive number: inf"),

@@ -305,3 +305,23 @@ def test_a_file_that_is_no_database_is_not_told_it_holds_no_study(tmp_path: Path
     (tmp_path / "notes.db").write_text("not a database\n" * 100)
     with pytest.raises(StorageError, match="cannot be opened .*: .*not a database"):
         open_study(tmp_path / "notes.db")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_a_storage_in_memory_is_refused(url: str, tmp_path: Path, tiny_train) -> None:
+    """(Before: the search ran, wrote its reports, and the study was gone: report, export and
+    a resume found no study.)"""
+    from an_search.errors import StorageError
+    from an_search.search import SearchConfig, run_search
+
+    with pytest.raises(StorageError, match=r"is in memory: the study would be gone when the run"):
+        run_search(
+            SearchConfig(
+                "resnet10t",
+                storage=url,
+                output_dir=tmp_path / "run",
+                n_trials=1,
+                train=tiny_train(epochs=1, batches_per_epoch=1),
+            )
+        )
+    assert not (tmp_path / "run").exists()
