@@ -353,11 +353,26 @@ def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
     killed: list[int] = []
 
     def kill_the_baselines_worker() -> None:
-        _wait_for_two_running_trials(run / "study.log", 180)
-        first = open_study(run / "study.log", "stop").get_trials(deepcopy=False)[0]
-        if first.state == TrialState.RUNNING:
-            killed.append(first.user_attrs["worker"]["pid"])
-            os.kill(killed[0], signal.SIGKILL)
+        # as soon as it trains (waiting for the other worker's trial too lost the race on a
+        # loaded machine: the baseline of 18 updates had finished)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                trials = open_study(run / "study.log", "stop").get_trials(deepcopy=False)
+            except StorageError:  # the parent has not created the study yet
+                trials = []
+            first = trials[0] if trials else None
+            if (
+                first is not None
+                and first.state != TrialState.RUNNING
+                and first.state.is_finished()
+            ):
+                return
+            if first is not None and "config_key" in first.user_attrs:  # (built: training)
+                killed.append(first.user_attrs["worker"]["pid"])
+                os.kill(killed[0], signal.SIGKILL)
+                return
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_baselines_worker, daemon=True)
     killer.start()
