@@ -64,13 +64,13 @@ class _Shard(Sampler[int]):
     unwrapped model: no collective per batch, so shards may differ by one batch.)"""
 
     def __init__(self, n: int, rank: int, world: int) -> None:
-        self.n, self.rank, self.world = n, rank, world
+        self.indices = range(rank, n, world)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world))
+        return iter(self.indices)
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
+        return len(self.indices)
 
 
 class _ToMode:

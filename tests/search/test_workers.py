@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from an_search.errors import DataError, StorageError, TrainConfigError
 from an_search.search import (
@@ -357,16 +357,9 @@ def test_a_baseline_whose_worker_is_killed_runs_again_in_the_same_run(
         # loaded machine: the baseline of 18 updates had finished)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            try:
-                trials = open_study(run / "study.log", "stop").get_trials(deepcopy=False)
-            except StorageError:  # the parent has not created the study yet
-                trials = []
+            trials = _stored_trials(run / "study.log")
             first = trials[0] if trials else None
-            if (
-                first is not None
-                and first.state != TrialState.RUNNING
-                and first.state.is_finished()
-            ):
+            if first is not None and first.state.is_finished():
                 return
             if first is not None and "config_key" in first.user_attrs:  # (built: training)
                 killed.append(first.user_attrs["worker"]["pid"])
@@ -412,13 +405,18 @@ def _cuttable(tmp_path: Path, tiny_train, n_trials: int) -> SearchConfig:
     )
 
 
+def _stored_trials(journal: Path) -> list[FrozenTrial]:
+    """Study "stop"'s trials as stored now; none before the parent has created it."""
+    try:
+        return open_study(journal, "stop").get_trials(deepcopy=False)
+    except StorageError:
+        return []
+
+
 def _wait_for_two_running_trials(journal: Path, limit_s: float) -> list[int]:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        try:
-            trials = open_study(journal, "stop").get_trials(deepcopy=False)
-        except StorageError:  # the parent has not created the study yet
-            trials = []
+        trials = _stored_trials(journal)
         if trials:
             running = [
                 t.number
