@@ -571,6 +571,7 @@ def _open(
 
     from an_search.errors import StorageError
     from an_search.search import open_study, study_storage_url
+    from an_search.search.config import default_run_dir
 
     source = storage or (str(run_dir) if run_dir is not None else os.environ.get("OPTUNA_STORAGE"))
     if source is None:
@@ -581,7 +582,7 @@ def _open(
             "(an-runs/MODEL-SPACE by default, with -OBJECTIVES for several) or --storage"
         )
     study = open_study(source, study_name)
-    where = run_dir if run_dir is not None else Path("an-runs") / study.study_name
+    where = run_dir if run_dir is not None else default_run_dir(study.study_name)
     return study, study_storage_url(source), where
 
 

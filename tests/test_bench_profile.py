@@ -129,10 +129,13 @@ def test_native_ab_builds_the_base_and_times_both(package: bool) -> None:
         assert all(float(v) > 0 for r in rows for v in r[2:5])
 
 
-def test_models_times_both_modes_and_refuses_graphs_off_cuda() -> None:
+def test_models_times_both_modes_and_refuses_graphs_off_cuda(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """bench/models.py prints a row per mode with both models' times and the paired ratio, and
     with ``--fused`` a row for the folded AN model in inference; ``--cuda-graphs`` off a GPU is
     a usage error (exit 2), not a traceback."""
+    import runpy  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
     cmd = [sys.executable, str(_BENCH / "models.py"), "--model", "resnet10t", "--se-model",
@@ -149,5 +152,9 @@ def test_models_times_both_modes_and_refuses_graphs_off_cuda() -> None:
         assert float(line.split("AN/BN")[1].split("x")[0]) > 0
     assert out.splitlines()[-1] == rows["an-resnet10t-fused"]  # right after the inference row
     assert float(rows["an-resnet10t-fused"].split("AN/AN-fused")[1].split("x")[0]) > 0
-    refused = subprocess.run([*cmd, "--cuda-graphs"], capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "--cuda-graphs needs --device cuda" in refused.stderr
+    monkeypatch.setattr(sys, "argv", [*cmd[1:], "--cuda-graphs"])  # (in this process: runpy)
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(cmd[1], run_name="__main__")
+    assert (
+        refused.value.code == 2 and "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    )

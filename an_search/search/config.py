@@ -14,7 +14,14 @@ from an_search._values import SEED_MAX, is_integer, is_number
 from an_search.errors import BudgetError, TrainConfigError, UnknownNameError
 from an_search.train import TrainConfig
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SearchConfig", "no_infinite_budget", "parse_objectives"]
+__all__ = [
+    "OBJECTIVES",
+    "PRUNERS",
+    "SearchConfig",
+    "default_run_dir",
+    "no_infinite_budget",
+    "parse_objectives",
+]
 
 #: Objective name -> (metric name shown by Optuna/optuna-dashboard, direction).
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -98,7 +105,7 @@ class SearchConfig:
         """The run directory: ``output_dir``, else ``an-runs/<study name>``."""
         if self.output_dir is not None:
             return Path(self.output_dir)
-        return Path("an-runs") / self.resolved_study_name(space_name)
+        return default_run_dir(self.resolved_study_name(space_name))
 
     def budgets(self) -> dict[str, float]:
         """Budget name (``params``, ``macs``, ``latency_ms``) -> limit, for the ones set.
@@ -173,6 +180,13 @@ class SearchConfig:
         for key in ("data", "checkpoint"):
             data[key] = _absolute(data[key])
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
+
+
+def default_run_dir(study_name: str) -> Path:
+    """``an-runs/<study name>``, the run directory of a study given no other; the name made one
+    folder's name (``team/r50`` -> ``team_r50``, ``..`` -> ``__``), never a path elsewhere."""
+    folder = re.sub(r"[/\\\0]", "_", study_name)  # (any other character is a folder's)
+    return Path("an-runs") / (folder if folder.strip(".") else folder.replace(".", "_") or "_")
 
 
 #: (name, lowest value, None allowed) of the integer settings.

@@ -17,7 +17,7 @@ from an_search.errors import CheckpointError, DataError, StorageError
 from an_search.train import TrainConfig
 
 from ._files import make_dir
-from .config import SearchConfig, no_infinite_budget
+from .config import SearchConfig, default_run_dir, no_infinite_budget
 from .study import open_study, study_storage_url
 
 __all__ = ["check_study_data", "config_from_dict", "join_config"]
@@ -75,7 +75,7 @@ def join_config(
             "`an-search run` created"
         )
     cfg = config_from_dict(attrs["config"])
-    run_dir = Path(output_dir) if output_dir is not None else Path("an-runs") / study.study_name
+    run_dir = Path(output_dir) if output_dir is not None else default_run_dir(study.study_name)
     space = attrs.get("space", {})
     path = Path(str(cfg.space))
     if path.suffix in (".yaml", ".yml") and not path.is_file() and space.get("text"):

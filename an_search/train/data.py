@@ -29,6 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 from an_search.errors import DataError
 
 from ._readers import clean_reader
+from ._scanned import opened, tar_key
 
 __all__ = ["EMBEDDED_ROOT", "DataSpec", "dataset_targets", "open_dataset", "resolve_data"]
 
@@ -106,6 +107,13 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
     """Open one split ("train" or "validation") with timm, no transform; DataError on failure."""
     is_train = split == "train"
     root = spec.train_root if is_train else spec.val_root
+    fixed = None if class_map is None else tuple(sorted(class_map.items()))
+    key = None if spec.name else tar_key(root, split, fixed, spec.img_mode)
+    return opened(key, lambda: _open_dataset(spec, split, root, class_map))
+
+
+def _open_dataset(spec: DataSpec, split: str, root: str, class_map: dict | None) -> Any:
+    is_train = split == "train"
     try:
         ds = create_dataset(
             spec.name,

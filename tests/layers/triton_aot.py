@@ -16,11 +16,13 @@ Run without ``TRITON_INTERPRET`` (tests/layers/test_triton_site.py starts it in 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +42,16 @@ from an_search.layers.heads import HEADS
 Call = tuple[JITFunction, dict[str, str], dict[str, object], dict[str, int]]
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_AST_LOCK, _ast_parse = threading.Lock(), ast.parse
+
+
+def _parse_one_at_a_time(*args: object, **kwargs: object) -> ast.AST:
+    """``ast.parse`` under a lock: CPython 3.11 keeps the AST constructor's recursion depth in
+    state shared by threads, so parses in parallel fail at random with "SystemError: AST
+    constructor recursion depth mismatch" (python/cpython#106905); Triton parses each kernel's
+    source in ``compile``."""
+    with _AST_LOCK:
+        return _ast_parse(*args, **kwargs)
 
 
 class _Recorder:
@@ -130,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels, it does not interpret them")
+    ast.parse = _parse_one_at_a_time
     calls: dict[str, Call] = {}
     record(calls, args.large)
     start = time.perf_counter()

@@ -50,3 +50,26 @@ def test_a_search_for_other_objectives_gets_its_own_default_study(
     assert (second.study_name, len(second.directions)) == ("resnet10t-default-top1-macs", 2)
     assert (tmp_path / "an-runs" / "resnet10t-default" / "study.db").is_file()
     assert (tmp_path / "an-runs" / "resnet10t-default-top1-macs" / "study.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("../../escape", ".._.._escape"), ("..", "__"), ("/tmp/x", "_tmp_x"), ("a b.v2", "a b.v2")],
+)
+def test_a_study_name_is_one_folder_under_an_runs(
+    name: str, folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_train
+) -> None:
+    """The default run directory, an-runs/<study name>, for a run and for a worker joining the
+    study from its storage: a name with '/' or of dots was a path (``../../x`` wrote outside
+    an-runs/, ``/tmp/x`` anywhere)."""
+    from an_search.search import join_config
+    from an_search.search.study import prepare_search
+
+    monkeypatch.chdir(tmp_path)
+    cfg = SearchConfig("resnet10t", study_name=name, train=tiny_train())
+    assert cfg.run_dir("default") == Path("an-runs") / folder
+    prepare_search(cfg)  # (the study in the run directory's study.db)
+    assert [p.name for p in tmp_path.iterdir()] == ["an-runs"]
+    assert [p.name for p in (tmp_path / "an-runs").iterdir()] == [folder]
+    db = tmp_path / "an-runs" / folder / "study.db"
+    assert join_config(f"sqlite:///{db}", name).output_dir == str(Path("an-runs") / folder)

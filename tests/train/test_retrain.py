@@ -10,7 +10,7 @@ import torch
 from an_search.models import create_model
 from an_search.rewrite import Recipe, find_sites, load, select_sites
 from an_search.train import TrainConfig, resolve_data
-from an_search.train.retrain import retrain
+from an_search.train.retrain import RetrainRun, retrain
 
 
 def _recipe() -> Recipe:
@@ -26,21 +26,24 @@ def _cfg() -> TrainConfig:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_retrain_an_and_baseline(nproc: int, tmp_path: Path) -> None:
-    data = resolve_data(None)
+def _saved_is_the_last_checkpoint(run: RetrainRun, recipe: Recipe) -> None:
+    """The saved model is the trained one: its weights equal (rank 0's) last checkpoint."""
+    model, saved = load(run.model_dir)
+    assert [s.name for s in saved.sites] == [s.name for s in recipe.sites]
+    state = torch.load(run.checkpoint_dir / "last.pth", weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_retrain_an_and_baseline(tmp_path: Path) -> None:
+    """(Under torchrun: test_resume_of_another_recipes_checkpoints_is_refused[2].)"""
     recipe = _recipe()
-    runs = retrain(recipe, data, _cfg(), tmp_path, baseline=True, nproc=nproc)
+    runs = retrain(recipe, resolve_data(None), _cfg(), tmp_path, baseline=True)
     assert [r.name for r in runs] == ["an", "baseline"]
     an, base = runs
     assert an.params > base.params
     assert len(an.result.history) == 1 and 0.0 <= an.result.top1 <= 100.0
-    # the saved model is the trained one: its weights equal rank 0's last checkpoint
-    model, saved = load(an.model_dir)
-    assert [s.name for s in saved.sites] == [s.name for s in recipe.sites]
-    state = torch.load(an.checkpoint_dir / "last.pth", weights_only=True)["model"]
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    _saved_is_the_last_checkpoint(an, recipe)
 
 
 @pytest.mark.parametrize("nproc", [0, -1])
@@ -118,6 +121,8 @@ def test_resume_of_another_recipes_checkpoints_is_refused(nproc: int, tmp_path: 
     data = resolve_data(None)
     first = _recipe()
     done = retrain(first, data, _cfg(), tmp_path, nproc=nproc)[0]
+    assert len(done.result.history) == 1 and 0.0 <= done.result.top1 <= 100.0
+    _saved_is_the_last_checkpoint(done, first)
     pooled = [RecipeSite(**{**dataclasses.asdict(s), "pool": "avg"}) for s in first.sites]
     other = dataclasses.replace(first, sites=pooled)
     resume = dataclasses.replace(_cfg(), resume=True)
