@@ -28,7 +28,9 @@ __all__ = [
     "create_model",
     "describe_mismatch",
     "first_convs",
+    "input_error",
     "input_too_small",
+    "out_of_memory",
     "load_checkpoint",
     "read_checkpoint",
     "model_input_size",
@@ -410,6 +412,41 @@ def input_too_small(
         f"a {side} input is too small for this model, which downsamples {need}x "
         f"({type(exc).__name__}: {str(exc).splitlines()[0]}): give a larger --img-size, "
         f"{need} or more"
+    )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (CPU or CUDA)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text)
+    )
+
+
+def input_error(
+    model: nn.Module, input_size: Sequence[int], exc: Exception, *, batch: int = 1
+) -> ModelConfigError | None:
+    """The error to raise for ``exc``, a forward of a model without AN that failed on a
+    ``batch`` of ``input_size`` (C, H, W): too little memory, an input smaller than the
+    model's downsampling, or a size the model cannot take (a ViT-like model's fixed grid);
+    None when ``exc`` is none of these (not a RuntimeError: a bug to show as it is)."""
+    side = "x".join(map(str, input_size[1:]))
+    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    if out_of_memory(exc):
+        return ModelConfigError(
+            f"a batch of {batch} at {side} needs more memory than this machine has ({reason}): "
+            "give a smaller --img-size"
+        )
+    if not isinstance(exc, RuntimeError):
+        return None
+    too_small = input_too_small(model, input_size, exc)
+    if too_small is not None:
+        return too_small
+    default = model_input_size(model)[1:]
+    return ModelConfigError(
+        f"this model cannot run a {side} input ({reason}): give an --img-size it takes "
+        f"(its default: {default[0]})"
     )
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
 from an_search.layers import AttentiveNorm
-from an_search.models import input_too_small
+from an_search.models import input_error, input_too_small, out_of_memory
 
 from .handles import Handle, extra_handles
 
@@ -159,27 +159,32 @@ def count_cost(
         The :class:`CostReport`; unsupported operators are data, nothing is logged.
 
     Raises:
-        ModelConfigError: the forward failed on an input smaller than the model's downsampling.
+        ModelConfigError: the input is the forward's fault: more memory than there is, smaller
+            than the model's downsampling, or (a model without AN) a size it cannot take.
     """
     from fvcore.nn import FlopCountAnalysis  # lazy: slow import, warns on recent torch
 
-    x = _example_input(model, tuple(input_size), batch_size)
     an_names = _an_module_names(model)
-    with eval_mode(model), torch.no_grad():
-        analysis = FlopCountAnalysis(model, (x,))
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        # fvcore keeps the ops it skips silently (relu, clamp, ...) in a private set; without it
-        # we would only over-report unsupported ops outside AN, never miscount.
-        scope = _ANScope(an_names, getattr(analysis, "_ignored_ops", ()))
-        analysis.set_op_handle(**{op: scope.wrap(h) for op, h in extra_handles().items()})
-        try:
+    try:
+        x = _example_input(model, tuple(input_size), batch_size)
+        with eval_mode(model), torch.no_grad():
+            analysis = FlopCountAnalysis(model, (x,))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            # fvcore keeps the ops it skips silently (relu, clamp, ...) in a private set;
+            # without it we would only over-report unsupported ops outside AN, never miscount.
+            scope = _ANScope(an_names, getattr(analysis, "_ignored_ops", ()))
+            analysis.set_op_handle(**{op: scope.wrap(h) for op, h in extra_handles().items()})
             macs = int(analysis.total())
-        except RuntimeError as exc:
-            too_small = input_too_small(model, tuple(input_size), exc)
-            if too_small is None:
-                raise
-            raise too_small from None
-        flop_counter_macs = _flop_counter_macs(model, x)
+            flop_counter_macs = _flop_counter_macs(model, x)
+    except RuntimeError as exc:  # (torch.OutOfMemoryError is one)
+        # the input's fault only if the model has no AN (its cost is counted first), or it is
+        # too small or too large for any model; else a conversion's bug, shown as it is
+        size = tuple(input_size)
+        error = input_error(model, size, exc, batch=batch_size)
+        blamed = not an_names or out_of_memory(exc) or input_too_small(model, size, exc)
+        if error is None or not blamed:
+            raise
+        raise error from None
     per_module = analysis.by_module()
     unsupported = Counter(analysis.unsupported_ops()) + scope.outside
     return CostReport(

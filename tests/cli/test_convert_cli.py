@@ -137,6 +137,26 @@ def test_an_image_size_below_the_models_downsampling_one_line_exit_2() -> None:
     assert err.strip().endswith("give a larger --img-size, 32 or more")
 
 
+@pytest.mark.parametrize(
+    ("args", "start", "end"),
+    [
+        (["crossvit_tiny_240", "--img-size", "32"], "error: this model cannot run a 32x32 input "
+         "(RuntimeError: The size of tensor a", "give an --img-size it takes (its default: 240)"),
+        (["resnet10t", "--img-size", "1000000"], "error: a batch of 1 at 1000000x1000000 needs "
+         "more memory than this machine has (", "give a smaller --img-size"),
+    ],
+    ids=["fixed-grid", "too-large"],
+)  # fmt: skip
+def test_an_image_size_the_model_cannot_run_one_line_exit_2(
+    args: list[str], start: str, end: str
+) -> None:
+    """Before: 'internal error RuntimeError' (exit 1): CrossViT's two patch grids at 32 px, or
+    a 12 TB input tensor."""
+    code, _, err = run(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(start) and err.strip().endswith(end), err
+
+
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_bad_image_size_one_line_exit_2(size: str) -> None:
     code, _, err = run("resnet18", "--img-size", size)

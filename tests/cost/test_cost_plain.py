@@ -157,3 +157,26 @@ def test_a_failing_forward_on_a_large_enough_input_is_raised_as_it_is() -> None:
 
     with pytest.raises(RuntimeError, match="a bug of the model's own"):
         count_cost(Broken(), (3, 8, 8))
+
+
+class _Fails(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a shape bug")
+
+
+def test_a_forward_that_fails_is_the_inputs_fault_only_without_an() -> None:
+    """A model without AN (counted before any conversion) that cannot run the input: a
+    ModelConfigError naming the size and the model's default; the same failure in a model with
+    AN is a conversion's bug: shown as it is."""
+    from an_search.layers import AttentiveNorm
+
+    plain = torch.nn.Sequential(torch.nn.BatchNorm2d(3), _Fails())
+    with pytest.raises(
+        ModelConfigError,
+        match=r"cannot run a 32x32 input \(RuntimeError: a "
+        r"shape bug\): give an --img-size it takes \(its default: 224\)$",
+    ):
+        count_cost(plain, INPUT)
+    converted = torch.nn.Sequential(AttentiveNorm(3, 2), _Fails())
+    with pytest.raises(RuntimeError, match="^a shape bug$"):
+        count_cost(converted, INPUT)
