@@ -9,16 +9,39 @@ a class, macOS's ``._x.png`` AppleDouble files were samples that fail to decode,
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from timm.data.readers import img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from timm.utils.misc import natural_key
 
 from an_search.errors import DataError
 
-__all__ = ["clean_reader"]
+__all__ = ["EXTRA_EXTENSIONS", "clean_reader", "more_image_extensions"]
+
+#: Image files read besides timm's own .png, .jpg and .jpeg (which alone timm's readers keep:
+#: a folder of .webp images was read as empty, a mixed one in part, without a word).
+EXTRA_EXTENSIONS = (".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm", ".pnm")
+
+
+@contextmanager
+def more_image_extensions() -> Iterator[None]:
+    """timm's image extensions widened by those of :data:`EXTRA_EXTENSIONS` that this PIL
+    decodes, while a dataset is indexed; timm's setting is put back afterwards."""
+    before = img_extensions.get_img_extensions()
+    readable = Image.registered_extensions()
+    img_extensions.add_img_extensions(
+        [e for e in EXTRA_EXTENSIONS if e in readable and e not in before]
+    )
+    try:
+        yield
+    finally:
+        img_extensions.set_img_extensions(before)
 
 
 def clean_reader(ds: Any, root: str, *, fixed_classes: bool) -> None:

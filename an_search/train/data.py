@@ -5,7 +5,7 @@ root) into a `DataSpec`: the train and validation roots as `timm.data.create_dat
 the number of classes and the normalisation. It checks the layout up front so a bad path fails
 with a one-line `DataError` before any model is built. `loaders.create_loaders` makes the loaders.
 
-Accepted layouts (image extensions as timm's readers know them: .png .jpg .jpeg ...):
+Accepted layouts (images: .png .jpg .jpeg, as timm reads, and .webp .bmp .tif(f) .gif ...):
 
 - None: the embedded Animal-MNIST (8000 train / 2000 validation, 10 classes).
 - root/train/<class>/... with root/val/<class>/... (or validation/, or train.tar + val.tar):
@@ -28,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 
 from an_search.errors import DataError
 
-from ._readers import clean_reader
+from ._readers import clean_reader, more_image_extensions
 from ._scanned import opened, tar_key
 
 __all__ = ["EMBEDDED_ROOT", "DataSpec", "dataset_targets", "open_dataset", "resolve_data"]
@@ -115,15 +115,16 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
 def _open_dataset(spec: DataSpec, split: str, root: str, class_map: dict | None) -> Any:
     is_train = split == "train"
     try:
-        ds = create_dataset(
-            spec.name,
-            root=root,
-            split=spec.train_split if is_train else spec.val_split,
-            search_split=False,  # roots are already split-specific (or a holdout of one root)
-            class_map=class_map,
-            download=spec.download,
-            input_img_mode=spec.img_mode,
-        )
+        with more_image_extensions():  # (.webp, .bmp, .tiff... too)
+            ds = create_dataset(
+                spec.name,
+                root=root,
+                split=spec.train_split if is_train else spec.val_split,
+                search_split=False,  # roots are already split-specific (or a holdout of one)
+                class_map=class_map,
+                download=spec.download,
+                input_img_mode=spec.img_mode,
+            )
     except (AssertionError, OSError, RuntimeError, ValueError, KeyError, tarfile.TarError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, tarfile.TarError):

@@ -263,3 +263,40 @@ def test_a_search_on_it_says_so(tiny_root: Path, tmp_path: Path) -> None:
     cfg = SearchConfig("resnet10t", data=root, output_dir=tmp_path / "run", n_trials=1)
     prepare_search(cfg, on_message=messages.append)
     assert messages == [resolve_data(root).unseen_note()] and messages[0] is not None
+
+
+@pytest.mark.parametrize("as_tar", [False, True], ids=["folder", "tar"])
+def test_images_in_other_formats_pil_reads_are_read(as_tar: bool, tmp_path: Path) -> None:
+    """timm's readers keep .png/.jpg/.jpeg only: a class of .webp images was dropped without a
+    word. Each format's images are read, with their pixels; timm's own setting is kept."""
+    import tarfile
+
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    before = get_img_extensions()
+    formats = {"cat": [".webp", ".bmp"], "dog": [".tiff", ".gif"], "owl": [".png", ".jpg"]}
+    root = tmp_path / "pool"
+    for i, (name, exts) in enumerate(formats.items()):
+        for j, ext in enumerate(exts * 2):
+            path = root / name / f"{j}{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), color=40 * (i + 1)).save(path)
+    (root / "owl" / "notes.txt").write_text("not an image")
+    if as_tar:
+        with tarfile.open(tmp_path / "pool.tar", "w") as tf:
+            for path in sorted(root.rglob("*")):
+                tf.add(path, arcname=str(path.relative_to(root)), recursive=False)
+        root = tmp_path / "pool.tar"
+    spec = resolve_data(root, holdout=0.25)
+    assert spec.class_names == ("cat", "dog", "owl")
+    loaders = create_loaders(spec, img_size=8, batch_size=1, hflip=0.0, scale=(1.0, 1.0))
+    seen = Counter()  # (batches of 1: none dropped)
+    for loader in (loaders.train, loaders.val):
+        for x, y in loader:
+            for image, label in zip(x, y.tolist(), strict=True):
+                std, mean = torch.tensor(spec.std), torch.tensor(spec.mean)
+                pixels = image.mean(dim=(1, 2)) * std + mean  # (normalised: undone)
+                torch.testing.assert_close(pixels, torch.full((3,), 40 * (label + 1) / 255))
+                seen[label] += 1
+    assert seen == {0: 4, 1: 4, 2: 4}
+    assert get_img_extensions() == before
