@@ -158,3 +158,18 @@ def test_models_times_both_modes_and_refuses_graphs_off_cuda(
     assert (
         refused.value.code == 2 and "--cuda-graphs needs --device cuda" in capsys.readouterr().err
     )
+
+
+def test_data_open_times_a_scanned_and_a_kept_tar_index(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/data_open.py (in this process, as its ``__main__``): both rows and their ratio."""
+    import runpy  # noqa: PLC0415
+
+    script = str(_BENCH / "data_open.py")
+    monkeypatch.setattr(sys, "argv", [script, "--repeats", "2"])
+    runpy.run_path(script, run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["scanned", "kept", "scanned/kept"]
+    assert all(float(line.split()[1]) > 0 for line in lines[:2])
+    assert float(lines[2].split()[1].rstrip("x")) > 0 and lines[2].endswith("[n/a]")
