@@ -8,7 +8,9 @@ a class, macOS's ``._x.png`` AppleDouble files were samples that fail to decode,
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +25,29 @@ from timm.utils.misc import natural_key
 from an_search.errors import DataError
 
 __all__ = ["EXTRA_EXTENSIONS", "clean_reader", "more_image_extensions"]
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once per process: timm's dataset logs "Skipped
+    sample (index 40). cannot identify image file ..." each time an unreadable image is drawn,
+    so every epoch of every trial (with -q too) repeated it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        with self._lock:
+            new = text not in self._seen
+            self._seen.add(text)
+        return new
+
+
+_TIMM_DATASET_LOG = logging.getLogger("timm.data.dataset")
+if not any(isinstance(f, _Once) for f in _TIMM_DATASET_LOG.filters):
+    _TIMM_DATASET_LOG.addFilter(_Once())
 
 #: Image files read besides timm's own .png, .jpg and .jpeg (which alone timm's readers keep:
 #: a folder of .webp images was read as empty, a mixed one in part, without a word).

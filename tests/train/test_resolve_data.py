@@ -300,3 +300,22 @@ def test_images_in_other_formats_pil_reads_are_read(as_tar: bool, tmp_path: Path
                 seen[label] += 1
     assert seen == {0: 4, 1: 4, 2: 4}
     assert get_img_extensions() == before
+
+
+def test_an_unreadable_image_is_reported_once_not_every_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """timm skips an image it cannot decode and logs it each time it is drawn: every epoch of
+    every trial, -q or not. Once per process now."""
+    for name in ("a", "b"):
+        for i in range(4):
+            _image(tmp_path / "pool" / name / f"{i}.png")
+    (tmp_path / "pool" / "a" / "bad.png").write_bytes(b"not a png")
+    spec = resolve_data(tmp_path / "pool", holdout=0.5)
+    with caplog.at_level("WARNING", logger="timm.data.dataset"):
+        for _ in range(3):  # three epochs, in two loaders' worth of opens
+            loaders = create_loaders(spec, img_size=8, batch_size=1, hflip=0.0, scale=(1, 1))
+            for loader in (loaders.train, loaders.val):
+                assert sum(len(y) for _, y in loader) == len(loader.dataset)
+    bad = [r for r in caplog.records if "bad.png" in r.getMessage()]
+    assert len(bad) == 1 and bad[0].getMessage().startswith("Skipped sample")
