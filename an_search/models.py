@@ -159,6 +159,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except (AttributeError, TypeError):  # (timm's unwrapping of what is no dict)
             state = None
         except Exception as e:  # noqa: BLE001 - any reader failure means an unreadable file
+            if not (_is_torch_file(path) or _is_safetensors(path)):  # (else torch's reason)
+                raise CheckpointError(
+                    f"checkpoint {path!r} is no weights file: it starts as neither torch.save's "
+                    "files (a zip archive or a pickle) nor a safetensors file; pass a "
+                    "safetensors file or a torch state_dict saved with torch.save"
+                ) from None
             reason, fix = _reason(e)
             raise CheckpointError(f"checkpoint {path!r} cannot be read ({reason}): {fix}") from None
     for w in caught:  # (a file that was read: its warnings are the user's)

@@ -250,7 +250,13 @@ def test_unreadable_checkpoints_say_why(tmp_path: Path, recwarn: pytest.Warnings
     torch.save([torch.zeros(2)], listed := tmp_path / "list.pth")
     torch.save(nn.Linear(2, 2), whole := tmp_path / "model.pth")
     (raw := tmp_path / "raw.pkl").write_bytes(pickle.dumps(state, protocol=4))
+    (text := tmp_path / "notes.pth").write_text("garbage bytes")  # (was: "it holds Python
+    # objects besides tensors, which weights_only loading refuses")
+    (empty := tmp_path / "empty.pth").write_bytes(b"")
+    no_file = "is no weights file: it starts as neither torch.save's files .* nor a safetensors"
     cases = [
+        (text, no_file),
+        (empty, no_file),
         (named_pth, "is a safetensors file, and files are read by their name: rename it to end"),
         (named_st, "is a torch file, and files are read by their name: rename it .pth"),
         (listed, "holds no state_dict of tensors: save model.state_dict()"),

@@ -288,7 +288,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint at all")
     code, _, err = run("resnet18", "--checkpoint", str(bad), "--img-size", "32")
-    assert code == 2 and "cannot be read" in err and "Traceback" not in err
+    assert code == 2 and "is no weights file" in err and "Traceback" not in err
 
     other = __import__("timm").create_model("resnet34", pretrained=False)
     wrong = tmp_path / "resnet34.safetensors"
