@@ -431,12 +431,18 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def input_error(
-    model: nn.Module, input_size: Sequence[int], exc: Exception, *, batch: int = 1
+    model: nn.Module,
+    input_size: Sequence[int],
+    exc: Exception,
+    *,
+    batch: int = 1,
+    plain: bool = False,
 ) -> ModelConfigError | None:
-    """The error to raise for ``exc``, a forward of a model without AN that failed on a
-    ``batch`` of ``input_size`` (C, H, W): too little memory, an input smaller than the
-    model's downsampling, or a size the model cannot take (a ViT-like model's fixed grid);
-    None when ``exc`` is none of these (not a RuntimeError: a bug to show as it is)."""
+    """The error to raise for ``exc``, a forward that failed on a ``batch`` of ``input_size``
+    (C, H, W), when the input is to blame: too little memory for it, an input smaller than the
+    model's downsampling, or (``plain``: a timm model without AN) a size other than its
+    default (a ViT-like model's grids: CrossViT built for 32 px runs no input at all). None
+    otherwise (a model failing at its own default size, or with AN): a bug, shown as it is."""
     side = "x".join(map(str, input_size[1:]))
     reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     if out_of_memory(exc):
@@ -447,12 +453,15 @@ def input_error(
     if not isinstance(exc, RuntimeError):
         return None
     too_small = input_too_small(model, input_size, exc)
-    if too_small is not None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if too_small is not None or not plain or not isinstance(cfg, dict) or "input_size" not in cfg:
         return too_small
-    default = model_input_size(model)[1:]
+    default = model_input_size(model)
+    if tuple(input_size[1:]) == default[1:]:
+        return None
     return ModelConfigError(
-        f"this model cannot run a {side} input ({reason}): give an --img-size it takes "
-        f"(its default: {default[0]})"
+        f"this model fails on a {side} input ({reason}): it may not take that size; give its "
+        f"default, --img-size {default[1]}, or another size it takes"
     )
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
 from an_search.layers import AttentiveNorm
-from an_search.models import input_error, input_too_small, out_of_memory
+from an_search.models import input_error
 
 from .handles import Handle, extra_handles
 
@@ -177,12 +177,10 @@ def count_cost(
             macs = int(analysis.total())
             flop_counter_macs = _flop_counter_macs(model, x)
     except RuntimeError as exc:  # (torch.OutOfMemoryError is one)
-        # the input's fault only if the model has no AN (its cost is counted first), or it is
-        # too small or too large for any model; else a conversion's bug, shown as it is
-        size = tuple(input_size)
-        error = input_error(model, size, exc, batch=batch_size)
-        blamed = not an_names or out_of_memory(exc) or input_too_small(model, size, exc)
-        if error is None or not blamed:
+        # the input's fault if too large or too small for any model, or, for a model without AN
+        # (its cost is counted first), a size it cannot take; else a bug, shown as it is
+        error = input_error(model, tuple(input_size), exc, batch=batch_size, plain=not an_names)
+        if error is None:
             raise
         raise error from None
     per_module = analysis.by_module()

@@ -184,9 +184,17 @@ class SearchConfig:
 
 def default_run_dir(study_name: str) -> Path:
     """``an-runs/<study name>``, the run directory of a study given no other; the name made one
-    folder's name (``team/r50`` -> ``team_r50``, ``..`` -> ``__``), never a path elsewhere."""
+    folder's name (``team/r50`` -> ``team_r50``, ``..`` -> ``__``), never a path elsewhere. A
+    study that an earlier version put in ``an-runs/team/r50`` (inside an-runs/) stays there."""
+    runs = Path("an-runs")
     folder = re.sub(r"[/\\\0]", "_", study_name)  # (any other character is a folder's)
-    return Path("an-runs") / (folder if folder.strip(".") else folder.replace(".", "_") or "_")
+    folder = folder if folder.strip(".") else folder.replace(".", "_") or "_"
+    legacy = runs / study_name
+    if folder != study_name and legacy.is_dir():
+        inside = legacy.resolve().is_relative_to(runs.resolve())
+        if inside and legacy.resolve() != runs.resolve():
+            return legacy
+    return runs / folder
 
 
 #: (name, lowest value, None allowed) of the integer settings.

@@ -54,19 +54,23 @@ if not any(isinstance(f, _Once) for f in _TIMM_DATASET_LOG.filters):
 EXTRA_EXTENSIONS = (".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm", ".pnm")
 
 
+_EXTENSIONS_LOCK = threading.RLock()
+
+
 @contextmanager
 def more_image_extensions() -> Iterator[None]:
     """timm's image extensions widened by those of :data:`EXTRA_EXTENSIONS` that this PIL
     decodes, while a dataset is indexed; timm's setting is put back afterwards."""
-    before = img_extensions.get_img_extensions()
-    readable = Image.registered_extensions()
-    img_extensions.add_img_extensions(
-        [e for e in EXTRA_EXTENSIONS if e in readable and e not in before]
-    )
-    try:
-        yield
-    finally:
-        img_extensions.set_img_extensions(before)
+    with _EXTENSIONS_LOCK:  # (timm's setting is the process's: one indexing at a time)
+        before = img_extensions.get_img_extensions()
+        readable = Image.registered_extensions()
+        img_extensions.add_img_extensions(
+            [e for e in EXTRA_EXTENSIONS if e in readable and e not in before]
+        )
+        try:
+            yield
+        finally:
+            img_extensions.set_img_extensions(before)
 
 
 def clean_reader(ds: Any, root: str, *, fixed_classes: bool) -> None:

@@ -3,8 +3,8 @@
 timm's ``ReaderImageInTar`` reads every member header of the tar to index it: 0.4 s for the
 embedded 8000 images, minutes for an ImageNet tar. A search opens its splits for every trial
 (and the checks before it), so each opened tar dataset is kept, keyed by the file's identity
-(path, inode, size, mtime: a rewritten tar is scanned again), and handed out as a copy with its
-own transform and its own open-file state; the index itself (immutable once cleaned) is shared.
+(path, inode, size, mtime, ctime: a rewritten tar is scanned again), and handed out as a copy
+with its own transform and its own open-file state; the index (immutable once cleaned) is shared.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from timm.data.readers.reader_image_in_tar import ReaderImageInTar, TarState
 
 __all__ = ["tar_key", "opened"]
 
-_KEEP = 4  # (a dataset's train and validation splits, and one more dataset's)
+_KEEP = 6  # (a dataset's train split and validation split, the latter opened with the training
+# classes and, to check them, without: two datasets' worth)
 _CACHE: OrderedDict[Hashable, Any] = OrderedDict()
 _LOCK = threading.Lock()
 
@@ -31,7 +32,9 @@ def tar_key(root: str, *settings: Hashable) -> Hashable | None:
     if os.path.splitext(root)[1] != ".tar" or not os.path.isfile(root):
         return None
     st = os.stat(root)
-    return (os.path.realpath(root), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, *settings)
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # (ctime: any
+    # write or utime changes it, however the mtime is set back)
+    return (os.path.realpath(root), *stamp, *settings)
 
 
 def opened(key: Hashable | None, open_fn: Callable[[], Any]) -> Any:

@@ -73,3 +73,16 @@ def test_a_study_name_is_one_folder_under_an_runs(
     assert [p.name for p in (tmp_path / "an-runs").iterdir()] == [folder]
     db = tmp_path / "an-runs" / folder / "study.db"
     assert join_config(f"sqlite:///{db}", name).output_dir == str(Path("an-runs") / folder)
+
+
+def test_a_study_an_earlier_version_put_in_nested_folders_stays_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``team/r50`` was an-runs/team/r50: a resume there must find its study, not start one in
+    an-runs/team_r50; a name whose old folder is outside an-runs/ does not get it back."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "an-runs" / "team" / "r50").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    assert SearchConfig("resnet10t", study_name="team/r50").run_dir("d") == Path("an-runs/team/r50")
+    assert SearchConfig("resnet10t", study_name="team/r51").run_dir("d") == Path("an-runs/team_r51")
+    assert SearchConfig("resnet10t", study_name="../x").run_dir("d") == Path("an-runs/.._x")

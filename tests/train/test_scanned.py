@@ -81,3 +81,25 @@ def test_loaders_of_the_same_tar_train_alike(tmp_path: Path, scans: list[str]) -
     assert batches[0][0] == 8 and batches[1][0] == 12  # each its own transform
     assert batches[0][1] == batches[1][1]
     assert len(scans) == 1
+
+
+def test_a_tar_rewritten_in_place_at_its_size_and_mtime_is_scanned_again(
+    tmp_path: Path, scans: list[str]
+) -> None:
+    """``cp --preserve=timestamps`` or ``rsync -t --inplace``: same inode, size and mtime, new
+    members (class a renamed c, names of one length: the same tar size). Its ctime changed."""
+    path = _tar(tmp_path / "pool.tar", {"a": 3, "b": 3})
+    st = os.stat(path)
+    assert resolve_data(path).class_names == ("a", "b")
+    (tmp_path / "new.tar").unlink(missing_ok=True)
+    with open(_tar(tmp_path / "new.tar", {"c": 3, "b": 3}), "rb") as src, open(path, "r+b") as dst:
+        dst.write(src.read())  # (in place: the same inode)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = os.stat(path)
+    assert (again.st_ino, again.st_size, again.st_mtime_ns) == (
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+    )
+    assert resolve_data(path).class_names == ("b", "c")
+    assert len(scans) == 2
