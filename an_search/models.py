@@ -30,7 +30,6 @@ __all__ = [
     "first_convs",
     "input_error",
     "input_too_small",
-    "out_of_memory",
     "load_checkpoint",
     "read_checkpoint",
     "model_input_size",
@@ -421,7 +420,7 @@ def input_too_small(
     )
 
 
-def out_of_memory(exc: BaseException) -> bool:
+def _out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation that failed (CPU or CUDA)."""
     text = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -445,7 +444,7 @@ def input_error(
     otherwise (a model failing at its own default size, or with AN): a bug, shown as it is."""
     side = "x".join(map(str, input_size[1:]))
     reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-    if out_of_memory(exc):
+    if _out_of_memory(exc):
         return ModelConfigError(
             f"a batch of {batch} at {side} needs more memory than this machine has ({reason}): "
             "give a smaller --img-size"

@@ -91,7 +91,6 @@ def test_a_tar_rewritten_in_place_at_its_size_and_mtime_is_scanned_again(
     path = _tar(tmp_path / "pool.tar", {"a": 3, "b": 3})
     st = os.stat(path)
     assert resolve_data(path).class_names == ("a", "b")
-    (tmp_path / "new.tar").unlink(missing_ok=True)
     with open(_tar(tmp_path / "new.tar", {"c": 3, "b": 3}), "rb") as src, open(path, "r+b") as dst:
         dst.write(src.read())  # (in place: the same inode)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
