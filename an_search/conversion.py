@@ -20,6 +20,7 @@ from ._rng import kept_rng
 from ._values import SEED_MAX, is_integer
 from .cost import CostReport, count_cost
 from .errors import CheckpointError, ModelConfigError, RecipeError, UnknownNameError
+from .input_size import model_input_size
 from .layers.attentive_norm import INITS
 from .models import (
     check_model_options,
@@ -28,7 +29,6 @@ from .models import (
     describe_mismatch,
     first_convs,
     load_checkpoint,
-    model_input_size,
     read_checkpoint,
 )
 from .rewrite import (

@@ -27,8 +27,8 @@ from torch import nn
 
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
+from an_search.input_size import input_error
 from an_search.layers import AttentiveNorm
-from an_search.models import input_error
 
 from .handles import Handle, extra_handles
 

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from an_search._rng import kept_rng
 from an_search.errors import BudgetError, StorageError
-from an_search.models import check_input_fits
+from an_search.input_size import check_input_fits
 from an_search.rewrite import find_sites
 from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS

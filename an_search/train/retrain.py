@@ -19,8 +19,9 @@ from an_search._digest import file_sha256
 from an_search._rng import kept_rng
 from an_search._values import is_integer
 from an_search.errors import TrainConfigError
+from an_search.input_size import check_input_fits
 from an_search.layers.attentive_norm import INITS
-from an_search.models import check_input_fits, create_model
+from an_search.models import create_model
 from an_search.rewrite import Recipe, save
 
 from .checkpoint import check_writable, load_checkpoint

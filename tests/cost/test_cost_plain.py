@@ -195,3 +195,21 @@ def test_a_size_a_timm_model_without_an_fails_on_is_the_inputs_fault() -> None:
     at_default.pretrained_cfg = {"input_size": (3, 32, 32)}
     with pytest.raises(RuntimeError, match="^a fixed grid$"):
         count_cost(at_default, INPUT)
+
+
+def test_a_failure_without_a_message_on_a_too_small_input_is_still_named() -> None:
+    """A model raising a bare RuntimeError() on a too-small input: the one-line error, not an
+    IndexError from reading the message's first line."""
+
+    class Bare(torch.nn.Module):
+        feature_info = [{"reduction": 32}]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError()
+
+    with pytest.raises(ModelConfigError) as info:
+        count_cost(Bare(), (3, 8, 8))
+    assert str(info.value) == (
+        "a 8x8 input is too small for this model, which downsamples 32x (RuntimeError: ): "
+        "give a larger --img-size, 32 or more"
+    )
