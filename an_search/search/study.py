@@ -20,7 +20,7 @@ import json
 import sqlite3
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
+from ._lock import sqlite_writer_lock
 from ._seeding import PerTrialSeedSampler
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
@@ -74,7 +75,11 @@ Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def create_or_load_study(
-    cfg: SearchConfig, *, space: SearchSpace | None = None, data: dict[str, Any] | None = None
+    cfg: SearchConfig,
+    *,
+    space: SearchSpace | None = None,
+    data: dict[str, Any] | None = None,
+    hold: ExitStack | None = None,
 ) -> tuple[optuna.Study, str | None]:
     """Open the storage, create or resume the study, fail dead workers' trials, enqueue baselines.
 
@@ -83,13 +88,16 @@ def create_or_load_study(
         space: the loaded space (None: ``load_space(cfg.space)``).
         data: what the trials train on (:func:`data_summary`): stored with a new study, and
             compared with a resumed one's (None: neither).
+        hold: where the study is a SQLite file's, its one-writer lock (:mod:`._lock`) is taken
+            before the storage is opened and entered into ``hold``, which releases it when it
+            closes (the caller's search ends); None: no lock.
 
     Returns:
         The study and a message for the user (why pruning is off), or None.
 
     Raises:
         StorageError: the storage cannot be opened, or holds this study name for another model,
-            other objectives, settings or data.
+            other objectives, settings or data, or another process runs it (SQLite).
         SpaceError, UnknownNameError: a bad space, objective or pruner name.
     """
     cfg.validate()  # (before the storage gets the study)
@@ -100,9 +108,13 @@ def create_or_load_study(
     check_report_dir(run_dir, name)  # before a trial: its report would replace another's
     url = resolve_storage_url(cfg.storage, run_dir)
     storage = None
+    lock = None if hold is None else sqlite_writer_lock(url, name)  # (once its folder exists)
     if url == f"sqlite:///{(run_dir / DEFAULT_DB_NAME).resolve()}" or (
         "://" not in url and Path(url).parent == Path(run_dir).resolve()
     ):  # the default database, or the workers' journal: the run directory's own
+        if hold is not None and lock is not None and Path(run_dir).is_dir():
+            hold.enter_context(lock)  # (before a search that is creating it is read)
+            lock = None
         storage = open_storage(url) if Path(url.removeprefix("sqlite:///")).is_file() else None
         others = [n for n in optuna.get_all_study_names(storage) if n != name] if storage else []
         if others:  # (report.json, checked above, is written only by the CLI)
@@ -111,6 +123,8 @@ def create_or_load_study(
                 "study: give this one another (--output)"
             )
         make_dir(run_dir)
+    if hold is not None and lock is not None:
+        hold.enter_context(lock)
     directions = [OBJECTIVES[o][1] for o in objectives]
     study = _open_or_create(storage or open_storage(url), name, directions)
     check_sqlite_writer(study)
@@ -187,8 +201,8 @@ def run_search(
     """
     from .worker import SharedTrialBudget  # (worker.py builds on this module)
 
-    with quiet_optuna(), kept_rng():
-        objective, study = prepare_search(cfg, on_message=on_message)
+    with quiet_optuna(), kept_rng(), ExitStack() as hold:  # (hold: SQLite's one-writer lock)
+        objective, study = prepare_search(cfg, on_message=on_message, hold=hold)
         limit = trial_limit(study, cfg, join=False)  # the total `an-search worker` stops at
         objective.progress = progress
         study.optimize(
@@ -208,6 +222,7 @@ def prepare_search(
     on_message: Callable[[str], None] | None = None,
     make_objective: Callable[..., Objective] = Objective,
     processes: int = 1,
+    hold: ExitStack | None = None,
 ) -> tuple[Objective, optuna.Study]:
     """Check everything that can be checked before training, then create or resume the study.
 
@@ -220,6 +235,7 @@ def prepare_search(
         make_objective: builds the objective from ``(cfg, objectives, space, report, data)``
             (e.g. a ``functools.partial`` of a subclass that trains under torchrun).
         processes: processes per trial (torchrun ranks), each of which needs a full batch.
+        hold: receives a SQLite study's one-writer lock (see :func:`create_or_load_study`).
 
     Raises:
         TrainConfigError, BudgetError, StorageError, SpaceError, DataError, UnknownModelError,
@@ -243,7 +259,9 @@ def prepare_search(
     report = find_sites(unconverted.model)
     check_space(space, report)
     objective = make_objective(cfg, objectives, space, report, data)
-    study, message = create_or_load_study(cfg, space=space, data=data_summary(data, *images))
+    study, message = create_or_load_study(
+        cfg, space=space, data=data_summary(data, *images), hold=hold
+    )
     for note in (message, data.unseen_note()):
         if note and on_message is not None:
             on_message(note)

@@ -23,7 +23,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -164,8 +164,8 @@ def run_worker(
     """
     guard = guard or _SigintGuard()
     make = partial(DDPObjective, nproc=nproc, sync_bn=sync_bn) if nproc > 1 else Objective
-    with quiet_optuna():
-        objective, study = prepare_search(cfg, make_objective=make, processes=nproc)
+    with quiet_optuna(), ExitStack() as hold:  # (hold: SQLite's one-writer lock)
+        objective, study = prepare_search(cfg, make_objective=make, processes=nproc, hold=hold)
         guard.check()
         guard.wrap(objective)
         objective.call = call

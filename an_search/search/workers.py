@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,8 @@ def run_workers(
     here = cfg  # the parent measures the unconverted model where the workers will train
     if gpus is not None:
         here = replace(cfg, train=replace(cfg.train, device="cuda"))
-    with quiet_optuna():
-        _, study = prepare_search(here, on_message=on_message, processes=plans[0].nproc)
+    with quiet_optuna(), ExitStack() as hold:  # (a SQLite study's lock: its one worker's next)
+        _, study = prepare_search(here, on_message=on_message, processes=plans[0].nproc, hold=hold)
         limit = trial_limit(study, cfg, join=join)
     if note is not None and on_message is not None:  # (once the input passed every check)
         on_message(note)

@@ -430,6 +430,56 @@ def _wait_for_two_running_trials(journal: Path, limit_s: float) -> list[int]:
     raise AssertionError(f"two workers never ran trials together within {limit_s} s")
 
 
+BETWEEN_TRIALS = """
+import sys, time, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from an_search.search import SearchConfig, run_search
+from an_search.train import TrainConfig
+
+def pause(study, trial):  # between two trials: no trial of the study is RUNNING
+    Path(sys.argv[3]).write_text(str(trial.number))
+    time.sleep(120)
+
+run_search(SearchConfig("resnet10t", space=sys.argv[1], output_dir=sys.argv[2],
+                        study_name="busy", n_trials=2, train=TrainConfig(**{train!r}),
+                        storage=sys.argv[4]),
+           callbacks=[pause])
+"""
+
+
+def test_a_sqlite_study_is_one_searchs_also_between_its_trials(tmp_path: Path, tiny_train) -> None:
+    """A search holds its SQLite study from setup to its end: another search of it is refused
+    while the first is between two trials (no RUNNING trial to see), and none of its trials is
+    touched; another study of the same file stays free, and a killed search frees its own."""
+    from dataclasses import asdict
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    cfg = _tiny(tmp_path, tiny_train, study_name="busy", n_trials=1, storage=db)
+    flag = tmp_path / "between"
+    train = {k: v for k, v in asdict(tiny_train(**TRAIN)).items() if k != "device"}
+    code = BETWEEN_TRIALS.format(train=train)
+    args = [str(cfg.space), str(cfg.output_dir), str(flag), db]
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child finished no trial in 120 s"
+            time.sleep(0.2)
+        with pytest.raises(StorageError, match="'busy' in sqlite:///.* is being run by another"):
+            run_search(cfg)
+        trials = optuna.load_study(study_name="busy", storage=db).get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.WAITING]
+        other = replace(cfg, study_name="other", output_dir=tmp_path / "other")
+        assert run_search(other).get_trials()[0].state == TrialState.COMPLETE
+    finally:
+        child.kill()
+        child.wait()
+    trials = run_search(cfg).get_trials()  # (the killed search's lock went with its process)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
 def test_cli_bad_parallel_options_are_one_line_errors(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
