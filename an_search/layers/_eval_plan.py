@@ -10,8 +10,8 @@ same plan through ``_native_cl.c``'s kernel (eager only: under ``torch.compile``
 takes contiguous maps).
 
 The folded parameters (float64; the packed mixtures in the input's dtype) are cached per module
-and dtype and rebuilt when any parameter or buffer changes (version counter or storage), or
-when a submodule, parameter or buffer it holds is replaced or removed, or one is added beside
+and dtype and rebuilt when any parameter or buffer changes (version counter or storage), after
+any optimizer step (fused optimizers move no version counter), or when a submodule, parameter or buffer it holds is replaced or removed, or one is added beside
 them. That check reads the module's own dicts (a few microseconds): walking
 ``parameters()`` and ``buffers()`` cost more than the kernel itself at 7x7. Under
 ``torch.compile`` the folding and the packing are traced into the graph and the kernel is the
@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._native import HeadSpec, library
 
@@ -115,10 +116,23 @@ class Structure:
         )
 
 
+_STEPS = [0]  # optimizer steps taken in this process (see _Key)
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
 @dataclass
 class _Key:
-    """What a plan was folded from: the dtype, the module's :class:`Structure`, and each
-    tensor's version and data pointer (in-place updates and ``.data`` assignment). In-place
+    """What a plan was folded from: the dtype, the module's :class:`Structure`, each tensor's
+    version and data pointer (in-place updates and ``.data`` assignment), and the count of
+    optimizer steps taken in the process: fused optimizers (``Adam(fused=True)``...) update
+    parameters in place without moving their version counters, so any step refolds (a model
+    kept in eval mode while another trains folds once per step). In-place
     edits through ``.data`` move no version counter and are not seen:
     ``AttentiveNorm.refresh()`` (or a change of mode) drops the plan. Inference tensors (a
     module built or loaded under ``torch.inference_mode``) have no version counter, and
@@ -130,19 +144,21 @@ class _Key:
     tensors: tuple[torch.Tensor, ...]
     versions: list[int] | None
     ptrs: list[int]
+    steps: int
 
     @classmethod
     def of(cls, an: nn.Module, dtype: torch.dtype) -> _Key:
         structure = Structure.of(an)
         tensors = tuple(t for t in structure.values if isinstance(t, torch.Tensor))
         if any(map(torch.Tensor.is_inference, tensors)):
-            return cls(dtype, structure, tensors, None, [])
+            return cls(dtype, structure, tensors, None, [], _STEPS[0])
         versions, ptrs = list(map(_VERSION, tensors)), list(map(_PTR, tensors))
-        return cls(dtype, structure, tensors, versions, ptrs)
+        return cls(dtype, structure, tensors, versions, ptrs, _STEPS[0])
 
     def matches(self, an: nn.Module, dtype: torch.dtype) -> bool:
         return (
             self.versions is not None
+            and self.steps == _STEPS[0]
             and dtype == self.dtype
             and self.structure.matches(an)
             and list(map(_VERSION, self.tensors)) == self.versions

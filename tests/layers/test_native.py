@@ -285,6 +285,26 @@ def test_eval_plan_follows_parameter_updates() -> None:
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD"])
+def test_eval_plan_follows_a_fused_optimizer_step(optimizer: str) -> None:
+    """Fused optimizers update parameters in place without moving their version counters: a
+    model kept in eval mode while it trains (frozen norms) must not keep its old fold."""
+    an = trained(AttentiveNorm(8, 3), torch.float32)
+    x = torch.randn(4, 8, 5, 5)
+    opt = getattr(torch.optim, optimizer)(an.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        before = an(x)  # folded and cached
+    versions = [p._version for p in an.parameters()]
+    an(x).square().mean().backward()  # (autograd records: the ATen ops)
+    opt.step()
+    assert [p._version for p in an.parameters()] == versions  # what the plan cannot see
+    with torch.no_grad():
+        after = an(x)
+        an.fused = False
+        torch.testing.assert_close(after, an(x), **TOL[torch.float32])
+    assert not torch.allclose(before, after)
+
+
 def _assert_follows_reference(an: AttentiveNorm, x: torch.Tensor) -> None:
     with torch.no_grad():
         y = an(x)
