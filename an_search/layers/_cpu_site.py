@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order
 from ._native import _suffix, as_layout_of, channels_last_map, library
 from ._norm_stats import mark_updated
 from .pooling import AvgPool, MeanStdPool
@@ -119,7 +119,7 @@ class _Site(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, gy):  # type: ignore[override]
         x, w, gw, wm, bm, saved, lam = ctx.saved_tensors
         fns, (b, c, n, k), (bessel, *_eps), meanstd, gate, _ = ctx.cfg[:6]
@@ -196,7 +196,7 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled("cpu"):
         return None
-    mods, params = an._modules, an._parameters
+    mods = an._modules
     norm, attn = mods["norm"], mods["attn"]._modules
     pool, head = attn["pool"], attn["head"]._modules
     fc, hbn, gate = head.get("fc"), head.get("norm"), head.get("gate")
@@ -207,12 +207,13 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None  # frozen by norm.eval() in a training model: running statistics normalise
     if type(fc) is not nn.Linear or type(hbn) is not nn.BatchNorm1d or not hbn.training:
         return None
-    if fc._parameters["bias"] is not None or not hbn.affine or x.shape[0] < 2:
+    if fc.bias is not None or not hbn.affine or x.shape[0] < 2:
         return None
     if kind == "softmax" and gate.dim not in (1, -1):
         return None
-    weights = (fc._parameters["weight"], hbn._parameters["weight"], hbn._parameters["bias"])
-    weights += (params["weight"], params["bias"])
+    if norm._forward_pre_hooks or fc._forward_pre_hooks or hbn._forward_pre_hooks:
+        return None  # (torch.nn.utils.prune's: the weights are made by calling the module)
+    weights = (fc.weight, hbn.weight, hbn.bias, an.weight, an.bias)  # (an's: its hooks ran)
     dtype, fns = x.dtype, _kernels(x.dtype)
     if fns is None or any(p.dtype != dtype or not p.is_contiguous() for p in weights):
         return None

@@ -11,11 +11,11 @@ takes contiguous maps).
 
 The folded parameters (float64; the packed mixtures in the input's dtype) are cached per module
 and dtype and rebuilt when any parameter or buffer changes (version counter or storage), after
-any optimizer step (fused optimizers move no version counter), or when a submodule, parameter or buffer it holds is replaced or removed, or one is added beside
-them. That check reads the module's own dicts (a few microseconds): walking
-``parameters()`` and ``buffers()`` cost more than the kernel itself at 7x7. Under
-``torch.compile`` the folding and the packing are traced into the graph and the kernel is the
-custom operator ``an_search::eval_site``.
+any optimizer step (fused optimizers move no version counter), or when a submodule, parameter
+or buffer it holds is replaced or removed, or one is added beside them. That check reads the
+module's own dicts (a few microseconds): walking ``parameters()`` and ``buffers()`` cost more
+than the kernel itself at 7x7. Under ``torch.compile`` the folding and the packing are traced
+into the graph and the kernel is the custom operator ``an_search::eval_site``.
 """
 
 from __future__ import annotations
@@ -244,6 +244,8 @@ _MIX_BLOCK = 16  # channels per block of the packed mixtures (MIX_BLOCK in _nati
 def fold(an: nn.Module) -> tuple[list[torch.Tensor], dict[str, int | float]] | None:
     """The folded float64 tensors (in :data:`_NAMES` order) and scalars of ``an``'s eval
     site, from plain torch ops (traceable by torch.compile); None where unsupported."""
+    if any(m._forward_pre_hooks for m in an.modules() if m is not an):
+        return None  # (torch.nn.utils.prune's: the weights are made by calling the module)
     pool = _POOLS.get(an.pool_name)
     parsed = _parse_head(an.attn.head)
     norm = an.norm

@@ -33,8 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order
 from ._native import (
     as_layout_of,
     channels_last_map,
@@ -173,14 +173,16 @@ class _Moments(torch.autograd.Function):
         return mean, var
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_mean: torch.Tensor | None, g_var: torch.Tensor | None):  # type: ignore[override]
         # d mean / dx = 1/n, d var / dx = 2 (x - mean) / n  ->  dx = c * x + d
         x3, mean = ctx.saved_tensors
         dim, link = ctx.dim, ctx.link
         inv_n = 1.0 / x3.shape[dim]
         g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        c = torch.zeros_like(mean) if g_var is None else g_var * (2.0 * inv_n)
+        # (n = 1: x = mean, the variance's share is 0; c * x - c * mean would cancel)
+        no_var = g_var is None or x3.shape[dim] == 1
+        c = torch.zeros_like(mean) if no_var else g_var * (2.0 * inv_n)
         d = torch.addcmul(g_mean * inv_n, c, mean, value=-1.0)
         if dim == 1:  # channels_last (B, n, C): broadcast over n
             return torch.addcmul(d.unsqueeze(1), x3, c.unsqueeze(1)).to(x3.dtype), None, None
@@ -205,7 +207,7 @@ class _ChannelAffine(torch.autograd.Function):
         return _affine_kernel(x, a, t, owned=True)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
         x, a = ctx.saved_tensors
         need_x, need_a, need_t = ctx.needs_input_grad[:3]

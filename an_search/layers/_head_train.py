@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order
 from ._native import native_available
 from ._native_bc import native_linbn, native_linbn_grad
 from ._norm_stats import update_running_stats
@@ -41,7 +41,7 @@ class _LinearBatchNorm(torch.autograd.Function):
         return z, mean, var
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, gz, _g_mean, _g_var):  # type: ignore[override]
         saved = ctx.saved_tensors
         grads = native_linbn_grad(gz, saved)
@@ -63,6 +63,8 @@ def linear_batchnorm(fc: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Ten
         return None
     if not bn.training or not bn.affine or x.dim() != 2 or x.shape[0] < 2:
         return None  # (a batch of 1: BatchNorm1d raises its own error)
+    if fc._forward_pre_hooks or bn._forward_pre_hooks:
+        return None  # (torch.nn.utils.prune's: the weights are made by calling the module)
     if not x.is_cpu:  # the C kernels are CPU's; elsewhere stock BatchNorm1d is one kernel
         return None
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):

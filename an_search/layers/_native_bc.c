@@ -303,7 +303,8 @@ DEFINE_SMALL_DOTS(double, vf64, f64)
  *     gradients g_m, g_v (the tail's) and the pooled statistic's g_p, which adds
  *     (g_p * s, -bessel / 2 * g_p * m * s^3) for meanstd (pooled = m * s) or (g_p, 0) for the
  *     average (pooled = m): c = 2 g_v / n, d = g_m / n - c * m (mean = sum x / n, var = sum x^2
- *     / n - mean^2).
+ *     / n - mean^2); c = 0 where n = 1 (x = mean: the variance's share is 0, and c * x - c * m
+ *     would cancel catastrophically, s^3 being ~3e4 there).
  * an_running_*: BatchNorm's running statistics after a batch of `count` values per channel:
  *     the counter (if any) goes up by one; f = momentum, or 1 / counter where momentum < 0
  *     (None: the cumulative average; 0 without a counter); running += f * (batch - running)
@@ -313,15 +314,16 @@ DEFINE_SMALL_DOTS(double, vf64, f64)
                                 const T *s, long rows, long n, double bessel, int meanstd, \
                                 T *restrict c, T *restrict d) {                      \
         const T inv_n = (T)(1.0 / (double)n), f = (T)(-0.5 * bessel);                \
+        const T two_n = n > 1 ? (T)2 * inv_n : (T)0; /* n = 1: the variance's share is 0 */ \
         if (meanstd)                                                                 \
             for (long i = 0; i < rows; i++) {                                        \
                 const T gv = g_v[i] + g_p[i] * m[i] * (s[i] * s[i] * s[i]) * f;      \
-                c[i] = (T)2 * gv * inv_n;                                            \
+                c[i] = gv * two_n;                                                   \
                 d[i] = (g_m[i] + g_p[i] * s[i]) * inv_n - c[i] * m[i];               \
             }                                                                        \
         else                                                                         \
             for (long i = 0; i < rows; i++) {                                        \
-                c[i] = (T)2 * g_v[i] * inv_n;                                        \
+                c[i] = g_v[i] * two_n;                                               \
                 d[i] = (g_m[i] + g_p[i]) * inv_n - c[i] * m[i];                      \
             }                                                                        \
     }                                                                                \

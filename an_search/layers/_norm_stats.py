@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order
 from ._native import native_available
 from ._native_bc import native_tail, native_tail_grad
 
@@ -125,7 +125,7 @@ class _BatchScaleShift(torch.autograd.Function):
         return scale, shift, mean, var
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_scale, g_shift, _g_mean, _g_var):  # type: ignore[override]
         m, gamma, r, mean, scale = ctx.saved_tensors
         return *_bss_grads(g_scale, g_shift, m, mean, gamma, r, scale), None
@@ -149,7 +149,7 @@ class _SiteTail(torch.autograd.Function):
         return scale, shift, mean, var
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_scale, g_shift, _g_mean, _g_var):  # type: ignore[override]
         saved = ctx.saved_tensors
         grads = native_tail_grad(g_scale, g_shift, saved)

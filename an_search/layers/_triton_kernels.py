@@ -20,7 +20,8 @@ Formulas (the CPU kernels' ``_native_bc.c`` and ``_norm_stats.py``): per-sample 
 ``m``, ``v`` give the pooled statistic and the batch statistics ``mean = E_b[m]``,
 ``var = E_b[v] + Var_b[m]``; ``scale = (lam @ Wm) * rsqrt(var + eps)``,
 ``shift = lam @ Bm - scale * mean``; ``y = x * scale + shift``. Backward:
-``dx = g * scale + cc * x + dd`` with ``cc = 2 g_v / N`` and ``dd = g_m / N - cc * m``.
+``dx = g * scale + cc * x + dd`` with ``cc = 2 g_v / N`` (0 where N = 1) and
+``dd = g_m / N - cc * m``.
 
 Testable without a GPU: with ``TRITON_INTERPRET=1`` set before this module is imported, the
 kernels run on CPU tensors (``tests/layers/test_triton_site.py``).
@@ -348,7 +349,7 @@ def pool_bwd_kernel(
         gm += gp
     gwh = tl.dot(tl.trans(gh), pooled, input_precision="ieee")
     tl.store(gw_ptr + k[:, None] * C + c[None, :], gwh, mask=(k < K)[:, None] & cm[None, :])
-    cc = gv * (2.0 / N)
+    cc = gv * tl.where(N > 1, 2.0 / N, 0.0)  # (N = 1: x = m, the variance's share is 0)
     tl.store(gm_ptr + off, gm / N - cc * m, mask=mask)  # dd
     tl.store(gv_ptr + off, cc, mask=mask)
 

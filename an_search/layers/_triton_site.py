@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order
 from ._norm_stats import mark_updated
 from ._triton_launch import launch
 from ._triton_spec import CL_FORMATS, POOLS, Site, pow2, site
@@ -297,7 +297,7 @@ class _TritonSite(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):  # type: ignore[override]
         return None, *_backward(ctx.site, (*ctx.saved_tensors, *ctx.bufs), g)
 

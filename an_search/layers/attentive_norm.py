@@ -43,8 +43,9 @@ BatchNorm-based sites as ten Triton kernels, one autograd node, any head, where 
 (``_triton_site.py``; ``AN_SEARCH_TRITON=0`` or ``an.triton = False``: the ops above). Eval
 without autograd there is the folded site in eight ops instead of fifteen
 (``_device_eval.py``).
-Backward is ``once_differentiable`` (no double backward) and not ``torch.func``-transformable
-on the fused path.
+Backward runs once, in fused kernels: no double backward (``create_graph=True`` raises, see
+``_autograd.py``), and no ``torch.func`` transforms (``fused = False`` too: its pool and
+affine are autograd Functions as well).
 """
 
 from __future__ import annotations

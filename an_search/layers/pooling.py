@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from an_search.errors import UnknownNameError
 
 from . import _fused
+from ._autograd import first_order
 from ._fused import moments, spatial_view
 from ._native_bc import native_meanstd, native_meanstd_grad
 
@@ -64,7 +64,7 @@ class _MeanStd(torch.autograd.Function):
         return mean * s if pooled is None else pooled
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):  # type: ignore[override]
         mean, s = ctx.saved_tensors
         grads = native_meanstd_grad(g, mean, s, ctx.bessel)

@@ -154,3 +154,49 @@ def test_evaluation_after_more_training_refolds() -> None:
         for _ in range(3):
             an(x * 3 + 2)  # recalibration: statistics move, parameters do not
     assert eval_error() < 1e-5
+
+
+class _Half(torch.nn.Module):
+    """A parametrization: the weight used is half the one stored."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 0.5
+
+
+@pytest.mark.parametrize("where", ["prune-head", "prune-mixture", "parametrize-head",
+                                   "parametrize-mixture"])  # fmt: skip
+def test_pruned_or_parametrized_weights_are_the_ones_used(where: str) -> None:
+    """``torch.nn.utils.prune`` / ``parametrize`` on the head's linear or AN's mixture: a
+    training step and the evaluation after it use the weights they make, as a plain AN given
+    those weights computes (before: KeyError in training, and a fold of stale weights)."""
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(0)
+    an = AttentiveNorm(8, 3, head="bn-sigmoid").double()
+    plain = copy.deepcopy(an)
+    kind, part = where.split("-")
+    owner = an.attn.head.fc if part == "head" else an
+    twin = plain.attn.head.fc if part == "head" else plain
+    if kind == "prune":
+        prune.l1_unstructured(owner, "weight", amount=0.5)
+        stored = owner.weight_orig
+    else:
+        parametrize.register_parametrization(owner, "weight", _Half())
+        stored = owner.parametrizations.weight.original
+    for _ in range(2):
+        with torch.no_grad():  # an optimizer's step on what is stored
+            stored.add_(torch.randn_like(stored))
+            used = stored * owner.weight_mask if kind == "prune" else stored * 0.5
+            twin.weight.copy_(used)
+        an.train(), plain.train()
+        x = (torch.randn(4, 8, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+        x_plain = x.detach().clone().requires_grad_()
+        y, y_plain = an(x), plain(x_plain)
+        torch.testing.assert_close(y, y_plain)
+        y.square().sum().backward()
+        y_plain.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_plain.grad)
+        an.eval(), plain.eval()
+        with torch.no_grad():
+            x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+            torch.testing.assert_close(an(x), plain(x))
