@@ -54,6 +54,7 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from an_search._modes import eval_mode
 from an_search.errors import MAX_K, InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
@@ -273,6 +274,15 @@ class AttentiveNorm(nn.Module):
                 an.weight.zero_()
                 an.bias.zero_()
         return an.train(norm.training)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights lambda (B, K) that this site gives ``x``: its head on the
+        pooled statistic, as in evaluation (the head's running statistics; nothing is
+        updated), through the pool and head modules (their hooks fire, as they may not in a
+        forward, which runs fused). In evaluation the site's output is ``norm(x) *
+        (lambda @ weight) + lambda @ bias`` per channel."""
+        with eval_mode(self.attn):
+            return self.attn.head(self.attn.pool(x))
 
     def fuse(self) -> nn.Module:
         """This site's evaluation-mode function as a :class:`~.folded.FoldedAttentiveNorm`:

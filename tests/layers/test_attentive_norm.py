@@ -317,3 +317,36 @@ def test_a_map_with_no_positions_is_the_inner_norms_answer() -> None:
     gn = AttentiveNorm(8, 3, base="groupnorm", num_groups=2)
     with pytest.raises(RuntimeError, match="HxW"):
         gn(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_attention_gives_the_weights_the_site_mixes_with(training: bool) -> None:
+    """``attention(x)``: the default head (meanstd pool, Linear, BatchNorm1d in evaluation,
+    Hardsigmoid) computed here, in either mode of the site, updating nothing; the site's
+    evaluation output is the mixture it weights. A hook on the head fires."""
+    torch.manual_seed(0)
+    an = AttentiveNorm(8, 3)
+    with torch.no_grad():
+        for _ in range(2):
+            an(torch.randn(6, 8, 5, 5) * 2 + 1)  # running statistics moved
+    an.train(training)
+    x = torch.randn(4, 8, 5, 5) * 2 + 1
+    seen = []
+    an.attn.head.register_forward_hook(lambda m, i, o: seen.append(o))
+    state = {k: v.clone() for k, v in an.state_dict().items()}
+    lam = an.attention(x)
+    head = an.attn.head
+    pooled = x.mean((2, 3)) / torch.sqrt(x.var((2, 3)) + an.attn.pool.eps)
+    hbn = head.norm
+    z = F.linear(pooled, head.fc.weight)
+    z = F.batch_norm(z, hbn.running_mean, hbn.running_var, hbn.weight, hbn.bias, eps=hbn.eps)
+    torch.testing.assert_close(lam, F.hardsigmoid(z))
+    assert len(seen) == 1 and an.training == training and head.training == training
+    for k, v in an.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    an.eval()
+    with torch.no_grad():
+        norm = an.norm
+        x_hat = F.batch_norm(x, norm.running_mean, norm.running_var, eps=norm.eps)
+        expected = x_hat * (lam @ an.weight)[..., None, None] + (lam @ an.bias)[..., None, None]
+        torch.testing.assert_close(an(x), expected)
