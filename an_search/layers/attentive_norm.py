@@ -403,6 +403,17 @@ class AttentiveNorm(nn.Module):
 
     def _mix(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self.weight, self.bias
+        dev = lam.device.type
+        if dev != "meta" and torch.is_autocast_enabled(dev) and weight.dtype == torch.float32:
+            # (autocast would mix in bfloat16/half: the K rows of a ``preserve`` init differ by
+            # noise that cancels in the mixture, leaving 2^-8 of it there; as on a GPU
+            # (_device_eval.py) the mixtures run in float32, autocast off)
+            torch.set_autocast_enabled(dev, False)
+            try:
+                lam = lam.float()
+                return lam @ weight, lam @ bias
+            finally:
+                torch.set_autocast_enabled(dev, True)
         if weight.dtype != lam.dtype:
             weight, bias = weight.to(lam.dtype), bias.to(lam.dtype)
         return lam @ weight, lam @ bias  # gamma, beta: (B, C) each

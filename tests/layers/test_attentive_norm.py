@@ -350,3 +350,27 @@ def test_attention_gives_the_weights_the_site_mixes_with(training: bool) -> None
         x_hat = F.batch_norm(x, norm.running_mean, norm.running_var, eps=norm.eps)
         expected = x_hat * (lam @ an.weight)[..., None, None] + (lam @ an.bias)[..., None, None]
         torch.testing.assert_close(an(x), expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preserve_still_preserves_under_bfloat16_autocast(
+    training: bool, dtype: torch.dtype
+) -> None:
+    """A ``preserve`` site computes its BatchNorm's output under CPU bfloat16 autocast too, in
+    the dtype BatchNorm gives: its K rows differ by noise that cancels in the mixture, which
+    autocast's bfloat16 matmuls left 2^-8 of (4.5e-2 relative on small activations)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(64).train(training)
+    an = AttentiveNorm.from_norm(bn, 3, init="preserve").train(training)
+    x = (torch.randn(4, 64, 4, 4) * 1e-3).to(dtype)
+    with torch.no_grad():
+        expected = copy.deepcopy(bn)(x.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_bn = an(x), copy.deepcopy(bn)(x)
+    assert y.dtype == y_bn.dtype
+
+    def rel(a: torch.Tensor) -> float:
+        return ((a.float() - expected).abs().max() / expected.abs().max()).item()
+
+    assert rel(y) < max(1e-4, 2 * rel(y_bn))  # (a bfloat16 output's own rounding: 2e-3)
