@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +43,13 @@ from .rewrite import (
     select_sites,
 )
 
-__all__ = ["ConvertResult", "convert", "convert_recipe", "recipe_model_kwargs"]
+__all__ = [
+    "ConvertResult",
+    "check_model_kwargs",
+    "convert",
+    "convert_recipe",
+    "recipe_model_kwargs",
+]
 
 
 @dataclass
@@ -87,6 +95,7 @@ def convert(
     no_weight_decay: bool = False,
     cost: bool = True,
     seed: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a timm model (by name or instance) to use Attentive Normalization.
 
@@ -111,10 +120,16 @@ def convert(
         cost: count params and MACs before and after (fvcore).
         seed: torch's seed for the random init (the model's by name, AN's, ``preserve``'s
             symmetry-breaking noise), the caller's random states kept (None: torch's as it is).
+        model_kwargs: further ``timm.create_model`` options (``global_pool="max"``,
+            ``output_stride=16``, ``drop_path_rate=0.1``...), JSON-able, kept in the recipe so
+            that ``load`` rebuilds the same model: applied when building by name; for a built
+            model, the options it was built with (``save`` refuses a model its recipe does
+            not rebuild).
 
     Returns:
         A ``ConvertResult``; the model is changed in place.
     """
+    extra = check_model_kwargs(model_kwargs)
     with _seeded(seed):
         prior: list[RecipeSite] = []
         if isinstance(model, str):
@@ -125,14 +140,16 @@ def convert(
                 in_chans=in_chans,
                 img_size=img_size,
                 checkpoint=checkpoint,
+                **extra,
             )
-            model_kwargs = _model_kwargs(num_classes, in_chans, img_size)
+            kwargs = {**extra, **_model_kwargs(num_classes, in_chans, img_size)}
         else:
             net = model
             name, prior = _take_built(net, num_classes, in_chans, img_size, checkpoint)
-            model_kwargs = _model_kwargs(
-                getattr(net, "num_classes", None), _in_chans(net), img_size
-            )
+            kwargs = {
+                **extra,
+                **_model_kwargs(getattr(net, "num_classes", None), _in_chans(net), img_size),
+            }
         if init is None:
             init = "preserve" if checkpoint is not None else "paper"
         input_size = model_input_size(net, img_size)
@@ -152,7 +169,7 @@ def convert(
         after = count_cost(net, input_size) if cost else None
         recipe = Recipe.from_selection(
             model=name,
-            model_kwargs=model_kwargs,
+            model_kwargs=kwargs,
             prior=prior,
             selected=selected,
             head=head,
@@ -361,6 +378,30 @@ def _in_chans(net: nn.Module) -> int | None:
 
 #: The model_kwargs that size a model: a checkpoint's model keeps its own.
 _SIZES = ("num_classes", "in_chans", "img_size")
+
+
+def check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``convert``'s further timm options, checked: JSON-able (a recipe keeps them), and none
+    that ``convert`` takes by name or that would download.
+
+    Raises:
+        ModelConfigError: a problem with them.
+    """
+    extra = dict(model_kwargs or {})
+    taken = sorted(extra.keys() & {*_SIZES, "checkpoint", "pretrained", "checkpoint_path"})
+    if taken:
+        raise ModelConfigError(
+            f"model_kwargs {taken[0]!r}: give num_classes, in_chans, img_size and checkpoint as "
+            "convert's own arguments (weights come from a local checkpoint)"
+        )
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError):
+        raise ModelConfigError(
+            f"model_kwargs {extra!r} is not JSON-able (a recipe keeps them): give plain values "
+            "(numbers, strings, lists)"
+        ) from None
+    return extra
 
 
 def _model_kwargs(

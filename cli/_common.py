@@ -194,6 +194,34 @@ def parse_k(value: str | None) -> int | list[int] | None:
     return ks[0] if len(ks) == 1 else ks
 
 
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``["global_pool=max", "drop_path_rate=0.1"]`` -> ``{"global_pool": "max",
+    "drop_path_rate": 0.1}`` (values read as YAML scalars), checked as ``convert`` checks them.
+
+    Raises:
+        ModelConfigError: an item that is not KEY=VALUE, or an option convert refuses.
+    """
+    import yaml
+
+    from an_search.conversion import check_model_kwargs
+    from an_search.errors import ModelConfigError
+
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ModelConfigError(
+                f"--model-kwargs {item!r} is not KEY=VALUE: give e.g. --model-kwargs "
+                "global_pool=max"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        options[key.strip()] = value
+    return check_model_kwargs(options)
+
+
 def print_json(data: Any) -> None:
     """Write JSON to stdout (no rich markup)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -14,6 +14,7 @@ from ._common import (
     JsonOut,
     handle_errors,
     parse_k,
+    parse_model_kwargs,
     print_json,
     split_list,
     stderr,
@@ -70,6 +71,13 @@ def convert(
         int | None, typer.Option(help="input channels (default: 3, or --recipe's)")
     ] = None,
     img_size: Annotated[int | None, typer.Option(help="input size for cost and model")] = None,
+    model_kwargs: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a further timm.create_model option, KEY=VALUE (global_pool=max, "
+            "drop_path_rate=0.1), kept in the recipe (repeatable)"
+        ),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -104,17 +112,19 @@ def convert(
             "--placement": placement, "--k": k, "--head": head, "--pool": pool,
             "--include": include, "--exclude": exclude, "--roles": roles, "--stages": stages,
             "--norm-types": norm_types, "--no-weight-decay": no_weight_decay,
+            "--model-kwargs": model_kwargs,
         }  # fmt: skip
         clash = next((flag for flag, value in chosen.items() if value), None)
         if clash is not None:
             raise RecipeError(
-                f"--recipe fixes the sites, K, heads and pools, so {clash} has nothing to "
-                f"change: drop {clash}, or drop --recipe"
+                f"--recipe fixes the sites, K, heads, pools and the model's options, so {clash} "
+                f"has nothing to change: drop {clash}, or drop --recipe"
             )
         plan = read_recipe(recipe)
         model = model or plan.model
     elif model is None:
         raise UnknownModelError("no model given: name a timm model (e.g. resnet50) or --recipe")
+    options = parse_model_kwargs(model_kwargs)
     if list_sites:
         if output is not None:
             raise ModelConfigError(
@@ -125,7 +135,7 @@ def convert(
         }  # fmt: skip
         if recipe is not None:  # the model the conversion below would build
             sizes = recipe_model_kwargs(plan, checkpoint=checkpoint, **sizes)
-        net = create_model(model, checkpoint=checkpoint, **sizes)
+        net = create_model(model, checkpoint=checkpoint, **sizes, **options)
         report = find_sites(net)
         if json_out:
             print_json({"model": model, **_report_json(report, {})})
@@ -162,6 +172,7 @@ def convert(
                 checkpoint=checkpoint,
                 no_weight_decay=no_weight_decay,
                 seed=seed,
+                model_kwargs=options,
             )
         if output is not None:
             save(result.model, result.recipe, output)

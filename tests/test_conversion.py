@@ -322,3 +322,44 @@ def test_a_seeded_conversion_repeats_and_keeps_the_callers_random_state() -> Non
         for _ in range(2)
     ]
     assert all(torch.equal(by_recipe[0][k], by_recipe[1][k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    ("options", "differs"),
+    [({"global_pool": "max"}, nn.AdaptiveMaxPool2d), ({"output_stride": 16}, None),
+     ({"act_layer": "silu"}, nn.SiLU)],
+    ids=["global_pool", "output_stride", "act_layer"],
+)  # fmt: skip
+def test_a_model_built_with_other_timm_options_saves_only_with_them(
+    options: dict, differs: type | None, tmp_path: Path
+) -> None:
+    """Options that change what a model computes but not its weights' shapes: ``save`` of a
+    built model whose recipe would rebuild the default one is refused (before: it reloaded
+    as the default model, silently other outputs); given as ``model_kwargs`` they are kept,
+    with the built model or its name, and ``load`` computes what was saved."""
+    x = torch.randn(2, 3, 64, 64)
+    built = timm.create_model("resnet10t", pretrained=False, **options)
+    result = an_search.convert(built, placement="paper", cost=False, seed=0)
+    with pytest.raises(RecipeError, match="the recipe does not rebuild this model") as info:
+        an_search.save(result.model, result.recipe, tmp_path / "refused")
+    assert "here," in str(info.value) and "model_kwargs={...}" in str(info.value)
+    assert not (tmp_path / "refused").exists()
+    for source in (timm.create_model("resnet10t", pretrained=False, **options), "resnet10t"):
+        result = an_search.convert(source, cost=False, seed=0, model_kwargs=options)
+        assert options.items() <= result.recipe.model_kwargs.items()
+        if differs is not None:
+            assert any(isinstance(m, differs) for m in result.model.modules())
+        out = an_search.save(result.model, result.recipe, tmp_path / "kept")
+        loaded, recipe = an_search.load(out)
+        assert options.items() <= recipe.model_kwargs.items()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), result.model.eval()(x), rtol=0, atol=0)
+
+
+def test_model_kwargs_that_convert_takes_or_a_recipe_cannot_keep_are_refused() -> None:
+    with pytest.raises(ModelConfigError, match="model_kwargs 'num_classes': give num_classes"):
+        an_search.convert("resnet10t", cost=False, model_kwargs={"num_classes": 3})
+    with pytest.raises(ModelConfigError, match="model_kwargs 'pretrained'"):
+        an_search.convert("resnet10t", cost=False, model_kwargs={"pretrained": True})
+    with pytest.raises(ModelConfigError, match="is not JSON-able"):
+        an_search.convert("resnet10t", cost=False, model_kwargs={"act_layer": nn.SiLU})

@@ -55,17 +55,42 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
             )
     try:
         with torch.device("meta"):
-            rebuilt = build_from_recipe(recipe).state_dict()
+            rebuilt = build_from_recipe(recipe)
     except Exception:  # noqa: BLE001 - a model that cannot be built on meta: sites checked only
         return
     here = {k: v.shape for k, v in model.state_dict().items()}
-    problems = describe_mismatch(here, rebuilt, sides=("here", "in the model"))
+    problems = describe_mismatch(here, rebuilt.state_dict(), sides=("here", "in the model"))
     if problems:
         raise RecipeError(
             f"the recipe does not rebuild this model ({problems}; "
             "'missing' = in the rebuilt model only): convert the model by name, or give convert "
             "the num_classes/in_chans/img_size the model was built with"
         )
+    other = _other_module(model, rebuilt)
+    if other:
+        raise RecipeError(
+            f"the recipe does not rebuild this model ({other}): it was built with other timm "
+            "options (global_pool, output_stride, act_layer...), which its name does not carry: "
+            "give them to convert, with the model or its name (model_kwargs={...})"
+        )
+
+
+def _other_module(model: nn.Module, rebuilt: nn.Module) -> str | None:
+    """The first module of ``model`` that differs from ``rebuilt``'s in class or settings
+    (``extra_repr``: pool type, stride, dilation, eps...), described; None if none does."""
+    theirs = dict(rebuilt.named_modules())
+    for name, module in model.named_modules():
+        other = theirs.get(name)
+        if other is None:
+            continue  # (parameters and buffers were compared: a module without any)
+        mine, rebuilt_one = _describe(module), _describe(other)
+        if mine != rebuilt_one:
+            return f"{name or 'the model'} is {mine} here, {rebuilt_one} in the rebuilt model"
+    return None
+
+
+def _describe(module: nn.Module) -> str:
+    return f"{type(module).__name__}({module.extra_repr()})"
 
 
 def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:

@@ -534,3 +534,27 @@ def test_ctrl_c_in_an_convert_says_nothing_was_half_written(tmp_path: Path, monk
     assert err.strip().splitlines()[-1] == (
         "error: interrupted; no file was left half-written (re-run the command)"
     )
+
+
+def test_model_kwargs_build_the_model_and_stay_in_its_recipe(tmp_path: Path) -> None:
+    """``--model-kwargs KEY=VALUE`` (repeatable, YAML scalars), as timm's train.py takes them:
+    the model is built with them, the recipe keeps them, and the saved model reloads so."""
+    code, out, err = run(
+        "resnet10t", "--model-kwargs", "global_pool=max", "--model-kwargs",
+        "drop_path_rate=0.1", "--output", str(tmp_path / "m"), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
+    assert recipe["model_kwargs"] == {"global_pool": "max", "drop_path_rate": 0.1}
+    model, _ = an_search.load(tmp_path / "m")
+    assert isinstance(model.global_pool.pool, torch.nn.AdaptiveMaxPool2d)
+    assert any(type(m).__name__ == "DropPath" for m in model.modules())  # (drop_path_rate)
+    code, out, err = run("resnet10t", "--model-kwargs", "act_layer=silu", "--list-sites")
+    assert code == 0 and "resnet10t: 14 normalization sites" in out
+    for bad, message in [
+        ("global_pool", "--model-kwargs 'global_pool' is not KEY=VALUE"),
+        ("num_classes=3", "model_kwargs 'num_classes'"),
+        ("no_such_option=1", "timm cannot build 'resnet10t' with {'no_such_option': 1}"),
+    ]:
+        code, out, err = run("resnet10t", "--model-kwargs", bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) <= 3, err
