@@ -79,6 +79,9 @@ def check(name: str, max_params: float, side_cap: int) -> dict[str, Any]:
         report = find_sites(model)
         rec["traced"] = report.traced
         rec["sites"] = len(report.sites)
+        if not any(site.supported for site in report.sites):  # (SimpleNorm, EvoNorm...: by design)
+            kinds = sorted({site.norm_type for site in report.sites})
+            return {**rec, "status": "unsupported-norm", "reason": ", ".join(kinds)}
         site_k = select_sites(report, "all", k=4)
         rec["converted"] = len(site_k)
         conv = apply_an(copy.deepcopy(model), site_k, init="preserve").eval()
@@ -139,9 +142,14 @@ def main() -> None:
     skipped = [r for r in results if r["status"] == "skipped"]
     no_norm = [r for r in results if r["status"] == "no-norm"]
     broken = [r for r in results if r["status"] == "model-error"]
+    unsupported = [r for r in results if r["status"] == "unsupported-norm"]
     print(f"\nparameter cap: {args.max_params / 1e6:.0f}M ({len(skipped)} larger models skipped)")
     print(f"architectures without norm layers: {len(no_norm)}")
     print(f"architectures whose unconverted forward fails here (not counted): {len(broken)}")
+    print(
+        f"architectures with only norms AN does not replace (not counted): {len(unsupported)}"
+        + "".join(f"\n  {r['model']}: {r['reason']}" for r in unsupported)
+    )
     frac = len(ok) / max(len(with_norm), 1)
     print(f"converted: {len(ok)}/{len(with_norm)} = {frac:.1%} of architectures with norm layers")
     for r in with_norm:
