@@ -35,7 +35,7 @@ from an_search.train import DataSpec, check_batches, resolve_data
 from an_search.train.config import MACHINE_SETTINGS
 
 from ._files import make_dir
-from ._lock import sqlite_writer_lock
+from ._lock import sqlite_file, sqlite_writer_lock
 from ._seeding import PerTrialSeedSampler
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
@@ -296,11 +296,11 @@ def study_storage_url(storage: str | Path) -> str:
             raise StorageError(f"run directory holds no {DEFAULT_DB_NAME}: {path}")
         storage = files[0]
     url = resolve_storage_url(storage, ".")
-    if "://" not in url or url.startswith("sqlite:///"):
-        file = Path(url.removeprefix("sqlite:///"))
+    file = Path(url) if "://" not in url else sqlite_file(url)  # (a URL's ?query, %20 read)
+    if file is not None:
         if not file.is_file():
             raise StorageError(f"storage file must exist to read a study: {file}")
-        if url.startswith("sqlite:///") and not _has_optuna_tables(file):
+        if "://" in url and not _has_optuna_tables(file):
             raise _no_study(storage)  # (before Optuna makes it a database)
     return url
 

@@ -18,6 +18,7 @@ Accepted layouts (images: .png .jpg .jpeg, as timm reads, and .webp .bmp .tif(f)
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,12 @@ def _open_dataset(spec: DataSpec, split: str, root: str, class_map: dict | None)
                 download=spec.download,
                 input_img_mode=spec.img_mode,
             )
+    except ImportError as e:  # an optional package of timm's or torchvision's readers
+        missing = getattr(e, "name", None) or str(e)
+        raise DataError(
+            f"reading {spec.name or 'this data'} needs the Python package {missing!r}, which is "
+            f"not installed: pip install {missing.split('.')[0]}"
+        ) from e
     except (AssertionError, OSError, RuntimeError, ValueError, KeyError, tarfile.TarError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, tarfile.TarError):
@@ -132,7 +139,7 @@ def _open_dataset(spec: DataSpec, split: str, root: str, class_map: dict | None)
         if "Found 0 images" in detail:  # timm's ReaderImageFolder on a folder without images
             raise DataError(f"no images found in {root} (.png, .jpg, ...); {_LAYOUT_HINT}") from e
         if spec.name:  # (torchvision's own advice, download=True, is not ours to give)
-            detail = detail.split(" You can use download=True")[0]
+            detail = re.split(r" You can (?:use|set) download=True", detail)[0]
             raise DataError(
                 f"cannot open {spec.name}'s {split} split in {root!r} ({detail}); {_NAMED_HINT}"
             ) from e

@@ -545,3 +545,18 @@ def test_retrain_of_a_multi_objective_study_takes_its_best(tmp_path: Path) -> No
         f"recipe: trial 1 of study '{name}' (export's rank 1 of 1, proxy top-1 "
         f"{paper.values[0]:.2f})" in " ".join(err.split())
     )
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("scipy") is not None,
+    reason="scipy is installed here: torchvision's ImageNet reader imports it",
+)
+def test_a_dataset_whose_reader_needs_a_missing_package_names_it(tmp_path: Path) -> None:
+    """torchvision's ImageNet reads its devkit with scipy, which an-search does not install:
+    one line naming the package (before: "internal error ModuleNotFoundError", exit 1)."""
+    code, out, err = run("run", "resnet10t", "--dataset", "torch/imagenet", "--data",
+                         str(tmp_path), "--output", str(tmp_path / "run"))  # fmt: skip
+    assert code == 2, err
+    assert "reading torch/imagenet needs the Python package 'scipy'" in err
+    assert "pip install scipy" in err and "internal error" not in err
+    assert not (tmp_path / "run").exists()

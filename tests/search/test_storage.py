@@ -325,3 +325,19 @@ def test_a_storage_in_memory_is_refused(url: str, tmp_path: Path, tiny_train) ->
             )
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sqlite_url_with_a_query_or_escapes_is_read_as_it_was_written(tmp_path: Path) -> None:
+    """``report``/``export``/``retrain``/``worker`` open the study a ``run`` made at the same
+    URL: its file is SQLAlchemy's reading of it (``?timeout=10`` a query, ``%20`` a space),
+    not the text after ``sqlite:///`` (before: "storage file must exist")."""
+    from an_search.search import open_study
+
+    (tmp_path / "sub dir").mkdir()
+    url = f"sqlite:///{tmp_path}/sub%20dir/q.db?timeout=10"
+    optuna.create_study(storage=url, study_name="s").enqueue_trial({"x": 1})
+    assert (tmp_path / "sub dir" / "q.db").is_file()
+    study = open_study(url, "s")
+    assert study.study_name == "s" and len(study.get_trials()) == 1
+    with pytest.raises(StorageError, match="storage file must exist to read a study: .*none.db"):
+        open_study(f"sqlite:///{tmp_path}/none.db?timeout=10", "s")
