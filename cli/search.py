@@ -6,6 +6,7 @@ import os
 import shlex
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -384,7 +385,12 @@ def retrain(
         raise TrainConfigError(
             "--from-scratch starts from random init, --checkpoint from weights: give one of them"
         )
-    recipe, where, study, chosen = _recipe_from(source, storage, study_name)
+
+    def say(note: str) -> None:
+        if not (quiet or json_out):
+            stderr().print(note, highlight=False, soft_wrap=True)
+
+    recipe, where, study, chosen = _recipe_from(source, storage, study_name, say)
     if chosen is not None and not (quiet or json_out):
         stderr().print(f"recipe: {chosen}", highlight=False, soft_wrap=True)
     searched_on = _searched_on(study) if study is not None else None
@@ -510,17 +516,24 @@ def retrain(
 
 
 def _recipe_from(
-    source: Path | None, storage: str | None, study_name: str | None
+    source: Path | None,
+    storage: str | None,
+    study_name: str | None,
+    say: Callable[[str], None],
 ) -> tuple[Any, Path, optuna.Study | None, str | None]:
     """A recipe file/folder, or the study's best AN configuration (``export``'s rank 1); with
-    the folder for outputs, the study it came from (None: a recipe file of no run directory's
-    export) and, for the study's best, which trial it is."""
+    the folder for outputs, the study it came from (a recipe file's: ``--storage`` and
+    ``--study-name``'s, else its run directory's if ``export`` wrote it there; None: neither)
+    and, for the study's best, which trial it is."""
     from an_search.errors import RecipeError
     from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
-        return read_recipe(file), file.parent, _exported_from(file.parent), None
+        recipe = read_recipe(file)
+        if storage is not None or study_name is not None:  # the study it came from
+            return recipe, file.parent, _open(None, storage, study_name)[0], None
+        return recipe, file.parent, _exported_from(file.parent, say), None
     study, _, where = _open(source, storage, study_name)
     from an_search.search import ranked_trials
 
@@ -549,9 +562,10 @@ def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:
     return (data, dataset) if data or dataset else None
 
 
-def _exported_from(folder: Path) -> optuna.Study | None:
+def _exported_from(folder: Path, say: Callable[[str], None]) -> optuna.Study | None:
     """For a recipe that ``an-search export`` wrote into RUN_DIR/export/rank*: the study in
-    RUN_DIR (None: another recipe, or a run directory without one study)."""
+    RUN_DIR (None: another recipe, or a run directory without one study: said, as its data
+    and weights then go unused)."""
     from an_search.errors import StorageError
     from an_search.search import open_study
 
@@ -561,6 +575,11 @@ def _exported_from(folder: Path) -> optuna.Study | None:
     try:
         return open_study(run_dir)
     except StorageError:
+        say(
+            f"note: {run_dir} holds no study file (its study is in another storage), so the "
+            "study's data and starting weights are not used: give its --storage and "
+            "--study-name to use them"
+        )
         return None
 
 

@@ -365,6 +365,30 @@ def _torchvision_mnist(root: Path, train: int, test: int) -> Path:
     return root
 
 
+def test_an_exported_recipe_of_a_study_in_another_storage(tmp_path: Path) -> None:
+    """A study kept outside its run directory (a journal file here; a server database): a
+    recipe export wrote into the run directory retrains on the study's data given the study's
+    --storage, and without it says that the study's data and weights go unused (before:
+    silently the embedded data, and random init)."""
+    root = _torchvision_mnist(tmp_path / "root", train=160, test=40)
+    out, journal = tmp_path / "run", str(tmp_path / "j.log")
+    code, _, err = run(
+        "run", "resnet10t", "--dataset", "torch/mnist", "--data", str(root), "--n-trials", "2",
+        *TINY, "--storage", journal, "--output", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = run("export", "--storage", journal, "--top", "1", "--output",
+                            str(out / "export"), "--json")  # fmt: skip
+    (exported,) = json.loads(stdout)["exported"]
+    code, _, err = run("retrain", exported, *TINY, "--output", str(tmp_path / "rt"))
+    assert code == 0, err
+    assert f"note: {out} holds no study file (its study is in another storage)" in err
+    code, _, err = run("retrain", exported, *TINY, "--storage", journal,
+                       "--output", str(tmp_path / "rt2"))  # fmt: skip
+    assert code == 0 and f"data: torch/mnist in {root} (the study's" in err, err
+    assert "holds no study file" not in err
+
+
 def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
     """--dataset torch/mnist --data ROOT: timm's torchvision reader, its own train/test splits;
     retrain of the run directory trains on the study's dataset."""
