@@ -247,7 +247,8 @@ def export(
     if len(dirs) < top:
         stderr().print(
             f"note: {len(dirs)} of the {top} asked for: the study has no more finished, "
-            "feasible trials with AN (baselines, duplicates and over-budget trials are left out)",
+            "feasible trials with AN (the unconverted baseline, duplicates and over-budget "
+            "trials are left out; the paper placement is one of them)",
             highlight=False,
             soft_wrap=True,
         )

@@ -147,7 +147,7 @@ def run_workers(
     plans = plan_workers(n_workers, gpus, gpus_per_trial)
     space_name = load_space(cfg.space).name
     run_dir = Path(cfg.run_dir(space_name)).resolve()  # made once every check passed
-    url, note = _shared_storage(cfg, run_dir, len(plans))
+    url, note = _shared_storage(cfg, run_dir, len(plans), join)
     cfg = replace(cfg, storage=url, output_dir=str(run_dir), space=_absolute(cfg.space))
     if sync_bn and gpus is None:
         raise TrainConfigError("SyncBatchNorm needs CUDA (torch rejects CPU tensors): give --gpus")
@@ -181,11 +181,19 @@ def run_workers(
     return study
 
 
-def _shared_storage(cfg: SearchConfig, run_dir: Path, n: int) -> tuple[str, str | None]:
+def _shared_storage(
+    cfg: SearchConfig, run_dir: Path, n: int, join: bool = False
+) -> tuple[str, str | None]:
     """The storage the workers share, and a note when it is not the one the user named."""
     url = resolve_storage_url(cfg.storage, run_dir)
     if n == 1 or not url.startswith("sqlite"):
         return url, None
+    if join:  # (a journal would hold another study, not this one)
+        raise StorageError(
+            f"SQLite takes one writer, so {n} workers cannot share {url}: join its study with "
+            "one worker (--workers 1), or give the next study a journal file (--storage "
+            "FILE.log) or a server (postgresql://...)"
+        )
     if cfg.storage is not None or os.environ.get("OPTUNA_STORAGE"):
         raise StorageError(
             f"SQLite takes one writer, so {n} workers cannot share {url}: use a journal file "

@@ -69,6 +69,9 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
     cfg = SearchConfig("resnet10t", output_dir=tmp_path, storage=tmp_path / "s.db")
     with pytest.raises(StorageError, match="SQLite takes one writer.*journal"):
         run_workers(cfg, 2)
+    # joining a SQLite study: a journal would be another study; one worker joins this one
+    with pytest.raises(StorageError, match=r"join its study with one worker \(--workers 1\)"):
+        run_workers(cfg, 2, join=True)
 
 
 def test_workers_on_a_run_directory_with_sqlite_are_not_sent_to_a_second_study(
