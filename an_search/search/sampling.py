@@ -58,6 +58,7 @@ def sample_recipe(trial: Any, space: SearchSpace, report: SiteReport) -> dict[st
     Returns:
         ``convert()`` keyword arguments; ``{"placement": "none"}`` when nothing gets AN.
     """
+    _check_enqueued_names(trial, space, report)
     base = _base(trial, space, report)
     norm_types = None if base == "any" else [base]
     placement = space.placement.suggest(trial, "placement")
@@ -78,6 +79,28 @@ def sample_recipe(trial: Any, space: SearchSpace, report: SiteReport) -> dict[st
     if init is not None:
         config["init"] = init
     return config
+
+
+def _check_enqueued_names(trial: Any, space: SearchSpace, report: SiteReport) -> None:
+    """Refuse a trial enqueued with a parameter name this space never asks for (a typo, or
+    another space's: ``k`` where K is per stage), which Optuna would ignore silently."""
+    storage = getattr(getattr(trial, "study", None), "_storage", None)
+    if storage is None:  # (a FixedTrial: its own check)
+        return
+    fixed = storage.get_trial_system_attrs(trial._trial_id).get("fixed_params") or {}
+    stages = range(report.num_stages)
+    names = {"base", "placement", "head", "pool", "init"}
+    if isinstance(space.k, Param) and (space.k_shared or not stages):
+        names.add("k")
+    elif space.k is not None:
+        names |= {f"stage{i}_k" for i in stages}
+    names |= {f"stage{i}_role" for i in stages} if space.stage_role is not None else set()
+    unknown = sorted(set(fixed) - names)
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]!r} is not a parameter of space {space.name!r} (its parameters: "
+            f"{', '.join(sorted(names))})"
+        )
 
 
 def check_space(space: SearchSpace, report: SiteReport) -> None:

@@ -85,10 +85,11 @@ class Param:
                 value = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
             else:
                 value = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
-        if not d._contains(d.to_internal_repr(value)):
+        raw = getattr(trial, "params", {}).get(name, value)  # (suggest_int gives int(4.5))
+        if raw != value or not d._contains(d.to_internal_repr(value)):
             step = f" in steps of {d.step}" if d.step not in (None, 1) else ""
             raise ValueError(
-                f"{name}={value!r} is outside the space: {d.low} to {d.high}{step}"
+                f"{name}={raw!r} is outside the space: {d.low} to {d.high}{step}"
                 + (", log scale" if d.log else "")
             )
         return value

@@ -249,3 +249,19 @@ def test_every_shipped_yaml_is_plain_data() -> None:
     for path in Path(search_spaces.__file__).parent.glob("*.yaml"):
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict) and data.get("description"), path.name
+
+
+def test_an_enqueued_fraction_or_unknown_name_is_refused(report) -> None:
+    """``suggest_int`` takes int() of an enqueued 4.5 (the trial would train K=4), and Optuna
+    ignores a name the space never asks for (``k`` where K is per stage: other values were
+    sampled): both are refused, as numbers outside the space are."""
+    per_stage = parse_space({"placement": "paper", "k": {"type": "int", "low": 2, "high": 8}})
+    study = optuna.create_study()
+    study.enqueue_trial({"stage0_k": 4.5})
+    with pytest.raises(ValueError, match=r"stage0_k=4.5 is outside the space: 2 to 8"):
+        sample_recipe(study.ask(), per_stage, report)
+    study.enqueue_trial({"k": 4})
+    with pytest.raises(ValueError, match=r"'k' is not a parameter of space .*stage0_k"):
+        sample_recipe(study.ask(), per_stage, report)
+    study.enqueue_trial({"stage0_k": 4})
+    assert sample_recipe(study.ask(), per_stage, report)["k"][0] == 4
