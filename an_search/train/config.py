@@ -201,7 +201,8 @@ class TrainResult:
         history: one dict per finished epoch: epoch (1-based), top1, top5, train_loss, lr,
             wall_s (that epoch's seconds, validation included), and ema_top1 with EMA on.
         steps: optimizer updates done in total (resumed ones included).
-        wall_s: seconds this call took.
+        wall_s: seconds of training: this call's, plus the epochs a resumed run restored
+            (their ``wall_s``).
         stopped_early: why training ended before `epochs`, or None.
     """
 

@@ -191,7 +191,7 @@ def proxy_train(
 
         # Resume: restore every state dict, then continue at the next epoch.
         history: list[dict[str, float]] = []
-        num_updates, start_epoch = 0, 1
+        num_updates, start_epoch, restored_s = 0, 1, 0.0
         state = load_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if state is not None:
             check_same_settings(cfg, state.get("config", {}))
@@ -209,6 +209,7 @@ def proxy_train(
             if scheduler is not None and state.get("scheduler"):
                 scheduler.load_state_dict(state["scheduler"])
             num_updates, history = int(state["num_updates"]), list(state["history"])
+            restored_s = sum(float(r.get("wall_s", 0.0)) for r in history)
             start_epoch = int(state["epoch"]) + 1
             if scheduler is not None:
                 scheduler.step_update(num_updates)  # put the lr where training left it
@@ -287,7 +288,7 @@ def proxy_train(
         top5=last["top5"],
         history=history,
         steps=num_updates,
-        wall_s=time.perf_counter() - t_start,
+        wall_s=time.perf_counter() - t_start + restored_s,
         stopped_early=stopped_early,
     )
 

@@ -98,6 +98,8 @@ def test_resume_continues_exactly(tiny_root: Path, tmp_path: Path) -> None:
     assert resumed.top1 == straight.top1
     assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
     assert load_checkpoint(ckpt)["epoch"] == 2
+    # its time is the whole training's: the restored epoch's seconds too
+    assert resumed.wall_s >= resumed.history[0]["wall_s"] + resumed.history[1]["wall_s"]
 
 
 def test_resume_refuses_other_schedule(tiny_root: Path, tmp_path: Path) -> None:
