@@ -61,7 +61,11 @@ def sqlite_writer_lock(url: str, study_name: str) -> Iterator[None]:
         return
     lock = db.with_name(db.name + ".lock")
     offset = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:4], "big") >> 1
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # (a folder this process cannot write: the storage's own error says so)
+        yield
+        return
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
