@@ -64,6 +64,8 @@ def sqlite_writer_lock(url: str, study_name: str) -> Iterator[None]:
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # (a folder this process cannot write: the storage's own error says so)
+        fd = None
+    if fd is None:
         yield
         return
     try:
