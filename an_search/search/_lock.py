@@ -11,6 +11,7 @@ search never leaves a stale lock. Where ``fcntl`` is missing (Windows), nothing 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -71,7 +72,10 @@ def sqlite_writer_lock(url: str, study_name: str) -> Iterator[None]:
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-        except OSError:  # (EAGAIN or EACCES: held)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                yield  # (a file system without locks: the RUNNING-trial check remains)
+                return
             raise StorageError(
                 f"study {study_name!r} in {hide_password(url)} is being run by another process "
                 f"(it holds {lock}), and SQLite takes one writer: wait for that run to end, or "
