@@ -70,18 +70,23 @@ def sqlite_writer_lock(url: str, study_name: str) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                yield  # (a file system without locks: the RUNNING-trial check remains)
-                return
+        if not _lock_byte(fd, offset):
             raise StorageError(
                 f"study {study_name!r} in {hide_password(url)} is being run by another process "
                 f"(it holds {lock}), and SQLite takes one writer: wait for that run to end, or "
                 "share a study between processes through a journal file (--storage FILE.log) "
                 "or a server database"
-            ) from None
+            )
         yield
     finally:
         os.close(fd)  # (drops the lock)
+
+
+def _lock_byte(fd: int, offset: int) -> bool:
+    """Lock byte ``offset`` of ``fd``: False if another process holds it (True also where the
+    file system has no locks: the RUNNING-trial check remains)."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EACCES)
+    return True
