@@ -196,7 +196,8 @@ def parse_k(value: str | None) -> int | list[int] | None:
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
     """``["global_pool=max", "drop_path_rate=0.1"]`` -> ``{"global_pool": "max",
-    "drop_path_rate": 0.1}`` (values read as YAML scalars), checked as ``convert`` checks them.
+    "drop_path_rate": 0.1}`` (values read as JSON, else as YAML scalars: ``1e-3`` a number,
+    ``max`` a string), checked as ``convert`` checks them.
 
     Raises:
         ModelConfigError: an item that is not KEY=VALUE, or an option convert refuses.
@@ -214,10 +215,13 @@ def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
                 f"--model-kwargs {item!r} is not KEY=VALUE: give e.g. --model-kwargs "
                 "global_pool=max"
             )
-        try:
-            value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            value = text
+        try:  # JSON first: YAML 1.1 reads 1e-3 as a string, "on" as True
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = yaml.safe_load(text) if text.strip() else text
+            except yaml.YAMLError:
+                value = text
         options[key.strip()] = value
     return check_model_kwargs(options)
 

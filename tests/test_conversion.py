@@ -363,3 +363,22 @@ def test_model_kwargs_that_convert_takes_or_a_recipe_cannot_keep_are_refused() -
         an_search.convert("resnet10t", cost=False, model_kwargs={"pretrained": True})
     with pytest.raises(ModelConfigError, match="is not JSON-able"):
         an_search.convert("resnet10t", cost=False, model_kwargs={"act_layer": nn.SiLU})
+
+
+def test_what_only_training_sees_does_not_stop_a_save(tmp_path: Path) -> None:
+    """SyncBatchNorm for DDP (``convert_sync_batchnorm``) and a norm's momentum change no
+    evaluation: such a model saves, and reloads to the same outputs."""
+    from an_search.layers import convert_sync_batchnorm
+
+    result = an_search.convert("resnet10t", cost=False, seed=0)
+    model = convert_sync_batchnorm(result.model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.momentum = 0.01
+    out = an_search.save(model, result.recipe, tmp_path / "m")
+    loaded, _ = an_search.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    plain = an_search.convert("resnet10t", cost=False, seed=0).model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), plain.eval()(x), rtol=0, atol=0)

@@ -9,6 +9,7 @@ half-written is left behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
 
 
 def _other_module(model: nn.Module, rebuilt: nn.Module) -> str | None:
-    """The first module of ``model`` that differs from ``rebuilt``'s in class or settings
-    (``extra_repr``: pool type, stride, dilation, eps...), described; None if none does."""
+    """The first module of ``model`` that computes otherwise than ``rebuilt``'s: another
+    class or settings (``extra_repr``: pool type, stride, dilation, eps...), described; None
+    if none does. What only training sees is left out: a norm's momentum, dropout rates, and
+    SyncBatchNorm for BatchNorm (``convert_sync_batchnorm`` for DDP)."""
     theirs = dict(rebuilt.named_modules())
     for name, module in model.named_modules():
         other = theirs.get(name)
@@ -85,12 +88,25 @@ def _other_module(model: nn.Module, rebuilt: nn.Module) -> str | None:
             continue  # (parameters and buffers were compared: a module without any)
         mine, rebuilt_one = _describe(module), _describe(other)
         if mine != rebuilt_one:
-            return f"{name or 'the model'} is {mine} here, {rebuilt_one} in the rebuilt model"
+            shown = f"{type(module).__name__}({module.extra_repr()})"
+            there = f"{type(other).__name__}({other.extra_repr()})"
+            return f"{name or 'the model'} is {shown} here, {there} in the rebuilt model"
     return None
 
 
+_TRAINING_ONLY = re.compile(r",?\s*momentum=[^,)]*")
+
+
 def _describe(module: nn.Module) -> str:
-    return f"{type(module).__name__}({module.extra_repr()})"
+    """A module's class and the settings that change its evaluation."""
+    kind = type(module).__name__
+    if kind.startswith("Drop") or "Dropout" in kind:  # (Dropout*, DropPath, DropBlock2d)
+        return "dropout"
+    if kind == "SyncBatchNorm":
+        kind = "BatchNorm"
+    elif re.fullmatch(r"BatchNorm[123]d", kind):
+        kind = "BatchNorm"
+    return f"{kind}({_TRAINING_ONLY.sub('', module.extra_repr())})"
 
 
 def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:

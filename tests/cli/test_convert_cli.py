@@ -541,11 +541,12 @@ def test_model_kwargs_build_the_model_and_stay_in_its_recipe(tmp_path: Path) -> 
     the model is built with them, the recipe keeps them, and the saved model reloads so."""
     code, out, err = run(
         "resnet10t", "--model-kwargs", "global_pool=max", "--model-kwargs",
-        "drop_path_rate=0.1", "--output", str(tmp_path / "m"), "--json",
+        "drop_path_rate=1e-1", "--output", str(tmp_path / "m"), "--json",
     )  # fmt: skip
     assert code == 0, err
     recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
-    assert recipe["model_kwargs"] == {"global_pool": "max", "drop_path_rate": 0.1}
+    assert recipe["model_kwargs"] == {"global_pool": "max", "drop_path_rate": 0.1}  # (1e-1:
+    # a number, which YAML 1.1 alone reads as a string)
     model, _ = an_search.load(tmp_path / "m")
     assert isinstance(model.global_pool.pool, torch.nn.AdaptiveMaxPool2d)
     assert any(type(m).__name__ == "DropPath" for m in model.modules())  # (drop_path_rate)
