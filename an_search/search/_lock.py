@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,38 +49,59 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+# Lock files this process holds: POSIX locks belong to the process, and closing any of its
+# descriptors of a file drops them all, so each file is opened once (path -> pid, fd, studies)
+_HELD: dict[str, tuple[int, int, set[str]]] = {}
+_GUARD = threading.Lock()
+
+
 @contextmanager
 def sqlite_writer_lock(url: str, study_name: str) -> Iterator[None]:
     """Hold study ``study_name``'s byte of ``FILE.lock`` beside the SQLite file of ``url`` for
     the block (other storages, or a file whose folder does not exist: nothing to hold).
 
     Raises:
-        StorageError: another process holds it: a search of that study is running.
+        StorageError: another process, or another search of this one, holds it.
     """
     db = sqlite_file(url)
     if fcntl is None or db is None or not db.parent.is_dir():
         yield
         return
-    lock = db.with_name(db.name + ".lock")
+    lock = os.path.realpath(db.with_name(db.name + ".lock"))
     offset = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:4], "big") >> 1
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # (a folder this process cannot write: the storage's own error says so)
-        fd = None
-    if fd is None:
-        yield
-        return
-    try:
-        if not _lock_byte(fd, offset):
+    with _GUARD:
+        entry = _HELD.get(lock)
+        if entry is not None and entry[0] != os.getpid():  # (a forked child's copy)
+            entry = None
+        if entry is None:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # (a folder this process cannot write: the storage's error says so)
+                fd = None
+            if fd is not None:
+                entry = _HELD[lock] = (os.getpid(), fd, set())
+        if entry is not None and (study_name in entry[2] or not _lock_byte(entry[1], offset)):
+            if not entry[2]:
+                os.close(entry[1])
+                del _HELD[lock]
             raise StorageError(
-                f"study {study_name!r} in {hide_password(url)} is being run by another process "
+                f"study {study_name!r} in {hide_password(url)} is being run by another search "
                 f"(it holds {lock}), and SQLite takes one writer: wait for that run to end, or "
                 "share a study between processes through a journal file (--storage FILE.log) "
                 "or a server database"
             )
+        if entry is not None:
+            entry[2].add(study_name)
+    try:
         yield
     finally:
-        os.close(fd)  # (drops the lock)
+        if entry is not None:
+            with _GUARD:
+                entry[2].discard(study_name)
+                fcntl.lockf(entry[1], fcntl.LOCK_UN, 1, offset)
+                if not entry[2]:
+                    os.close(entry[1])  # (this process's last search of the file)
+                    _HELD.pop(lock, None)
 
 
 def _lock_byte(fd: int, offset: int) -> bool:

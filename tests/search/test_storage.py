@@ -341,3 +341,37 @@ def test_a_sqlite_url_with_a_query_or_escapes_is_read_as_it_was_written(tmp_path
     assert study.study_name == "s" and len(study.get_trials()) == 1
     with pytest.raises(StorageError, match="storage file must exist to read a study: .*none.db"):
         open_study(f"sqlite:///{tmp_path}/none.db?timeout=10", "s")
+
+
+PROBE = """
+import fcntl, hashlib, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+offset = int.from_bytes(hashlib.sha256(sys.argv[2].encode()).digest()[:4], "big") >> 1
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+    print("taken")
+except OSError:
+    print("refused")
+"""  # (a study's byte of the lock file, locked as another process would: no torch import)
+
+
+def test_a_study_lock_holds_while_its_process_takes_and_drops_others(tmp_path: Path) -> None:
+    """POSIX locks belong to the process, and closing any descriptor of the file drops them
+    all: a second search in the same process (another study, or the same one again) must not
+    free the first's study for other processes."""
+    from an_search.search._lock import sqlite_writer_lock
+
+    url = f"sqlite:///{tmp_path}/s.db"
+
+    def probe(study: str) -> str:
+        args = [sys.executable, "-c", PROBE, f"{tmp_path}/s.db.lock", study]
+        return subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+
+    with sqlite_writer_lock(url, "A"):
+        with sqlite_writer_lock(url, "B"):
+            assert probe("B") == "refused" and probe("C") == "taken"
+        with pytest.raises(StorageError, match="'A' in sqlite:.* is being run by another search"):
+            with sqlite_writer_lock(url, "A"):
+                pass
+        assert probe("A") == "refused" and probe("B") == "taken"
+    assert probe("A") == "taken"
