@@ -526,15 +526,23 @@ def _recipe_from(
     the folder for outputs, the study it came from (a recipe file's: ``--storage`` and
     ``--study-name``'s, else its run directory's if ``export`` wrote it there; None: neither)
     and, for the study's best, which trial it is."""
-    from an_search.errors import RecipeError
+    from an_search.errors import RecipeError, StorageError
     from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
     if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
         file = source if source.is_file() else source / RECIPE_FILE
         recipe = read_recipe(file)
-        if storage is not None or study_name is not None:  # the study it came from
-            return recipe, file.parent, _open(None, storage, study_name)[0], None
-        return recipe, file.parent, _exported_from(file.parent, say), None
+        if storage is not None:  # the study it came from
+            study = _open(None, storage, study_name)[0]
+        else:
+            study = _exported_from(file.parent, study_name, say)
+        searched = None if study is None else study.user_attrs.get("model")
+        if searched is not None and searched != recipe.model:
+            raise StorageError(
+                f"study {study.study_name!r} searched {searched}, the recipe converts "
+                f"{recipe.model}: give the --storage and --study-name of the study it came from"
+            )
+        return recipe, file.parent, study, None
     study, _, where = _open(source, storage, study_name)
     from an_search.search import ranked_trials
 
@@ -563,25 +571,26 @@ def _searched_on(study: optuna.Study) -> tuple[str | None, str] | None:
     return (data, dataset) if data or dataset else None
 
 
-def _exported_from(folder: Path, say: Callable[[str], None]) -> optuna.Study | None:
+def _exported_from(
+    folder: Path, study_name: str | None, say: Callable[[str], None]
+) -> optuna.Study | None:
     """For a recipe that ``an-search export`` wrote into RUN_DIR/export/rank*: the study in
-    RUN_DIR (None: another recipe, or a run directory without one study: said, as its data
-    and weights then go unused)."""
-    from an_search.errors import StorageError
+    RUN_DIR (``study_name``, or its one study; None: another recipe, or a run directory
+    without a study file: said, as the study's data and weights then go unused)."""
     from an_search.search import open_study
+    from an_search.search.storage import DEFAULT_DB_NAME, DEFAULT_JOURNAL_NAME
 
     run_dir = folder.parent.parent
     if folder.parent.name != "export" or not folder.name.startswith("rank"):
         return None
-    try:
-        return open_study(run_dir)
-    except StorageError:
-        say(
-            f"note: {run_dir} holds no study file (its study is in another storage), so the "
-            "study's data and starting weights are not used: give its --storage and "
-            "--study-name to use them"
-        )
-        return None
+    if any((run_dir / name).is_file() for name in (DEFAULT_DB_NAME, DEFAULT_JOURNAL_NAME)):
+        return open_study(run_dir, study_name)  # (its errors say what is wrong there)
+    say(
+        f"note: {run_dir} holds no study file (its study is in another storage), so the "
+        "study's data and starting weights are not used: give its --storage and "
+        "--study-name to use them"
+    )
+    return None
 
 
 def _open(

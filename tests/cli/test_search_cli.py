@@ -387,6 +387,13 @@ def test_an_exported_recipe_of_a_study_in_another_storage(tmp_path: Path) -> Non
                        "--output", str(tmp_path / "rt2"))  # fmt: skip
     assert code == 0 and f"data: torch/mnist in {root} (the study's" in err, err
     assert "holds no study file" not in err
+    # another model's study is not this recipe's
+    from an_search.search import SearchConfig, create_or_load_study
+
+    create_or_load_study(SearchConfig("resnet18", storage=journal, output_dir=tmp_path / "r18"))
+    code, _, err = run("retrain", exported, "--storage", journal, "--study-name",
+                       "resnet18-default", *TINY)  # fmt: skip
+    assert code == 2 and "study 'resnet18-default' searched resnet18, the recipe converts" in err
 
 
 def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
@@ -416,7 +423,8 @@ def test_a_timm_named_dataset_from_a_local_root(tmp_path: Path) -> None:
     # an exported recipe in the run directory: the study's data too
     code, stdout, err = run("export", str(out), "--top", "1", "--json")
     (exported,) = json.loads(stdout)["exported"]
-    code, _, err = run("retrain", exported, *TINY, "--output", str(tmp_path / "rt2"))
+    code, _, err = run("retrain", exported, *TINY, "--output", str(tmp_path / "rt2"),
+                       "--study-name", "resnet10t-default")  # fmt: skip
     assert code == 0 and f"data: torch/mnist in {root} (the study's" in err, err
     # the files moved: --data alone keeps the study's dataset name
     root.rename(tmp_path / "moved")
