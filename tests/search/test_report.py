@@ -232,8 +232,9 @@ def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Pa
     s.add_trial(_trial({"baseline": "bn", "recipe": _recipe({}), "n_sites": 0}, value=60.0))
     an = _recipe({"layer3.0.bn1": 4})
     s.add_trial(_trial({"recipe": an, "n_sites": 1, "config_key": "a", "macs": 1e6}, value=55.0))
-    recipe, where, study, chosen = _recipe_from(run, None, None)
-    assert recipe.site_k() == {"layer3.0.bn1": 4} and where == run
+    notes: list[str] = []
+    recipe, where, study, chosen = _recipe_from(run, None, None, notes.append)
+    assert recipe.site_k() == {"layer3.0.bn1": 4} and where == run and not notes
     assert _searched_on(study) == ("/data/three-classes", "")  # (path, timm dataset name)
     assert chosen == "trial 1 of study 'bnwins' (export's rank 1 of 1, proxy top-1 55.00)"
 
