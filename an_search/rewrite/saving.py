@@ -102,9 +102,7 @@ def _describe(module: nn.Module) -> str:
     kind = type(module).__name__
     if kind.startswith("Drop") or "Dropout" in kind:  # (Dropout*, DropPath, DropBlock2d)
         return "dropout"
-    if kind == "SyncBatchNorm":
-        kind = "BatchNorm"
-    elif re.fullmatch(r"BatchNorm[123]d", kind):
+    if re.fullmatch(r"SyncBatchNorm|BatchNorm[123]d", kind):
         kind = "BatchNorm"
     return f"{kind}({_TRAINING_ONLY.sub('', module.extra_repr())})"
 
