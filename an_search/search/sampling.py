@@ -90,7 +90,7 @@ def _check_enqueued_names(trial: Any, space: SearchSpace, report: SiteReport) ->
     fixed = storage.get_trial_system_attrs(trial._trial_id).get("fixed_params") or {}
     stages = range(report.num_stages)
     names = {"base", "placement", "head", "pool", "init"}
-    if isinstance(space.k, Param) and (space.k_shared or not stages):
+    if _shared_k(space, report.num_stages):
         names.add("k")
     elif space.k is not None:
         names |= {f"stage{i}_k" for i in stages}
@@ -197,6 +197,11 @@ def _preset_stages(report: SiteReport, placement: str, norm_types: list[str] | N
     return sorted({k - 1 for k in chosen.values()})
 
 
+def _shared_k(space: SearchSpace, n_stages: int) -> bool:
+    """Whether the space asks one ``k`` for every stage (else ``stage{i}_k``)."""
+    return isinstance(space.k, Param) and (space.k_shared or n_stages == 0)
+
+
 def _k(
     trial: Any, space: SearchSpace, report: SiteReport, used: list[int]
 ) -> int | list[int] | None:
@@ -204,8 +209,8 @@ def _k(
     if space.k is None:
         return None
     n = report.num_stages
-    if isinstance(space.k, Param) and (space.k_shared or n == 0):
-        return space.k.suggest(trial, "k")
+    if _shared_k(space, n):
+        return space.k.suggest(trial, "k")  # type: ignore[union-attr]
     per_stage = space.k if isinstance(space.k, tuple) else (space.k,) * n
     k = default_k(report)
     for i in used:
