@@ -17,6 +17,8 @@ Accepted layouts (images: .png .jpg .jpeg, as timm reads, and .webp .bmp .tif(f)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import tarfile
@@ -116,7 +118,9 @@ def open_dataset(spec: DataSpec, split: str, *, class_map: dict | None = None) -
 def _open_dataset(spec: DataSpec, split: str, root: str, class_map: dict | None) -> Any:
     is_train = split == "train"
     try:
-        with more_image_extensions():  # (.webp, .bmp, .tiff... too)
+        # (timm's hfds/tfds readers print "Please install ..." to stdout when first imported
+        # without their package: the ImportError below says it, and stdout is the caller's)
+        with more_image_extensions(), contextlib.redirect_stdout(io.StringIO()):
             ds = create_dataset(
                 spec.name,
                 root=root,

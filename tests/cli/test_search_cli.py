@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -592,3 +593,21 @@ def test_a_dataset_whose_reader_needs_a_missing_package_names_it(tmp_path: Path)
     assert "reading torch/imagenet needs the Python package 'scipy'" in err
     assert "pip install scipy" in err and "internal error" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("datasets") is not None,
+    reason="Hugging Face datasets is installed here",
+)
+def test_a_missing_reader_package_prints_nothing_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm's hfds reader prints "Please install ..." to stdout when it is first imported
+    without the datasets package: stdout is the --json output's, so only the one-line error
+    on stderr (before: timm's line on stdout too)."""
+    monkeypatch.delitem(sys.modules, "timm.data.readers.reader_hfds", raising=False)
+    code, out, err = run("run", "resnet10t", "--dataset", "hfds/beans", "--data",
+                         str(tmp_path), "--output", str(tmp_path / "run"))  # fmt: skip
+    assert code == 2, err
+    assert "needs the Python package 'datasets'" in err and "pip install datasets" in err
+    assert out == ""
