@@ -68,11 +68,14 @@ class TrialProgress:
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback: one finished trial."""
         self._start()
-        value = "" if not trial.values else f" top1 {trial.values[0]:.2f}"
+        over = trial.user_attrs.get("infeasible")
+        if over:  # (COMPLETE with a top-1 of 0: never trained)
+            last = f"over budget ({', '.join(over)})"
+        else:
+            value = "" if not trial.values else f" top1 {trial.values[0]:.2f}"
+            last = f"{trial.state.name.lower()}{value}"
         self._progress.update(
-            self._trials,
-            advance=1,
-            description=f"trials (last #{trial.number} {trial.state.name.lower()}{value})",
+            self._trials, advance=1, description=f"trials (last #{trial.number} {last})"
         )
         self._progress.update(self._steps, visible=False)
 

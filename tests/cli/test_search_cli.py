@@ -611,3 +611,30 @@ def test_a_missing_reader_package_prints_nothing_on_stdout(
     assert code == 2, err
     assert "needs the Python package 'datasets'" in err and "pip install datasets" in err
     assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("attrs", "values", "shown"),
+    [
+        ({"infeasible": ["params", "macs"]}, [0.0], "last #3 over budget (params, macs)"),
+        ({}, [61.25], "last #3 complete top1 61.25"),
+    ],
+)
+def test_the_trial_bar_says_a_trial_was_over_budget(attrs: dict, values: list, shown: str) -> None:
+    """An over-budget trial ends COMPLETE with top-1 0, never trained: the bar says why
+    (before: "last #3 complete top1 0.00", as if it had trained to nothing)."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from cli._progress import TrialProgress
+
+    out = io.StringIO()
+    trial = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, values=values, user_attrs=attrs
+    )
+    trial.number = 3
+    with TrialProgress(Console(file=out, width=200), total=5) as bar:
+        bar.on_trial(None, trial)  # type: ignore[arg-type]
+    assert shown in out.getvalue()
