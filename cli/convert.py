@@ -276,11 +276,8 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     totals.add_row(
         "params", f"{before.params:,}", f"{after.params:,}", f"{dp:+,} ({dp / before.params:+.2%})"
     )
-    totals.add_row(
-        "GMACs",
-        f"{before.macs / 1e9:.4f}",
-        f"{after.macs / 1e9:.4f}",
-        f"{dm / 1e9:+.4f} ({dm / max(before.macs, 1):+.2%})",
+    totals.add_row(  # (in full, as --max-macs takes them: GMACs to 4 places hid small models')
+        "MACs", f"{before.macs:,}", f"{after.macs:,}", f"{dm:+,} ({dm / max(before.macs, 1):+.2%})"
     )
     out.print(totals)
     if after.unsupported_ops:
