@@ -110,7 +110,8 @@ def watch_workers(
         # (every one polled: a killed worker is reaped, so its trials' process reads as gone)
         while not flag and any([p.poll() is None for p in procs]):
             report_finished(study, seen, on_trial)
-            if not heartbeat_enabled(study) and fail_dead_worker_trials(study):
+            # (unowned=False: a live worker's new trial is RUNNING before it records its worker)
+            if not heartbeat_enabled(study) and fail_dead_worker_trials(study, unowned=False):
                 enqueue_baselines(study)  # (with heartbeats, the workers retry it)
             time.sleep(poll_s)
         if flag:

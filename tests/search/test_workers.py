@@ -505,3 +505,18 @@ def test_cli_bad_parallel_options_are_one_line_errors(tmp_path: Path) -> None:
                               out], env=env)  # fmt: skip
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and "epochs" in res.stderr
     assert "journal" not in res.stderr and not (tmp_path / "w").exists()
+
+
+def test_the_parent_leaves_a_live_workers_new_trial_alone(tmp_path: Path) -> None:
+    """A worker's trial is RUNNING before it records its worker (Optuna's ask, then the
+    sampler); the parent watching a live worker on SQLite must not take that trial for a dead
+    run's. (Before: it failed the trial, the worker's tell raised "Cannot tell a FAIL trial.",
+    and a --workers 1 or --gpus-per-trial run ended with that error.)"""
+    from an_search.search._procs import watch_workers
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    starting = study.ask()  # (no worker recorded yet)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    assert not watch_workers(study, [worker], set(), None, poll_s=0.05)
+    assert worker.returncode == 0
+    assert study.get_trials()[starting.number].state == TrialState.RUNNING
