@@ -51,10 +51,11 @@ class Loaders:
     def set_epoch(self, epoch: int) -> None:
         """Key the training shuffle (and worker seeds) to (seed, epoch)."""
         sampler = self.train.sampler
+        key = self._seed * 100_003 + epoch  # (not seed + epoch: seed 1's epoch 1 is 0's epoch 2)
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)  # its permutation is seeded with seed + epoch
+            sampler.set_epoch(key)  # (its seed is 0: its permutation is seeded with the epoch)
         elif self._generator is not None:
-            self._generator.manual_seed(self._seed * 100_003 + epoch)
+            self._generator.manual_seed(key)
 
 
 class _Shard(Sampler[int]):
@@ -226,11 +227,11 @@ def create_loaders(
     distributed = dist.is_available() and dist.is_initialized()
     _check_shard(len(train_ds), batch_size, dist.get_world_size() if distributed else 1)
 
-    # Shuffling: DistributedSampler under torch.distributed (shards per rank, seed + epoch),
-    # else a generator that set_epoch re-seeds; the DataLoader also draws worker seeds from it.
+    # Shuffling: DistributedSampler under torch.distributed (shards per rank), else a generator;
+    # set_epoch keys either to (seed, epoch). The DataLoader also draws worker seeds from it.
     generator, train_sampler, val_sampler = None, None, None
     if distributed:
-        train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
+        train_sampler = DistributedSampler(train_ds, shuffle=True, seed=0, drop_last=True)
         val_sampler = _Shard(len(val_ds), dist.get_rank(), dist.get_world_size())
     else:
         generator = torch.Generator().manual_seed(seed)

@@ -319,3 +319,28 @@ def test_an_unreadable_image_is_reported_once_not_every_epoch(
                 assert sum(len(y) for _, y in loader) == len(loader.dataset)
     bad = [r for r in caplog.records if "bad.png" in r.getMessage()]
     assert len(bad) == 1 and bad[0].getMessage().startswith("Skipped sample")
+
+
+def test_ddp_shuffles_of_neighbouring_seeds_are_not_shifted_copies(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    """DistributedSampler seeds its permutation with seed + epoch: seed 0's epoch 2 was seed
+    1's epoch 1. Under torch.distributed the shuffle is keyed to (seed, epoch) as without it
+    (seed * 100_003 + epoch), so neighbouring seeds' runs see other orders."""
+    import torch.distributed as dist
+
+    spec = resolve_data(tiny_root)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+
+        def order(seed: int, epoch: int) -> list[int]:
+            loaders = create_loaders(spec, img_size=32, batch_size=8, seed=seed)
+            loaders.set_epoch(epoch)
+            return list(loaders.train.sampler)
+
+        assert order(0, 2) == order(0, 2) != order(0, 3)
+        assert order(0, 2) != order(1, 1) and order(0, 3) != order(1, 2)
+    finally:
+        dist.destroy_process_group()
