@@ -102,6 +102,16 @@ def _evaluate(model: nn.Module, loader: Any, autocast: Any) -> tuple[float, floa
     return 100.0 * hits1 / count, 100.0 * hits5 / count
 
 
+def _mean_loss(meter: AverageMeter, device: torch.device) -> float:
+    """An epoch's mean training loss, over every rank's images under torch.distributed."""
+    if _dist_world() == 1:
+        return meter.avg
+    totals = torch.tensor([meter.sum, meter.count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    total, count = totals.tolist()
+    return total / count if count else math.nan
+
+
 def proxy_train(
     model: nn.Module,
     data: DataSpec,
@@ -254,7 +264,7 @@ def proxy_train(
                 "epoch": epoch,
                 "top1": top1,
                 "top5": top5,
-                "train_loss": loss_meter.avg,
+                "train_loss": _mean_loss(loss_meter, next(model.parameters()).device),
                 "lr": optimizer.param_groups[0]["lr"],
             }
             if ema is not None:

@@ -77,6 +77,10 @@ def test_two_gloo_ranks_match_one_process(tiny_train) -> None:
     one = _one_process_reference(reference, data, tiny_train(**DETERMINISTIC, batch_size=16))
     _agree(run.result.history, one)
     assert run.result.history[-1]["top1"] > 10.0  # it learnt something: not a vacuous match
+    # the training loss is the mean over both ranks' images, as one process's over the same
+    # images (LayerNorm: no per-rank batch statistics); before: rank 0's half
+    losses = [h["train_loss"] for h in run.result.history]
+    assert losses == pytest.approx([h["train_loss"] for h in one], rel=1e-4)
 
 
 def test_pruning_on_rank_0_stops_both_ranks(tmp_path: Path, tiny_train) -> None:
