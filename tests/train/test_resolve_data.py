@@ -330,9 +330,7 @@ def test_ddp_shuffles_of_neighbouring_seeds_are_not_shifted_copies(
     import torch.distributed as dist
 
     spec = resolve_data(tiny_root)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
 
         def order(seed: int, epoch: int) -> list[int]:
