@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from an_search._values import is_integer
-from an_search.errors import OutputDirError, TrainConfigError
+from an_search.errors import OutputDirError, RecipeError, TrainConfigError
 from an_search.rewrite import RECIPE_FILE, Recipe
 
 from ._files import atomic_write, make_dir
@@ -214,30 +214,56 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
 
     The order of :func:`ranked_trials`. Each file is an an-convert recipe
     (``an_search.rewrite.Recipe``): ``an_search.rewrite.build_from_recipe`` rebuilds the model.
-    Folders of an earlier export that this one does not write again are removed when they hold
-    nothing but their recipe (a retrain inside one keeps it).
+    Folders of an earlier export of this study that this one does not write again are removed
+    when they hold nothing but their recipe (a retrain inside one keeps it); recipes that are
+    not this study's (another study's export, an edited recipe) are never removed or replaced.
 
     Returns:
         The directories written, best first.
 
     Raises:
         TrainConfigError: ``n`` is not an integer of 0 or more.
+        OutputDirError: a folder to write holds a recipe that is not its trial's in this study.
     """
     if not is_integer(n) or n < 0:
         raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
+    out = Path(out_dir)
+    chosen = list(enumerate(ranked_trials(study)[:n], start=1))
+    for rank, trial in chosen:  # (all checked before any is written)
+        target = out / f"rank{rank}_trial{trial.number}"
+        if (target / RECIPE_FILE).exists() and not _holds_recipe_of(target, trial):
+            raise OutputDirError(
+                f"{str(target)!r} holds a recipe that is not trial {trial.number}'s of study "
+                f"{study.study_name!r} (another study's export, or edited): export into another "
+                "folder (--output)"
+            )
     written = []
-    for rank, trial in enumerate(ranked_trials(study)[:n], start=1):
+    for rank, trial in chosen:
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
-        target = make_dir(Path(out_dir) / f"rank{rank}_trial{trial.number}")
+        target = make_dir(out / f"rank{rank}_trial{trial.number}")
         atomic_write(target / RECIPE_FILE, recipe.to_json())
         written.append(target)
-    out = Path(out_dir)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for old in out.glob("rank*_trial*") if out.is_dir() else ():
-        if re.fullmatch(r"rank\d+_trial\d+", old.name) and old not in written:
-            if old.is_dir() and [p.name for p in old.iterdir()] == [RECIPE_FILE]:
-                (old / RECIPE_FILE).unlink()
-                old.rmdir()
+        match = re.fullmatch(r"rank\d+_trial(\d+)", old.name)
+        if match is None or old in written or not old.is_dir():
+            continue
+        trial = trials.get(int(match.group(1)))
+        if [p.name for p in old.iterdir()] == [RECIPE_FILE] and _holds_recipe_of(old, trial):
+            (old / RECIPE_FILE).unlink()
+            old.rmdir()
     return written
+
+
+def _holds_recipe_of(folder: Path, trial: FrozenTrial | None) -> bool:
+    """Whether ``folder``'s recipe is the one ``trial`` recorded (an export of it)."""
+    if trial is None or "recipe" not in trial.user_attrs:
+        return False
+    try:
+        held = Recipe.from_dict(json.loads((folder / RECIPE_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError, RecipeError):  # (not ours to judge)
+        return False
+    return held.to_json() == Recipe.from_dict(trial.user_attrs["recipe"]).to_json()
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:

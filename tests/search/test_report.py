@@ -11,6 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from an_search.errors import OutputDirError
 from an_search.layers import AttentiveNorm
 from an_search.rewrite import Recipe, build_from_recipe
 from an_search.search import (
@@ -203,20 +204,43 @@ def test_dashboard_command_names_the_driver_and_hides_the_password() -> None:
     assert command == f"optuna-dashboard '{scheme}://alice:***@db.example:5432/an_search'"
 
 
-def test_export_again_removes_only_stale_recipe_folders(
+def test_export_again_removes_only_its_own_stale_recipe_folders(
     study: optuna.Study, tmp_path: Path
 ) -> None:
     top = tmp_path / "top"
-    stale = top / "rank2_trial99"  # an earlier export's, a trial no longer in the top 3
-    kept = top / "rank3_trial98"  # the same, with a retrain run inside: kept
-    for d in (stale, kept / "retrain", top / "notes"):
-        d.mkdir(parents=True)
-    for d in (stale, kept):
-        (d / "recipe.json").write_text("{}")
-    dirs = export_top(study, 3, top)
+    first = export_top(study, 3, top)
+    (first[2] / "retrain").mkdir()  # a retrain run inside: kept
+    foreign = top / "rank2_trial99"  # no trial 99 here: another study's export
+    foreign.mkdir()
+    (foreign / "recipe.json").write_text("{}")
+    (top / "notes").mkdir()
+    dirs = export_top(study, 1, top)
+    assert dirs == first[:1]  # (rank 2's folder, this study's: removed)
     assert sorted(p.name for p in top.iterdir()) == sorted(
-        [d.name for d in dirs] + ["rank3_trial98", "notes"]
+        [first[0].name, first[2].name, "rank2_trial99", "notes"]
     )
+
+
+def test_export_never_replaces_another_studys_recipe(study: optuna.Study, tmp_path: Path) -> None:
+    """Two studies (or two of one name, in another storage) exported into one folder: the second
+    neither deletes the first's recipes nor writes over them. (Before: "an-search export B
+    --output shared" deleted A's rank folders, and replaced a rank folder of the same name.)"""
+    top = tmp_path / "top"
+    dirs = export_top(study, 3, top)
+    other = optuna.create_study(direction="maximize", study_name="other")
+    recipe = _recipe({"layer2.0.bn2": 8})
+    other.add_trial(_trial({"recipe": recipe, "n_sites": 1, "config_key": "z"}, value=99.0))
+    other.add_trial(_trial({"recipe": recipe, "n_sites": 1, "config_key": "z"}, value=98.0))
+    before = {d: (d / "recipe.json").read_text() for d in dirs}
+    (mine,) = export_top(other, 1, top)  # rank1_trial0: no folder of that name yet
+    assert {d: (d / "recipe.json").read_text() for d in dirs} == before
+    assert json.loads((mine / "recipe.json").read_text()) == recipe
+    clash = top / f"rank1_trial{other.trials[0].number}"
+    theirs = json.loads((dirs[0] / "recipe.json").read_text())
+    (clash / "recipe.json").write_text(json.dumps(theirs))  # another study's rank 1 of trial 0
+    with pytest.raises(OutputDirError, match=r"holds a recipe that is not trial 0's of study "):
+        export_top(other, 1, top)
+    assert json.loads((clash / "recipe.json").read_text()) == theirs
 
 
 def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Path) -> None:
