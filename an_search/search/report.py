@@ -159,6 +159,10 @@ def write_report(study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[s
     }
 
 
+#: What an export wrote, and for which study (``export_top``).
+EXPORT_FILE = "export.json"
+
+
 def check_report_dir(out_dir: str | os.PathLike[str], study_name: str) -> None:
     """Refuse a folder whose ``report.json`` is another study's (its files would be replaced).
 
@@ -214,20 +218,23 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
 
     The order of :func:`ranked_trials`. Each file is an an-convert recipe
     (``an_search.rewrite.Recipe``): ``an_search.rewrite.build_from_recipe`` rebuilds the model.
-    Folders of an earlier export of this study that this one does not write again are removed
-    when they hold nothing but their recipe (a retrain inside one keeps it); recipes that are
-    not this study's (another study's export, an edited recipe) are never removed or replaced.
+    ``out_dir/export.json`` names the study and the folders written: the folders of this study's
+    earlier export that this one does not write again are removed when they hold nothing but
+    their recipe, unchanged (a retrain inside one keeps it). Nothing else is removed, and no
+    recipe that is not this study's trial's is replaced.
 
     Returns:
         The directories written, best first.
 
     Raises:
         TrainConfigError: ``n`` is not an integer of 0 or more.
-        OutputDirError: a folder to write holds a recipe that is not its trial's in this study.
+        OutputDirError: the folder holds another study's export, or a folder to write holds a
+            recipe that is not its trial's in this study.
     """
     if not is_integer(n) or n < 0:
         raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
     out = Path(out_dir)
+    previous = _previous_export(out, study.study_name)
     chosen = list(enumerate(ranked_trials(study)[:n], start=1))
     for rank, trial in chosen:  # (all checked before any is written)
         target = out / f"rank{rank}_trial{trial.number}"
@@ -244,15 +251,35 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
         atomic_write(target / RECIPE_FILE, recipe.to_json())
         written.append(target)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for old in out.glob("rank*_trial*") if out.is_dir() else ():
-        match = re.fullmatch(r"rank\d+_trial(\d+)", old.name)
+    for name in previous:
+        old, match = out / name, re.fullmatch(r"rank\d+_trial(\d+)", name)
         if match is None or old in written or not old.is_dir():
             continue
         trial = trials.get(int(match.group(1)))
         if [p.name for p in old.iterdir()] == [RECIPE_FILE] and _holds_recipe_of(old, trial):
             (old / RECIPE_FILE).unlink()
             old.rmdir()
+    folders = [d.name for d in written]
+    make_dir(out)
+    atomic_write(out / EXPORT_FILE, json.dumps({"study": study.study_name, "folders": folders}))
     return written
+
+
+def _previous_export(out: Path, study_name: str) -> list[str]:
+    """The folders this study's earlier export in ``out`` wrote; OutputDirError when ``out``
+    holds another study's export."""
+    try:
+        data = json.loads((out / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return []  # (none, or an export from before export.json: nothing says whose)
+    other = data.get("study") if isinstance(data, dict) else None
+    if isinstance(other, str) and other != study_name:
+        raise OutputDirError(
+            f"{str(out)!r} holds the export of study {other!r}: give study {study_name!r} "
+            "its own folder (--output)"
+        )
+    folders = data.get("folders") if isinstance(data, dict) else None
+    return [f for f in folders if isinstance(f, str)] if isinstance(folders, list) else []
 
 
 def _holds_recipe_of(folder: Path, trial: FrozenTrial | None) -> bool:

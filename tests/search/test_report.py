@@ -217,8 +217,12 @@ def test_export_again_removes_only_its_own_stale_recipe_folders(
     dirs = export_top(study, 1, top)
     assert dirs == first[:1]  # (rank 2's folder, this study's: removed)
     assert sorted(p.name for p in top.iterdir()) == sorted(
-        [first[0].name, first[2].name, "rank2_trial99", "notes"]
+        [first[0].name, first[2].name, "rank2_trial99", "notes", "export.json"]
     )
+    assert json.loads((top / "export.json").read_text()) == {
+        "study": "handmade",
+        "folders": [first[0].name],
+    }
 
 
 def test_export_never_replaces_another_studys_recipe(study: optuna.Study, tmp_path: Path) -> None:
@@ -231,16 +235,26 @@ def test_export_never_replaces_another_studys_recipe(study: optuna.Study, tmp_pa
     recipe = _recipe({"layer2.0.bn2": 8})
     other.add_trial(_trial({"recipe": recipe, "n_sites": 1, "config_key": "z"}, value=99.0))
     other.add_trial(_trial({"recipe": recipe, "n_sites": 1, "config_key": "z"}, value=98.0))
-    before = {d: (d / "recipe.json").read_text() for d in dirs}
+
+    def files() -> dict[str, str]:
+        return {str(p.relative_to(top)): p.read_text() for p in top.rglob("*") if p.is_file()}
+
+    before = files()
+    with pytest.raises(OutputDirError, match="holds the export of study 'handmade': give study "):
+        export_top(other, 1, top)
+    assert files() == before
+    (top / "export.json").unlink()  # (an export from before export.json: nothing says whose)
     (mine,) = export_top(other, 1, top)  # rank1_trial0: no folder of that name yet
-    assert {d: (d / "recipe.json").read_text() for d in dirs} == before
+    assert {d: (d / "recipe.json").read_text() for d in dirs} == {
+        d: before[f"{d.name}/recipe.json"] for d in dirs
+    }
     assert json.loads((mine / "recipe.json").read_text()) == recipe
-    clash = top / f"rank1_trial{other.trials[0].number}"
     theirs = json.loads((dirs[0] / "recipe.json").read_text())
-    (clash / "recipe.json").write_text(json.dumps(theirs))  # another study's rank 1 of trial 0
+    (mine / "recipe.json").write_text(json.dumps(theirs))  # another study's, in that name
+    (top / "export.json").unlink()
     with pytest.raises(OutputDirError, match=r"holds a recipe that is not trial 0's of study "):
         export_top(other, 1, top)
-    assert json.loads((clash / "recipe.json").read_text()) == theirs
+    assert json.loads((mine / "recipe.json").read_text()) == theirs
 
 
 def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Path) -> None:
