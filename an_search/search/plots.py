@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ._files import atomic_write
 
@@ -77,6 +78,7 @@ def pareto_figure(
     infeasible = sum(bool(r["infeasible"]) for r in rows)
     pruned = sum(r["state"] == "PRUNED" and r["duplicate_of"] is None for r in rows)
     ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # (a 32-px proxy's GMACs: 8-digit labels)
     ax.set_ylabel("proxy validation top-1 (%)")
     counts = f"{len(done)} trained, {pruned} pruned, {infeasible} over budget"
     ax.set_title(f"{title}  ({counts})".strip())
@@ -121,6 +123,7 @@ def history_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
         if base:
             ax.axhline(base[-1]["top1"], ls="--", lw=1, color=style["color"], label=style["label"])
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("proxy validation top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

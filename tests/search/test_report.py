@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 from pathlib import Path
@@ -381,3 +382,29 @@ def test_a_trial_added_by_hand_without_its_cost_ranks_after_its_equals() -> None
         attrs = {"recipe": _recipe({"layer3.0.bn1": 4}), "n_sites": 1, "config_key": key}
         s.add_trial(_trial({**attrs, **({"macs": macs} if macs else {})}, value=55.0))
     assert [t.number for t in ranked_trials(s)] == [1, 0]
+
+
+def test_plot_tick_labels_do_not_run_together(study: optuna.Study) -> None:
+    """A 32-px proxy's GMACs differ in the fifth digit: matplotlib's default ticks printed
+    '0.0225000.0225250.022550...' as one string. The history's ticks are trial numbers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from an_search.search.plots import history_figure, pareto_figure
+
+    rows = study_table(study)
+    steps = (0.0, 8.2752e-5, 1.0496e-4, 2.0145e-4, 1.1e-4, 6.2e-5, 1.2e-5, 3e-5, 9e-5, 1.5e-4)
+    rows = [{**r, "gmacs": 0.022487552 + steps[i % 10]} for i, r in enumerate(rows)]
+    for fig in (pareto_figure(rows, pareto_front(rows)), history_figure(rows)):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        (ax,) = fig.axes
+        lo, hi = ax.get_xlim()
+        ticks = [
+            t for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi
+        ]
+        boxes = sorted((t.get_window_extent(renderer) for t in ticks), key=lambda b: b.x0)
+        assert len(boxes) >= 3
+        gaps = [b.x0 - a.x1 for a, b in itertools.pairwise(boxes)]
+        assert min(gaps) > 5, [t.get_text() for t in ticks]  # (pixels between labels)
+    numbers = [t.get_position()[0] for t in fig.axes[0].get_xticklabels()]
+    assert all(float(x).is_integer() for x in numbers), numbers
