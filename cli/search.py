@@ -529,7 +529,12 @@ def _recipe_from(
     from an_search.errors import RecipeError, StorageError
     from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
-    if source is not None and (source.is_file() or (source / RECIPE_FILE).is_file()):
+    study_file = source is not None and source.suffix in _STUDY_FILES and source.is_file()
+    if (
+        source is not None
+        and not study_file
+        and (source.is_file() or (source / RECIPE_FILE).is_file())
+    ):
         file = source if source.is_file() else source / RECIPE_FILE
         recipe = read_recipe(file)
         if storage is not None:  # the study it came from
@@ -593,6 +598,10 @@ def _exported_from(
     return None
 
 
+#: A run directory's study file given in its place (SQLite, or the workers' journal).
+_STUDY_FILES = (".db", ".log", ".sqlite", ".sqlite3")
+
+
 def _open(
     run_dir: Path | None, storage: str | None, study_name: str | None
 ) -> tuple[optuna.Study, str, Path]:
@@ -612,6 +621,8 @@ def _open(
         )
     study = open_study(source, study_name)
     where = run_dir if run_dir is not None else default_run_dir(study.study_name)
+    if storage is None and run_dir is not None and run_dir.is_file():  # RUN/study.db given
+        where = run_dir.parent
     return study, study_storage_url(source), where
 
 

@@ -273,6 +273,36 @@ def test_export_with_nothing_to_export_is_an_error(tmp_path: Path) -> None:
     assert "has no finished, feasible trial with AN to export yet" in err
 
 
+@pytest.mark.parametrize("command", ["report", "export", "retrain"])
+def test_a_study_file_given_for_its_run_directory_is_read_there(
+    tmp_path: Path, command: str
+) -> None:
+    """``report RUN/study.db`` (or a journal file): the study is read from the file and written
+    beside it, as for RUN (before: "directory cannot be created (File exists): RUN/study.db")."""
+    import optuna
+    from optuna.trial import create_trial
+
+    from an_search.rewrite import Recipe
+
+    study = optuna.create_study(
+        study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize"
+    )
+    recipe = Recipe.from_selection(model="resnet10t", selected={"layer1.0.bn1": 4}).to_dict()
+    attrs = {"macs": 2e7, "params": 5e6, "recipe": recipe, "n_sites": 1, "config_key": "a"}
+    study.add_trial(create_trial(value=40.0, user_attrs=attrs))
+    if command == "retrain":  # (the study's best, from its trial: no recipe file)
+        code, _, err = run(
+            command, str(tmp_path / "study.db"), *TINY, "--output", str(tmp_path / "rt")
+        )
+        assert code == 0, err
+        assert "recipe: trial 0 of study 's'" in " ".join(err.split())
+        return
+    code, _, err = run(command, str(tmp_path / "study.db"))
+    assert code == 0, err
+    made = tmp_path / "report.json" if command == "report" else tmp_path / "export" / "rank1_trial0"
+    assert made.exists()
+
+
 def test_report_names_the_storage_it_read_whatever_optuna_storage_says(tmp_path: Path) -> None:
     import optuna
 
