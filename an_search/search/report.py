@@ -387,7 +387,7 @@ def _count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(value)  # (the shortest text that reads back as the same float)
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return value
