@@ -303,6 +303,10 @@ def _site_difference(
     """None where ``state`` holds the converted model's AN sites (every key and shape); else
     the first difference."""
     sites = tuple(f"{s.name}." for s in recipe.sites)
+    stored = sorted({k.split(".attn.head.")[0] for k in state if ".attn.head." in k})
+    extra = [name for name in stored if f"{name}." not in sites]
+    if extra:
+        return f"site {extra[0]} stored, not in the recipe"
     theirs = apply_recipe(copy.deepcopy(net), recipe).state_dict()
     keys = [k for k in theirs if k.startswith(sites)]
     for k in keys:

@@ -102,7 +102,7 @@ def convert(
 ) -> None:
     """Convert MODEL to Attentive Normalization and report params and MACs before/after."""
     from an_search.conversion import convert as run_convert
-    from an_search.conversion import convert_recipe, recipe_model_kwargs
+    from an_search.conversion import convert_recipe
     from an_search.errors import InvalidKError, ModelConfigError, RecipeError, UnknownModelError
     from an_search.models import create_model
     from an_search.rewrite import find_sites, read_recipe, save
@@ -133,10 +133,12 @@ def convert(
         sizes: dict[str, Any] = {
             "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size
         }  # fmt: skip
-        if recipe is not None:  # the model the conversion below would build
-            sizes = recipe_model_kwargs(plan, checkpoint=checkpoint, **sizes)
-        net = create_model(model, checkpoint=checkpoint, **sizes, **options)
-        report = find_sites(net)
+        if recipe is not None:  # the model the conversion below would build (its weights may
+            report = convert_recipe(  # be a saved AN model's, loaded once it is converted)
+                plan, model=model, checkpoint=checkpoint, cost=False, **sizes
+            ).report
+        else:
+            report = find_sites(create_model(model, checkpoint=checkpoint, **sizes, **options))
         if json_out:
             print_json({"model": model, **_report_json(report, {})})
         else:

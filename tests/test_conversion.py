@@ -287,6 +287,22 @@ def test_convert_recipe_names_an_an_checkpoint_of_another_recipe(tmp_path: Path)
     assert all(torch.equal(same[k], v) for k, v in saved.model.state_dict().items())
 
 
+def test_convert_recipe_names_an_an_checkpoint_of_more_sites(tmp_path: Path) -> None:
+    """The weights of a model with AN at every site, a recipe with AN at some: its sites are
+    there, the others too (before: "a saved AN model's weights: give its recipe too", when the
+    recipe was given)."""
+    saved = an_search.convert("resnet10t", placement="all", k=2, num_classes=10, cost=False)
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.model.state_dict().items()}, str(ckpt))
+    fewer = an_search.convert("resnet10t", placement="paper", k=2, num_classes=10, cost=False)
+    extra = sorted(set(saved.selected) - set(fewer.selected))
+    with pytest.raises(CheckpointError) as info:
+        an_search.convert_recipe(fewer.recipe, checkpoint=ckpt)
+    message = str(info.value)
+    assert f"holds AttentiveNorm sites, not this recipe's (site {extra[0]} stored, " in message
+    assert message.endswith("give the recipe its weights were saved with")
+
+
 def test_convert_recipe_rebuilds_a_saved_vit_at_its_own_size(tmp_path: Path) -> None:
     """A saved 64-pixel AN ViT re-headed through its recipe keeps its 64 pixels (its position
     embeddings as saved), not resampled to timm's 224."""

@@ -442,6 +442,12 @@ def test_a_saved_an_model_is_a_recipe_with_its_own_weights(tmp_path: Path) -> No
     for key, value in old.items():
         if not key.startswith("fc."):
             assert torch.equal(new[key], value), key
+    # --list-sites of the same: the model's sites, as without weights (before: the AN weights
+    # loaded into the plain model, "give its recipe too" for the command that gave it)
+    for weights in ([], ["--checkpoint", str(tmp_path / "an" / "model.safetensors")]):
+        code, out, err = run("--recipe", str(tmp_path / "an"), *weights, "--list-sites", "--json")
+        assert code == 0, err
+        assert [s["name"] for s in json.loads(out)["sites"]] == [s.name for s in first.report.sites]
 
 
 def test_bad_recipe_fields_and_init_are_named_as_such(tmp_path: Path) -> None:
