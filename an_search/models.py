@@ -168,6 +168,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint {path!r} cannot be read ({reason}): {fix}") from None
     for w in caught:  # (a file that was read: its warnings are the user's)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    state = _nested_state(path, state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"checkpoint {path!r} holds no state_dict of tensors: save model.state_dict() with "
@@ -180,6 +181,28 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"{bad[0]!r} first: give weights saved before training diverged"
         )
     return state
+
+
+def _tensors(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, torch.Tensor) for v in value.values()
+    )
+
+
+def _nested_state(path: str, state: Any) -> Any:
+    """A training checkpoint's one state_dict under a key timm does not unwrap (PyTorch's
+    tutorial saves ``{"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}``)."""
+    if not isinstance(state, dict) or _tensors(state):
+        return state
+    from timm.models import clean_state_dict
+
+    nested = [k for k, v in state.items() if _tensors(v)]
+    if len(nested) > 1:
+        raise CheckpointError(
+            f"checkpoint {path!r} holds {len(nested)} state_dicts ({', '.join(map(repr, nested))})"
+            ": save the one to load alone, with torch.save or safetensors"
+        )
+    return clean_state_dict(state[nested[0]]) if nested else state
 
 
 def _is_safetensors(path: str) -> bool:

@@ -236,6 +236,29 @@ def test_a_checkpoint_without_a_classifier_needs_num_classes(tmp_path: Path) -> 
         assert torch.equal(model.layer1[0].conv1.weight, headless.layer1[0].conv1.weight)
 
 
+def test_a_training_checkpoint_of_pytorchs_tutorial_layout_loads(tmp_path: Path) -> None:
+    """``{"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": 3}`` (DDP's "module."
+    prefixes too): its one state_dict is the weights (before: "holds no state_dict of tensors:
+    save model.state_dict()", which it had). Two state_dicts: which one is not guessed."""
+    from an_search.models import read_checkpoint
+
+    net = timm.create_model("resnet10t")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    ckpt = tmp_path / "tutorial.pth"
+    torch.save(
+        {"model_state_dict": state, "optimizer_state_dict": opt.state_dict(), "epoch": 3}, ckpt
+    )
+    read = read_checkpoint(ckpt)
+    assert read.keys() == net.state_dict().keys()
+    assert all(torch.equal(read[k], v) for k, v in net.state_dict().items())
+    torch.save({"student": state, "teacher": state, "epoch": 3}, two := tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"holds 2 state_dicts \('student', 'teacher'\)"):
+        read_checkpoint(two)
+
+
 def test_unreadable_checkpoints_say_why(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     """Each file that is no state_dict of tensors gets its own reason and fix, and no torch
     warning about the file comes before the error."""
