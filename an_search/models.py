@@ -184,8 +184,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _tensors(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(v, torch.Tensor) for v in value.values()
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
     )
 
 
