@@ -41,7 +41,7 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
     (on the meta device: no memory, no init) has the same state dict keys and shapes."""
     import torch
 
-    from an_search.layers import AttentiveNorm
+    from an_search.layers import AttentiveNorm, FoldedAttentiveNorm
     from an_search.models import describe_mismatch
 
     for site in recipe.sites:
@@ -49,6 +49,11 @@ def _check_matches(model: nn.Module, recipe: Recipe) -> None:
             module = model.get_submodule(site.name)
         except AttributeError:
             module = None
+        if isinstance(module, FoldedAttentiveNorm):
+            raise RecipeError(
+                f"site {site.name!r} is folded (fold_sites, fuse): a folded model is for "
+                "deployment, not saving; save the model before folding, and fold it after load"
+            )
         if not isinstance(module, AttentiveNorm) or module.k != site.k:
             raise RecipeError(
                 f"recipe site {site.name!r} (K={site.k}) is not an AttentiveNorm with that K in "
@@ -107,11 +112,24 @@ def _describe(module: nn.Module) -> str:
     return f"{kind}({_TRAINING_ONLY.sub('', module.extra_repr())})"
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (whose state
+    dicts prefix every key with ``_orig_mod.`` or ``module.``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors`` and ``recipe.json`` into ``directory`` (created if needed).
 
     Args:
-        model: A model converted as ``recipe`` says.
+        model: A model converted as ``recipe`` says (also under ``torch.compile`` or
+            DistributedDataParallel: the model inside is saved).
         recipe: Its recipe.
         directory: Output directory; existing files of the same names are replaced.
 
@@ -124,6 +142,7 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
     """
     from safetensors.torch import save_model
 
+    model = unwrapped(model)
     _check_matches(model, recipe)
     out = Path(directory)
     for target in (out / WEIGHTS_FILE, out / RECIPE_FILE):

@@ -168,6 +168,23 @@ def test_save_rejects_a_recipe_that_does_not_match(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_save_takes_a_compiled_model_and_names_a_folded_one(tmp_path) -> None:
+    """torch.compile's wrapper prefixes every key with ``_orig_mod.``: the model inside is
+    saved. A folded model is named as such. (Before: "110 missing keys ... give convert the
+    num_classes...", and "not an AttentiveNorm with that K: save ... with the recipe that
+    converted it", for the recipe that did.)"""
+    import an_search
+
+    result = an_search.convert("resnet10t", placement="paper", k=2, num_classes=6, cost=False)
+    save(torch.compile(result.model), result.recipe, tmp_path / "compiled")
+    model, _ = load(tmp_path / "compiled")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in result.model.state_dict().items())
+    folded = an_search.fold_sites(result.model.eval())
+    with pytest.raises(RecipeError, match=r"site 'layer1.0.bn1' is folded \(fold_sites, fuse\)"):
+        save(folded, result.recipe, tmp_path / "folded")
+    assert not (tmp_path / "folded").exists()
+
+
 def test_load_errors(tmp_path, saved) -> None:
     with pytest.raises(RecipeError, match="does not exist"):
         load(tmp_path / "missing")
