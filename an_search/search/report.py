@@ -234,7 +234,8 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
     if not is_integer(n) or n < 0:
         raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
     out = Path(out_dir)
-    previous = _previous_export(out, study.study_name)
+    started = _first_start(study)
+    previous = _previous_export(out, study.study_name, started)
     chosen = list(enumerate(ranked_trials(study)[:n], start=1))
     for rank, trial in chosen:  # (all checked before any is written)
         target = out / f"rank{rank}_trial{trial.number}"
@@ -261,24 +262,45 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
             old.rmdir()
     folders = [d.name for d in written]
     make_dir(out)
-    atomic_write(out / EXPORT_FILE, json.dumps({"study": study.study_name, "folders": folders}))
+    mark = {"study": study.study_name, "started": started, "folders": folders}
+    atomic_write(out / EXPORT_FILE, json.dumps(mark))
     return written
 
 
-def _previous_export(out: Path, study_name: str) -> list[str]:
-    """The folders this study's earlier export in ``out`` wrote; OutputDirError when ``out``
-    holds another study's export."""
+def _first_start(study: optuna.Study) -> str | None:
+    """When the study's first trial started: with its name, what tells it from another study
+    of that name (a run directory whose study was deleted and run again, another storage)."""
+    for trial in study.get_trials(deepcopy=False):  # (in number order)
+        if trial.datetime_start is not None:
+            return trial.datetime_start.isoformat()
+    return None
+
+
+def _previous_export(out: Path, study_name: str, started: str | None) -> list[str]:
+    """The folders this study's earlier export in ``out`` wrote (every rank folder there, for
+    an export from before ``export.json``: each is removed only if it holds its trial's recipe);
+    OutputDirError when ``out`` holds another study's export."""
     try:
         data = json.loads((out / EXPORT_FILE).read_text())
+    except FileNotFoundError:
+        return [p.name for p in out.glob("rank*_trial*")] if out.is_dir() else []
     except (OSError, ValueError):
-        return []  # (none, or an export from before export.json: nothing says whose)
-    other = data.get("study") if isinstance(data, dict) else None
+        return []
+    if not isinstance(data, dict):
+        return []
+    other, when = data.get("study"), data.get("started")
     if isinstance(other, str) and other != study_name:
         raise OutputDirError(
             f"{str(out)!r} holds the export of study {other!r}: give study {study_name!r} "
             "its own folder (--output)"
         )
-    folders = data.get("folders") if isinstance(data, dict) else None
+    if isinstance(when, str) and started is not None and when != started:
+        raise OutputDirError(
+            f"{str(out)!r} holds the export of another study named {study_name!r} (its first "
+            f"trial started {when}, this one's {started}): export into another folder "
+            "(--output), or remove that one"
+        )
+    folders = data.get("folders")
     return [f for f in folders if isinstance(f, str)] if isinstance(folders, list) else []
 
 
@@ -387,7 +409,7 @@ def _count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, float):
-        return repr(value)  # (the shortest text that reads back as the same float)
+        return repr(float(value))  # (the shortest text that reads back as the same float)
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return value

@@ -222,6 +222,7 @@ def test_export_again_removes_only_its_own_stale_recipe_folders(
     )
     assert json.loads((top / "export.json").read_text()) == {
         "study": "handmade",
+        "started": study.trials[0].datetime_start.isoformat(),
         "folders": [first[0].name],
     }
 
@@ -256,6 +257,23 @@ def test_export_never_replaces_another_studys_recipe(study: optuna.Study, tmp_pa
     with pytest.raises(OutputDirError, match=r"holds a recipe that is not trial 0's of study "):
         export_top(other, 1, top)
     assert json.loads((mine / "recipe.json").read_text()) == theirs
+
+
+def test_export_of_another_study_of_the_same_name_is_refused(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """A run directory whose study was deleted and run again (or two storages' studies of one
+    name, exported to an-runs/NAME/export): the new study's export would sit beside the old
+    one's rank folders, two rank 2s of two studies. (Before: kept silently.)"""
+    top = tmp_path / "top"
+    export_top(study, 3, top)
+    again = optuna.create_study(direction="maximize", study_name="handmade")
+    attrs = {"recipe": _recipe({"layer2.0.bn2": 8}), "n_sites": 1, "config_key": "z"}
+    again.add_trial(_trial(attrs, value=99.0))
+    before = {str(p): p.read_bytes() for p in top.rglob("*") if p.is_file()}
+    with pytest.raises(OutputDirError, match="holds the export of another study named 'handmade'"):
+        export_top(again, 1, top)
+    assert {str(p): p.read_bytes() for p in top.rglob("*") if p.is_file()} == before
 
 
 def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Path) -> None:
@@ -415,7 +433,8 @@ def test_the_csv_holds_the_figures_in_full(tmp_path: Path) -> None:
     6 significant digits, so 0.022487552 GMACs read 0.0224876, and close trials tied)."""
     s = optuna.create_study(direction="maximize", study_name="full")
     attrs = {"recipe": _recipe({"layer3.0.bn1": 4}), "n_sites": 1, "config_key": "a"}
-    s.add_trial(_trial({**attrs, "macs": 22_487_552, "wall_s": 12.3456789}, value=100 / 3))
+    wall_s = __import__("numpy").float64(12.3456789)  # (numpy's repr: "np.float64(...)")
+    s.add_trial(_trial({**attrs, "macs": 22_487_552, "wall_s": wall_s}, value=100 / 3))
     paths = write_report(s, tmp_path)
     with paths["csv"].open() as f:
         (row,) = list(csv.DictReader(f))
