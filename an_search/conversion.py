@@ -219,6 +219,7 @@ def convert_recipe(
     """
     with _seeded(seed):
         name = model or recipe.model
+        _check_same_architecture(name, recipe.model)
         if init is None:
             init = "preserve" if checkpoint is not None else recipe.init
         if init not in INITS:
@@ -257,6 +258,21 @@ def convert_recipe(
             load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
         after = count_cost(net, input_size) if cost else None
         return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+
+
+def _check_same_architecture(name: str, recipe_model: str) -> None:
+    """A recipe's sites are its model's: another architecture (resnet34 for a resnet18 recipe,
+    whose sites it has too) would be converted at half of its sites, silently."""
+    from timm.models import split_model_name_tag
+
+    if not isinstance(name, str):
+        return  # (create_model's own error)
+    arch, want = split_model_name_tag(name)[0], split_model_name_tag(recipe_model)[0]
+    if arch != want:
+        raise RecipeError(
+            f"the recipe converts {want}, not {arch}: leave MODEL out (or give {want} with a "
+            f"pretrained tag, {want}.TAG); for {arch}, convert by placement or site names"
+        )
 
 
 @contextmanager

@@ -164,10 +164,16 @@ def test_convert_recipe_rebuilds_a_conversion_and_moves_it_to_a_pretrained_model
     _round_trip(moved.model, moved.recipe, tmp_path)
 
 
-def test_convert_recipe_refuses_a_model_without_its_sites() -> None:
-    recipe = an_search.convert("resnet10t", num_classes=10).recipe
-    with pytest.raises(RecipeError, match="recipe does not fit 'mobilenetv3_small_050'"):
-        an_search.convert_recipe(recipe, model="mobilenetv3_small_050")
+def test_convert_recipe_refuses_another_architecture() -> None:
+    """resnet18's sites are resnet34's too: a resnet18 recipe converted half of resnet34's
+    sites, silently. A pretrained tag is the same architecture."""
+    recipe = an_search.convert("resnet18", num_classes=10, cost=False).recipe
+    for other in ("resnet34", "mobilenetv3_small_050", "resnet34.a1_in1k"):
+        arch = other.split(".")[0]
+        with pytest.raises(RecipeError, match=f"^the recipe converts resnet18, not {arch}: "):
+            an_search.convert_recipe(recipe, model=other, cost=False)
+    tagged = an_search.convert_recipe(recipe, model="resnet18.a1_in1k", cost=False)
+    assert tagged.selected == recipe.site_k()
 
 
 @pytest.mark.parametrize("saved", ["plain", "converted"])

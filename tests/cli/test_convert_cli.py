@@ -376,8 +376,8 @@ def test_recipe_conflicts_and_missing_inputs_are_one_line_errors(tmp_path: Path)
     assert code == 2 and "no recipe at" in err and "Traceback" not in err
     code, _, err = run()
     assert code == 2 and "no model given" in err
-    code, _, err = run("mobilenetv3_small_050", "--recipe", str(folder))  # no such site there
-    assert code == 2 and "recipe does not fit 'mobilenetv3_small_050'" in err
+    code, _, err = run("mobilenetv3_small_050", "--recipe", str(folder))  # another model
+    assert code == 2 and "the recipe converts resnet10t, not mobilenetv3_small_050: " in err
 
 
 def _weights(tmp_path: Path, name: str, **kwargs: object) -> tuple[Path, dict]:
