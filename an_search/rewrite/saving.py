@@ -8,9 +8,13 @@ half-written is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -112,6 +116,30 @@ def _describe(module: nn.Module) -> str:
     return f"{kind}({_TRAINING_ONLY.sub('', module.extra_repr())})"
 
 
+@contextmanager
+def _restored_on_error(path: Path) -> Iterator[None]:
+    """On an error in the block, put ``path`` back as it was (a hard link to the old file;
+    removed if there was none), so that a save never leaves new weights beside an old recipe."""
+    keep = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    try:
+        existed, backup = path.exists(), keep / path.name
+        try:
+            os.link(path, backup)
+        except OSError:  # (none, or no hard links on this filesystem)
+            backup = None
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, path)
+                elif not existed:
+                    path.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's and DistributedDataParallel's wrappers (whose state
     dicts prefix every key with ``_orig_mod.`` or ``module.``)."""
@@ -154,10 +182,11 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
     done = False
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # the recipe is moved into place last: the weights' rename is the one that can fail
-        with replacing(out / RECIPE_FILE) as meta, replacing(out / WEIGHTS_FILE) as weights:
-            save_model(model, weights)
-            Path(meta).write_text(recipe.to_json())
+        # the recipe is moved into place last: should its rename fail, the old weights go back
+        with _restored_on_error(out / WEIGHTS_FILE), replacing(out / RECIPE_FILE) as meta:
+            with replacing(out / WEIGHTS_FILE) as weights:
+                save_model(model, weights)
+                Path(meta).write_text(recipe.to_json())
         done = True
     except OSError as exc:
         raise OutputDirError(

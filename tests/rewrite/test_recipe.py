@@ -158,6 +158,40 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch) -> None:
     assert os.listdir(existing) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("before", ["a saved model", "nothing"])
+def test_a_save_whose_recipe_cannot_be_renamed_leaves_the_folder_as_it_was(
+    tmp_path, monkeypatch, before: str
+) -> None:
+    """The weights are renamed into place first: if the recipe's rename then fails (an
+    immutable or foreign-owned recipe.json), the old weights go back, or the new ones go (before:
+    the new weights beside the old recipe, a pair that load() refuses)."""
+    import an_search
+
+    out = tmp_path / "out"
+    old = an_search.convert("resnet10t", placement="paper", k=2, num_classes=6, cost=False)
+    if before == "a saved model":
+        save(old.model, old.recipe, out)
+    else:
+        out.mkdir()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    new = an_search.convert("resnet10t", placement="all", k=3, num_classes=6, cost=False)
+    real = os.replace
+
+    def refused(src, dst, *args, **kwargs):
+        if Path(dst).name == RECIPE_FILE:
+            raise PermissionError(1, "Operation not permitted")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OutputDirError, match="Operation not permitted"):
+        save(new.model, new.recipe, out)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # (no temporaries either)
+    if before == "a saved model":
+        model, recipe = load(out)
+        assert recipe == old.recipe
+
+
 def test_save_rejects_a_recipe_that_does_not_match(tmp_path) -> None:
     model = create_model("resnet10t", num_classes=6)
     with pytest.raises(RecipeError, match="not an AttentiveNorm"):
