@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ._process import PID_NAMESPACE, alive
 
-__all__ = ["replacing"]
+__all__ = ["replacing", "restored_on_error"]
 
 
 @contextmanager
@@ -35,10 +35,7 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
     ``open(path, "w")`` would. Raises OSError when the directory cannot be written.
     """
     path = Path(path)
-    ours = f".{path.name}.{_OWNER}"
-    if os.name != "nt":  # (there, os.kill(pid, 0) would send a Ctrl-C event)
-        _sweep(path.parent, ours, suffix)
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix))
+    folder = _temp_folder(path, suffix)
     tmp = folder / path.name
     try:
         yield str(tmp)
@@ -46,6 +43,41 @@ def replacing(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[st
         os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def restored_on_error(path: str | os.PathLike[str]) -> Iterator[None]:
+    """On an error in the block, put ``path`` back as it was before it: the old file (kept as a
+    hard link in a temporary folder, swept as ``replacing``'s are), or no file if there was
+    none. For files replaced as a pair, so that one renamed without the other is undone."""
+    path = Path(path)
+    keep = _temp_folder(path, ".tmp")
+    try:
+        existed, backup = path.exists(), keep / path.name
+        try:
+            os.link(path, backup)
+        except OSError:  # (none, or no hard links on this filesystem)
+            backup = None
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, path)
+                elif not existed:
+                    path.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def _temp_folder(path: Path, suffix: str) -> Path:
+    """A new folder beside ``path`` for its temporaries (``.NAME.HOST-PIDNS-PID.XXXX<suffix>``),
+    after deleting those that processes gone from this host left."""
+    ours = f".{path.name}.{_OWNER}"
+    if os.name != "nt":  # (there, os.kill(pid, 0) would send a Ctrl-C event)
+        _sweep(path.parent, ours, suffix)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{ours}{os.getpid()}.", suffix=suffix))
 
 
 def _owner() -> str:

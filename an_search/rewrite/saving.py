@@ -8,18 +8,14 @@ half-written is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
-from an_search._atomic import replacing
+from an_search._atomic import replacing, restored_on_error
 from an_search.errors import OutputDirError, RecipeError
 
 from .recipe import Recipe, build_from_recipe
@@ -116,30 +112,6 @@ def _describe(module: nn.Module) -> str:
     return f"{kind}({_TRAINING_ONLY.sub('', module.extra_repr())})"
 
 
-@contextmanager
-def _restored_on_error(path: Path) -> Iterator[None]:
-    """On an error in the block, put ``path`` back as it was (a hard link to the old file;
-    removed if there was none), so that a save never leaves new weights beside an old recipe."""
-    keep = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-    try:
-        existed, backup = path.exists(), keep / path.name
-        try:
-            os.link(path, backup)
-        except OSError:  # (none, or no hard links on this filesystem)
-            backup = None
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if backup is not None:
-                    os.replace(backup, path)
-                elif not existed:
-                    path.unlink(missing_ok=True)
-            raise
-    finally:
-        shutil.rmtree(keep, ignore_errors=True)
-
-
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's and DistributedDataParallel's wrappers (whose state
     dicts prefix every key with ``_orig_mod.`` or ``module.``)."""
@@ -183,7 +155,7 @@ def save(model: nn.Module, recipe: Recipe, directory: str | os.PathLike[str]) ->
     try:
         out.mkdir(parents=True, exist_ok=True)
         # the recipe is moved into place last: should its rename fail, the old weights go back
-        with _restored_on_error(out / WEIGHTS_FILE), replacing(out / RECIPE_FILE) as meta:
+        with restored_on_error(out / WEIGHTS_FILE), replacing(out / RECIPE_FILE) as meta:
             with replacing(out / WEIGHTS_FILE) as weights:
                 save_model(model, weights)
                 Path(meta).write_text(recipe.to_json())
