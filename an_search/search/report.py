@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from an_search._values import is_integer
 from an_search.errors import OutputDirError, RecipeError, TrainConfigError
-from an_search.rewrite import RECIPE_FILE, Recipe
+from an_search.rewrite import RECIPE_FILE, Recipe, read_recipe
 
 from ._files import atomic_write, make_dir
 from .storage import heartbeat_enabled, hide_password, with_driver, worker_gone
@@ -234,11 +234,14 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
     if not is_integer(n) or n < 0:
         raise TrainConfigError(f"top must be an integer, 0 or more, got {n!r}")
     out = Path(out_dir)
-    started = _first_start(study)
+    trials = study.get_trials(deepcopy=False)
+    started = _first_start(trials)
     previous = _previous_export(out, study.study_name, started)
-    chosen = list(enumerate(ranked_trials(study)[:n], start=1))
-    for rank, trial in chosen:  # (all checked before any is written)
-        target = out / f"rank{rank}_trial{trial.number}"
+    chosen = [
+        (out / f"rank{rank}_trial{trial.number}", trial)
+        for rank, trial in enumerate(ranked_trials(study)[:n], start=1)
+    ]
+    for target, trial in chosen:  # (all checked before any is written)
         if (target / RECIPE_FILE).exists() and not _holds_recipe_of(target, trial):
             raise OutputDirError(
                 f"{str(target)!r} holds a recipe that is not trial {trial.number}'s of study "
@@ -246,17 +249,16 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
                 "folder (--output)"
             )
     written = []
-    for rank, trial in chosen:
+    for target, trial in chosen:
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
-        target = make_dir(out / f"rank{rank}_trial{trial.number}")
-        atomic_write(target / RECIPE_FILE, recipe.to_json())
+        atomic_write(make_dir(target) / RECIPE_FILE, recipe.to_json())
         written.append(target)
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    by_number = {t.number: t for t in trials}
     for name in previous:
         old, match = out / name, re.fullmatch(r"rank\d+_trial(\d+)", name)
         if match is None or old in written or not old.is_dir():
             continue
-        trial = trials.get(int(match.group(1)))
+        trial = by_number.get(int(match.group(1)))
         if [p.name for p in old.iterdir()] == [RECIPE_FILE] and _holds_recipe_of(old, trial):
             (old / RECIPE_FILE).unlink()
             old.rmdir()
@@ -267,10 +269,11 @@ def export_top(study: optuna.Study, n: int, out_dir: str | os.PathLike[str]) -> 
     return written
 
 
-def _first_start(study: optuna.Study) -> str | None:
-    """When the study's first trial started: with its name, what tells it from another study
-    of that name (a run directory whose study was deleted and run again, another storage)."""
-    for trial in study.get_trials(deepcopy=False):  # (in number order)
+def _first_start(trials: list[FrozenTrial]) -> str | None:
+    """When a study's first trial started (``trials``: the study's, in number order): with its
+    name, what tells it from another study of that name (a run directory whose study was
+    deleted and run again, another storage)."""
+    for trial in trials:
         if trial.datetime_start is not None:
             return trial.datetime_start.isoformat()
     return None
@@ -309,8 +312,8 @@ def _holds_recipe_of(folder: Path, trial: FrozenTrial | None) -> bool:
     if trial is None or "recipe" not in trial.user_attrs:
         return False
     try:
-        held = Recipe.from_dict(json.loads((folder / RECIPE_FILE).read_text()))
-    except (OSError, ValueError, TypeError, KeyError, RecipeError):  # (not ours to judge)
+        held = read_recipe(folder)
+    except RecipeError:  # (unreadable, or no recipe: not ours to judge)
         return False
     return held.to_json() == Recipe.from_dict(trial.user_attrs["recipe"]).to_json()
 
