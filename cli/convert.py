@@ -274,13 +274,14 @@ def _print_result(model: str, result: ConvertResult, output: Path | None) -> Non
     totals = Table(title=f"cost at input {tuple(result.input_size)} (MACs = multiply-adds)")
     for col in ("", "before", "after", "delta"):
         totals.add_column(col, justify="right")
-    dp, dm = after.params - before.params, after.macs - before.macs
-    totals.add_row(
-        "params", f"{before.params:,}", f"{after.params:,}", f"{dp:+,} ({dp / before.params:+.2%})"
-    )
-    totals.add_row(  # (in full, as --max-macs takes them: GMACs to 4 places hid small models')
-        "MACs", f"{before.macs:,}", f"{after.macs:,}", f"{dm:+,} ({dm / max(before.macs, 1):+.2%})"
-    )
+    # (in full, as --max-params/--max-macs take them: GMACs to 4 places hid small models')
+    for label, was, now in (
+        ("params", before.params, after.params),
+        ("MACs", before.macs, after.macs),
+    ):
+        totals.add_row(
+            label, f"{was:,}", f"{now:,}", f"{now - was:+,} ({(now - was) / max(was, 1):+.2%})"
+        )
     out.print(totals)
     if after.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(after.unsupported_ops.items()))
