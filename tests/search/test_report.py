@@ -278,7 +278,7 @@ def test_export_of_another_study_of_the_same_name_is_refused(
 
 def test_retrain_takes_the_best_an_configuration_and_the_study_data(tmp_path: Path) -> None:
     """BN wins on top-1 here: 'the study's best' to retrain is export's rank 1, an AN model."""
-    from cli.search import _recipe_from, _searched_on
+    from cli._retrain import _recipe_from, _searched_on
 
     run = tmp_path / "run"
     run.mkdir()
