@@ -40,6 +40,7 @@ from .rewrite import (
     apply_an,
     apply_recipe,
     find_sites,
+    read_recipe,
     select_sites,
 )
 
@@ -181,7 +182,7 @@ def convert(
 
 
 def convert_recipe(
-    recipe: Recipe,
+    recipe: Recipe | str | os.PathLike[str],
     *,
     model: str | None = None,
     num_classes: int | None = None,
@@ -202,7 +203,8 @@ def convert_recipe(
     at the recipe's sizes where its weights fit them, e.g. a ViT's image size).
 
     Args:
-        recipe: the recipe (``an_search.rewrite.read_recipe`` reads one from a file).
+        recipe: the recipe, or its ``recipe.json`` or a folder holding one (an export's rank
+            folder, a saved model), read with ``an_search.rewrite.read_recipe``.
         model: the timm model name (default: the recipe's), e.g. with a pretrained tag.
         num_classes: classifier size (a checkpoint's classifier of another size is dropped).
         in_chans: input channels.
@@ -217,6 +219,8 @@ def convert_recipe(
         UnknownModelError, UnknownNameError, ModelConfigError, CheckpointError,
         RecipeError: bad recipe sizes, or a site of the recipe that is not in the model.
     """
+    if not isinstance(recipe, Recipe):
+        recipe = read_recipe(recipe)
     with _seeded(seed):
         name = model or recipe.model
         _check_same_architecture(name, recipe.model)

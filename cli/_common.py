@@ -51,7 +51,7 @@ _FLAGS = {
     for name in (
         "n_trials", "batch_size", "batches_per_epoch", "img_size", "train_fraction",
         "val_fraction", "max_params", "max_macs", "max_latency_ms", "num_classes", "in_chans",
-        "gpus_per_trial", "epochs", "seed", "lr",
+        "gpus_per_trial", "epochs", "seed", "lr", "nproc",
     )
 } | {"ema_decay": "--ema", "n_workers": "--workers"}  # fmt: skip
 #: A field name alone, or a ``train.`` setting of a stored study (``train.batch_size``).

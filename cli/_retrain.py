@@ -178,6 +178,7 @@ def retrain(
             "params": r.params,
             "top1": r.result.top1,
             "top5": r.result.top5,
+            "ema_top1": r.result.history[-1].get("ema_top1") if r.result.history else None,
             "epochs": len(r.result.history),
             "wall_s": r.result.wall_s,
             "model_dir": str(r.model_dir),
@@ -190,12 +191,15 @@ def retrain(
     from rich.table import Table
 
     table = Table(title=f"retrained {recipe.model} ({len(recipe.sites)} AN sites), {epochs} epochs")
-    for col in ("run", "M params", "top1", "top5", "wall s", "saved to"):
+    ema = any(r["ema_top1"] is not None for r in rows)  # (--ema: the EMA's, in last.pth)
+    for col in ("run", "M params", "top1", "top5", *(["EMA top1"] if ema else []), "wall s"):
         table.add_column(col)
+    table.add_column("saved to")
     for r in rows:
         table.add_row(
             r["run"], f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-            f"{r['wall_s']:.0f}", str(r["model_dir"]),
+            *([f"{r['ema_top1']:.2f}"] if ema else []), f"{r['wall_s']:.0f}",
+            str(r["model_dir"]),
         )  # fmt: skip
     stdout().print(table)
     if len(rows) == 2:

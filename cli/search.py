@@ -222,10 +222,15 @@ def export(
             f"study {study.study_name!r} has no finished, feasible trial with AN to export yet"
         )
     if len(dirs) < top:
+        papers = {
+            t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")
+        }  # (the paper placement's, when it ranks: said, as it is no searched configuration)
+        paper = [d.name for d in dirs if int(d.name.rpartition("_trial")[2]) in papers]
         stderr().print(
             f"note: {len(dirs)} of the {top} asked for: the study has no more finished, "
             "feasible trials with AN (the unconverted baseline, duplicates and over-budget "
-            "trials are left out; the paper placement is one of them)",
+            "trials are left out)"
+            + (f"; {paper[0]} is the paper placement's baseline trial" if paper else ""),
             highlight=False,
             soft_wrap=True,
         )

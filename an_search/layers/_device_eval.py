@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,15 +101,27 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
         return x.mean(dims, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None)
     eps = sc["eps_t"]  # (1,), the plan's dtype: float32 for half and bfloat16 maps
     if x.dtype != torch.float16:
-        correction = 1 if n > 1 else 0  # (a single value: variance 0, as the pool has it)
-        var, mean = torch.var_mean(x, dims, correction=correction)
+        if isinstance(n, int):  # (a single value: variance 0, as the pool has it)
+            var, mean = torch.var_mean(x, dims, correction=1 if n > 1 else 0)
+        else:  # traced (a tensor) or exported (a SymInt): no branch on the size baked in
+            var, mean = torch.var_mean(x, dims, correction=0)
+            var = var * _bessel(n)
         if recording(x):  # (the folded module's: out-of-place, for autograd)
             return torch.add(var, eps).rsqrt() * mean
         return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
-    if recording(x):
-        return mean * (var * (n / max(n - 1, 1)) + eps).rsqrt()
-    return mean * var.mul_(n / max(n - 1, 1)).add_(eps).rsqrt_()
+    if recording(x) or not isinstance(n, int):
+        return mean * (var * _bessel(n) + eps).rsqrt()
+    return mean * var.mul_(_bessel(n)).add_(eps).rsqrt_()
+
+
+def _bessel(n: Any) -> Any:
+    """``n / (n - 1)``, 1 for a single value (its biased variance, 0, as the pool has it); a
+    tensor under ``torch.jit.trace`` and a SymInt under ``torch.export`` stay expressions of
+    the size, not the traced example's branch."""
+    if torch.is_tensor(n):
+        return n / (n - 1).clamp(min=1)
+    return n / torch.sym_max(n - 1, 1)
 
 
 def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -67,7 +67,7 @@ from ._norm_stats import batch_scale_shift, group_stats, scale_shift, site_tail
 from ._triton_site import triton_site, triton_wanted
 from ._triton_spec import SITE_ATTR
 from .bases import CHANNELS_LAST_BASES, create_base_norm, describe_norm, resolve_base
-from .folded import FoldedAttentiveNorm, drop_act
+from .folded import FoldedAttentiveNorm, check_channels, drop_act
 from .heads import constant_output, create_head
 from .pooling import create_pool
 
@@ -123,7 +123,7 @@ class AttentiveNorm(nn.Module):
         frozen: BatchNorm base with fixed running statistics (FrozenBatchNorm2d).
 
     Raises:
-        InvalidKError: ``k < 1``.
+        InvalidKError: ``k`` outside 1..MAX_K, or 1 with the ``gn-hsigmoid`` head.
         UnknownNameError: unknown base, head, pool, layout or init.
     """
 
@@ -152,6 +152,11 @@ class AttentiveNorm(nn.Module):
         if not 1 <= k <= MAX_K:
             raise InvalidKError(
                 f"K must be from 1 to {MAX_K}, got {k}; pick a number in that range"
+            )
+        if k == 1 and head == "gn-hsigmoid":  # (GroupNorm(1, 1) of one logit: always 0)
+            raise InvalidKError(
+                "the gn-hsigmoid head normalises each sample's K logits together, so with K=1 "
+                "its attention is a constant: use K of 2 or more, or another head"
             )
         if init not in INITS:
             raise UnknownNameError(f"unknown init {init!r}; use one of: {', '.join(INITS)}")
@@ -288,9 +293,20 @@ class AttentiveNorm(nn.Module):
         """This site's evaluation-mode function as a :class:`~.folded.FoldedAttentiveNorm`:
         folded buffers, no per-call checks, for inference (``timm.utils.reparameterize_model``
         calls it); ``self`` where the site has no folded form (bases other than BatchNorm,
-        the ``avgmax`` pool, heads beyond two linear layers, no running statistics)."""
+        the ``avgmax`` pool, heads beyond two linear layers, no running statistics). A
+        training-mode site folds its evaluation too (its head's BatchNorm by its running
+        statistics), as ``fold_sites`` of a model not put in ``eval()`` does."""
         dims = _BN_INPUT_DIMS.get(self.base)
-        folded = None if dims is None else fold(self)
+        if dims is None:
+            return self
+        modes = [(m, m.training) for m in self.modules()]
+        try:  # (the flags alone, not train(): that would drop the site's cached plans)
+            for m, _ in modes:
+                m.training = False
+            folded = fold(self)
+        finally:
+            for m, mode in modes:
+                m.training = mode
         return self if folded is None else FoldedAttentiveNorm(self, dims, folded)
 
     def train(self, mode: bool = True) -> AttentiveNorm:
@@ -321,6 +337,7 @@ class AttentiveNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if traced_input(self, x):
             return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
+        check_channels(self, x, -1 if self.channels_last else 1)  # (the C kernels trust it)
         if not torch.jit.is_tracing() and not x.numel():  # nothing to attend to: the inner
             # norm's answer, or its error (a trace would bake the branch in: left out)
             return drop_act(self, self._modules["norm"](x))

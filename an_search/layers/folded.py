@@ -51,6 +51,23 @@ class _Derived:
     kernel: _Plan | None  # the CPU kernel's: float32/float64 maps on the CPU
 
 
+def check_channels(module: nn.Module, x: torch.Tensor, dim: int) -> None:
+    """Refuse an input whose channels (dimension ``dim``) are not the site's ``num_features``,
+    as torch's norms do: the CPU kernels take the buffers' sizes on trust (another count read
+    and wrote past them); a ``torch.jit.trace`` graph holds ATen ops only, which check it.
+
+    Raises:
+        RuntimeError: in the words of torch's convolutions.
+    """
+    if torch.jit.is_tracing():  # (the size is traced: the graph's own ops check it)
+        return
+    if x.dim() > 1 and x.shape[dim] != module.num_features:
+        raise RuntimeError(
+            f"{type(module).__name__} expected input with {module.num_features} channels, but "
+            f"got {x.shape[dim]} channels instead (an input of shape {tuple(x.shape)})"
+        )
+
+
 def drop_act(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``module``'s drop and activation (timm's ``*Act`` norms) applied to ``y``; skipped
     where they are ``nn.Identity``."""
@@ -85,6 +102,7 @@ class FoldedAttentiveNorm(nn.Module):
             return fx_leaf(self, x)  # torch.fx.symbolic_trace: one node, as BatchNorm2d is
         if x.dim() not in self.dims:
             raise ValueError(f"expected {' or '.join(map(str, self.dims))}D input (got {x.dim()}D)")
+        check_channels(self, x, 1)
         return drop_act(self, self._site(x))
 
     def _site(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,14 +132,15 @@ class FoldedAttentiveNorm(nn.Module):
             and all(map(operator.is_, self._buffers.values(), found.buffers))
         ):
             return found
-        tensors = self._tensors()
-        kernel = None
-        if x.is_cpu and dtype in NATIVE_DTYPES and library() is not None:
-            kernel = _Plan(None, *_spec(tensors, self.scalars, dtype))
-        found = _Derived(
-            dtype, x.device, tuple(self._buffers.values()),
-            device_plan(None, tensors, self.scalars, dtype), kernel,
-        )  # fmt: skip
+        with torch.inference_mode(False):  # (kept for later calls: no inference tensors,
+            tensors = self._tensors()  # which a call that autograd records could not save)
+            kernel = None
+            if x.is_cpu and dtype in NATIVE_DTYPES and library() is not None:
+                kernel = _Plan(None, *_spec(tensors, self.scalars, dtype))
+            found = _Derived(
+                dtype, x.device, tuple(self._buffers.values()),
+                device_plan(None, tensors, self.scalars, dtype), kernel,
+            )  # fmt: skip
         self.__dict__.setdefault(_CACHE, {})[dtype] = found
         return found
 

@@ -207,9 +207,10 @@ def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     ranked, seen = [], set()
     for row in rows:
-        if row["config_key"] not in seen:
-            seen.add(row["config_key"])
-            ranked.append(trials[row["number"]])
+        trial = trials[row["number"]]
+        if row["config_key"] not in seen and isinstance(trial.user_attrs.get("recipe"), dict):
+            seen.add(row["config_key"])  # (one added by hand without its recipe: not exportable)
+            ranked.append(trial)
     return ranked
 
 

@@ -303,7 +303,9 @@ def _param(key: str, raw: Any, kind: type, known: tuple[str, ...] | None) -> Par
 def _numeric(key: str, raw: Mapping[str, Any], typ: str) -> BaseDistribution:
     number = int if typ == "int" else (int, float)
     low, high = raw.get("low"), raw.get("high")
-    step = raw.get("step", 1 if typ == "int" else None)
+    step = raw.get("step")
+    if step is None and typ == "int":  # (left out, or null: Optuna's default)
+        step = 1
     log = raw.get("log", False)
     for attr, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, number):

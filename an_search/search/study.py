@@ -16,11 +16,9 @@ of it is waiting, running or finished (e.g. it was killed). They are trained in 
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +29,25 @@ from an_search._rng import kept_rng
 from an_search.errors import BudgetError, StorageError
 from an_search.input_size import check_input_fits
 from an_search.rewrite import find_sites
-from an_search.train import DataSpec, check_batches, resolve_data
-from an_search.train.config import MACHINE_SETTINGS
+from an_search.train import check_batches, resolve_data
 
 from ._files import make_dir
-from ._lock import sqlite_file, sqlite_writer_lock
+from ._lock import sqlite_writer_lock
+from ._open import open_study, study_storage_url
+from ._resume import check_same_data, check_same_search, data_summary
 from ._seeding import PerTrialSeedSampler
 from ._weights import check_same_weights, weights_summary
 from .build import build_model
-from .config import OBJECTIVES, SearchConfig, no_infinite_budget, parse_objectives
+from .config import OBJECTIVES, SearchConfig, parse_objectives
 from .objective import TRIAL_ERRORS, Objective
 from .report import check_report_dir
 from .sampling import BASELINES, check_space, enqueue_baselines
 from .space import SearchSpace, load_space
 from .storage import (
     DEFAULT_DB_NAME,
-    DEFAULT_JOURNAL_NAME,
     check_sqlite_writer,
     count_trials,
     fail_dead_worker_trials,
-    hide_password,
     open_storage,
     resolve_storage_url,
 )
@@ -128,9 +125,9 @@ def create_or_load_study(
     directions = [OBJECTIVES[o][1] for o in objectives]
     study = _open_or_create(storage or open_storage(url), name, directions)
     check_sqlite_writer(study)
-    _check_same_search(study, cfg, objectives, space)
+    check_same_search(study, cfg, objectives, space)
     weights = weights_summary(cfg.checkpoint)
-    _check_same_data(study, data)  # (what the study's creator stored: workers joining it
+    check_same_data(study, data)  # (what the study's creator stored: workers joining it
     check_same_weights(study, weights)  # while its trials still wait are checked too)
     trials = study.get_trials(deepcopy=False)
     if all(t.state == TrialState.WAITING for t in trials):
@@ -283,75 +280,6 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def study_storage_url(storage: str | Path) -> str:
-    """The storage that :func:`open_study` reads ``storage`` as: a URL or journal file path.
-
-    Raises:
-        StorageError: a run directory without a study file, or a storage file that is missing.
-    """
-    path = Path(storage)
-    if "://" not in str(storage) and path.is_dir():
-        files = [path / n for n in (DEFAULT_DB_NAME, DEFAULT_JOURNAL_NAME) if (path / n).is_file()]
-        if not files:
-            raise StorageError(f"run directory holds no {DEFAULT_DB_NAME}: {path}")
-        storage = files[0]
-    url = resolve_storage_url(storage, ".")
-    file = Path(url) if "://" not in url else sqlite_file(url)  # (a URL's ?query, %20 read)
-    if file is not None:
-        if not file.is_file():
-            raise StorageError(f"storage file must exist to read a study: {file}")
-        if "://" in url and not _has_optuna_tables(file):
-            raise _no_study(storage)  # (before Optuna makes it a database)
-    return url
-
-
-def _no_study(storage: str | Path) -> StorageError:
-    return StorageError(
-        f"storage {hide_password(str(storage))!r} holds no study: give the storage of one that "
-        "`an-search run` made"
-    )
-
-
-def _has_optuna_tables(file: Path) -> bool:
-    """Whether a SQLite file holds Optuna's tables, read without writing: True for a file that
-    is no database (:func:`open_storage` says what it is), False for an empty one."""
-    try:
-        with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'studies'").fetchone()
-    except sqlite3.Error:
-        return True
-    return found is not None
-
-
-def open_study(storage: str | Path, study_name: str | None = None) -> optuna.Study:
-    """Load an existing study for reports: a storage URL/file, or a run directory.
-
-    Args:
-        storage: URL, journal or SQLite file, or a run directory holding ``study.db``
-            (or ``study.log``).
-        study_name: needed only when the storage holds several studies.
-
-    Raises:
-        StorageError: nothing to open, no such study, or several studies and no name.
-    """
-    backend = open_storage(study_storage_url(storage))
-    names = optuna.get_all_study_names(backend)
-    if not names:
-        raise _no_study(storage)
-    if study_name is None:
-        if len(names) != 1:
-            raise StorageError(
-                f"storage holds {len(names)} studies, so a study name is needed (--study-name): "
-                f"{', '.join(map(repr, names))}"
-            )
-        study_name = names[0]
-    if study_name not in names:
-        raise StorageError(
-            f"no study of that name in the storage ({', '.join(map(repr, names))}): {study_name!r}"
-        )
-    return optuna.load_study(study_name=study_name, storage=backend)
-
-
 def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | None:
     """The count of trials at which this call's workers stop (None: no count).
 
@@ -368,98 +296,6 @@ def trial_limit(study: optuna.Study, cfg: SearchConfig, *, join: bool) -> int | 
     limit = count_trials(study.get_trials(deepcopy=False), waiting=False) + cfg.n_trials
     study.set_user_attr("target_trials", limit)
     return limit
-
-
-#: Settings a trial's result depends on beyond the model and objectives (``train.*``: the proxy
-#: training's); a resumed study must keep them. Paths (data, checkpoint) and the device, threads
-#: and loader workers may differ, e.g. on another machine. The budgets too: the stored trials
-#: were judged by the study's, and another would rank (and export) trials over it.
-_SAME_SETTINGS = ("cost_img_size", "latency_runs", "max_params", "max_macs", "max_latency_ms")
-
-
-def _check_same_search(
-    study: optuna.Study, cfg: SearchConfig, objectives: tuple[str, ...], space: SearchSpace
-) -> None:
-    """A resumed study must be the same search (else its trials do not compare)."""
-    trials = study.get_trials(deepcopy=False)  # (first: a creator writes settings, then trials)
-    attrs = study.user_attrs
-    expected = [OBJECTIVES[o][1] for o in objectives]
-    directions = [d.name.lower() for d in study.directions]
-    if "model" not in attrs or "objectives" not in attrs:  # (no settings, or half of them: an
-        # empty study made elsewhere, or one whose creator was killed, is taken if it fits)
-        if trials:
-            raise StorageError(
-                f"study {study.study_name!r} holds {len(trials)} trials but no an-search settings "
-                "(another tool made it): use another study name (--study-name)"
-            )
-        if directions != expected:
-            goals = ", ".join(f"{d}s {o}" for d, o in zip(expected, objectives, strict=True))
-            raise StorageError(
-                f"study {study.study_name!r} was made to {'/'.join(directions)}, this search "
-                f"{goals}: use another study name (--study-name)"
-            )
-        return
-    if attrs["model"] != cfg.model or tuple(attrs["objectives"]) != objectives:
-        raise StorageError(
-            f"study {study.study_name!r} searches {attrs['model']} for "
-            f"{','.join(attrs['objectives'])}; resume it with the same model and objectives or "
-            f"use another study name: {cfg.model} for {','.join(objectives)}"
-        )
-    stored, given = attrs.get("config"), json.loads(json.dumps(cfg.to_dict()))
-    if not isinstance(stored, dict):
-        return
-    # (a setting the study's version did not store yet is not compared)
-    pairs = [(k, no_infinite_budget(k, stored[k]), given[k]) for k in _SAME_SETTINGS if k in stored]
-    train = stored.get("train") or {}
-    pairs += [
-        (f"train.{k}", train[k], v)
-        for k, v in given["train"].items()
-        if k in train and k not in MACHINE_SETTINGS
-    ]
-    old_space = attrs.get("space") or {}
-    pairs.append(("space", old_space.get("name"), space.name))
-    pairs.append(("the space file's text", old_space.get("text"), space.text))
-    for key, old, new in pairs:
-        if old != new:
-            shown = (old, new) if key != "the space file's text" else ("one text", "another")
-            raise StorageError(
-                f"study {study.study_name!r} was run with {key} {shown[0]!r}, this call has "
-                f"{shown[1]!r}: resume it with the same settings, or start another study "
-                "(--study-name or --output)"
-            )
-
-
-def data_summary(data: DataSpec, train_images: int, val_images: int) -> dict[str, Any]:
-    """What a study's trials train on, path aside (the data may move to another machine)."""
-    return {
-        "classes": list(data.class_names) or data.num_classes,
-        "train_images": train_images,
-        "validation_images": val_images,
-    }
-
-
-def _check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
-    """A resumed study must train on the same data: trials on other data do not compare."""
-    stored = study.user_attrs.get("data")
-    if data is None or not isinstance(stored, dict):
-        return  # (a study from before the data was stored is not compared)
-    if json.loads(json.dumps(data)) == stored:
-        return
-    raise StorageError(
-        f"study {study.study_name!r} was run on {_describe_data(stored)}, this call's data has "
-        f"{_describe_data(data, stored)}: give --data the same images (their path may differ), "
-        "or run other data as another study (an-search run --study-name or --output)"
-    )
-
-
-def _describe_data(data: dict[str, Any], other: dict[str, Any] | None = None) -> str:
-    classes, theirs = data.get("classes"), (other or {}).get("classes")
-    count = len(classes) if isinstance(classes, list) else classes
-    renamed = isinstance(theirs, list) and len(theirs) == count and classes != theirs
-    return (
-        f"{count} classes{' (other names)' if renamed else ''}, {data.get('train_images')} "
-        f"training and {data.get('validation_images')} validation images"
-    )
 
 
 def _sampler_pruner(

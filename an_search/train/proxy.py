@@ -37,7 +37,7 @@ from an_search.train.config import MACHINE_SETTINGS, TrainConfig, TrainResult
 from an_search.train.data import DataSpec
 from an_search.train.loaders import create_loaders
 
-__all__ = ["OnEpoch", "Progress", "check_same_run", "proxy_train"]
+__all__ = ["OnEpoch", "Progress", "check_same_processes", "check_same_run", "proxy_train"]
 
 OnEpoch = Callable[[int, float, float], bool]
 Progress = Callable[[int, int], None]
@@ -206,11 +206,13 @@ def proxy_train(
         if state is not None:
             check_same_settings(cfg, state.get("config", {}))
             check_same_run(cfg.checkpoint_dir, state.get("run"), run)
+            check_same_processes(cfg.checkpoint_dir, state.get("processes"), world)
             try:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                if ema is not None and state.get("ema"):
-                    ema.module.load_state_dict(state["ema"])
+                saved_ema = state.get("model_ema") or state.get("ema")  # (before: "ema")
+                if ema is not None and saved_ema:
+                    ema.module.load_state_dict(saved_ema)
             except (RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointError(
                     f"checkpoint in {cfg.checkpoint_dir} does not match this model or optimizer "
@@ -273,20 +275,20 @@ def proxy_train(
             history.append(record)
 
             if cfg.checkpoint_dir is not None and rank == 0:
-                save_checkpoint(
-                    cfg.checkpoint_dir,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                        "ema": ema.module.state_dict() if ema is not None else {},
-                        "epoch": epoch,
-                        "num_updates": num_updates,
-                        "history": history,
-                        "config": asdict(cfg),
-                        "run": None if run is None else json.dumps(run, sort_keys=True),
-                    },
-                )
+                saved = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "epoch": epoch,
+                    "num_updates": num_updates,
+                    "history": history,
+                    "config": asdict(cfg),
+                    "processes": world,
+                    "run": None if run is None else json.dumps(run, sort_keys=True),
+                }
+                if ema is not None:  # (timm's key: its loaders, an-convert's too, take the EMA)
+                    saved["model_ema"] = ema.module.state_dict()
+                save_checkpoint(cfg.checkpoint_dir, saved)
             if on_epoch is not None and on_epoch(epoch, top1, top5):
                 if epoch < cfg.epochs:
                     stopped_early = f"on_epoch asked to stop after epoch {epoch}"
@@ -316,6 +318,26 @@ def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any]) -> None:
                 f"checkpoint in {cfg.checkpoint_dir} has {key}={saved[key]!r}, "
                 f"not {getattr(cfg, key)!r}; use the same setting or delete it"
             )
+
+
+def check_same_processes(
+    directory: str | os.PathLike[str] | None, saved: Any, processes: int
+) -> None:
+    """Refuse to resume a checkpoint saved by a run of another process count (``saved``; None:
+    from before this was stored, not compared): the global batch, the learning rate (scaled
+    with it) and each process's share of the data follow it, so the resumed epochs would
+    train neither run's schedule.
+
+    Raises:
+        CheckpointError: the counts differ.
+    """
+    if saved is None or int(saved) == processes:
+        return
+    raise CheckpointError(
+        f"checkpoint in {directory} was saved by a run of {saved} processes, this one has "
+        f"{processes} (the global batch and the learning rate scale with them): resume with "
+        f"nproc={saved}, or delete it to start over"
+    )
 
 
 def check_same_run(

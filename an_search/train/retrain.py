@@ -22,12 +22,19 @@ from an_search.errors import TrainConfigError
 from an_search.input_size import check_input_fits
 from an_search.layers.attentive_norm import INITS
 from an_search.models import create_model
-from an_search.rewrite import Recipe, save
+from an_search.rewrite import Recipe, read_recipe, save
 
 from .checkpoint import check_writable, load_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import DataSpec
-from .proxy import OnEpoch, Progress, check_same_run, check_same_settings, proxy_train
+from .proxy import (
+    OnEpoch,
+    Progress,
+    check_same_processes,
+    check_same_run,
+    check_same_settings,
+    proxy_train,
+)
 
 __all__ = ["RetrainRun", "retrain"]
 
@@ -71,7 +78,7 @@ def _build(recipe: Recipe, *, converted: bool, checkpoint: str | None, seed: int
 
 
 def retrain(
-    recipe: Recipe,
+    recipe: Recipe | str | os.PathLike[str],
     data: DataSpec,
     cfg: TrainConfig,
     out_dir: str | os.PathLike[str],
@@ -86,7 +93,8 @@ def retrain(
     """Train the recipe's model (and optionally the unconverted one) on the full schedule.
 
     Args:
-        recipe: what to build (``an_search.rewrite.Recipe``; the classifier follows ``data``).
+        recipe: what to build (``an_search.rewrite.Recipe``, or its ``recipe.json`` or a folder
+            holding one; the classifier follows ``data``).
         data: the dataset.
         cfg: the schedule; its ``checkpoint_dir`` is replaced by ``out_dir/<name>``.
         out_dir: run directory; ``an/`` and ``baseline/`` hold each run's checkpoints.
@@ -111,6 +119,8 @@ def retrain(
     Raises:
         TrainConfigError: ``nproc`` below 1, or a setting of ``cfg`` out of range.
     """
+    if not isinstance(recipe, Recipe):
+        recipe = read_recipe(recipe)
     with kept_rng():
         return _retrain(
             recipe, data, cfg, out_dir, baseline=baseline, checkpoint=checkpoint, init=init,
@@ -161,9 +171,13 @@ def _retrain(
                 # (here, not in training: under torchrun a rank would find it, after the start)
                 check_same_settings(run_cfg, saved.get("config", {}))
                 check_same_run(run_dir, saved.get("run"), run)
-        for run_dir, run_cfg, converted, final, run in plans:
+                check_same_processes(run_dir, saved.get("processes"), nproc)
+        models = []  # (all built first: the baseline's weights may not load, e.g. a saved AN
+        for _, _, converted, _, _ in plans:  # model's, found before the AN run trains)
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
             check_input_fits(model, (data.in_chans, cfg.img_size, cfg.img_size))
+            models.append(model)
+        for (run_dir, run_cfg, _, final, run), model in zip(plans, models, strict=True):
             params = sum(p.numel() for p in model.parameters())
             if nproc > 1:
                 from .distributed import train_distributed

@@ -56,6 +56,8 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     more = json.loads(stdout)["exported"]  # the trials with AN: the paper's, the sampled one
     assert more[0] == exported and 1 <= len(more) <= 2
     assert f"note: {len(more)} of the 5 asked for" in err
+    (paper,) = [Path(m).name for m in more if Path(m).name.endswith("_trial1")]  # (it ranks)
+    assert err.rstrip().endswith(f"; {paper} is the paper placement's baseline trial")
     winner = an_search.rewrite.read_recipe(recipe_dir)
 
     # the winner into an ImageNet-size model, as an-convert: the searched sites, K and heads
@@ -75,10 +77,9 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     assert saved.sites == winner.sites and saved.model_kwargs["num_classes"] == 1000
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
-    code, stdout, err = run(
-        "retrain", str(recipe_dir), *TINY, "--baseline", "--output", str(tmp_path / "rt"),
-        "--json", "--quiet",
-    )  # fmt: skip
+    retrain = ["retrain", str(recipe_dir), *TINY, "--baseline", "--output", str(tmp_path / "rt"),
+               "--ema", "0.5"]  # fmt: skip
+    code, stdout, err = run(*retrain, "--json", "--quiet")
     assert code == 0, err
     runs = json.loads(stdout)["runs"]
     assert [r["run"] for r in runs] == ["an", "baseline"]
@@ -86,6 +87,15 @@ def test_run_report_export_retrain(tmp_path: Path) -> None:
     model, recipe = an_search.load(runs[0]["model_dir"])
     assert len(recipe.sites) > 0
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    from an_search.train import load_checkpoint
+
+    for r in runs:  # the EMA's top-1 too (before: only in last.pth)
+        assert (
+            r["ema_top1"] == load_checkpoint(tmp_path / "rt" / r["run"])["history"][-1]["ema_top1"]
+        )
+    code, stdout, err = run(*retrain, "--resume")  # (nothing left to train: the table)
+    assert code == 0, err
+    assert "EMA top1" in stdout and f"{runs[0]['ema_top1']:.2f}" in stdout
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ mixture is an einsum over K.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -274,6 +275,39 @@ def test_invalid_arguments_raise() -> None:
     ]:
         with pytest.raises(UnknownNameError, match=match):
             AttentiveNorm(C, K, **kwargs)
+
+
+@pytest.mark.parametrize("channels", [C - 2, C + 8])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-channels-last", "folded"])
+def test_another_channel_count_is_refused_as_torchs_norms_do(channels: int, mode: str) -> None:
+    """Every path checks the channels before a kernel runs (before: the CPU kernels took the
+    buffers' sizes on trust: garbage out, or a heap corrupted and the process aborted)."""
+    an = AttentiveNorm(C, K)
+    x = torch.randn(3, channels, 5, 5, requires_grad=mode == "train")
+    if mode != "train":
+        an = an.eval()
+        x = x.contiguous(memory_format=torch.channels_last) if mode != "eval" else x
+    site = an.fuse() if mode == "folded" else an
+    name = "FoldedAttentiveNorm" if mode == "folded" else "AttentiveNorm"
+    with torch.no_grad() if mode != "train" else contextlib.nullcontext():
+        with pytest.raises(RuntimeError, match=rf"^{name} expected input with {C} channels, but "
+                           rf"got {channels} channels instead \(an input of shape "):  # fmt: skip
+            site(x)
+    ln = AttentiveNorm(C, K, base="layernorm")  # (B, *, C): the last dimension
+    with pytest.raises(RuntimeError, match=f"got {channels} channels instead"):
+        ln(torch.randn(2, 3, channels))
+    assert ln(torch.randn(2, 3, C)).shape == (2, 3, C)
+
+
+def test_a_gn_hsigmoid_head_needs_two_components() -> None:
+    """GroupNorm(1, K) over one logit is 0 whatever the input (and torch refuses it on a batch
+    of one): refused at K=1, with the way out; K=2 works."""
+    with pytest.raises(InvalidKError, match="gn-hsigmoid head .* K=1 .*K of 2 or more"):
+        AttentiveNorm(C, 1, head="gn-hsigmoid")
+    an = AttentiveNorm(C, 2, head="gn-hsigmoid").eval()
+    x = torch.randn(1, C, 5, 5, requires_grad=True)
+    an(x).sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))

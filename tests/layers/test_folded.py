@@ -136,6 +136,59 @@ def test_pickles_copies_and_traces() -> None:
     torch.testing.assert_close(traced(x2), expected2, **TOL[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the map's size is traced)
+def test_a_traced_or_exported_site_takes_a_single_position_as_eager_does() -> None:
+    """A 1x1 map (meanstd: variance 0 for one value) through a graph traced or exported on a
+    5x5 one: the size stays an expression (before: the trace's n > 1 branch was baked in,
+    and the unbiased variance of one value made every output NaN)."""
+    folded = trained(AttentiveNorm(8, 4), torch.float32).fuse()
+    one, example = torch.randn(2, 8, 1, 1), torch.randn(2, 8, 5, 5)
+    dim = torch.export.Dim
+    shapes = ({2: dim("h", min=1, max=64), 3: dim("w", min=1, max=64)},)
+    tol = {torch.float32: TOL[torch.float32], torch.float16: {"atol": 2e-3, "rtol": 2e-3}}
+    with torch.no_grad():
+        for dtype in tol:  # (float16: moments of its own)
+            one, example = one.to(dtype), example.to(dtype)
+            expected = folded(one)
+            assert expected.isfinite().all()
+            traced = torch.jit.trace(folded, example)
+            exported = torch.export.export(folded, (example,), dynamic_shapes=shapes).module()
+            for graph in (traced, exported):
+                torch.testing.assert_close(graph(one), expected, **tol[dtype])
+                torch.testing.assert_close(graph(example), folded(example), **tol[dtype])
+
+
+def test_a_first_call_under_inference_mode_leaves_autograd_calls_working() -> None:
+    """What a call derives and keeps is made outside inference mode (before: inference tensors,
+    which a later call that autograd records cannot save for backward)."""
+    an = trained(AttentiveNorm(8, 4), torch.float32)
+    folded = an.fuse()
+    x = torch.randn(2, 8, 4, 4)
+    with torch.inference_mode():
+        first = folded(x)
+    xg = x.clone().requires_grad_()
+    y = folded(xg)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), first, **TOL[torch.float32])
+    xr = x.clone().requires_grad_()
+    _reference(an, xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", FOLDED_HEADS)
+def test_a_training_site_folds_its_evaluation(head: str) -> None:
+    """``fuse()`` of a site left in training mode folds what ``eval()`` would compute, for
+    every head (before: heads with a BatchNorm1d stayed unfolded, the others folded) and
+    leaves the site's modes as they were."""
+    an = trained(AttentiveNorm(8, 4, head=head), torch.float32).train()
+    folded = an.fuse()
+    assert isinstance(folded, FoldedAttentiveNorm)
+    assert all(m.training for m in an.modules())
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), an.eval()(x), **TOL[torch.float32])
+
+
 def test_timm_reparameterize_model_folds_every_site() -> None:
     """``timm.utils.reparameterize_model`` (a copy) puts a FoldedAttentiveNorm at every site of a
     converted model, which then computes the model's evaluation; the original is untouched."""

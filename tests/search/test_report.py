@@ -186,6 +186,21 @@ def test_export_top_writes_loadable_recipes(study: optuna.Study, tmp_path: Path)
     assert export_top(study, 1, tmp_path / "one")[0].name == "rank1_trial2"
 
 
+def test_a_hand_added_trial_without_its_recipe_is_not_exported(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """A trial added by hand with a top-1 and sites but no recipe ranks nowhere (before:
+    export failed on it with KeyError 'recipe'); the others export as without it."""
+    other = optuna.create_study(direction="maximize", study_name="handmade")
+    for t in study.get_trials():
+        other.add_trial(t)
+    other.add_trial(_trial({"n_sites": 3, "config_key": "x"}, value=99.0))
+    assert max(r["top1"] or 0 for r in study_table(other)) == 99.0
+    assert [d.name for d in export_top(other, 3, tmp_path / "top")] == [
+        "rank1_trial2", "rank2_trial1", "rank3_trial3",
+    ]  # fmt: skip
+
+
 def test_dashboard_command_quotes() -> None:
     assert (
         dashboard_command("sqlite:///a b/study.db") == "optuna-dashboard 'sqlite:///a b/study.db'"

@@ -135,6 +135,17 @@ def test_bad_files(tmp_path: Path) -> None:
         load_space("no-such-space")
 
 
+def test_a_null_step_is_the_default_one() -> None:
+    """YAML's ``step: null`` (or ``~``) as left out: step 1 for an int (before: an internal
+    TypeError from ``(high - low) % None``)."""
+    k = {"type": "int", "low": 2, "high": 8}
+    assert parse_space({"k": {**k, "step": None}}) == parse_space({"k": k})
+    assert parse_space({"k": {**k, "step": None}}).k.dist.step == 1
+    assert parse_space({"k": {"per_stage": [{**k, "step": None}] * 4}}) == parse_space(
+        {"k": {"per_stage": [k] * 4}}
+    )
+
+
 def test_sample_recipe_presets(report) -> None:
     space = parse_space(
         {

@@ -135,6 +135,51 @@ def test_resume_refuses_any_setting_the_result_depends_on(
         proxy_train(_model(), spec, TrainConfig(**base, **change, resume=True))
 
 
+def test_resume_refuses_a_checkpoint_of_another_process_count(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    """The global batch and the lr (scaled with it) follow the processes: a checkpoint that two
+    torchrun processes saved, resumed by one, would go on at twice this run's lr (the resumed
+    scheduler's) and half its batch; before, nothing was stored to notice it by."""
+    from an_search.train.checkpoint import save_checkpoint
+
+    spec, ckpt = resolve_data(tiny_root), str(tmp_path)
+    base = {"epochs": 2, "batches_per_epoch": 1, "batch_size": 16, "checkpoint_dir": ckpt}
+    proxy_train(_model(), spec, TrainConfig(**base, threads=1), on_epoch=lambda *a: True)
+    saved = load_checkpoint(ckpt)
+    assert saved["processes"] == 1
+    save_checkpoint(ckpt, {**saved, "processes": 2})
+    with pytest.raises(CheckpointError, match=r"saved by a run of 2 processes, this one has 1 "):
+        proxy_train(_model(), spec, TrainConfig(**base, threads=1, resume=True))
+    save_checkpoint(ckpt, {k: v for k, v in saved.items() if k != "processes"})  # (older)
+    assert len(proxy_train(_model(), spec, TrainConfig(**base, resume=True)).history) == 2
+
+
+def test_an_ema_is_saved_where_timms_loaders_take_it(tiny_root: Path, tmp_path: Path) -> None:
+    """timm's key (``model_ema``): ``an-convert --checkpoint last.pth`` loads the EMA, as it
+    does a timm training checkpoint's (before: under "ema", which no loader knew, so the raw
+    weights were taken without a word); a resume restores it."""
+    from an_search.models import read_checkpoint
+
+    spec, ckpt = resolve_data(tiny_root), str(tmp_path)
+    base = {"epochs": 2, "batches_per_epoch": 2, "batch_size": 16, "threads": 1}
+    straight = proxy_train(_model(), spec, TrainConfig(**base, ema_decay=0.5))
+    cut = TrainConfig(**base, ema_decay=0.5, checkpoint_dir=ckpt)
+    proxy_train(_model(), spec, cut, on_epoch=lambda *a: True)
+    saved = load_checkpoint(ckpt)
+    read = read_checkpoint(tmp_path / "last.pth")
+    assert read.keys() == saved["model_ema"].keys()
+    assert all(torch.equal(read[k], saved["model_ema"][k]) for k in read)
+    differ = [k for k in read if not torch.equal(read[k], saved["model"][k])]
+    assert differ  # (the EMA is not the raw weights)
+    resume = TrainConfig(**base, ema_decay=0.5, checkpoint_dir=ckpt, resume=True)
+    resumed = proxy_train(_model(seed=1), spec, resume)
+    assert resumed.history[1]["ema_top1"] == straight.history[1]["ema_top1"]
+    plain = str(tmp_path / "plain")
+    proxy_train(_model(), spec, TrainConfig(**base, checkpoint_dir=plain))
+    assert "model_ema" not in load_checkpoint(plain)  # (timm would take an empty one)
+
+
 def test_corrupt_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="delete it"):

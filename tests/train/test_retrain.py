@@ -71,6 +71,38 @@ def test_retrain_from_weights_starts_an_as_the_norm_it_replaces(tmp_path: Path) 
     assert saved.init == "preserve" and saved.sites == recipe.sites
 
 
+def test_a_baseline_its_weights_do_not_fit_is_refused_before_the_an_run_trains(
+    tmp_path: Path,
+) -> None:
+    """--baseline with a saved AN model's weights: the unconverted model cannot load them, found
+    before any training (before: after the whole AN run had trained)."""
+    import an_search
+    from an_search.errors import CheckpointError
+
+    saved = an_search.convert("resnet10t", placement="paper", num_classes=10, cost=False)
+    an_search.save(saved.model, saved.recipe, tmp_path / "an")
+    steps: list[int] = []
+    with pytest.raises(CheckpointError, match="holds AttentiveNorm sites"):
+        retrain(
+            saved.recipe, resolve_data(None), _cfg(), tmp_path / "out", baseline=True,
+            checkpoint=str(tmp_path / "an" / "model.safetensors"),
+            progress=lambda done, total: steps.append(done),
+        )  # fmt: skip
+    assert steps == [] and not (tmp_path / "out").exists()
+
+
+def test_a_recipe_file_is_taken_for_its_recipe(tmp_path: Path) -> None:
+    """retrain and convert_recipe take a recipe's file or folder, as the CLI does (before:
+    AttributeError: 'str' object has no attribute 'init')."""
+    import an_search
+
+    first = an_search.convert("resnet10t", placement="paper", num_classes=10, cost=False)
+    an_search.save(first.model, first.recipe, tmp_path / "an")
+    assert an_search.convert_recipe(str(tmp_path / "an"), cost=False).recipe == first.recipe
+    (run,) = retrain(tmp_path / "an" / "recipe.json", resolve_data(None), _cfg(), tmp_path / "o")
+    assert load(run.model_dir)[1].sites == first.recipe.sites
+
+
 def test_a_vit_recipe_retrains_at_the_size_it_is_given(tmp_path: Path) -> None:
     """A ViT searched at 32 px retrained at 48 px: built at 48 (its position embeddings), and
     the saved recipe says so, so that load() rebuilds what was trained."""
@@ -131,6 +163,11 @@ def test_resume_of_another_recipes_checkpoints_is_refused(nproc: int, tmp_path: 
     faster = dataclasses.replace(resume, lr=2 * resume.lr)  # (found before torchrun starts)
     with pytest.raises(CheckpointError, match=r"^checkpoint in .*/an has lr=0.4, not 0.8; use"):
         retrain(first, data, faster, tmp_path, nproc=nproc)
+    other_count = 3 - nproc  # (found before torchrun starts, as before any training)
+    with pytest.raises(
+        CheckpointError, match=rf"saved by a run of {nproc} processes, this one has {other_count} "
+    ):
+        retrain(first, data, resume, tmp_path, nproc=other_count)
     again = retrain(first, data, resume, tmp_path, nproc=nproc)[0]
     assert again.result.history == done.result.history
 
