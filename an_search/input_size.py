@@ -65,6 +65,11 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
+#: What a forward raises on an input it cannot take: torch's RuntimeError, and the asserts and
+#: indexing of timm's models built for other grids (Twins, NesT, MaxViT, MViTv2).
+SHAPE_ERRORS = (RuntimeError, AssertionError, IndexError)
+
+
 def input_error(
     model: nn.Module,
     input_size: Sequence[int],
@@ -84,7 +89,7 @@ def input_error(
             f"a batch of {batch} at {side} needs more memory than this machine has ({reason}): "
             "give a smaller --img-size"
         )
-    if not isinstance(exc, RuntimeError):
+    if not isinstance(exc, SHAPE_ERRORS):
         return None
     too_small = input_too_small(model, input_size, exc)
     cfg = getattr(model, "pretrained_cfg", None)

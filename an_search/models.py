@@ -88,11 +88,14 @@ def create_model(
                 model = timm.create_model(name, pretrained=False, **opts)
         else:
             model = timm.create_model(name, pretrained=False, **opts)
-    except (TypeError, ValueError) as exc:  # options the model's constructor does not take
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    except (TypeError, ValueError, AssertionError, IndexError) as exc:  # options the model's
+        # constructor does not take, or a size its grids cannot have (Twins, NesT: asserts)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
+        given = kwargs or opts
+        if img_size is not None:
+            given = {**given, "img_size": img_size}
         raise ModelConfigError(
-            f"timm cannot build {name!r} with {kwargs or opts} ({reason}): drop or fix these "
-            "options"
+            f"timm cannot build {name!r} with {given} ({reason}): drop or fix these options"
         ) from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, new_classifier=num_classes is not None)
@@ -317,14 +320,20 @@ def _input_channels(
     state: Mapping[str, torch.Tensor],
     skip: Collection[str],
 ) -> int | None:
-    """The checkpoint's input channels, when they are all it differs in (its first convs;
-    ``skip``: keys the model may have that ``state`` need not)."""
+    """The checkpoint's input channels (the image's), when they are all it differs in (its
+    first convs; ``skip``: keys the model may have that ``state`` need not)."""
     shapes = {k: v.shape for k, v in state.items()}
     keys = _channel_mismatches(model, own, state)
     chans = {int(shapes[k][1]) for k in keys}
     shapes.update({k: own[k].shape for k in keys})
     fits = not describe_mismatch(shapes, own, skip=skip)
-    return chans.pop() if len(chans) == 1 and fits else None
+    if len(chans) != 1 or not fits:
+        return None
+    from timm.layers import SpaceToDepth  # (TResNet's stem: the conv takes block**2 times the
+
+    # image's channels, in the order it folds them)
+    folds = [m.bs**2 for m in model.modules() if isinstance(m, SpaceToDepth)]
+    return chans.pop() // (folds[0] if folds else 1)
 
 
 def _as_timm_loads(

@@ -57,6 +57,19 @@ def test_a_space_to_depth_stem_counts_the_images_channels(in_chans: int, tmp_pat
         torch.testing.assert_close(loaded.eval()(x), result.model.eval()(x), rtol=0, atol=0)
 
 
+def test_a_space_to_depth_checkpoints_channels_are_named_as_the_images(tmp_path: Path) -> None:
+    """A TResNet checkpoint of 3-channel images into a 1-channel model: the hint names the
+    image's channels (before: in_chans=48, its conv's, which fails the same way again)."""
+    from an_search.errors import CheckpointError
+    from an_search.models import create_model
+
+    ckpt = tmp_path / "t.safetensors"
+    net = timm.create_model("tresnet_m", pretrained=False, num_classes=10)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt))
+    with pytest.raises(CheckpointError, match=r"; pass in_chans=3 \(the checkpoint's input"):
+        create_model("tresnet_m", num_classes=10, in_chans=1, checkpoint=ckpt)
+
+
 def test_converting_a_converted_model_keeps_its_sites(tmp_path: Path) -> None:
     net = an_search.convert("resnet10t", placement="paper", head="mlp", cost=False).model
     first = {n: (m.k, m.head_name) for n, m in net.named_modules() if isinstance(m, AttentiveNorm)}

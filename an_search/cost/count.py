@@ -27,7 +27,7 @@ from torch import nn
 
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
-from an_search.input_size import input_error
+from an_search.input_size import SHAPE_ERRORS, input_error
 from an_search.layers import AttentiveNorm
 
 from .handles import Handle, extra_handles
@@ -176,7 +176,7 @@ def count_cost(
             analysis.set_op_handle(**{op: scope.wrap(h) for op, h in extra_handles().items()})
             macs = int(analysis.total())
             flop_counter_macs = _flop_counter_macs(model, x)
-    except RuntimeError as exc:  # (torch.OutOfMemoryError is one)
+    except SHAPE_ERRORS as exc:  # (torch.OutOfMemoryError is one)
         # the input's fault if too large or too small for any model, or, for a model without AN
         # (its cost is counted first), a size it cannot take; else a bug, shown as it is
         error = input_error(model, tuple(input_size), exc, batch=batch_size, plain=not an_names)

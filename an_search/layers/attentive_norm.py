@@ -395,7 +395,11 @@ class AttentiveNorm(nn.Module):
         ):
             return None
         plan = eval_plan(self, x.dtype)  # None also without the C kernels
-        return None if plan is None else plan.run(x)
+        if plan is None:
+            return None
+        if not x.is_contiguous() and not channels_last_map(x):
+            x = x.contiguous()  # (a slice, a permute: as the folded site, the kernel's layout)
+        return plan.run(x)
 
     def _compiled_native_eval(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
         """Under torch.compile: the folded site as ``an_search::eval_site`` (contiguous maps);
@@ -406,10 +410,8 @@ class AttentiveNorm(nn.Module):
 
     def _native_eval_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> bool:
         """The checks of a CPU ``x`` shared by the eager and compiled native eval: dtype, rank,
-        layout (contiguous or channels-last), not empty, and no autograd recording."""
+        not empty, and no autograd recording (the layout: each its own)."""
         if x.dtype not in NATIVE_DTYPES or x.dim() not in dims:
-            return False
-        if not x.is_contiguous() and not channels_last_map(x):
             return False
         if x.numel() == 0:
             return False

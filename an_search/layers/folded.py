@@ -14,7 +14,8 @@ it, does too (and fuses timm's own reparameterizable blocks)::
 Its buffers are :func:`~._eval_plan.fold`'s float64 tensors (the head's linear layers with
 their BatchNorm1d folded in, the mixtures with the site's running statistics folded in); it
 computes the evaluation-mode function of the AttentiveNorm it came from, in any mode, with the
-same CPU kernel (float32/float64 maps on the CPU, contiguous or channels-last) or the same
+same CPU kernel (float32/float64 maps on the CPU; other layouts, a slice or a permute, are
+made contiguous first, as the site's are) or the same
 folded ops (other devices and dtypes, autograd recording through ``x``, graph capture and
 tracing). What it derives from the buffers for a dtype is kept and rebuilt when a buffer is
 replaced (``.to()``, ``.half()``, ``.cuda()``) or a state dict is loaded; an in-place edit of
@@ -115,7 +116,9 @@ class FoldedAttentiveNorm(nn.Module):
             return torch.empty_like(x)
         derived = self._derived(x)
         kernel = derived.kernel
-        if kernel is not None and x.dtype == derived.dtype and _kernel_input(x):
+        if kernel is not None and x.dtype == derived.dtype and not recording(x):
+            if not x.is_contiguous() and not channels_last_map(x):
+                x = x.contiguous()  # (a slice, a permute: the kernel's layout, as the site's)
             return kernel.run(x)
         return run_device_plan(derived.ops, x)
 
@@ -182,9 +185,3 @@ def _traced(x: torch.Tensor) -> bool:
         or torch.compiler.is_compiling()
         or bool(torch._C._len_torch_dispatch_stack())
     )
-
-
-def _kernel_input(x: torch.Tensor) -> bool:
-    """A map the CPU kernel takes as it is: contiguous or channels-last, and no autograd
-    recording through it (the kernel has no backward)."""
-    return not recording(x) and (x.is_contiguous() or channels_last_map(x))

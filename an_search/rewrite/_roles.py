@@ -100,11 +100,39 @@ class _Graph:
     def producer(self, node: fx.Node) -> fx.Node | None:
         """The node producing ``node``'s data input, skipping trivial nodes."""
         inputs = self.data_inputs(node)
-        current = inputs[0] if inputs else None
-        while current is not None and self.is_trivial(current):
-            inputs = self.data_inputs(current)
-            current = inputs[0] if inputs else None
-        return current
+        return self.resolve(inputs[0] if inputs else None)
+
+    def resolve(self, node: fx.Node | None) -> fx.Node | None:
+        """``node``, or the first node before it that is not trivial."""
+        while node is not None and self.is_trivial(node):
+            inputs = self.data_inputs(node)
+            node = inputs[0] if inputs else None
+        return node
+
+    def convs(self, node: fx.Node | None) -> list[nn.Module]:
+        """The convolutions whose output ``node`` is: its module, or for a ``torch.cat`` of
+        convolutions' outputs (timm's MixedConv2d: one kernel size per channel group) all of
+        them; none otherwise."""
+        if node is None:
+            return []
+        m = self.module(node)
+        if _is_conv(m):
+            return [m]
+        if node.op != "call_function" or node.target is not torch.cat:
+            return []
+        parts = [self.module(self.resolve(n)) for n in self.data_inputs(node)]
+        return parts if parts and all(_is_conv(m) for m in parts) else []
+
+    def feeds_spatial_conv(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a k > 1 convolution, or splits its input into some (MixedConv2d's
+        ``torch.split``, each part through a convolution)."""
+        m = self.module(node)
+        if _is_conv(m):
+            return any(k > 1 for k in _kernel(m))
+        if _fn_name(node) not in ("split", "chunk", "tensor_split"):
+            return False
+        items = [u for u in node.users if _fn_name(u) == "getitem"]
+        return any(self.feeds_spatial_conv(user) for item in items for user in item.users)
 
     def frontier(self, node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """(consumer, operand) pairs reached from ``node`` through unary nodes only."""
@@ -125,12 +153,26 @@ class _Graph:
         return (self.anc[a] & ~self.anc[b] & self.ops).bit_count()
 
 
-def _conv_roles(conv: nn.Module) -> set[str]:
-    kernel = tuple(conv.kernel_size)
-    roles = {"after-spatial"} if any(k > 1 for k in kernel) else {"after-1x1"}
-    if all(k == 3 for k in kernel):
+def _is_conv(m: nn.Module | None) -> bool:
+    """torch's convolutions, and modules that are one by their attributes (timm's CondConv2d,
+    a mixture of expert kernels applied as one grouped ``F.conv2d``)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return True
+    return m is not None and all(hasattr(m, a) for a in ("kernel_size", "groups", "in_channels"))
+
+
+def _kernel(conv: nn.Module) -> tuple[int, ...]:
+    size = conv.kernel_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (int(size),)
+
+
+def _conv_roles(convs: list[nn.Module]) -> set[str]:
+    """The roles after these convolutions' outputs (several: MixedConv2d's channel groups)."""
+    kernels = [k for conv in convs for k in _kernel(conv)]
+    roles = {"after-spatial"} if any(k > 1 for k in kernels) else {"after-1x1"}
+    if all(k == 3 for k in kernels):
         roles.add("after-3x3")
-    if conv.groups == conv.in_channels > 1:
+    if all(conv.groups == conv.in_channels > 1 for conv in convs):
         roles.add("after-depthwise")
     return roles
 
@@ -143,14 +185,12 @@ def _is_add(node: fx.Node) -> bool:
 
 def _site_roles(g: _Graph, norm: fx.Node) -> tuple[set[str], bool]:
     roles: set[str] = set()
-    src = g.producer(norm)
-    conv = g.module(src) if src is not None else None
-    if isinstance(conv, nn.modules.conv._ConvNd):
-        roles |= _conv_roles(conv)
+    convs = g.convs(g.producer(norm))
+    if convs:
+        roles |= _conv_roles(convs)
     shortcut = False
     for user, operand in g.frontier(norm):
-        m = g.module(user)
-        if isinstance(m, nn.modules.conv._ConvNd) and any(k > 1 for k in m.kernel_size):
+        if g.feeds_spatial_conv(user):
             roles.add("before-spatial")
         data = g.data_inputs(user)
         if not _is_add(user) or len(data) != 2:

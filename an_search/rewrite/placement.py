@@ -172,6 +172,11 @@ def _filter(
         sites = [s for s in sites if set(roles) & set(s.roles)]
     if stages is not None:
         bad = [i for i in stages if not 0 <= i < report.num_stages]
+        if bad and not report.num_stages:
+            raise UnknownNameError(
+                f"stage {bad[0]} does not exist: the model has no stages (no blocks found): "
+                "select its sites by name (include/exclude) or roles instead"
+            )
         if bad:
             raise UnknownNameError(
                 f"stage {bad[0]} does not exist: the model has {report.num_stages} stages "

@@ -104,6 +104,9 @@ class Recipe:
             json.dumps(self.model_kwargs)
         except (TypeError, ValueError):
             raise _fail(f"model_kwargs {self.model_kwargs!r} is not JSON-able") from None
+        loads = sorted(self.model_kwargs.keys() & {"pretrained", "checkpoint_path", "checkpoint"})
+        if loads:  # (weights come from a local file the user names: --checkpoint)
+            raise _fail(f"model_kwargs {loads[0]!r} would load weights (give them as --checkpoint)")
         if not isinstance(self.sites, list):
             raise _fail("sites is not a list")
         self.sites = [_site(s) for s in self.sites]

@@ -197,6 +197,22 @@ def test_a_size_a_timm_model_without_an_fails_on_is_the_inputs_fault() -> None:
         count_cost(at_default, INPUT)
 
 
+def test_timms_asserts_on_a_size_its_grids_cannot_have_are_the_inputs_fault() -> None:
+    """timm's models refuse a size by assert (ViT built for 224, Twins' patch grid) or fail
+    indexing (MViTv2): the one-line error naming the size (before: internal errors)."""
+    import timm
+
+    from an_search.models import create_model
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    with pytest.raises(ModelConfigError, match=r"^this model fails on a 112x112 input \(Assert"
+                       r"ionError: Input height \(112\) .*--img-size 224, "):  # fmt: skip
+        count_cost(vit, (3, 112, 112))
+    with pytest.raises(ModelConfigError, match=r"^timm cannot build 'twins_svt_small' with "
+                       r"\{'img_size': 100\} \(.*: drop or fix these options$"):  # fmt: skip
+        create_model("twins_svt_small", img_size=100)
+
+
 def test_a_failure_without_a_message_on_a_too_small_input_is_still_named() -> None:
     """A model raising a bare RuntimeError() on a too-small input: the one-line error, not an
     IndexError from reading the message's first line."""

@@ -148,6 +148,14 @@ def test_unknown_names(r50) -> None:
         select_sites(r50, "paper", exclude=["*"])
 
 
+def test_stages_of_a_model_without_stages_say_so() -> None:
+    """VGG has no blocks, so no stages (before: "the model has 0 stages (0--1)")."""
+    vgg = find_sites(timm.create_model("vgg11_bn", num_classes=10))
+    assert vgg.num_stages == 0
+    with pytest.raises(UnknownNameError, match=r"^stage 0 does not exist: the model has no stag"):
+        select_sites(vgg, "all", stages=[0])
+
+
 class _WithUnsupported(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -72,6 +72,8 @@ def test_json_round_trip_and_shape() -> None:
         ({"sites": [{"name": "a", "k": 2, "color": "red"}]}, "needs keys"),
         ({"sites": [{"name": "a", "k": 2}, {"name": "a", "k": 3}]}, "twice"),
         ({"model_kwargs": {"act": object()}}, "JSON"),
+        ({"model_kwargs": {"pretrained": True}}, "'pretrained' would load weights .*--checkpoint"),
+        ({"model_kwargs": {"checkpoint_path": "/w.pth"}}, "'checkpoint_path' would load weights"),
         ({"extra": 1}, "unknown key"),
     ],
 )

@@ -56,6 +56,31 @@ def test_mobilenetv2_stages_and_depthwise() -> None:
     assert sites["bn1"].stage is None and sites["bn2"].stage is None  # stem and head
 
 
+def test_mixed_and_conditional_convolutions_are_convolutions() -> None:
+    """timm's MixedConv2d (a split, one depthwise conv per kernel size, a cat) and CondConv2d
+    (expert kernels mixed per sample, not a torch conv class): the norm after them is after a
+    spatial, depthwise conv, and the one before feeds a spatial conv, as in their plain-conv
+    models (before: neither was seen, so ``after-depthwise`` found 3 and 8 sites of 16 and
+    ``paper`` took each block's first norm, after the 1x1 conv)."""
+    from an_search.rewrite import select_sites
+
+    for name, block, conv in (
+        ("mixnet_s", "blocks.2.0", "MixedConv2d"),
+        ("efficientnet_cc_b0_4e", "blocks.4.0", "CondConv2d"),
+    ):
+        model = timm.create_model(name, num_classes=10)
+        assert type(model.get_submodule(f"{block}.conv_dw")).__name__ == conv
+        report = find_sites(model)
+        by = {s.name: s.roles for s in report.sites}
+        assert {"after-spatial", "after-depthwise"} <= set(by[f"{block}.bn2"]), name
+        assert "after-3x3" not in by[f"{block}.bn2"] and "after-1x1" not in by[f"{block}.bn2"]
+        assert {"after-1x1", "before-spatial"} <= set(by[f"{block}.bn1"]), name
+        depthwise = select_sites(report, "after-depthwise")
+        blocks = {s.name.rsplit(".", 1)[0] for s in report.sites if s.name.startswith("blocks.")}
+        assert len(depthwise) == len(blocks) == 16, name
+        assert f"{block}.bn2" in select_sites(report, "paper"), name
+
+
 def test_densenet121_stages_and_transitions() -> None:
     report = find_sites(timm.create_model("densenet121", pretrained=False))
     sites = _sites(report)
