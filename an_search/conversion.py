@@ -31,9 +31,11 @@ from .models import (
     describe_mismatch,
     first_convs,
     load_checkpoint,
+    pixel_fold,
     read_checkpoint,
 )
 from .rewrite import (
+    LOADING_KWARGS,
     Recipe,
     RecipeSite,
     SiteReport,
@@ -386,17 +388,14 @@ def _in_chans(net: nn.Module) -> int | None:
     """Input channels of a built timm model: its first conv's (:func:`first_convs`), or None.
 
     A ``SpaceToDepth`` stem before it (TResNet) folds each block of pixels into channels: the
-    conv takes ``block ** 2`` times the image's channels."""
-    from timm.layers import SpaceToDepth
-
-    folds = [m.bs for m in net.modules() if isinstance(m, SpaceToDepth)]
+    conv takes ``block ** 2`` times the image's channels (:func:`~.models.pixel_fold`)."""
     for conv in first_convs(net):
         try:
             channels = getattr(net.get_submodule(conv), "in_channels", None)
         except AttributeError:
             continue
         if isinstance(channels, int):
-            return channels // folds[0] ** 2 if folds else channels
+            return channels // pixel_fold(net)
     return getattr(net, "in_chans", None)
 
 
@@ -412,7 +411,7 @@ def check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]
         ModelConfigError: a problem with them.
     """
     extra = dict(model_kwargs or {})
-    taken = sorted(extra.keys() & {*_SIZES, "checkpoint", "pretrained", "checkpoint_path"})
+    taken = sorted(extra.keys() & {*_SIZES, *LOADING_KWARGS})
     if taken:
         raise ModelConfigError(
             f"model_kwargs {taken[0]!r}: give num_classes, in_chans, img_size and checkpoint as "

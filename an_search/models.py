@@ -31,6 +31,7 @@ __all__ = [
     "input_error",
     "input_too_small",
     "load_checkpoint",
+    "pixel_fold",
     "read_checkpoint",
     "model_input_size",
 ]
@@ -327,13 +328,16 @@ def _input_channels(
     chans = {int(shapes[k][1]) for k in keys}
     shapes.update({k: own[k].shape for k in keys})
     fits = not describe_mismatch(shapes, own, skip=skip)
-    if len(chans) != 1 or not fits:
-        return None
-    from timm.layers import SpaceToDepth  # (TResNet's stem: the conv takes block**2 times the
+    return chans.pop() // pixel_fold(model) if len(chans) == 1 and fits else None
 
-    # image's channels, in the order it folds them)
+
+def pixel_fold(model: nn.Module) -> int:
+    """How many pixels a ``SpaceToDepth`` stem (TResNet) folds into each image channel: its
+    first conv takes this many times the image's channels (1: no such stem)."""
+    from timm.layers import SpaceToDepth
+
     folds = [m.bs**2 for m in model.modules() if isinstance(m, SpaceToDepth)]
-    return chans.pop() // (folds[0] if folds else 1)
+    return folds[0] if folds else 1
 
 
 def _as_timm_loads(

@@ -222,9 +222,11 @@ def export(
             f"study {study.study_name!r} has no finished, feasible trial with AN to export yet"
         )
     if len(dirs) < top:
-        papers = {
-            t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")
-        }  # (the paper placement's, when it ranks: said, as it is no searched configuration)
+        papers = {  # (the paper placement's, when it ranks: said, as it is not searched)
+            t.number
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("baseline") == "paper"
+        }
         paper = [d.name for d in dirs if int(d.name.rpartition("_trial")[2]) in papers]
         stderr().print(
             f"note: {len(dirs)} of the {top} asked for: the study has no more finished, "

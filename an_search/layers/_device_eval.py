@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._eval_plan import _Key, cached_plan, fold, records_grad
-from ._fused import _device_moments
+from ._fused import _device_moments, bessel
 
 __all__ = [
     "DEVICE_PLAN_ATTR",
@@ -105,23 +104,14 @@ def _pooled(x: torch.Tensor, sc: dict) -> torch.Tensor:
             var, mean = torch.var_mean(x, dims, correction=1 if n > 1 else 0)
         else:  # traced (a tensor) or exported (a SymInt): no branch on the size baked in
             var, mean = torch.var_mean(x, dims, correction=0)
-            var = var * _bessel(n)
+            var = var * bessel(n)
         if recording(x):  # (the folded module's: out-of-place, for autograd)
             return torch.add(var, eps).rsqrt() * mean
         return torch.add(var, eps).rsqrt_().mul_(mean)  # (bfloat16 + float32 (1,): float32)
     mean, var = _device_moments(x.flatten(2), 2)  # float32, biased
     if recording(x) or not isinstance(n, int):
-        return mean * (var * _bessel(n) + eps).rsqrt()
-    return mean * var.mul_(_bessel(n)).add_(eps).rsqrt_()
-
-
-def _bessel(n: Any) -> Any:
-    """``n / (n - 1)``, 1 for a single value (its biased variance, 0, as the pool has it); a
-    tensor under ``torch.jit.trace`` and a SymInt under ``torch.export`` stay expressions of
-    the size, not the traced example's branch."""
-    if torch.is_tensor(n):
-        return n / (n - 1).clamp(min=1)
-    return n / torch.sym_max(n - 1, 1)
+        return mean * (var * bessel(n) + eps).rsqrt()
+    return mean * var.mul_(bessel(n)).add_(eps).rsqrt_()
 
 
 def device_eval(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

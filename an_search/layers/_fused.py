@@ -30,6 +30,7 @@ mean^2 ~ 0.47 var): it is never negative and keeps a relative error below ~2e-6.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ from ._native import (
     native_row_dots,
 )
 
-__all__ = ["GradLink", "channel_affine", "grad_link", "moments", "spatial_view"]
+__all__ = ["GradLink", "bessel", "channel_affine", "grad_link", "moments", "spatial_view"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Rows with mean^2 > this * var get a two-pass variance: the one-pass relative error is about
@@ -53,6 +54,16 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_MEAN2_OVER_VAR = 4.0
 _CANCEL = 1.0 / (1.0 + _MAX_MEAN2_OVER_VAR)  # the same test as var < E[x^2] * _CANCEL
 _MIN_POSITIONS_FOR_BN_KERNEL = 128
+
+
+def bessel(n: Any) -> Any:
+    """``n / (n - 1)``, the unbiased variance's factor over the biased one; 1 for a single
+    value (its biased variance, 0, as the ``meanstd`` pool has it). The size ``n`` may be a
+    tensor (``torch.jit.trace``) or a SymInt (``torch.export``, ``torch.compile``): the factor
+    stays an expression of it, not the traced example's branch."""
+    if torch.is_tensor(n):
+        return n / (n - 1).clamp(min=1)
+    return n / torch.sym_max(n - 1, 1)
 
 
 def _device_ops(x: torch.Tensor) -> bool:

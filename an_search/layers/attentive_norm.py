@@ -299,14 +299,8 @@ class AttentiveNorm(nn.Module):
         dims = _BN_INPUT_DIMS.get(self.base)
         if dims is None:
             return self
-        modes = [(m, m.training) for m in self.modules()]
-        try:  # (the flags alone, not train(): that would drop the site's cached plans)
-            for m, _ in modes:
-                m.training = False
+        with eval_mode(self):  # (each module's own mode put back after)
             folded = fold(self)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         return self if folded is None else FoldedAttentiveNorm(self, dims, folded)
 
     def train(self, mode: bool = True) -> AttentiveNorm:

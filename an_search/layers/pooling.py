@@ -23,7 +23,7 @@ from an_search.errors import UnknownNameError
 
 from . import _fused
 from ._autograd import first_order
-from ._fused import moments, spatial_view
+from ._fused import bessel, moments, spatial_view
 from ._native_bc import native_meanstd, native_meanstd_grad
 
 __all__ = ["POOLS", "AvgMaxPool", "AvgPool", "MeanStdPool", "create_pool"]
@@ -85,9 +85,8 @@ class MeanStdPool(_Pool):
         n = self._n(x3)  # a 0-dim tensor under torch.jit.trace: no Python branch on it
         plain = torch.jit.is_tracing() or torch.compiler.is_compiling() or _fused._device_ops(mean)
         if torch.is_tensor(n) or plain:  # graph capture, or a GPU: autograd's own nodes
-            bessel = n / (n - 1).clamp(min=1) if torch.is_tensor(n) else n / max(n - 1, 1)
-            return mean * torch.rsqrt(var * bessel + self.eps)  # n = 1: biased var is 0
-        return _MeanStd.apply(mean, var, n / max(n - 1, 1), self.eps)
+            return mean * torch.rsqrt(var * bessel(n) + self.eps)  # n = 1: biased var is 0
+        return _MeanStd.apply(mean, var, bessel(n), self.eps)
 
 
 class AvgPool(_Pool):

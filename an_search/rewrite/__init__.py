@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._roles import ROLES
 from .placement import PLACEMENTS, Placement, default_k, match_pattern, select_sites
 from .recipe import (
+    LOADING_KWARGS,
     RECIPE_FORMAT,
     RECIPE_VERSION,
     Recipe,
@@ -24,6 +25,7 @@ from .swap import apply_an, extend_no_weight_decay
 from .tracer import SiteTracer, TraceResult, is_norm_module, norm_classes, trace_model
 
 __all__ = [
+    "LOADING_KWARGS",
     "PLACEMENTS",
     "RECIPE_FILE",
     "RECIPE_FORMAT",

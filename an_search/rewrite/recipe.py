@@ -19,6 +19,7 @@ from an_search._values import is_integer
 from an_search.errors import MAX_K, ANSearchError, RecipeError
 
 __all__ = [
+    "LOADING_KWARGS",
     "RECIPE_FORMAT",
     "RECIPE_VERSION",
     "Recipe",
@@ -30,6 +31,9 @@ __all__ = [
 RECIPE_FORMAT = "an-search-recipe"
 RECIPE_VERSION = 1
 _INITS = ("paper", "preserve")
+#: ``timm.create_model`` options that would load weights (or download them): a recipe and
+#: ``convert``'s model_kwargs take none (weights come from a local file the user names).
+LOADING_KWARGS = ("pretrained", "checkpoint_path", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class Recipe:
             json.dumps(self.model_kwargs)
         except (TypeError, ValueError):
             raise _fail(f"model_kwargs {self.model_kwargs!r} is not JSON-able") from None
-        loads = sorted(self.model_kwargs.keys() & {"pretrained", "checkpoint_path", "checkpoint"})
+        loads = sorted(self.model_kwargs.keys() & set(LOADING_KWARGS))
         if loads:  # (weights come from a local file the user names: --checkpoint)
             raise _fail(f"model_kwargs {loads[0]!r} would load weights (give them as --checkpoint)")
         if not isinstance(self.sites, list):

@@ -37,7 +37,7 @@ from an_search.train.config import MACHINE_SETTINGS, TrainConfig, TrainResult
 from an_search.train.data import DataSpec
 from an_search.train.loaders import create_loaders
 
-__all__ = ["OnEpoch", "Progress", "check_same_processes", "check_same_run", "proxy_train"]
+__all__ = ["OnEpoch", "Progress", "check_resumable", "check_same_run", "proxy_train"]
 
 OnEpoch = Callable[[int, float, float], bool]
 Progress = Callable[[int, int], None]
@@ -204,9 +204,7 @@ def proxy_train(
         num_updates, start_epoch, restored_s = 0, 1, 0.0
         state = load_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if state is not None:
-            check_same_settings(cfg, state.get("config", {}))
-            check_same_run(cfg.checkpoint_dir, state.get("run"), run)
-            check_same_processes(cfg.checkpoint_dir, state.get("processes"), world)
+            check_resumable(cfg, state, run, world)
             try:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -303,6 +301,21 @@ def proxy_train(
         wall_s=time.perf_counter() - t_start + restored_s,
         stopped_early=stopped_early,
     )
+
+
+def check_resumable(
+    cfg: TrainConfig, state: Mapping[str, Any], run: Mapping[str, Any] | None, processes: int
+) -> None:
+    """Refuse to resume ``state``, the checkpoint in ``cfg.checkpoint_dir``, unless it was saved
+    with these training settings, for this run (``proxy_train``'s ``run``) and by as many
+    processes.
+
+    Raises:
+        CheckpointError: naming what differs.
+    """
+    check_same_settings(cfg, state.get("config", {}))
+    check_same_run(cfg.checkpoint_dir, state.get("run"), run)
+    check_same_processes(cfg.checkpoint_dir, state.get("processes"), processes)
 
 
 def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any]) -> None:

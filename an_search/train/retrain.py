@@ -27,14 +27,7 @@ from an_search.rewrite import Recipe, read_recipe, save
 from .checkpoint import check_writable, load_checkpoint
 from .config import TrainConfig, TrainResult
 from .data import DataSpec
-from .proxy import (
-    OnEpoch,
-    Progress,
-    check_same_processes,
-    check_same_run,
-    check_same_settings,
-    proxy_train,
-)
+from .proxy import OnEpoch, Progress, check_resumable, proxy_train
 
 __all__ = ["RetrainRun", "retrain"]
 
@@ -169,9 +162,7 @@ def _retrain(
             check_writable(run_dir)
             if cfg.resume and (saved := load_checkpoint(run_dir)) is not None:
                 # (here, not in training: under torchrun a rank would find it, after the start)
-                check_same_settings(run_cfg, saved.get("config", {}))
-                check_same_run(run_dir, saved.get("run"), run)
-                check_same_processes(run_dir, saved.get("processes"), nproc)
+                check_resumable(run_cfg, saved, run, nproc)
         models = []  # (all built first: the baseline's weights may not load, e.g. a saved AN
         for _, _, converted, _, _ in plans:  # model's, found before the AN run trains)
             model = _build(recipe, converted=converted, checkpoint=checkpoint, seed=cfg.seed)
