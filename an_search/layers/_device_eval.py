@@ -132,6 +132,9 @@ def run_device_plan(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     dev = x.device.type
     if dev == "meta" or not torch.is_autocast_enabled(dev):
         return _run(plan, x)
+    if torch.compiler.is_compiling():  # (Dynamo before torch 2.14 breaks on the flag)
+        with torch.autocast(dev, enabled=False):
+            return _run(plan, x)
     torch.set_autocast_enabled(dev, False)  # (not torch.autocast(enabled=False): 4x its time)
     try:
         return _run(plan, x)

@@ -63,6 +63,8 @@ def bessel(n: Any) -> Any:
     stays an expression of it, not the traced example's branch."""
     if torch.is_tensor(n):
         return n / (n - 1).clamp(min=1)
+    if isinstance(n, int):  # (Dynamo before torch 2.14 breaks its graph on sym_max of ints)
+        return n / max(n - 1, 1)
     return n / torch.sym_max(n - 1, 1)
 
 

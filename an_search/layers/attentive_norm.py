@@ -357,11 +357,11 @@ class AttentiveNorm(nn.Module):
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor | None:
         """The site as Triton kernels (``_triton_site.py``), eager only; None if n/a or off."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None  # (first: Dynamo breaks its graph on triton_wanted's cached query)
         if not triton_wanted(self.triton, self.training, x.device):
             return None
         if not self.fused or type(x) is not torch.Tensor:
-            return None
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
         return None if torch._C._len_torch_dispatch_stack() else triton_site(self, x)
 
@@ -421,6 +421,10 @@ class AttentiveNorm(nn.Module):
             # (autocast would mix in bfloat16/half: the K rows of a ``preserve`` init differ by
             # noise that cancels in the mixture, leaving 2^-8 of it there; as on a GPU
             # (_device_eval.py) the mixtures run in float32, autocast off)
+            if torch.compiler.is_compiling():  # (Dynamo before 2.14 breaks on the flag)
+                with torch.autocast(dev, enabled=False):
+                    lam = lam.float()
+                    return lam @ weight, lam @ bias
             torch.set_autocast_enabled(dev, False)
             try:
                 lam = lam.float()

@@ -358,3 +358,19 @@ def test_the_input_gradient_of_a_1x1_map_keeps_float32_precision() -> None:
     ref(x_ref).backward(g.double())
     rel = ((x.grad.double() - x_ref.grad).abs() / x_ref.grad.abs()).median().item()
     assert rel < 1e-5
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_under_autocast_traces_one_graph(training: bool) -> None:
+    """The mixtures run in float32 with autocast off (eager: a flag toggled; compiled: the
+    ``torch.autocast(enabled=False)`` region Dynamo traces): one graph under bfloat16 autocast,
+    and the numbers of the eager site under the same autocast."""
+    torch._dynamo.reset()
+    an = AttentiveNorm(C, K).train(training)
+    ref = copy.deepcopy(an)
+    x = torch.randn(4, C, 5, 5).relu_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(an, backend="aot_eager", fullgraph=True)(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)

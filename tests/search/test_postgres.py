@@ -10,6 +10,7 @@ it once, runs the retry, and the study reaches its total with nothing left RUNNI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -105,32 +106,45 @@ def test_sigkilled_worker_trial_fails_by_heartbeat_and_study_completes(
 
 
 def _kill_a_training_worker(name: str, killed: list[tuple[int, int]]) -> None:
-    """SIGKILL the worker of the first baseline trial seen training (baselines always train),
-    once both workers have started a trial: a worker that starts after the kill would find the
-    dead pid on this host in its start-up check and fail the trial before the heartbeat does."""
+    """SIGKILL the worker of the first baseline trial seen training (baselines always train)
+    once the other worker has started a trial. A worker that starts after the kill would find
+    the dead pid on this host in its start-up check and fail the trial before the heartbeat
+    does; and the first worker may run every trial before the second has started. So the first
+    is frozen (SIGSTOP: alive, its heartbeat silent) in its baseline until the second worker has
+    started a trial, then killed: whatever the machine's load, the one path is the heartbeat."""
     study = optuna.load_study(study_name=name, storage=open_storage(URL))
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        trials = study.get_trials(deepcopy=False)
-        if len({t.user_attrs.get("worker", {}).get("pid") for t in trials} - {None}) < 2:
-            time.sleep(0.2)
-            continue
-        training = [
-            t
-            for t in trials
-            if t.state == TrialState.RUNNING
-            and t.user_attrs.get("baseline")
-            and "config_key" in t.user_attrs
-        ]
-        if training:
-            victim = max(training, key=lambda t: t.datetime_start)  # the longest left to train
-            time.sleep(0.5)  # into its training
-            if study._storage.get_trial(victim._trial_id).state == TrialState.RUNNING:
-                pid = victim.user_attrs["worker"]["pid"]
-                os.kill(pid, signal.SIGKILL)
-                killed.append((victim.number, pid))
-                return
+    frozen: tuple[int, int] | None = None
+    while time.monotonic() < deadline and frozen is None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("baseline") and "config_key" in t.user_attrs:
+                pid = t.user_attrs["worker"]["pid"]
+                os.kill(pid, signal.SIGSTOP)
+                _wait_stopped(pid)
+                if study._storage.get_trial(t._trial_id).state == TrialState.RUNNING:
+                    frozen = (t.number, pid)  # frozen in its training
+                    break
+                os.kill(pid, signal.SIGCONT)  # it had just finished: look again
+        time.sleep(0.05)
+    if frozen is None:
+        return
+    while time.monotonic() < deadline:  # (a deadline: a lock it froze with cannot hang this)
+        pids = {t.user_attrs.get("worker", {}).get("pid") for t in study.get_trials()}
+        if pids - {None, frozen[1]}:
+            break
         time.sleep(0.2)
+    os.kill(frozen[1], signal.SIGKILL)
+    killed.append(frozen)
+
+
+def _wait_stopped(pid: int) -> None:
+    """Until the kernel shows ``pid`` stopped (SIGSTOP takes effect asynchronously)."""
+    for _ in range(200):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask
