@@ -22,7 +22,7 @@ from ._rng import kept_rng
 from ._values import SEED_MAX, is_integer
 from .cost import CostReport, count_cost
 from .errors import CheckpointError, ModelConfigError, RecipeError, UnknownNameError
-from .input_size import model_input_size
+from .input_size import SHAPE_ERRORS, failure_reason, model_input_size
 from .layers.attentive_norm import INITS
 from .models import (
     check_model_options,
@@ -167,7 +167,13 @@ def convert(
             exclude=exclude,
             k=k,
         )
-        before = count_cost(net, input_size) if cost else None
+        try:
+            before = count_cost(net, input_size) if cost else None
+        except (*SHAPE_ERRORS, ValueError, ModelConfigError) as exc:
+            sizes = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+            if isinstance(model, str) and (blamed := _options_error(name, extra, sizes, exc)):
+                raise blamed from None
+            raise
         apply_an(net, selected, head=head, pool=pool, init=init, no_weight_decay=no_weight_decay)
         after = count_cost(net, input_size) if cost else None
         recipe = Recipe.from_selection(
@@ -264,6 +270,28 @@ def convert_recipe(
             load_checkpoint(net, checkpoint, new_classifier=new_classifier, state=state)
         after = count_cost(net, input_size) if cost else None
         return ConvertResult(net, final, report, final.site_k(), before, after, input_size)
+
+
+def _options_error(
+    name: str, extra: dict[str, Any], sizes: dict[str, Any], exc: BaseException
+) -> ModelConfigError | None:
+    """The error naming ``extra`` (``model_kwargs``) when the model they built fails its
+    forward and the model built without them runs the same input (``global_pool=""``, a
+    ``drop_rate`` over 1); None otherwise (the size's fault, or a bug: shown as it is)."""
+    if not extra:
+        return None
+    cause = exc.__context__ if isinstance(exc, ModelConfigError) and exc.__context__ else exc
+    try:
+        plain = create_model(name, **sizes)
+        with torch.no_grad():
+            plain.eval()(torch.zeros(1, *model_input_size(plain, sizes["img_size"])))
+    except Exception:  # (the failure is not the options': the first error stands)
+        return None
+    shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+    return ModelConfigError(
+        f"{name} built with model_kwargs {shown} fails on its input ({failure_reason(cause)}), and "
+        "runs without them: drop or fix these options"
+    )
 
 
 def _check_same_architecture(name: str, recipe_model: str) -> None:

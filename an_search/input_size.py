@@ -12,7 +12,14 @@ from torch import nn
 from ._modes import eval_mode
 from .errors import ModelConfigError
 
-__all__ = ["check_input_fits", "input_error", "input_too_small", "model_input_size"]
+__all__ = [
+    "SHAPE_ERRORS",
+    "check_input_fits",
+    "failure_reason",
+    "input_error",
+    "input_too_small",
+    "model_input_size",
+]
 
 
 def model_input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
@@ -37,7 +44,7 @@ def _side(input_size: Sequence[int]) -> str:
     return "x".join(map(str, input_size[1:]))
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """The failure's type and first line (at most 200 characters; empty messages too)."""
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
@@ -52,7 +59,7 @@ def input_too_small(
         return None
     return ModelConfigError(
         f"a {_side(input_size)} input is too small for this model, which downsamples {need}x "
-        f"({_reason(exc)}): give a larger --img-size, {need} or more"
+        f"({failure_reason(exc)}): give a larger --img-size, {need} or more"
     )
 
 
@@ -83,7 +90,7 @@ def input_error(
     model's downsampling, or (``plain``: a timm model without AN) a size other than its
     default (a ViT-like model's grids: CrossViT built for 32 px runs no input at all). None
     otherwise (a model failing at its own default size, or with AN): a bug, shown as it is."""
-    side, reason = _side(input_size), _reason(exc)
+    side, reason = _side(input_size), failure_reason(exc)
     if _out_of_memory(exc):
         return ModelConfigError(
             f"a batch of {batch} at {side} needs more memory than this machine has ({reason}): "

@@ -580,3 +580,28 @@ def test_model_kwargs_build_the_model_and_stay_in_its_recipe(tmp_path: Path) -> 
     ]:
         code, out, err = run("resnet10t", "--model-kwargs", bad)
         assert code == 2 and message in err and len(err.strip().splitlines()) <= 3, err
+
+
+def test_model_kwargs_that_break_the_forward_are_named(tmp_path: Path) -> None:
+    """Options timm builds with but whose model cannot run (no pooling before the classifier,
+    a dropout over 1) are the options' fault, said so, exit 2 (were an internal error, or
+    blamed on the image size); at a size the model cannot take without them, the size is."""
+    for bad, reason in [
+        ("global_pool=", "mat1 and mat2 shapes cannot be multiplied"),
+        ("drop_rate=2", "dropout probability has to be between 0 and 1"),
+    ]:
+        for size in ([], ["--img-size", "48"]):
+            code, out, err = run(
+                "resnet10t", "--model-kwargs", bad, *size, "--output", str(tmp_path / "m")
+            )
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, err
+            assert (
+                lines[0].startswith("error: resnet10t built with model_kwargs ") and reason in err
+            )
+            assert lines[0].endswith("and runs without them: drop or fix these options")
+    assert not list(tmp_path.iterdir())
+    code, out, err = run(  # (a ViT at 8 px: the size's fault, options or not)
+        "vit_tiny_patch16_224", "--model-kwargs", "global_pool=avg", "--img-size", "8"
+    )
+    assert code == 2 and "give a larger --img-size" in err and "model_kwargs" not in err, err
