@@ -28,7 +28,7 @@ from torch import nn
 from an_search._compat import filter_torchscript_warning
 from an_search._modes import eval_mode
 from an_search.input_size import SHAPE_ERRORS, input_error
-from an_search.layers import AttentiveNorm
+from an_search.layers import AttentiveNorm, FoldedAttentiveNorm
 
 from .handles import Handle, extra_handles
 
@@ -49,7 +49,8 @@ class CostReport:
     """Cost of one model at one input size.
 
     Attributes:
-        params: number of parameters (shared parameters once).
+        params: number of parameters (shared parameters once; a folded site's: those of the
+            site it folds).
         macs: multiply-adds, fvcore convention plus AN's own ops.
         by_module: MACs of each AN module, by qualified name, in model order.
         by_operator: MACs by operator over the whole model (``conv``, ``linear``, ``mean``, ...).
@@ -112,7 +113,15 @@ class _ANScope:
 
 
 def _an_module_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, AttentiveNorm)]
+    sites = (AttentiveNorm, FoldedAttentiveNorm)
+    return [name for name, m in model.named_modules() if isinstance(m, sites)]
+
+
+def _param_count(model: nn.Module) -> int:
+    """Parameters (shared ones once), a folded site counted as the site it came from: a
+    deployed model has its AN model's parameters, folded into buffers."""
+    folded = sum(m.param_count for m in model.modules() if isinstance(m, FoldedAttentiveNorm))
+    return sum(p.numel() for p in model.parameters()) + folded
 
 
 def _example_input(model: nn.Module, input_size: tuple[int, ...], batch: int) -> torch.Tensor:
@@ -186,7 +195,7 @@ def count_cost(
     per_module = analysis.by_module()
     unsupported = Counter(analysis.unsupported_ops()) + scope.outside
     return CostReport(
-        params=sum(p.numel() for p in model.parameters()),
+        params=_param_count(model),
         macs=macs,
         by_module={name: int(per_module[name]) for name in an_names},
         by_operator={op: int(n) for op, n in analysis.by_operator().items()},

@@ -28,7 +28,7 @@ reduction (mean, sum, amax, max, any,     N(input)
 ``linalg_vector_norm``                    2 N(input): square, sum
 ``var_mean``, ``var``, ``std``, ...       3 N(input): sum, square, sum (one-pass moments)
 ``rms_norm``                              4 N(input), 5 with affine (fvcore's layer_norm rule)
-view_as, expand_as, fill_, zero_          0 (data movement)
+view_as, expand_as, fill_, zero_, .T     0 (data movement)
 ========================================  =======================================================
 
 Under ``torch.jit.trace`` AN computes its per-channel statistics with one ``var_mean`` and its
@@ -89,7 +89,7 @@ _ELEMENTWISE = (
     "ge",
 )
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "any", "all", "adaptive_max_pool2d")
-_FREE = ("view_as", "expand_as", "reshape_as", "fill_", "zero_")
+_FREE = ("view_as", "expand_as", "reshape_as", "fill_", "zero_", "numpy_T")
 
 
 def _aten(name: str, *, inplace: bool = True) -> tuple[str, ...]:

@@ -96,6 +96,9 @@ class FoldedAttentiveNorm(nn.Module):
         for name, t in zip(_NAMES, tensors, strict=True):
             self.register_buffer(name, t.detach().clone())
         self.num_features, self.k, self.dims = an.num_features, an.k, dims
+        #: the parameters of the site it folds (its buffers are derived from them, more
+        #: numbers than they: count_cost counts a deployed model's sites by this)
+        self.param_count = sum(p.numel() for p in an.parameters())
         self.drop, self.act = an.drop, an.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -175,3 +175,23 @@ def test_resnet50_paper_placement() -> None:
     assert after.macs > before.macs
     assert after.macs == pytest.approx(4.1e9, rel=0.01)
     assert len(after.by_module) == 16
+
+
+def test_a_deployed_model_counts_as_the_an_model_it_folds(
+    converted: nn.Module, before, after
+) -> None:
+    """``fold_sites`` (a ``FoldedAttentiveNorm`` at each site, its weights buffers): its sites
+    are AN scopes (their statistics, head and affine counted, nothing unsupported added) and
+    its parameters are those of the sites it folds, never under the model it replaced."""
+    from an_search import fold_sites
+
+    deployed = fold_sites(converted.eval())
+    assert sum(p.numel() for p in deployed.parameters()) < before.params  # (what was counted)
+    report = count_cost(deployed, INPUT, batch_size=BATCH)
+    assert report.params == after.params
+    assert report.unsupported_ops == before.unsupported_ops
+    assert list(report.by_module) == list(SITES)
+    shapes = _input_shapes(converted, list(SITES), INPUT)
+    for name in SITES:  # at least a statistics pass and the affine: more than the eval BN
+        assert report.by_module[name] > 2 * math.prod(shapes[name])
+    assert report.macs > before.macs
