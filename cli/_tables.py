@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     import optuna
 
 TOP = 20  # table rows of a report besides the baselines (report --top)
-GMACS = ".5g"  # significant digits: a 32 px proxy's 0.022557 and 0.022598 stay apart
+#: significant digits of GMACs and M params: configurations a K apart at one site (a few
+#: hundred parameters, a few thousand MACs in ResNet-50's 25.8 M and 4.1 G) stay apart
+GMACS = MPARAMS = ".7g"
 
 
 def fmt(v: Any, spec: str = "") -> str:
@@ -63,7 +65,7 @@ def render_rows(study: optuna.Study, rows: list[dict[str, Any]], top: int = TOP)
         table.add_row(
             str(r["number"]),
             r["configuration"],
-            fmt(r["params"] and r["params"] / 1e6, ".3f"),
+            fmt(r["params"] and r["params"] / 1e6, MPARAMS),
             fmt(r["gmacs"], GMACS),
             fmt(r["top1"] if r["top1"] is not None else r["last_top1"], ".2f"),
             fmt(r["delta_bn"], "+.2f"),

@@ -345,7 +345,7 @@ def test_the_report_tells_close_small_costs_apart(tmp_path: Path) -> None:
     assert code == 0, err
     table, front = stdout.split("Pareto front")
     for text in (table, front):  # both trials are on the front: cheaper, or more accurate
-        assert "0.022557" in text and "0.022598" in text, text
+        assert "0.02255744" in text and "0.02259791" in text, text
 
 
 @pytest.mark.parametrize(
@@ -678,3 +678,17 @@ def test_the_trial_bar_says_a_trial_was_over_budget(attrs: dict, values: list, s
     with TrialProgress(Console(file=out, width=200), total=5) as bar:
         bar.on_trial(None, trial)  # type: ignore[arg-type]
     assert shown in out.getvalue()
+
+
+def test_trial_costs_a_k_apart_print_apart() -> None:
+    """The trials table's M params and GMACs keep configurations one K apart at one site
+    distinct at ResNet-50's size (AN-ResNet-50, paper placement; one 2048-channel site's K
+    raised by 1: 3 x 2048 parameters, 2 x 49 x 2048 + 2048 MACs a sample, as the head and
+    mixtures have them)."""
+    from cli._tables import GMACS, MPARAMS, fmt
+
+    params, macs = 25_755_420, 4_115_892_270
+    more_params, more_macs = params + 3 * 2048, macs + 2 * 49 * 2048 + 2048
+    assert fmt(params / 1e6, MPARAMS) != fmt(more_params / 1e6, MPARAMS)
+    assert fmt(macs / 1e9, GMACS) != fmt(more_macs / 1e9, GMACS)
+    assert float(fmt(params / 1e6, MPARAMS)) == pytest.approx(params / 1e6, abs=1e-5)
