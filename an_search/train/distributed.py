@@ -251,8 +251,17 @@ def _root_cause(log: str) -> tuple[int, str] | None:
     code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$", cause, re.M)
     if not found or rank is None or code is None:
         return None
-    how = f"was killed by {code[2]}" if code[2] else f"exited with code {code[1]}"
+    name = code[2] or _signal_name(int(code[1]))  # (torch before 2.14 prints no name)
+    how = f"was killed by {name}" if name else f"exited with code {code[1]}"
     return int(rank[1]), f"rank {rank[1]} of the torchrun trial {how} before it reported an error"
+
+
+def _signal_name(exitcode: int) -> str | None:
+    """The signal a negative exit code names (-9: SIGKILL), as torchrun's summary gives it."""
+    try:
+        return signal.Signals(-exitcode).name if exitcode < 0 else None
+    except ValueError:
+        return None
 
 
 def _cause_first(err: dict[str, Any]) -> tuple[bool, bool, int]:

@@ -118,6 +118,12 @@ def _torchrun_summary(rank: int, exitcode: str) -> str:
             (1, "-9 (pid: 8)  (SIGKILL)"),
             "rank 1 of the torchrun trial was killed by SIGKILL before it reported an error",
         ),
+        # the same as torch before 2.14 prints it: no signal name after the exit code
+        (
+            {0: ("RuntimeError", "Connection closed by peer", True, 1)},
+            (1, "-9 (pid: 8)"),
+            "rank 1 of the torchrun trial was killed by SIGKILL before it reported an error",
+        ),
     ],
 )  # fmt: skip
 def test_the_cause_is_a_recorded_error_unless_the_root_rank_left_none(
