@@ -3,7 +3,8 @@
 MACs come from fvcore's ``FlopCountAnalysis`` (one multiply-add = 1), plus handles for the
 elementwise and reduction ops AN uses, applied only inside AN module scopes (conventions in
 :mod:`an_search.cost.handles`). A model without AN gets exactly the stock fvcore figure (timm
-``resnet50`` at 224x224: 4,111,512,576 MACs, 25,557,032 parameters).
+``resnet50`` at 224x224: 4,111,512,576 MACs, 25,557,032 parameters), but for fused attention
+(``scaled_dot_product_attention``, zero in stock fvcore), counted as its unfused form is.
 
 Cross-check: ``flop_counter_macs`` is ``torch.utils.flop_counter.FlopCounterMode``'s total / 2.
 That counter only knows matmul-like ops (convolution, mm/addmm/bmm, attention), so it omits
@@ -30,7 +31,7 @@ from an_search._modes import eval_mode
 from an_search.input_size import SHAPE_ERRORS, input_error
 from an_search.layers import AttentiveNorm, FoldedAttentiveNorm
 
-from .handles import Handle, extra_handles
+from .handles import Handle, attention_macs, extra_handles
 
 __all__ = ["UNIT", "CostReport", "count_cost"]
 
@@ -183,6 +184,7 @@ def count_cost(
             # without it we would only over-report unsupported ops outside AN, never miscount.
             scope = _ANScope(an_names, getattr(analysis, "_ignored_ops", ()))
             analysis.set_op_handle(**{op: scope.wrap(h) for op, h in extra_handles().items()})
+            analysis.set_op_handle("aten::scaled_dot_product_attention", attention_macs)
             macs = int(analysis.total())
             flop_counter_macs = _flop_counter_macs(model, x)
     except SHAPE_ERRORS as exc:  # (torch.OutOfMemoryError is one)

@@ -5,7 +5,9 @@ unit and call it what it is. Everything outside AN modules is counted exactly as
 counts it: its default handles (convolution, linear/addmm/matmul/bmm/einsum as MACs; eval-mode
 ``batch_norm`` 2 per element with affine, 1 without; ``group_norm``/``layer_norm`` 5 per element
 with affine, 4 without; ``adaptive_avg_pool2d`` 1 per input element; upsampling as fvcore says),
-and zero for every other op. The default handles apply inside AN modules too (the inner norm, the
+and zero for every other op, but for ``scaled_dot_product_attention`` (timm's fused attention),
+which stock fvcore counts as zero: its two products, as fvcore counts the unfused form's matmuls
+(:func:`attention_macs`). The default handles apply inside AN modules too (the inner norm, the
 head's linear layers and norms, the (B, K) @ (K, C) mixing matmuls).
 
 Stock fvcore has no handle for elementwise and reduction ops, so AN's statistics, gate and
@@ -45,7 +47,14 @@ from collections.abc import Callable
 from math import prod
 from typing import Any
 
-__all__ = ["OP_MACS", "Handle", "extra_handles", "per_element", "rms_norm_macs"]
+__all__ = [
+    "OP_MACS",
+    "Handle",
+    "attention_macs",
+    "extra_handles",
+    "per_element",
+    "rms_norm_macs",
+]
 
 Handle = Callable[[list[Any], list[Any]], int]
 
@@ -127,6 +136,18 @@ def per_element(tensor: str, macs: int) -> Handle:
 def rms_norm_macs(inputs: list[Any], outputs: list[Any]) -> int:
     """``aten::rms_norm(x, shape, weight, eps)``: 4 per element, 5 with a weight."""
     return (5 if inputs[2].isCompleteTensor() else 4) * _numel(inputs[0])
+
+
+def attention_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::scaled_dot_product_attention(q, k, v, ...)``, which stock fvcore does not know
+    (timm's fused attention: a ViT's attention counted as zero): its two products, ``q @ k^T``
+    and the weights ``@ v``, as fvcore counts the unfused form's matmuls, L x S x (E + Ev) a
+    batch and head; its scaling and softmax, as elementwise ops outside AN, 0."""
+    shapes = [x.type().sizes() if x.isCompleteTensor() else None for x in inputs[:3]]
+    if any(not shape for shape in shapes):
+        return 0
+    q, k, v = shapes
+    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
 def extra_handles() -> dict[str, Handle]:

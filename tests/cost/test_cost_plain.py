@@ -129,6 +129,9 @@ def test_a_model_flop_counter_cannot_run_is_still_counted() -> None:
     with pytest.raises(AssertionError), FlopCounterMode(display=False), torch.no_grad():
         pit.eval()(x)  # what the cross-check meets (if torch fixes it, this test says so)
     report = count_cost(pit, (3, 64, 64))
+    for m in pit.modules():  # (fused attention: stock fvcore counts the unfused form alone)
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
     stock = FlopCountAnalysis(pit.eval(), x)
     stock.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     assert report.macs == stock.total() > 0 and report.flop_counter_macs is None
@@ -229,3 +232,23 @@ def test_a_failure_without_a_message_on_a_too_small_input_is_still_named() -> No
         "a 8x8 input is too small for this model, which downsamples 32x (RuntimeError: ): "
         "give a larger --img-size, 32 or more"
     )
+
+
+def test_fused_attention_counts_as_its_unfused_matmuls() -> None:
+    """timm's attention as ``scaled_dot_product_attention`` (stock fvcore: zero) counts what
+    fvcore counts for the same attention unfused (``q @ k^T``, ``attn @ v``): by hand, per
+    block L x L x (E + E) a head and sample."""
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False)
+    size = vit.pretrained_cfg["input_size"]
+    fused = count_cost(vit, size)
+    blocks = [m for m in vit.modules() if hasattr(m, "fused_attn")]
+    assert blocks and all(m.fused_attn for m in blocks)
+    for m in blocks:
+        m.fused_attn = False
+    unfused = count_cost(vit, size)
+    assert fused.macs == unfused.macs
+    assert "aten::scaled_dot_product_attention" not in fused.unsupported_ops
+    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    per_block = blocks[0].num_heads * tokens * tokens * 2 * blocks[0].head_dim
+    assert fused.by_operator["scaled_dot_product_attention"] == len(blocks) * per_block
