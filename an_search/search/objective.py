@@ -150,9 +150,9 @@ class Objective:
                     f"unknown baseline {baseline!r} (known: {', '.join(BASELINES)})"
                 )
             config = dict(BASELINES[baseline])
-            init = self.space.init
-            if baseline == "paper" and init.dist is None and init.value is not None:
-                config["init"] = init.value  # (as the sampled trials start: compared alike)
+            inits = self.space.init.values()  # (a constant, or a categorical of one choice)
+            if baseline == "paper" and len(inits) == 1 and inits[0] is not None:
+                config["init"] = inits[0]  # (as the sampled trials start: compared alike)
             return config
         try:
             return sample_recipe(trial, self.space, self.report)

@@ -307,11 +307,14 @@ def _numeric(key: str, raw: Mapping[str, Any], typ: str) -> BaseDistribution:
     if step is None and typ == "int":  # (left out, or null: Optuna's default)
         step = 1
     log = raw.get("log", False)
+    what = "integer" if typ == "int" else "number"
     for attr, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, number):
-            raise SpaceError(f"{key}.{attr} must be a {typ} number: {value!r}")
+            raise SpaceError(
+                f"{key}.{attr} must be {'an' if typ == 'int' else 'a'} {what}: {value!r}"
+            )
     if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
-        raise SpaceError(f"{key}.step must be a positive {typ} number: {step!r}")
+        raise SpaceError(f"{key}.step must be a positive {what}: {step!r}")
     if not isinstance(log, bool):
         raise SpaceError(f"{key}.log must be true or false: {log!r}")
     if low > high:

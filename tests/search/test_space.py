@@ -276,3 +276,48 @@ def test_an_enqueued_fraction_or_unknown_name_is_refused(report) -> None:
         sample_recipe(study.ask(), per_stage, report)
     study.enqueue_trial({"stage0_k": 4})
     assert sample_recipe(study.ask(), per_stage, report)["k"][0] == 4
+
+
+def test_an_enqueued_value_for_what_the_space_fixes_is_refused(report) -> None:
+    """A value the space fixes (``head: mlp``) is never asked of the trial, so Optuna would
+    not see an enqueued other one: the trial would train the space's, its fixed_params saying
+    otherwise. Refused as a value outside the space; the fixed value itself is taken."""
+    space = parse_space(
+        {"placement": "paper", "head": "mlp", "k": {"type": "int", "low": 3, "high": 7,
+         "shared": True}}
+    )  # fmt: skip
+    study = optuna.create_study()
+    study.enqueue_trial({"head": "default", "k": 3})
+    with pytest.raises(ValueError, match=r"head='default' is outside the space: it fixes head"):
+        sample_recipe(study.ask(), space, report)
+    study.enqueue_trial({"head": "mlp", "k": 5})
+    assert sample_recipe(study.ask(), space, report) == {
+        "placement": "paper", "k": 5, "head": "mlp", "pool": "meanstd"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("init", ["preserve", {"type": "categorical", "choices": ["preserve"]}])
+def test_the_paper_baseline_starts_as_the_space_fixes_init(init: object) -> None:
+    """``init: preserve`` and a categorical of that one choice fix it alike: the paper baseline
+    starts so too (the README: "the space's init where it fixes one"), as the trials do."""
+    from types import SimpleNamespace
+
+    from an_search.search.objective import Objective
+
+    space = parse_space({"placement": "paper", "init": init})
+    config = Objective._config(SimpleNamespace(space=space), None, "paper")  # type: ignore[arg-type]
+    assert config == {"placement": "paper", "init": "preserve"}
+    free = parse_space({"init": {"type": "categorical", "choices": ["paper", "preserve"]}})
+    assert "init" not in Objective._config(SimpleNamespace(space=free), None, "paper")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"type": "int", "low": "a", "high": 3}, "k.low must be an integer: 'a'"),
+        ({"type": "int", "low": 1, "high": 3, "step": 0}, "k.step must be a positive integer: 0"),
+    ],
+)
+def test_a_bad_int_range_is_named_in_words(raw: dict, message: str) -> None:
+    with pytest.raises(SpaceError, match=f"^{message}$"):
+        parse_space({"k": raw})
