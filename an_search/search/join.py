@@ -18,6 +18,7 @@ from an_search.train import TrainConfig
 
 from ._files import make_dir
 from .config import SearchConfig, default_run_dir, no_infinite_budget
+from .space import list_spaces
 from .study import open_study, study_storage_url
 
 __all__ = ["check_study_data", "config_from_dict", "join_config"]
@@ -78,7 +79,8 @@ def join_config(
     run_dir = Path(output_dir) if output_dir is not None else default_run_dir(study.study_name)
     space = attrs.get("space", {})
     path = Path(str(cfg.space))
-    if path.suffix in (".yaml", ".yml") and not path.is_file() and space.get("text"):
+    own = str(cfg.space) not in list_spaces() or path.is_file()  # (a file, any name: not shipped)
+    if own and not path.is_file() and space.get("text"):
         path = make_dir(run_dir) / f"{space.get('name', path.stem)}.yaml"
         path.write_text(space["text"])
     train = replace(cfg.train, device=device or cfg.train.device)
@@ -94,7 +96,7 @@ def join_config(
         storage=study_storage_url(storage),  # (a run directory: the study file in it)
         study_name=study.study_name,
         output_dir=str(run_dir),
-        space=str(path) if path.suffix in (".yaml", ".yml") else cfg.space,
+        space=str(path) if own else cfg.space,
         data=data if data is not None else cfg.data,
         checkpoint=checkpoint if checkpoint is not None else cfg.checkpoint,
         n_trials=n_trials,

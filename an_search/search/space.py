@@ -138,7 +138,11 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     """
     text_in = str(name_or_path)
     path = Path(text_in).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    yaml_name = path.suffix in (".yaml", ".yml")
+    # a file by that name; not a folder named like a shipped space; not "" (the folder ".")
+    if text_in and (
+        yaml_name or path.is_file() or (path.exists() and text_in not in list_spaces())
+    ):
         if not path.is_file():
             raise SpaceError(f"search space file must exist and be a file: {text_in}")
         try:

@@ -212,4 +212,4 @@ def _shared_storage(
 
 def _absolute(space: Any) -> Any:
     path = Path(str(space))
-    return str(path.resolve()) if path.suffix in (".yaml", ".yml") and path.is_file() else space
+    return str(path.resolve()) if path.is_file() else space  # (a file, whatever its name)

@@ -86,3 +86,38 @@ def test_a_study_an_earlier_version_put_in_nested_folders_stays_there(
     assert SearchConfig("resnet10t", study_name="team/r50").run_dir("d") == Path("an-runs/team/r50")
     assert SearchConfig("resnet10t", study_name="team/r51").run_dir("d") == Path("an-runs/team_r51")
     assert SearchConfig("resnet10t", study_name="../x").run_dir("d") == Path("an-runs/.._x")
+
+
+def test_a_joined_study_gets_its_space_whatever_the_files_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_train
+) -> None:
+    """A space file without a .yaml suffix (``run`` takes any file) that is not on the joining
+    machine is written from the study, as a .yaml one is (the worker read the path as a
+    shipped name: "must be a shipped name or a YAML file"); a shipped space stays its name."""
+    from an_search.search import join_config, load_space
+    from an_search.search.study import prepare_search
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "myspace").write_text("placement: paper\nhead: mlp\n")
+    for space, name in (("myspace", "own"), ("default", "shipped")):
+        cfg = SearchConfig("resnet10t", space=space, study_name=name, train=tiny_train())
+        prepare_search(cfg)
+    (tmp_path / "myspace").unlink()  # (not on this "machine")
+    joined = join_config(f"sqlite:///{tmp_path / 'an-runs' / 'own' / 'study.db'}", "own")
+    assert Path(joined.space) == Path("an-runs") / "own" / "myspace.yaml"
+    assert load_space(joined.space).head.value == "mlp"
+    shipped = join_config(f"sqlite:///{tmp_path / 'an-runs' / 'shipped' / 'study.db'}", "shipped")
+    assert shipped.space == "default"
+
+
+def test_a_folder_named_like_a_shipped_space_does_not_hide_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from an_search.errors import SpaceError
+    from an_search.search import load_space
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    assert load_space("default").source == "search_spaces/default"
+    with pytest.raises(SpaceError, match=r"must be a shipped name .* or a YAML file: ''$"):
+        load_space("")
