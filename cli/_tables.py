@@ -10,6 +10,8 @@ from ._common import stdout
 if TYPE_CHECKING:
     import optuna
 
+TRIAL_COLUMNS = ("#", "configuration", "M params", "GMACs", "top1", "vs base", "vs paper", "state")
+_WHOLE = ("M params", "GMACs", "params", "ms", "top1")  # never cut: costs, accuracy
 TOP = 20  # table rows of a report besides the baselines (report --top)
 #: significant digits of GMACs and M params: configurations a K apart at one site (a few
 #: hundred parameters, a few thousand MACs in ResNet-50's 25.8 M and 4.1 G) stay apart
@@ -54,32 +56,52 @@ def render_rows(study: optuna.Study, rows: list[dict[str, Any]], top: int = TOP)
     out = stdout()
     picked, caption = shown(rows, top)
     table = Table(title=f"study {study.study_name}: {len(rows)} trials", caption=caption)
-    for col in ("#", "configuration", "M params", "GMACs", "top1", "vs base", "vs paper", "state"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+    cells = []
     for r in picked:
         state = "INFEASIBLE" if r["infeasible"] else r["state"]
         if r["duplicate_of"] is not None:
             state += f" (=#{r['duplicate_of']})"
         if r["state"] == "RUNNING" and r["reason"]:
             state += " (worker gone)"
-        table.add_row(
-            str(r["number"]),
-            r["configuration"],
-            fmt(r["params"] and r["params"] / 1e6, MPARAMS),
-            fmt(r["gmacs"], GMACS),
-            fmt(r["top1"] if r["top1"] is not None else r["last_top1"], ".2f"),
-            fmt(r["delta_bn"], "+.2f"),
-            fmt(r["delta_paper"], "+.2f"),
-            state,
+        cells.append(
+            (
+                str(r["number"]),
+                r["configuration"],
+                fmt(r["params"] and r["params"] / 1e6, MPARAMS),
+                fmt(r["gmacs"], GMACS),
+                fmt(r["top1"] if r["top1"] is not None else r["last_top1"], ".2f"),
+                fmt(r["delta_bn"], "+.2f"),
+                fmt(r["delta_paper"], "+.2f"),
+                state,
+            )
         )
+    _columns(table, TRIAL_COLUMNS, cells)
+    for row in cells:
+        table.add_row(*row)
     out.print(table)
     cost = front_cost(study)
     key, column = FRONT_COSTS[cost][0], {"macs": "GMACs", "params": "params"}.get(cost, "ms")
     front = pareto_front(rows, cost=key)
     pt = Table(title=f"Pareto front (top1 vs {column if cost != 'latency' else 'latency'})")
-    for col in ("#", "configuration", column, "top1"):
-        pt.add_column(col)
     spec = {"gmacs": GMACS, "params": ",", "latency_ms": ".2f"}[key]
-    for r in front:
-        pt.add_row(str(r["number"]), r["configuration"], fmt(r[key], spec), fmt(r["top1"], ".2f"))
+    cells = [
+        (str(r["number"]), r["configuration"], fmt(r[key], spec), fmt(r["top1"], ".2f"))
+        for r in front
+    ]
+    _columns(pt, ("#", "configuration", column, "top1"), cells, justify="left")
+    for row in cells:
+        pt.add_row(*row)
     out.print(pt)
+
+
+def _columns(
+    table: Any, names: tuple[str, ...], cells: list[tuple[str, ...]], justify: str = "right"
+) -> None:
+    """The columns; the costs' and top-1's as wide as their widest cell, never cut (a narrow
+    terminal wraps the others instead of cutting a cost's digits)."""
+    for i, name in enumerate(names):
+        if name not in _WHOLE:
+            table.add_column(name, justify="left" if name == "configuration" else justify)
+            continue
+        width = max([len(name)] + [len(row[i]) for row in cells])
+        table.add_column(name, justify=justify, no_wrap=True, min_width=width)

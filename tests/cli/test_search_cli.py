@@ -341,11 +341,12 @@ def test_the_report_tells_close_small_costs_apart(tmp_path: Path) -> None:
     for macs, top1 in ((22_557_440, 33.4), (22_597_912, 42.6)):
         attrs = {"macs": macs, "params": 5_000_000, "config": {"placement": "all"}}
         study.add_trial(create_trial(value=top1, user_attrs=attrs))
-    code, stdout, err = run("report", str(tmp_path))
-    assert code == 0, err
-    table, front = stdout.split("Pareto front")
-    for text in (table, front):  # both trials are on the front: cheaper, or more accurate
-        assert "0.02255744" in text and "0.02259791" in text, text
+    for columns in ("200", "60"):  # a narrow terminal wraps the configuration, cuts no cost
+        res = RUNNER.invoke(app, ["report", str(tmp_path)], env={**ENV, "COLUMNS": columns})
+        assert res.exit_code == 0, res.stderr
+        table, front = res.stdout.split("Pareto front")
+        for text in (table, front):  # both trials are on the front: cheaper, or more accurate
+            assert "0.02255744" in text and "0.02259791" in text, text
 
 
 @pytest.mark.parametrize(
