@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._autograd import first_order
+from ._fused import bessel
 from ._native import _suffix, as_layout_of, channels_last_map, library
 from ._norm_stats import mark_updated
 from .pooling import AvgPool, MeanStdPool
@@ -222,7 +223,7 @@ def cpu_site(an: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     runs = (_run(hbn, dtype, b), _run(norm, dtype, b * n))
     if n == 0 or False in runs:
         return None
-    eps = (n / max(n - 1, 1), getattr(pool, "eps", 0.0), hbn.eps, norm.eps)
+    eps = (bessel(n), getattr(pool, "eps", 0.0), hbn.eps, norm.eps)
     k = weights[0].shape[0]
     passes = tuple(fns[f"{name}_cl" if cl else name] for name in _PASSES)
     cfg = (fns, (b, c, n, k), eps, type(pool) is MeanStdPool, kind, runs, passes, cl)

@@ -23,7 +23,9 @@ ResNet-50's time with fourteen, 1.6x with ten), 13 for float16.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from ._fused import _device_moments, bessel
 __all__ = [
     "DEVICE_PLAN_ATTR",
     "FOLDED_DEVICES",
+    "autocast_off",
     "device_eval",
     "device_plan",
     "plan_dtype",
@@ -42,6 +45,7 @@ __all__ = [
     "run_device_plan",
 ]
 
+_T = TypeVar("_T")
 DEVICE_PLAN_ATTR = "_an_device_plan"  # where a module keeps it (left out of its pickled state)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _DTYPES = (*_LOW_PRECISION, torch.float32, torch.float64)
@@ -132,12 +136,19 @@ def run_device_plan(plan: _DevicePlan, x: torch.Tensor) -> torch.Tensor:
     dev = x.device.type
     if dev == "meta" or not torch.is_autocast_enabled(dev):
         return _run(plan, x)
-    if torch.compiler.is_compiling():  # (Dynamo before torch 2.14 breaks on the flag)
+    return autocast_off(dev, _run, plan, x)
+
+
+def autocast_off(dev: str, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` with ``dev``'s autocast (on) switched off: the flag toggled in eager
+    (``torch.autocast(enabled=False)`` took 4x its time), an autocast region while compiling
+    (Dynamo before torch 2.14 breaks its graph on the flag)."""
+    if torch.compiler.is_compiling():
         with torch.autocast(dev, enabled=False):
-            return _run(plan, x)
-    torch.set_autocast_enabled(dev, False)  # (not torch.autocast(enabled=False): 4x its time)
+            return fn(*args)
+    torch.set_autocast_enabled(dev, False)
     try:
-        return _run(plan, x)
+        return fn(*args)
     finally:
         torch.set_autocast_enabled(dev, True)
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ._autograd import first_order
+from ._fused import bessel
 from ._norm_stats import mark_updated
 from ._triton_launch import launch
 from ._triton_spec import CL_FORMATS, POOLS, Site, pow2, site
@@ -168,8 +169,8 @@ def _derive(s: Site, x: torch.Tensor) -> _Derived:
                     *((bk, bk, bk, k * h) if two else ()), bb * bh, h * c,
                     *((bc_,) if peak else ()))  # fmt: skip
     count = b * n
-    s.derived = _Derived(b, c, k, h, nblk, peak, fwd, bwd, n / max(n - 1, 1),
-                         count / max(count - 1, 1))  # fmt: skip
+    s.derived = _Derived(b, c, k, h, nblk, peak, fwd, bwd, bessel(n),
+                         bessel(count))  # fmt: skip
     return s.derived
 
 
@@ -206,7 +207,7 @@ def _forward(s: Site, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor
     launch(
         hk.head_kernel, (1,),
         part, nblk, b1, *n1, ws1, two.weight, b2, *n2, ws2, nbt if site_count else part,
-        lam, b, h, k, *one.scalars(), *two.scalars(), b / max(b - 1, 1),
+        lam, b, h, k, *one.scalars(), *two.scalars(), bessel(b),
         LAYERS=len(s.layers), BIAS1=bias1, NORM1=norm1, UPD1=upd1, CUM1=cum1, BIAS2=bias2,
         NORM2=norm2, UPD2=upd2, CUM2=cum2, SITE_COUNT=site_count, GATE=s.gate,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,

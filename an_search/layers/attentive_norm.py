@@ -58,7 +58,7 @@ from an_search._modes import eval_mode
 from an_search.errors import MAX_K, InvalidKError, UnknownNameError
 
 from ._cpu_site import cpu_site
-from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, device_eval
+from ._device_eval import DEVICE_PLAN_ATTR, FOLDED_DEVICES, autocast_off, device_eval
 from ._eval_plan import PLAN_ATTR, compiled_eval, eval_plan, fold, records_grad
 from ._fused import channel_affine, grad_link, moments, spatial_view
 from ._fx import fx_leaf, traced_input
@@ -76,6 +76,14 @@ __all__ = ["AttentionWeights", "AttentiveNorm"]
 INITS = ("paper", "preserve")
 _BN_INPUT_DIMS = {"batchnorm": (4,), "batchnorm1d": (2, 3), "batchnorm3d": (5,)}
 _PLAN_ATTRS = (PLAN_ATTR, DEVICE_PLAN_ATTR, SITE_ATTR)  # cached plans and site in __dict__
+
+
+def _float_mix(
+    lam: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixtures in float32 (autocast off: see ``AttentiveNorm._mix``)."""
+    lam = lam.float()
+    return lam @ weight, lam @ bias
 
 
 def _zero_initialised(weight: torch.Tensor | None) -> bool:
@@ -421,16 +429,7 @@ class AttentiveNorm(nn.Module):
             # (autocast would mix in bfloat16/half: the K rows of a ``preserve`` init differ by
             # noise that cancels in the mixture, leaving 2^-8 of it there; as on a GPU
             # (_device_eval.py) the mixtures run in float32, autocast off)
-            if torch.compiler.is_compiling():  # (Dynamo before 2.14 breaks on the flag)
-                with torch.autocast(dev, enabled=False):
-                    lam = lam.float()
-                    return lam @ weight, lam @ bias
-            torch.set_autocast_enabled(dev, False)
-            try:
-                lam = lam.float()
-                return lam @ weight, lam @ bias
-            finally:
-                torch.set_autocast_enabled(dev, True)
+            return autocast_off(dev, _float_mix, lam, weight, bias)
         if weight.dtype != lam.dtype:
             weight, bias = weight.to(lam.dtype), bias.to(lam.dtype)
         return lam @ weight, lam @ bias  # gamma, beta: (B, C) each

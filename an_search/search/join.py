@@ -18,7 +18,7 @@ from an_search.train import TrainConfig
 
 from ._files import make_dir
 from .config import SearchConfig, default_run_dir, no_infinite_budget
-from .space import list_spaces
+from .space import shipped_name
 from .study import open_study, study_storage_url
 
 __all__ = ["check_study_data", "config_from_dict", "join_config"]
@@ -79,7 +79,7 @@ def join_config(
     run_dir = Path(output_dir) if output_dir is not None else default_run_dir(study.study_name)
     space = attrs.get("space", {})
     path = Path(str(cfg.space))
-    own = str(cfg.space) not in list_spaces() or path.is_file()  # (a file, any name: not shipped)
+    own = not shipped_name(str(cfg.space))  # (a file of any name)
     if own and not path.is_file() and space.get("text"):
         path = make_dir(run_dir) / f"{space.get('name', path.stem)}.yaml"
         path.write_text(space["text"])

@@ -101,8 +101,14 @@ def _check_enqueued_names(trial: Any, space: SearchSpace, report: SiteReport) ->
             f"{unknown[0]!r} is not a parameter of space {space.name!r} (its parameters: "
             f"{', '.join(sorted(names))})"
         )
-    constants = {"base": space.base, "placement": space.placement, "head": space.head}
-    constants.update(pool=space.pool, init=space.init, k=space.k)
+    constants = {
+        "base": space.base,
+        "placement": space.placement,
+        "head": space.head,
+        "pool": space.pool,
+        "init": space.init,
+        "k": space.k,
+    }
     for name, param in constants.items():  # (a constant is never asked of the trial: Optuna
         # would not see the enqueued value, and the trial would run the space's silently)
         if isinstance(param, Param) and param.dist is None and name in fixed:

@@ -45,7 +45,15 @@ from an_search.errors import MAX_K, SpaceError
 
 from ._names import PER_STAGE, known_names
 
-__all__ = ["PER_STAGE", "Param", "SearchSpace", "list_spaces", "load_space", "parse_space"]
+__all__ = [
+    "PER_STAGE",
+    "Param",
+    "SearchSpace",
+    "list_spaces",
+    "load_space",
+    "parse_space",
+    "shipped_name",
+]
 
 _KEYS = ("description", "placement", "stage_role", "k", "head", "pool", "base", "init")
 _DIST_KEYS = {
@@ -130,6 +138,13 @@ def list_spaces() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def shipped_name(text: str) -> bool:
+    """Whether :func:`load_space` reads ``text`` as a shipped space's name: one of
+    :func:`list_spaces`, and no file of that name here (a folder of that name does not hide
+    it)."""
+    return text in list_spaces() and not Path(text).expanduser().is_file()
+
+
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """Load and validate a shipped space by name (``default``) or a YAML file by path.
 
@@ -139,10 +154,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     text_in = str(name_or_path)
     path = Path(text_in).expanduser()
     yaml_name = path.suffix in (".yaml", ".yml")
-    # a file by that name; not a folder named like a shipped space; not "" (the folder ".")
-    if text_in and (
-        yaml_name or path.is_file() or (path.exists() and text_in not in list_spaces())
-    ):
+    if text_in and not shipped_name(text_in) and (yaml_name or path.exists()):  # ("": ".")
         if not path.is_file():
             raise SpaceError(f"search space file must exist and be a file: {text_in}")
         try:
